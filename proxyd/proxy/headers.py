@@ -1,0 +1,114 @@
+"""HTTP/1.1 intermediary header rules (RFC 9110 §7.6) and the byte strings the hot path joins.
+
+Header names arrive from the parser as raw bytes; everything here works on lowercase names so a
+field is classified with one set lookup.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections.abc import Iterable
+from http import HTTPStatus
+
+# Fields that describe one connection, never forwarded (RFC 9110 §7.6.1), plus the framing
+# fields proxyd always writes itself (a forwarded message is re-framed, never byte-copied) and
+# the forwarding fields it rewrites.
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+    b"transfer-encoding", b"upgrade", b"proxy-authenticate", b"proxy-authorization",
+})
+REQUEST_DROP = HOP_BY_HOP | {
+    b"content-length", b"expect", b"x-forwarded-for", b"x-forwarded-proto",
+    b"x-forwarded-host", b"via",
+}
+RESPONSE_DROP = HOP_BY_HOP | {b"content-length"}
+
+VIA_TOKEN = b"1.1 proxyd"
+CRLF = b"\r\n"
+_TOKEN_CHARS = frozenset(
+    b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+)
+
+STATUS_LINES: dict[int, bytes] = {
+    s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode("latin-1")) for s in HTTPStatus
+}
+
+
+def status_line(status: int, reason: bytes | None = None) -> bytes:
+    if reason:
+        return b"HTTP/1.1 %d %s\r\n" % (status, reason)
+    return STATUS_LINES.get(status) or b"HTTP/1.1 %d Unknown\r\n" % status
+
+
+def is_token(value: bytes) -> bool:
+    return bool(value) and all(c in _TOKEN_CHARS for c in value)
+
+
+def connection_tokens(value: bytes) -> set[bytes]:
+    """Field names listed in a Connection header: also hop-by-hop for this message."""
+    return {t.strip().lower() for t in value.split(b",") if t.strip()}
+
+
+class TrustedProxies:
+    """Peers whose X-Forwarded-* headers are extended rather than replaced."""
+
+    def __init__(self, cidrs: Iterable[str]) -> None:
+        self._networks = [ipaddress.ip_network(c, strict=False) for c in cidrs]
+        self._cache: dict[str, bool] = {}
+
+    def __contains__(self, ip: str) -> bool:
+        if not self._networks:
+            return False
+        hit = self._cache.get(ip)
+        if hit is None:
+            try:
+                addr = ipaddress.ip_address(ip)
+                hit = any(addr in n for n in self._networks)
+            except ValueError:
+                hit = False
+            if len(self._cache) < 4096:  # bounded: client IPs are attacker-chosen
+                self._cache[ip] = hit
+        return hit
+
+
+def forwarded_fields(
+    client_ip: bytes,
+    trusted: bool,
+    inbound_xff: bytes | None,
+    inbound_proto: bytes | None,
+    inbound_host: bytes | None,
+    host: bytes | None,
+    inbound_via: bytes | None,
+) -> bytes:
+    """X-Forwarded-For/-Proto/-Host and Via lines for the upstream request."""
+    xff = inbound_xff + b", " + client_ip if trusted and inbound_xff else client_ip
+    proto = inbound_proto if trusted and inbound_proto else b"http"
+    fwd_host = inbound_host if trusted and inbound_host else host
+    via = inbound_via + b", " + VIA_TOKEN if inbound_via else VIA_TOKEN
+    parts = [b"X-Forwarded-For: ", xff, b"\r\nX-Forwarded-Proto: ", proto, b"\r\n"]
+    if fwd_host:
+        parts += [b"X-Forwarded-Host: ", fwd_host, b"\r\n"]
+    parts += [b"Via: ", via, b"\r\n"]
+    return b"".join(parts)
+
+
+def error_body(status: int, message: str, request_id: str) -> bytes:
+    return json.dumps({"error": message, "request_id": request_id}).encode()
+
+
+def error_response(
+    status: int, message: str, request_id: str, *, close: bool, head_only: bool = False,
+    extra: bytes = b"",
+) -> bytes:
+    """A complete JSON error response; ``extra`` is preformatted header lines."""
+    body = error_body(status, message, request_id)
+    head = b"".join((
+        status_line(status),
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body),
+        b"X-Request-ID: ", request_id.encode(), CRLF,
+        b"Connection: close\r\n" if close else b"",
+        extra,
+        CRLF,
+    ))
+    return head if head_only else head + body

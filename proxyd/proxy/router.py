@@ -1,0 +1,169 @@
+"""Route table compiled once per config: first match in file order.
+
+Matching is host → path → headers → method; a request whose host/path/headers match a route but
+whose method does not is remembered so the caller can answer 405 with ``Allow`` instead of 404.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from proxyd.config.models import Respond, Route
+from proxyd.proxy.headers import CRLF, status_line
+
+
+@dataclass(eq=False)
+class CompiledRoute:
+    name: str
+    upstream: str | None
+    host: bytes | None = None  # exact, lowercase, without port
+    host_suffix: bytes | None = None  # "*.example.com" → b".example.com"
+    path: bytes | None = None
+    prefix: bytes | None = None
+    regex: re.Pattern[bytes] | None = None
+    methods: frozenset[bytes] | None = None
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    strip_prefix: bytes | None = None
+    rewrite: tuple[re.Pattern[bytes], bytes] | None = None
+    respond: DirectResponse | None = None
+    websocket: bool = False
+    allow_header: bytes = b""
+    config: Route | None = field(default=None, repr=False)
+
+    def matches_without_method(
+        self, host: bytes | None, path: bytes, headers: dict[bytes, bytes]
+    ) -> bool:
+        if self.host is not None and host != self.host:
+            return False
+        if self.host_suffix is not None and (host is None or not host.endswith(self.host_suffix)):
+            return False
+        if self.path is not None and path != self.path:
+            return False
+        if self.prefix is not None and not path.startswith(self.prefix):
+            return False
+        if self.regex is not None and self.regex.search(path) is None:
+            return False
+        return all(headers.get(name) == value for name, value in self.headers)
+
+    def rewrite_path(self, path: bytes) -> bytes:
+        if self.strip_prefix is not None and path.startswith(self.strip_prefix):
+            path = path[len(self.strip_prefix):]
+            if not path.startswith(b"/"):
+                path = b"/" + path
+        if self.rewrite is not None:
+            regex, replacement = self.rewrite
+            path = regex.sub(replacement, path, count=1)
+        return path
+
+
+class DirectResponse:
+    """A ``respond:`` route's answer, rendered to bytes once at config load."""
+
+    def __init__(self, cfg: Respond) -> None:
+        body = cfg.body.encode()
+        lines = [status_line(cfg.status)]
+        names = {k.lower() for k in cfg.headers}
+        for name, value in cfg.headers.items():
+            lines.append(f"{name}: {value}\r\n".encode("latin-1"))
+        if "content-type" not in names and body:
+            lines.append(b"Content-Type: text/plain; charset=utf-8\r\n")
+        lines.append(b"Content-Length: %d\r\n" % len(body))
+        self.status = cfg.status
+        self.head = b"".join(lines)  # without the final CRLF: Connection may follow
+        self.body = body
+
+    def render(self, *, close: bool, head_only: bool) -> bytes:
+        tail = b"Connection: close\r\n\r\n" if close else CRLF
+        return self.head + tail if head_only else self.head + tail + self.body
+
+
+def _host_bytes(host: str | None) -> tuple[bytes | None, bytes | None]:
+    if host is None:
+        return None, None
+    host = host.lower()
+    if host.startswith("*."):
+        return None, host[1:].encode()
+    return host.encode(), None
+
+
+def compile_route(route: Route) -> CompiledRoute:
+    m = route.match
+    host, suffix = _host_bytes(m.host)
+    rewrite = None
+    if route.rewrite is not None:
+        # Python's \1 and \g<name> work as written; "$1" is accepted for nginx habits.
+        replacement = re.sub(r"\$(\d+)", r"\\\1", route.rewrite.replacement)
+        rewrite = (re.compile(route.rewrite.regex.encode()), replacement.encode())
+    methods = frozenset(x.encode() for x in m.methods) if m.methods else None
+    if methods is not None and b"GET" in methods:
+        methods = methods | {b"HEAD"}  # HEAD is GET without a body (RFC 9110 §9.3.2)
+    return CompiledRoute(
+        name=route.name,
+        upstream=route.upstream,
+        host=host,
+        host_suffix=suffix,
+        path=m.path.encode() if m.path is not None else None,
+        prefix=m.path_prefix.encode() if m.path_prefix is not None else None,
+        regex=re.compile(m.path_regex.encode()) if m.path_regex is not None else None,
+        methods=methods,
+        headers=tuple((k.lower().encode(), v.encode()) for k, v in (m.headers or {}).items()),
+        strip_prefix=route.strip_prefix.encode() if route.strip_prefix else None,
+        rewrite=rewrite,
+        respond=DirectResponse(route.respond) if route.respond is not None else None,
+        websocket=route.websocket,
+        allow_header=b"Allow: " + b", ".join(sorted(methods)) + CRLF if methods else b"",
+        config=route,
+    )
+
+
+class Router:
+    def __init__(self, routes: Sequence[Route]) -> None:
+        self.routes = [compile_route(r) for r in routes]
+        self.needs_headers = any(r.headers for r in self.routes)
+
+    def match(
+        self, method: bytes, host: bytes | None, path: bytes, headers: dict[bytes, bytes]
+    ) -> tuple[CompiledRoute | None, CompiledRoute | None]:
+        """(route, None) on a match; (None, first route that only missed on method) otherwise."""
+        wrong_method: CompiledRoute | None = None
+        for route in self.routes:
+            if not route.matches_without_method(host, path, headers):
+                continue
+            if route.methods is None or method in route.methods:
+                return route, None
+            if wrong_method is None:
+                wrong_method = route
+        return None, wrong_method
+
+
+def normalize_host(value: bytes | None) -> bytes | None:
+    """Host header → lowercase name without port, for matching."""
+    if not value:
+        return None
+    value = value.lower()
+    if value.startswith(b"["):
+        end = value.find(b"]")
+        return value[: end + 1] if end > 0 else value
+    colon = value.rfind(b":")
+    return value[:colon] if colon >= 0 else value
+
+
+def remove_dot_segments(path: bytes) -> bytes:
+    """RFC 3986 §5.2.4, so /api/../admin cannot slip past a /api/ prefix route."""
+    out: list[bytes] = []
+    segments = path.split(b"/")
+    for i, seg in enumerate(segments[1:], 1):
+        last = i == len(segments) - 1
+        if seg == b".":
+            if last:
+                out.append(b"")
+        elif seg == b"..":
+            if out:
+                out.pop()
+            if last:
+                out.append(b"")
+        else:
+            out.append(seg)
+    return b"/" + b"/".join(out)
