@@ -7,7 +7,9 @@ without a master (development, tests of the data plane).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import signal
 import socket
 from collections.abc import Callable, Sequence
@@ -15,26 +17,14 @@ from collections.abc import Callable, Sequence
 import uvloop
 
 from proxyd.config.models import GatewayConfig
+from proxyd.control import Channel
 from proxyd.proxy.downstream import DownstreamProtocol
 from proxyd.proxy.pipeline import Pipeline
+from proxyd.sockets import listen_socket
 
 log = logging.getLogger("proxyd.worker")
-
-
-def listen_socket(host: str, port: int, backlog: int) -> socket.socket:
-    """A listening socket that joins the SO_REUSEPORT group of its address."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
-        sock.listen(backlog)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+STATS_INTERVAL = 1.0  # seconds between pushes to the master (DESIGN §5)
+DRAIN_IDLE_GRACE = 1.0  # seconds an idle keep-alive connection may still bring a request
 
 
 class Worker:
@@ -70,9 +60,12 @@ class Worker:
         for server in self.servers:
             server.close()  # close() only: shutdown() would kill the socket for every process
         pipeline.draining = True
+        # Idle keep-alive connections get a short grace instead of an immediate close: a
+        # request may already be on its way on one; it is answered with Connection: close.
+        grace_end = pipeline.deadlines.now + min(DRAIN_IDLE_GRACE, pipeline.keepalive_timeout)
         for conn in list(pipeline.connections):
-            if isinstance(conn, DownstreamProtocol) and conn.active is None and conn.req is None:
-                conn.close()
+            if isinstance(conn, DownstreamProtocol) and conn.active is None:
+                conn.deadline = min(conn.deadline or grace_end, grace_end)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while pipeline.connections and loop.time() < deadline:
@@ -105,3 +98,105 @@ def run_single(config: GatewayConfig, config_path: str | None = None,
         await worker.drain()
 
     uvloop.run(main())
+
+
+# -- life of a forked worker ------------------------------------------------------------------
+
+def prepare_child(keep_fds: set[int]) -> None:
+    """First thing after fork: forget the master's loop, signal handlers and descriptors.
+
+    The master forks from inside its running event loop. The child never returns into that
+    loop: it drops the running-loop marker, freezes the inherited objects (so no garbage
+    collection of a master object can close a descriptor number the child has reused) and
+    closes every descriptor except stdio, its control socket and its slot's sockets.
+    """
+    import gc
+
+    gc.freeze()
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
+                signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)
+    keep = {0, 1, 2, *keep_fds}
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd not in keep:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    asyncio.events._set_running_loop(None)
+
+
+def child_main(
+    config: GatewayConfig,
+    sockets: Sequence[socket.socket],
+    control: socket.socket,
+    *,
+    slot: int,
+    generation: int,
+    max_requests: int,
+) -> int:
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        return loop.run_until_complete(
+            _child(config, sockets, control, slot=slot, generation=generation,
+                   max_requests=max_requests)
+        )
+    finally:
+        loop.close()
+
+
+async def _child(
+    config: GatewayConfig,
+    sockets: Sequence[socket.socket],
+    control: socket.socket,
+    *,
+    slot: int,
+    generation: int,
+    max_requests: int,
+) -> int:
+    loop = asyncio.get_running_loop()
+    channel = await Channel.open(control)
+    worker = Worker(config, sockets)
+    await worker.start()
+    pipeline = worker.pipeline
+    assert pipeline is not None
+    drain = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, drain.set)
+    loop.add_signal_handler(signal.SIGQUIT, os._exit, 0)
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU):
+        loop.add_signal_handler(sig, lambda: None)  # the master decides; a terminal's ^C too
+
+    def stats() -> dict[str, object]:
+        return {"type": "stats", "requests": pipeline.requests,
+                "connections": len(pipeline.connections)}
+
+    channel.send({"type": "ready", "pid": os.getpid(), "slot": slot, "generation": generation})
+
+    async def listen() -> None:
+        while True:
+            message = await channel.receive()
+            if message is None or message.get("type") == "drain":
+                drain.set()  # master gone or asked: either way, finish and leave
+                return
+            if message.get("type") == "reopen":
+                pass  # file handles (access log) arrive with the observability work
+
+    async def report() -> None:
+        retired = False
+        while True:
+            await asyncio.sleep(STATS_INTERVAL)
+            channel.send(stats())
+            if max_requests and not retired and pipeline.requests >= max_requests:
+                retired = True
+                channel.send({"type": "retire"})
+
+    tasks = [loop.create_task(listen()), loop.create_task(report())]
+    await drain.wait()
+    tasks[1].cancel()
+    await worker.drain()
+    await channel.send_and_flush({**stats(), "final": True})
+    for task in tasks:
+        task.cancel()
+    channel.close()
+    return 0

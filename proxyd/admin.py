@@ -1,0 +1,95 @@
+"""The admin HTTP server, inside the master: health, readiness, status, reload.
+
+aiohttp is right here: nothing on this port is hot, and the master's state is read in-process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from proxyd.config.models import Admin
+
+if TYPE_CHECKING:
+    from proxyd.master import Master
+
+
+class AdminServer:
+    def __init__(self, master: Master) -> None:
+        self.master = master
+        self.config: Admin | None = None
+        self.runner: web.AppRunner | None = None
+        self.site: web.TCPSite | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/health/ready", self.ready)
+        app.router.add_get("/status", self.status)
+        app.router.add_post("/reload", self.reload)
+        return app
+
+    async def start(self, config: Admin) -> None:
+        self.config = config
+        self.runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        await self.runner.setup()
+        await self._listen(config)
+
+    async def _listen(self, config: Admin) -> None:
+        assert self.runner is not None
+        site = web.TCPSite(self.runner, config.listen.host, config.listen.port,
+                           reuse_address=True, backlog=128)
+        await site.start()
+        self.site = site
+
+    async def reconfigure(self, config: Admin) -> None:
+        """A reload may move the admin port: listen on the new one, then leave the old."""
+        old_config, old_site = self.config, self.site
+        self.config = config
+        if old_config is not None and old_config.listen == config.listen:
+            return
+        await self._listen(config)
+        if old_site is not None:
+            await old_site.stop()
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    def _authorized(self, request: web.Request) -> bool:
+        token = self.config.token if self.config else ""
+        if not token:
+            return True
+        header = request.headers.get("Authorization", "")
+        scheme, _, given = header.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(given.encode(), token.encode())
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def ready(self, request: web.Request) -> web.Response:
+        ok = self.master.is_ready()
+        return web.json_response({"ready": ok, "state": self.master.state},
+                                 status=200 if ok else 503)
+
+    async def status(self, request: web.Request) -> web.Response:
+        return web.json_response(self.master.status())
+
+    async def reload(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return web.json_response({"error": "unauthorized"}, status=401,
+                                     headers={"WWW-Authenticate": "Bearer"})
+        reply: asyncio.Future[tuple[bool, str | None]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self.master.enqueue("reload", reply)
+        if request.query.get("wait", "1") in ("0", "false", "no"):
+            return web.json_response({"accepted": True}, status=202)
+        ok, error = await reply
+        return web.json_response(
+            {"ok": ok, "error": error, "generation": self.master.generation},
+            status=200 if ok else 422,
+        )

@@ -1,0 +1,492 @@
+"""The master (arbiter): owns sockets and config, forks workers, never serves traffic.
+
+Signal handlers only enqueue; ``run`` dispatches each to ``handle_<name>()``. Reload,
+``max_requests`` recycling and crash recovery share one path (``replace``): fork the successor
+on the same slot, wait for its READY, then tell the predecessor to drain (DESIGN §4).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import random
+import resource
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from proxyd import __version__, systemd
+from proxyd.config.models import GatewayConfig
+from proxyd.control import Channel
+from proxyd.errors import ConfigError
+from proxyd.sockets import SocketSet
+
+log = logging.getLogger("proxyd.master")
+
+READY_TIMEOUT = 30.0  # a new worker that is not READY by then is a failed reload
+KILL_GRACE = 5.0  # beyond drain_timeout, before a draining worker is killed
+SIGNALS = {
+    signal.SIGHUP: "hup", signal.SIGTERM: "term", signal.SIGINT: "int", signal.SIGQUIT: "quit",
+    signal.SIGUSR1: "usr1", signal.SIGTTIN: "ttin", signal.SIGTTOU: "ttou",
+}
+
+
+@dataclass(eq=False)
+class WorkerHandle:
+    pid: int
+    slot: int
+    generation: int
+    config: GatewayConfig
+    started_at: float = field(default_factory=time.time)
+    state: str = "starting"  # starting → ready → draining; removed when reaped
+    requests: int = 0
+    connections: int = 0
+    channel: Channel | None = None
+    ready: asyncio.Future[bool] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    exited: asyncio.Future[int] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+    def describe(self) -> dict[str, Any]:
+        return {"pid": self.pid, "slot": self.slot, "generation": self.generation,
+                "started_at": self.started_at, "requests": self.requests,
+                "connections": self.connections, "state": self.state}
+
+
+def load_file(path: str) -> tuple[GatewayConfig, str]:
+    from proxyd.config import load_config
+
+    data = Path(path).read_bytes()
+    return load_config(path), hashlib.sha256(data).hexdigest()
+
+
+def raise_nofile_limit() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+class Master:
+    def __init__(self, config_path: str, config: GatewayConfig, sha256: str) -> None:
+        self.config_path = config_path
+        self.config = config
+        self.sha256 = sha256
+        self.loaded_at = time.time()
+        self.generation = 1
+        self.worker_count = config.server.worker_count()
+        self.workers: dict[int, WorkerHandle] = {}
+        self.sockets = SocketSet()
+        self.queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self.state = "starting"
+        self.last_reload: dict[str, Any] = {"ok": None, "error": None, "at": None}
+        self.reload_counts = {"ok": 0, "failed": 0}
+        self.worker_restarts = 0
+        self.crashes: dict[int, list[float]] = {}
+        self.exit_code = 0
+        self.admin: Any = None
+        self._reload_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stopped = asyncio.Event()
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def _spawn_task(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def enqueue(self, name: str, arg: Any = None) -> None:
+        self.queue.put_nowait((name, arg))
+
+    def live(self, generation: int | None = None) -> list[WorkerHandle]:
+        return [w for w in self.workers.values()
+                if w.state != "draining" and (generation is None or w.generation == generation)]
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "version": __version__, "pid": os.getpid(), "state": self.state,
+            "config": {"path": self.config_path, "sha256": self.sha256},
+            "generation": self.generation, "loaded_at": self.loaded_at,
+            "last_reload": self.last_reload, "reloads": self.reload_counts,
+            "worker_count": self.worker_count, "worker_restarts": self.worker_restarts,
+            "workers": [w.describe() for w in sorted(self.workers.values(),
+                                                       key=lambda w: (w.slot, w.generation))],
+            "listeners": self.sockets.describe(),
+        }
+
+    def is_ready(self) -> bool:
+        if self.state != "running":
+            return False
+        ready_slots = {w.slot for w in self.live(self.generation) if w.state == "ready"}
+        return ready_slots >= set(range(self.worker_count))
+
+    # -- forking ----------------------------------------------------------------------------
+    def spawn(self, slot: int, config: GatewayConfig, generation: int) -> WorkerHandle:
+        socks = self.sockets.for_slot(config.server.listen, slot)
+        ours, theirs = socket.socketpair()
+        server = config.server
+        max_requests = server.max_requests
+        if max_requests:
+            max_requests += random.randint(0, server.max_requests_jitter)
+        pid = os.fork()
+        if pid == 0:  # child: never returns
+            code = 1
+            try:
+                from proxyd.worker import child_main, prepare_child
+
+                prepare_child({theirs.fileno(), *(s.fileno() for s in socks)})
+                code = child_main(config, socks, theirs, slot=slot, generation=generation,
+                                  max_requests=max_requests)
+            except BaseException:
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        theirs.close()
+        handle = WorkerHandle(pid=pid, slot=slot, generation=generation, config=config)
+        self.workers[pid] = handle
+        self._watch_exit(handle)
+        self._spawn_task(self._follow(handle, ours))
+        log.info("worker %d started (slot %d, generation %d)", pid, slot, generation)
+        return handle
+
+    def _watch_exit(self, handle: WorkerHandle) -> None:
+        """Learn of a worker's exit at once through a pidfd (uvloop keeps SIGCHLD to itself)."""
+        try:
+            pidfd = os.pidfd_open(handle.pid)
+        except (AttributeError, OSError):
+            return  # no pidfd: the periodic poll reaps it
+        loop = asyncio.get_running_loop()
+
+        def readable() -> None:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+            self.enqueue("chld")
+
+        loop.add_reader(pidfd, readable)
+
+    async def _follow(self, handle: WorkerHandle, sock: socket.socket) -> None:
+        """Read one worker's control messages until it goes away."""
+        channel = handle.channel = await Channel.open(sock)
+        while (message := await channel.receive()) is not None:
+            kind = message.get("type")
+            if kind == "ready":
+                if handle.state == "starting":
+                    handle.state = "ready"
+                if not handle.ready.done():
+                    handle.ready.set_result(True)
+            elif kind == "stats":
+                handle.requests = int(message.get("requests", 0))
+                handle.connections = int(message.get("connections", 0))
+            elif kind == "retire":
+                self.enqueue("retire", handle)
+        channel.close()
+
+    async def wait_ready(self, handles: list[WorkerHandle], timeout: float) -> bool:
+        async def one(h: WorkerHandle) -> bool:
+            done, _ = await asyncio.wait({h.ready, h.exited},
+                                         return_when=asyncio.FIRST_COMPLETED)
+            return h.ready in done and h.ready.result()
+
+        try:
+            async with asyncio.timeout(timeout):
+                results = await asyncio.gather(*(one(h) for h in handles))
+        except TimeoutError:
+            return False
+        return all(results)
+
+    def drain(self, handle: WorkerHandle) -> None:
+        if handle.state == "draining" or handle.exited.done():
+            return
+        handle.state = "draining"
+        if handle.channel is not None:
+            handle.channel.send({"type": "drain"})
+        else:
+            self._kill(handle, signal.SIGTERM)
+        limit = handle.config.server.drain_timeout + KILL_GRACE
+        asyncio.get_running_loop().call_later(limit, self._kill_if_alive, handle)
+
+    def _kill(self, handle: WorkerHandle, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(handle.pid, sig)
+
+    def _kill_if_alive(self, handle: WorkerHandle) -> None:
+        if not handle.exited.done():
+            log.warning("worker %d did not drain in time; killing it", handle.pid)
+            self._kill(handle, signal.SIGKILL)
+
+    async def replace(self, slot: int, old: WorkerHandle | None) -> bool:
+        """Fork a successor on ``slot``, wait for READY, then drain ``old``."""
+        new = self.spawn(slot, self.config, self.generation)
+        if await self.wait_ready([new], READY_TIMEOUT):
+            if old is not None:
+                self.drain(old)
+            return True
+        log.error("replacement worker %d for slot %d never became ready", new.pid, slot)
+        self._kill(new, signal.SIGKILL)
+        return False
+
+    # -- main loop --------------------------------------------------------------------------
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig, name in SIGNALS.items():
+            loop.add_signal_handler(sig, self.enqueue, name)
+        nofile = raise_nofile_limit()
+        server = self.config.server
+        self.sockets.ensure(server.listen, self.worker_count, server.backlog)
+        from proxyd.admin import AdminServer
+
+        self.admin = AdminServer(self)
+        await self.admin.start(self.config.admin)
+        handles = [self.spawn(slot, self.config, self.generation)
+                   for slot in range(self.worker_count)]
+        if not await self.wait_ready(handles, READY_TIMEOUT):
+            raise RuntimeError("workers failed to start")
+        self.state = "running"
+        log.info("proxyd %s ready: %d workers, listening on %s (nofile %d)", __version__,
+                 self.worker_count, ", ".join(str(a) for a in server.listen), nofile)
+        systemd.notify("READY=1", self._status_line(), f"MAINPID={os.getpid()}")
+        if (interval := systemd.watchdog_interval()) is not None:
+            self._spawn_task(self._watchdog(interval))
+        self._spawn_task(self._poll_children())
+
+    async def run(self) -> int:
+        await self.start()
+        dispatcher = self._spawn_task(self._dispatch())
+        await self._stopped.wait()
+        dispatcher.cancel()
+        return self.exit_code
+
+    async def _dispatch(self) -> None:
+        while True:
+            name, arg = await self.queue.get()
+            handler = getattr(self, f"handle_{name}")
+            try:
+                result = handler(arg) if arg is not None else handler()
+                if asyncio.iscoroutine(result):
+                    await result
+            except Exception:
+                log.exception("error handling %s", name)
+
+    def _status_line(self) -> str:
+        return f"STATUS=generation {self.generation}, {len(self.live())} workers"
+
+    async def _watchdog(self, interval: float) -> None:
+        while True:
+            systemd.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+    async def _poll_children(self) -> None:
+        # A safety net behind the pidfds: no exit goes unnoticed for long.
+        while True:
+            await asyncio.sleep(1.0)
+            self.enqueue("chld")
+
+    # -- signal and event handlers ----------------------------------------------------------
+    def handle_hup(self) -> None:
+        self._spawn_task(self.reload())
+
+    def handle_reload(self, reply: asyncio.Future[tuple[bool, str | None]]) -> None:
+        """POST /reload: the same path as SIGHUP, with the result for the caller."""
+
+        async def run() -> None:
+            result = await self.reload()
+            if not reply.done():
+                reply.set_result(result)
+
+        self._spawn_task(run())
+
+    async def reload(self) -> tuple[bool, str | None]:
+        async with self._reload_lock:
+            if self.state != "running":
+                return False, f"not reloading while {self.state}"
+            systemd.reloading()
+            try:
+                ok, error = await self._reload()
+            finally:
+                systemd.notify("READY=1", self._status_line())
+            self.last_reload = {"ok": ok, "error": error, "at": time.time()}
+            self.reload_counts["ok" if ok else "failed"] += 1
+            if ok:
+                log.info("reload complete: generation %d", self.generation)
+            else:
+                log.error("reload failed, old configuration keeps serving: %s", error)
+            return ok, error
+
+    async def _reload(self) -> tuple[bool, str | None]:
+        try:
+            config, sha256 = load_file(self.config_path)
+        except ConfigError as exc:
+            return False, str(exc)
+        except OSError as exc:
+            return False, f"{self.config_path}: {exc.strerror or exc}"
+        count = config.server.worker_count()
+        try:
+            self.sockets.ensure(config.server.listen, count, config.server.backlog)
+        except OSError as exc:
+            return False, f"cannot listen: {exc}"
+        generation = self.generation + 1
+        new = [self.spawn(slot, config, generation) for slot in range(count)]
+        if not await self.wait_ready(new, READY_TIMEOUT):
+            for handle in new:
+                self._kill(handle, signal.SIGKILL)
+            self._close_unused_sockets()
+            return False, "new workers did not become ready; old generation kept"
+        old = [w for w in self.live() if w.generation < generation]
+        self.config, self.sha256, self.generation = config, sha256, generation
+        self.worker_count, self.loaded_at = count, time.time()
+        if self.admin is not None:
+            await self.admin.reconfigure(config.admin)
+        for handle in old:
+            self.drain(handle)
+        self._spawn_task(self._close_sockets_after(old))
+        return True, None
+
+    async def _close_sockets_after(self, handles: list[WorkerHandle]) -> None:
+        if handles:
+            await asyncio.wait([h.exited for h in handles])
+        self._close_unused_sockets()
+
+    def _close_unused_sockets(self) -> None:
+        wanted = {(listener, slot) for listener in self.config.server.listen
+                  for slot in range(self.worker_count)}
+        for handle in self.workers.values():
+            wanted |= {(listener, handle.slot) for listener in handle.config.server.listen}
+        for listener, slot in self.sockets.close_unused(wanted):
+            log.info("closed listener %s slot %d", listener, slot)
+
+    def handle_retire(self, handle: WorkerHandle) -> None:
+        if handle.state == "ready" and self.state == "running" and handle.pid in self.workers:
+            log.info("worker %d served %d requests; recycling", handle.pid, handle.requests)
+            self._spawn_task(self.replace(handle.slot, handle))
+
+    def handle_chld(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            handle = self.workers.pop(pid, None)
+            if handle is None:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            if not handle.exited.done():
+                handle.exited.set_result(code)
+            if not handle.ready.done():
+                handle.ready.set_result(False)
+            if handle.state == "draining" or self.state != "running":
+                log.info("worker %d exited (%d)", pid, code)
+                continue
+            self.worker_restarts += 1
+            log.error("worker %d (slot %d) died unexpectedly: %s", pid, handle.slot,
+                      f"exit {code}" if code >= 0 else signal.Signals(-code).name)
+            if handle.generation == self.generation and handle.slot < self.worker_count:
+                self._spawn_task(self._respawn(handle.slot))
+
+    async def _respawn(self, slot: int) -> None:
+        """Crash recovery: immediate the first time, backing off when a slot keeps dying."""
+        now = time.monotonic()
+        recent = [t for t in self.crashes.get(slot, []) if now - t < 60] + [now]
+        self.crashes[slot] = recent
+        delay = 0.0 if len(recent) <= 1 else min(30.0, 0.1 * 2 ** (len(recent) - 2))
+        if delay:
+            log.warning("slot %d crashed %d times in a minute; respawning in %.1fs",
+                        slot, len(recent), delay)
+            await asyncio.sleep(delay)
+        if self.state != "running" or any(w.slot == slot for w in self.live(self.generation)):
+            return  # shutting down, or the slot was refilled meanwhile (e.g. by a reload)
+        if not await self.replace(slot, None):
+            self._spawn_task(self._respawn(slot))
+
+    def handle_ttin(self) -> None:
+        self._spawn_task(self._resize(self.worker_count + 1))
+
+    def handle_ttou(self) -> None:
+        if self.worker_count > 1:
+            self._spawn_task(self._resize(self.worker_count - 1))
+
+    async def _resize(self, count: int) -> None:
+        async with self._reload_lock:
+            server = self.config.server
+            old_count, self.worker_count = self.worker_count, count
+            if count > old_count:
+                self.sockets.ensure(server.listen, count, server.backlog)
+                for slot in range(old_count, count):
+                    await self.replace(slot, None)
+            else:
+                leaving = [w for w in self.live() if w.slot >= count]
+                for handle in leaving:
+                    self.drain(handle)
+                self._spawn_task(self._close_sockets_after(leaving))
+            log.info("worker count %d → %d", old_count, count)
+
+    def handle_usr1(self) -> None:
+        for handle in self.workers.values():
+            if handle.channel is not None:
+                handle.channel.send({"type": "reopen"})
+        log.info("reopening log files")
+
+    async def handle_term(self) -> None:
+        if self.state == "stopping":
+            self.handle_quit()  # a second TERM: stop now
+            return
+        self.state = "stopping"
+        systemd.notify("STOPPING=1")
+        log.info("graceful shutdown: draining %d workers", len(self.workers))
+        handles = list(self.workers.values())
+        for handle in handles:
+            self.drain(handle)
+        if handles:
+            await asyncio.wait([h.exited for h in handles])
+        await self._shutdown()
+
+    def handle_int(self) -> None:
+        self.handle_quit()
+
+    def handle_quit(self) -> None:
+        self.state = "stopping"
+        systemd.notify("STOPPING=1")
+        for handle in self.workers.values():
+            self._kill(handle, signal.SIGQUIT)
+        self._spawn_task(self._quit_after_exit())
+
+    async def _quit_after_exit(self) -> None:
+        handles = [h for h in self.workers.values() if not h.exited.done()]
+        if handles:
+            _, pending = await asyncio.wait([h.exited for h in handles], timeout=2.0)
+            for handle in handles:
+                if not handle.exited.done():
+                    self._kill(handle, signal.SIGKILL)
+        await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        if self._stopped.is_set():
+            return
+        if self.admin is not None:
+            await self.admin.stop()
+        self.sockets.close_all()
+        log.info("proxyd stopped")
+        self._stopped.set()
+
+
+def run_master(config_path: str, config: GatewayConfig) -> int:
+    import uvloop
+
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s proxyd[%(process)d] %(levelname)s %(message)s")
+    sha256 = hashlib.sha256(Path(config_path).read_bytes()).hexdigest()
+
+    async def main() -> int:
+        master = Master(config_path, config, sha256)
+        return await master.run()
+
+    return uvloop.run(main())

@@ -1,0 +1,89 @@
+"""Listening sockets owned by the master: one SO_REUSEPORT socket per (listener, worker slot).
+
+The master creates each socket once and holds it for its lifetime; workers inherit their slot's
+sockets across fork and only ever close() their own copy. Closing the last fd of a socket in the
+group would reset the connections queued on it (DESIGN §4), so a socket is closed only when its
+listener or slot is gone and no live worker still holds it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterable, Sequence
+
+from proxyd.config.types import HostPort
+
+Key = tuple[HostPort, int]  # (listener, slot)
+
+
+def listen_socket(host: str, port: int, backlog: int) -> socket.socket:
+    """A non-blocking listening socket that joins the SO_REUSEPORT group of its address."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def socket_inode(sock: socket.socket) -> int:
+    return os.fstat(sock.fileno()).st_ino
+
+
+class SocketSet:
+    def __init__(self) -> None:
+        self._socks: dict[Key, socket.socket] = {}
+
+    def ensure(self, listeners: Sequence[HostPort], slots: int, backlog: int) -> None:
+        """Open what is missing; re-listen existing ones so a changed backlog applies.
+
+        All-or-nothing: if one bind fails, the sockets opened by this call are closed again.
+        """
+        opened: list[Key] = []
+        try:
+            for listener in listeners:
+                for slot in range(slots):
+                    key = (listener, slot)
+                    sock = self._socks.get(key)
+                    if sock is None:
+                        self._socks[key] = listen_socket(listener.host, listener.port, backlog)
+                        opened.append(key)
+                    else:
+                        sock.listen(backlog)
+        except OSError:
+            for key in opened:
+                self._socks.pop(key).close()
+            raise
+
+    def for_slot(self, listeners: Sequence[HostPort], slot: int) -> list[socket.socket]:
+        return [self._socks[(listener, slot)] for listener in listeners]
+
+    def keys(self) -> list[Key]:
+        return list(self._socks)
+
+    def close_unused(self, wanted: Iterable[Key]) -> list[Key]:
+        """Close sockets of listeners/slots that neither the config nor a live worker uses."""
+        keep = set(wanted)
+        gone = [key for key in self._socks if key not in keep]
+        for key in gone:
+            self._socks.pop(key).close()
+        return gone
+
+    def describe(self) -> list[dict[str, object]]:
+        return [
+            {"listen": str(listener), "slot": slot, "fd": sock.fileno(),
+             "inode": socket_inode(sock)}
+            for (listener, slot), sock in sorted(self._socks.items(), key=lambda kv: kv[0][1])
+        ]
+
+    def close_all(self) -> None:
+        for sock in self._socks.values():
+            sock.close()
+        self._socks.clear()
