@@ -40,14 +40,28 @@ class Server(Model):
     )
     backlog: int = Field(4096, ge=1, description="listen() backlog of every traffic socket.")
     keepalive_timeout: Duration = Field("5s", description="Idle keep-alive connection lifetime.")
-    max_requests: int = Field(10000, ge=0, description="Recycle a worker after N requests; 0 = never.")
+    max_requests: int = Field(
+        10000, ge=0, description="Recycle a worker after N requests; 0 = never."
+    )
     max_requests_jitter: int = Field(1000, ge=0, description="Random extra requests per worker.")
-    drain_timeout: Duration = Field("30s", description="Time in-flight requests get on reload/stop.")
+    drain_timeout: Duration = Field(
+        "30s", description="Time in-flight requests get on reload/stop."
+    )
     limits: Limits = Field(default_factory=Limits)
     trusted_proxies: list[str] = Field(
         default_factory=list,
         description="CIDRs whose X-Forwarded-* headers are trusted and extended, not replaced.",
     )
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers_form(cls, v: Any) -> Any:
+        # One clear message instead of pydantic's two (one per branch of the union).
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool)):
+            return v
+        if isinstance(v, str) and v.strip().isdigit():
+            return int(v)
+        raise ValueError(f"workers must be auto or a positive integer, got {v!r}")
 
     @field_validator("workers")
     @classmethod
@@ -84,7 +98,9 @@ class Target(Model):
 
 class Pool(Model):
     max_connections: int = Field(1000, ge=1, description="Open connections per target per worker.")
-    max_keepalive: int = Field(500, ge=0, description="Idle connections kept per target per worker.")
+    max_keepalive: int = Field(
+        500, ge=0, description="Idle connections kept per target per worker."
+    )
     keepalive_expiry: Duration = Field("30s", description="Idle pooled connection lifetime.")
     connect_timeout: Duration = Field("5s")
     read_timeout: Duration = Field("30s", description="Longest wait between upstream bytes.")

@@ -7,7 +7,9 @@ documents them as patterned strings.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
+from decimal import Decimal
 from typing import Annotated, Any, NamedTuple
 
 from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
@@ -27,6 +29,13 @@ _RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d*)\s*(s|m|h|d)\s*$")
 _RATE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
+def plain_number(value: float) -> str:
+    """Shortest exact decimal without an exponent: ``f"{v:g}"`` writes 1e-05 and 1.23457e+06,
+    which lose digits and which the parsers here do not accept back."""
+    text = format(Decimal(repr(float(value))), "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
 def parse_duration(value: Any) -> float:
     """Seconds as a float; a bare number means seconds."""
     if isinstance(value, bool):
@@ -37,6 +46,8 @@ def parse_duration(value: Any) -> float:
         seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
     else:
         raise ValueError(f"invalid duration {value!r}: expected e.g. 250ms, 5s, 2m, 1h")
+    if not math.isfinite(seconds):  # YAML's .inf / .nan would break every timer using it
+        raise ValueError(f"invalid duration {value!r}: must be finite")
     if seconds < 0:
         raise ValueError("a duration cannot be negative")
     return seconds
@@ -68,7 +79,7 @@ class Rate(NamedTuple):
         return self.count / self.period
 
     def __str__(self) -> str:
-        return f"{self.count}/{self.period:g}s"
+        return f"{self.count}/{plain_number(self.period)}s"
 
 
 def parse_rate(value: Any) -> Rate:
@@ -121,7 +132,7 @@ def parse_host_port(value: Any) -> HostPort:
 Duration = Annotated[
     float,
     BeforeValidator(parse_duration),
-    PlainSerializer(lambda v: f"{v:g}s", return_type=str),
+    PlainSerializer(lambda v: f"{plain_number(v)}s", return_type=str),
     WithJsonSchema({"type": ["string", "number"], "pattern": r"^\d+(\.\d+)?(ms|s|m|h)?$",
                     "description": "duration: 250ms, 5s, 2m, 1h"}),
 ]

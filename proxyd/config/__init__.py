@@ -1,0 +1,20 @@
+"""Configuration: the YAML contract (DESIGN §3), its loader and its checks."""
+
+from proxyd.config.loader import (
+    load_config,
+    load_config_text,
+    load_config_text_with_warnings,
+    load_config_with_warnings,
+)
+from proxyd.config.models import GatewayConfig
+from proxyd.errors import ConfigError, ConfigIssue
+
+__all__ = [
+    "ConfigError",
+    "ConfigIssue",
+    "GatewayConfig",
+    "load_config",
+    "load_config_text",
+    "load_config_text_with_warnings",
+    "load_config_with_warnings",
+]

@@ -1,0 +1,266 @@
+"""Checks that span fields: things each model accepts alone but the whole config cannot mean.
+
+Pure functions of a validated GatewayConfig — no I/O, no DNS (DESIGN §8.4) — that return
+findings as (path, message). The loader turns paths into file:line:col with the positions it
+recorded; a config built in code (tests, a reload from the admin API) can be checked the same way.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import re
+import warnings
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from proxyd.config.models import GatewayConfig, Match, Route
+from proxyd.config.source import Path, format_path
+from proxyd.config.types import HostPort
+
+# RFC 9110 §5.6.2 token: what a field name and a method must be.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+_BAD_FIELD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # CR/LF would split the response
+
+
+@dataclass(frozen=True)
+class Finding:
+    path: Path
+    message: str
+    on_key: bool = False  # point at the key itself (a bad header *name*) rather than its value
+
+
+@dataclass
+class Report:
+    errors: list[Finding] = field(default_factory=list)
+    warnings: list[Finding] = field(default_factory=list)
+
+    def error(self, path: Path, message: str, *, on_key: bool = False) -> None:
+        self.errors.append(Finding(path, message, on_key))
+
+    def warn(self, path: Path, message: str, *, on_key: bool = False) -> None:
+        self.warnings.append(Finding(path, message, on_key))
+
+
+def check(config: GatewayConfig) -> Report:
+    report = Report()
+    _check_listeners(config, report)
+    _check_upstreams(config, report)
+    _check_routes(config, report)
+    if not config.routes:
+        report.warn((), "no routes are defined: every request will be answered 404")
+    for i, entry in enumerate(config.middleware):
+        if not entry.type.strip():
+            report.error(("middleware", i, "type"), "middleware type must not be empty")
+    return report
+
+
+# --- listeners ------------------------------------------------------------------------------------
+
+def _host_problem(host: str) -> str | None:
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    labels = host.rstrip(".").split(".")
+    if all(label.isdigit() for label in labels):
+        return f"invalid IPv4 address {host!r}"
+    if len(host) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
+        return f"invalid host name {host!r}"
+    return None
+
+
+def _overlap(a: HostPort, b: HostPort) -> bool:
+    """Would binding both fail or split traffic? Same port, and same or wildcard host."""
+    if a.port != b.port or a.port == 0:  # port 0 = "any free port": never a clash
+        return False
+    if a.host.lower() == b.host.lower():
+        return True
+    try:
+        ip_a, ip_b = ipaddress.ip_address(a.host), ipaddress.ip_address(b.host)
+    except ValueError:
+        return False  # host names resolve at bind time; comparing them here would need DNS
+    if ip_a == ip_b:
+        return True
+    return ip_a.version == ip_b.version and (ip_a.is_unspecified or ip_b.is_unspecified)
+
+
+def _check_listeners(config: GatewayConfig, report: Report) -> None:
+    listen = config.server.listen
+    for i, addr in enumerate(listen):
+        if problem := _host_problem(addr.host):
+            report.error(("server", "listen", i), problem)
+            continue
+        for j in range(i):
+            if _overlap(addr, listen[j]):
+                report.error(("server", "listen", i),
+                             f"{addr} clashes with server.listen[{j}] ({listen[j]})")
+                break
+    admin = config.admin.listen
+    if problem := _host_problem(admin.host):
+        report.error(("admin", "listen"), problem)
+        return
+    for j, addr in enumerate(listen):
+        if _overlap(admin, addr):
+            report.error(("admin", "listen"),
+                         f"admin address {admin} clashes with traffic listener "
+                         f"server.listen[{j}] ({addr})")
+            break
+    if not config.admin.token and not _is_loopback(admin.host):
+        report.warn(("admin", "listen"),
+                    f"admin listens on {admin.host} without a token: anyone who can reach it "
+                    "can reload or stop the proxy; set admin.token or listen on 127.0.0.1")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host.lower() == "localhost"
+
+
+# --- upstreams ------------------------------------------------------------------------------------
+
+def _url_problem(url: str) -> str | None:
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        return f"invalid target URL {url!r}: {exc}"
+    if parts.scheme not in ("http", "https"):
+        return f"target URL {url!r} must start with http:// or https://"
+    if not parts.hostname:
+        return f"target URL {url!r} has no host"
+    if parts.username is not None or parts.password is not None:
+        return f"target URL {url!r} must not contain credentials"
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        return (f"target URL {url!r} must be scheme://host[:port] only "
+                "(no path or query; use strip_prefix or rewrite to change paths)")
+    if port == 0:
+        return f"target URL {url!r} has port 0"
+    return _host_problem(parts.hostname)
+
+
+def _check_upstreams(config: GatewayConfig, report: Report) -> None:
+    used = {route.upstream for route in config.routes}
+    for name, upstream in config.upstreams.items():
+        for k, target in enumerate(upstream.targets):
+            if problem := _url_problem(target.url):
+                report.error(("upstreams", name, "targets", k, "url"), problem)
+        if upstream.health_check and not upstream.health_check.path.startswith("/"):
+            report.error(("upstreams", name, "health_check", "path"),
+                         "health check path must start with '/'")
+        if name not in used:
+            report.warn(("upstreams", name), f"upstream '{name}' is not used by any route",
+                        on_key=True)
+
+
+# --- routes ---------------------------------------------------------------------------------------
+
+def _match_key(match: Match) -> tuple[object, ...]:
+    """Equal keys ⇔ the two matches accept exactly the same requests (as written)."""
+    return (
+        match.host.lower() if match.host else None, match.path, match.path_prefix,
+        match.path_regex, frozenset(match.methods) if match.methods is not None else None,
+        frozenset((k.lower(), v) for k, v in match.headers.items())
+        if match.headers is not None else None,
+    )
+
+
+def _check_routes(config: GatewayConfig, report: Report) -> None:
+    names: dict[str, int] = {}
+    matches: dict[tuple[object, ...], int] = {}
+    for i, route in enumerate(config.routes):
+        at: Path = ("routes", i)
+        if route.name in names:
+            report.error((*at, "name"), f"duplicate route name '{route.name}' "
+                         f"(also {format_path(('routes', names[route.name]))})")
+        else:
+            names[route.name] = i
+        key = _match_key(route.match)
+        if key in matches:
+            j = matches[key]
+            report.error((*at, "match"),
+                         f"route '{route.name}' has the same match as route "
+                         f"'{config.routes[j].name}' (routes[{j}]) and can never be reached")
+        else:
+            matches[key] = i
+        _check_target(config, route, at, report)
+        _check_match(route.match, (*at, "match"), report)
+        _check_paths(route, at, report)
+        if route.respond is not None:
+            for name, value in route.respond.headers.items():
+                _check_field_name(name, (*at, "respond", "headers", name), report)
+                if _BAD_FIELD_VALUE.search(value):
+                    report.error((*at, "respond", "headers", name),
+                                 "header value must not contain control characters")
+
+
+def _check_target(config: GatewayConfig, route: Route, at: Path, report: Report) -> None:
+    if route.upstream is None and route.respond is None:
+        report.error(at, f"route '{route.name}' needs either 'upstream' (proxy the request) "
+                     "or 'respond' (answer directly)")
+    elif route.upstream is not None and route.respond is not None:
+        report.error((*at, "respond"), f"route '{route.name}' has both 'upstream' and "
+                     "'respond'; use one", on_key=True)
+    if route.upstream is not None and route.upstream not in config.upstreams:
+        defined = sorted(config.upstreams)
+        close = difflib.get_close_matches(route.upstream, defined, n=1, cutoff=0.6)
+        hint = (f", did you mean '{close[0]}'?" if close
+                else f" (defined: {', '.join(defined)})" if defined
+                else " (no upstreams are defined)")
+        report.error((*at, "upstream"), f"unknown upstream '{route.upstream}'{hint}")
+    if route.respond is not None:
+        for key in ("strip_prefix", "rewrite"):
+            if getattr(route, key) is not None:
+                report.warn((*at, key), f"{key} has no effect on a route that uses 'respond'",
+                            on_key=True)
+
+
+def _check_match(match: Match, at: Path, report: Report) -> None:
+    for key in ("path", "path_prefix"):
+        value = getattr(match, key)
+        if value is not None and not value.startswith("/"):
+            report.error((*at, key), f"{key} must start with '/'")
+    if match.path_regex is not None:
+        _check_regex(match.path_regex, (*at, "path_regex"), report)
+    for k, method in enumerate(match.methods or []):
+        if not _TOKEN.fullmatch(method):
+            report.error((*at, "methods", k), f"invalid HTTP method {method!r}")
+    for name in match.headers or {}:
+        _check_field_name(name, (*at, "headers", name), report)
+
+
+def _check_paths(route: Route, at: Path, report: Report) -> None:
+    if route.rewrite is not None:
+        _check_regex(route.rewrite.regex, (*at, "rewrite", "regex"), report)
+    prefix = route.strip_prefix
+    if prefix is None:
+        return
+    bases = [p for p in (route.match.path_prefix, route.match.path) if p is not None]
+    if not prefix.startswith("/") or not any(base.startswith(prefix) for base in bases):
+        # Stripping a prefix the request may not have would forward a different path for
+        # some requests than for others; demand the match guarantees it.
+        report.error((*at, "strip_prefix"),
+                     f"strip_prefix {prefix!r} needs a match.path_prefix or match.path that "
+                     "starts with it")
+
+
+def _check_regex(pattern: str, at: Path, report: Report) -> None:
+    # `re` reports doubtful syntax (e.g. a possible nested set "[[") as a FutureWarning; the
+    # operator should see it at check time rather than as stderr noise from every worker.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            report.error(at, f"invalid regular expression: {exc}")
+    for warning in caught:
+        report.warn(at, f"regular expression: {warning.message}")
+
+
+def _check_field_name(name: str, at: Path, report: Report) -> None:
+    if not _TOKEN.fullmatch(name):
+        report.error(at, f"invalid header name {name!r}", on_key=True)

@@ -1,0 +1,103 @@
+"""What a loaded config will do, in one screen: ``proxyd check-config`` prints this.
+
+The summary is built from the validated models (never from the YAML), so it shows what the
+proxy will actually run with: defaults filled in, variables substituted, ``workers: auto``
+resolved on this machine.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from proxyd.config.models import GatewayConfig, Match, Route
+from proxyd.errors import ConfigIssue
+
+
+def _match_fields(match: Match) -> dict[str, Any]:
+    return match.model_dump(exclude_none=True)
+
+
+def _target(route: Route) -> dict[str, Any]:
+    if route.respond is not None:
+        return {"respond": route.respond.status}
+    return {"upstream": route.upstream}
+
+
+def summarize(config: GatewayConfig) -> dict[str, Any]:
+    """A JSON-ready description of the config (``check-config --format json``)."""
+    server = config.server
+    return {
+        "listeners": [str(a) for a in server.listen],
+        "backlog": server.backlog,
+        "workers": {"configured": server.workers, "effective": server.worker_count()},
+        "admin": {"listen": str(config.admin.listen), "token_set": bool(config.admin.token)},
+        "routes": [
+            {"name": r.name, "match": _match_fields(r.match), **_target(r),
+             **({"strip_prefix": r.strip_prefix} if r.strip_prefix else {}),
+             **({"websocket": True} if r.websocket else {})}
+            for r in config.routes
+        ],
+        "upstreams": {
+            name: {"balance": u.balance,
+                   "targets": [{"url": t.url, "weight": t.weight} for t in u.targets]}
+            for name, u in config.upstreams.items()
+        },
+        "middleware": [entry.type for entry in config.middleware],
+        "cache": {"backend": config.cache.backend, "max_entries": config.cache.max_entries},
+        "access_log": {"format": config.access_log.format, "path": config.access_log.path,
+                       "enabled": config.access_log.enabled},
+        "metrics": config.metrics.enabled,
+    }
+
+
+def _describe_match(match: Match) -> str:
+    parts: list[str] = []
+    for key, value in _match_fields(match).items():
+        if key == "methods":
+            parts.append("methods=" + ",".join(value))
+        elif key == "headers":
+            parts.extend(f"header {k}={v}" for k, v in value.items())
+        else:
+            parts.append(f"{key}={value}")
+    return "  ".join(parts) or "(any request)"
+
+
+def _describe_target(route: Route) -> str:
+    if route.respond is not None:
+        return f"respond {route.respond.status}"
+    extra = f" (strip {route.strip_prefix})" if route.strip_prefix else ""
+    return f"upstream {route.upstream}{extra}"
+
+
+def _table(rows: list[tuple[str, str, str]], sep: str) -> list[str]:
+    """Rows aligned on their first two columns: a summary is read by scanning down them."""
+    w0 = max((len(r[0]) for r in rows), default=0)
+    w1 = max((len(r[1]) for r in rows), default=0)
+    sep = f" {sep} " if sep else "  "
+    return [f"  {a:<{w0}}  {b:<{w1}}{sep}{c}".rstrip() for a, b, c in rows]
+
+
+def format_summary(config: GatewayConfig, filename: str, warnings: list[ConfigIssue]) -> str:
+    server = config.server
+    workers = (f"auto ({server.worker_count()} on this machine)" if server.workers == "auto"
+               else str(server.workers))
+    token = "token set" if config.admin.token else "no token"
+    lines = [
+        f"{filename}: configuration OK",
+        f"listeners:  {', '.join(str(a) for a in server.listen)} (backlog {server.backlog})",
+        f"workers:    {workers}",
+        f"admin:      {config.admin.listen} ({token})",
+        f"routes ({len(config.routes)}):",
+        *_table([(r.name, _describe_match(r.match), _describe_target(r))
+                 for r in config.routes], "->"),
+        f"upstreams ({len(config.upstreams)}):",
+        *_table([(name, u.balance, ", ".join(
+                    t.url if t.weight == 1 else f"{t.url} (weight {t.weight})"
+                    for t in u.targets))
+                 for name, u in config.upstreams.items()], ""),
+        "middleware: " + (" -> ".join(e.type for e in config.middleware) or "(none)"),
+    ]
+    if warnings:
+        lines.append(f"warnings ({len(warnings)}):")
+        lines.extend(f"  {w}" for w in warnings)
+    return "\n".join(lines)
