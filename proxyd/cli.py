@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import sys
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import click
 
 from proxyd import __version__
+from proxyd.admin_client import (
+    AdminUnreachable,
+    admin_request,
+    format_status,
+    wait_for_reload,
+)
 from proxyd.config import GatewayConfig, load_config_with_warnings
 from proxyd.config.summary import format_summary, summarize
-from proxyd.errors import EXIT_CONFIG, ConfigError, ConfigIssue
+from proxyd.errors import EXIT_CONFIG, EXIT_OK, EXIT_RUNTIME, ConfigError, ConfigIssue
 
 DEFAULT_CONFIG = "/etc/proxyd/gateway.yaml"
 
@@ -77,8 +87,9 @@ def schema() -> None:
 
 @main.command()
 @config_option
-def run(config_path: str) -> None:
-    """Load the config and serve traffic in the foreground."""
+@click.option("--pid-file", type=click.Path(dir_okay=False), help="Write the master's pid here.")
+def run(config_path: str, pid_file: str | None) -> None:
+    """Load the config and serve traffic in the foreground (master + workers)."""
     try:
         config, warnings = load_config_with_warnings(config_path)
     except ConfigError as exc:
@@ -87,6 +98,93 @@ def run(config_path: str) -> None:
     for warning in warnings:
         click.echo(f"warning: {warning}", err=True)
     # Imported here: the data plane (uvloop, httptools) is not needed to check a config.
-    from proxyd.worker import run_single
+    from proxyd.master import run_master
 
-    run_single(config, config_path)
+    if pid_file:
+        Path(pid_file).write_text(f"{os.getpid()}\n")
+    try:
+        # Absolute: reloads must find the file whatever the working directory becomes.
+        code = run_master(os.path.abspath(config_path), config)
+    except OSError as exc:
+        click.echo(f"proxyd: cannot start: {exc}", err=True)
+        code = EXIT_RUNTIME
+    finally:
+        if pid_file:
+            Path(pid_file).unlink(missing_ok=True)
+    sys.exit(code)
+
+
+admin_option = click.option(
+    "--admin", "admin_url", envvar="PROXYD_ADMIN_URL", default=None,
+    help="Admin base URL (default: admin.listen of the config file, else 127.0.0.1:9901).",
+)
+token_option = click.option("--token", envvar="PROXYD_ADMIN_TOKEN", default="",
+                            help="Admin bearer token.")
+
+
+def _admin_base(admin_url: str | None, config_path: str) -> str:
+    if admin_url:
+        return admin_url.rstrip("/") if "://" in admin_url else f"http://{admin_url}"
+    try:
+        config, _ = load_config_with_warnings(config_path)
+        return f"http://{config.admin.listen}"
+    except (ConfigError, OSError):
+        return "http://127.0.0.1:9901"
+
+
+@main.command()
+@config_option
+@admin_option
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
+def status(config_path: str, admin_url: str | None, as_json: bool) -> None:
+    """Show the running instance's status from the admin port."""
+    base = _admin_base(admin_url, config_path)
+    try:
+        code, data = admin_request(f"{base}/status")
+    except AdminUnreachable as exc:
+        click.echo(f"proxyd: {exc}", err=True)
+        sys.exit(EXIT_RUNTIME)
+    click.echo(json.dumps(data, indent=2) if as_json else format_status(data))
+    sys.exit(EXIT_OK if code == 200 else EXIT_RUNTIME)
+
+
+@main.command()
+@config_option
+@admin_option
+@token_option
+@click.option("--wait/--no-wait", default=False,
+              help="Wait for the result; exit 1 if the new config was rejected.")
+@click.option("--pid-file", type=click.Path(dir_okay=False),
+              help="Send SIGHUP to the pid in this file instead of using the admin port.")
+def reload(config_path: str, admin_url: str | None, token: str, wait: bool,
+           pid_file: str | None) -> None:
+    """Reload the configuration without dropping connections."""
+    base = _admin_base(admin_url, config_path)
+    if pid_file:
+        before = None
+        if wait:
+            with contextlib.suppress(AdminUnreachable):
+                before = admin_request(f"{base}/status")[1].get("last_reload", {}).get("at")
+        os.kill(int(Path(pid_file).read_text().strip()), signal.SIGHUP)
+        if not wait:
+            return
+        result = wait_for_reload(base, before)
+    else:
+        try:
+            code, result = admin_request(f"{base}/reload?wait={int(wait)}", method="POST",
+                                         token=token)
+        except AdminUnreachable as exc:
+            click.echo(f"proxyd: {exc}", err=True)
+            sys.exit(EXIT_RUNTIME)
+        if code == 401:
+            click.echo("proxyd: the admin port refused the token", err=True)
+            sys.exit(EXIT_RUNTIME)
+    if not wait:
+        click.echo("reload requested")
+        return
+    if result.get("ok"):
+        click.echo(f"reloaded: generation {result.get('generation')}")
+        return
+    click.echo(f"reload rejected, old configuration still serving:\n{result.get('error')}",
+               err=True)
+    sys.exit(EXIT_CONFIG)

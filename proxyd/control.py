@@ -10,6 +10,7 @@ with strace.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import struct
@@ -54,10 +55,8 @@ class Channel:
 
     async def send_and_flush(self, message: dict[str, Any]) -> None:
         self.send(message)
-        try:
+        with contextlib.suppress(ConnectionError):
             await self.writer.drain()
-        except ConnectionError:
-            pass
 
     def close(self) -> None:
         self.writer.close()

@@ -37,6 +37,10 @@ SIGNALS = {
 }
 
 
+def _future() -> asyncio.Future[Any]:
+    return asyncio.get_running_loop().create_future()
+
+
 @dataclass(eq=False)
 class WorkerHandle:
     pid: int
@@ -48,8 +52,8 @@ class WorkerHandle:
     requests: int = 0
     connections: int = 0
     channel: Channel | None = None
-    ready: asyncio.Future[bool] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-    exited: asyncio.Future[int] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    ready: asyncio.Future[bool] = field(default_factory=lambda: _future())
+    exited: asyncio.Future[int] = field(default_factory=lambda: _future())
 
     def describe(self) -> dict[str, Any]:
         return {"pid": self.pid, "slot": self.slot, "generation": self.generation,
@@ -271,7 +275,9 @@ class Master:
             try:
                 result = handler(arg) if arg is not None else handler()
                 if asyncio.iscoroutine(result):
-                    await result
+                    # Long handlers (drain and stop) run beside the queue: the exits they
+                    # wait for arrive through it.
+                    self._spawn_task(result)
             except Exception:
                 log.exception("error handling %s", name)
 
@@ -462,7 +468,7 @@ class Master:
     async def _quit_after_exit(self) -> None:
         handles = [h for h in self.workers.values() if not h.exited.done()]
         if handles:
-            _, pending = await asyncio.wait([h.exited for h in handles], timeout=2.0)
+            _, _pending = await asyncio.wait([h.exited for h in handles], timeout=2.0)
             for handle in handles:
                 if not handle.exited.done():
                     self._kill(handle, signal.SIGKILL)

@@ -362,6 +362,11 @@ class DownstreamProtocol(asyncio.Protocol):
         self.p.requests += 1
         raw_path, _, query = req.url.partition(b"?")
         path = remove_dot_segments(raw_path) if b"/." in raw_path else raw_path
+        if path.startswith(b"/health") and (builtin := self.p.builtin(path)) is not None:
+            close = self.must_close(req)
+            self.send(builtin.render(close=close, head_only=req.method == b"HEAD"))
+            self._local_done(req, close)
+            return
         hdrs = {k: v for k, _, v in req.headers} if self.p.router.needs_headers else {}
         route, wrong_method = self.p.router.match(
             req.method, normalize_host(req.host), path, hdrs

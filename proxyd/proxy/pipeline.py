@@ -9,10 +9,10 @@ import asyncio
 import itertools
 import os
 
-from proxyd.config.models import GatewayConfig
+from proxyd.config.models import GatewayConfig, Respond
 from proxyd.proxy.headers import TrustedProxies
 from proxyd.proxy.resolver import Resolver
-from proxyd.proxy.router import Router
+from proxyd.proxy.router import DirectResponse, Router
 from proxyd.proxy.timers import Deadlines
 from proxyd.proxy.upstream import UpstreamPool
 
@@ -42,12 +42,26 @@ class Pipeline:
             for name, cfg in config.upstreams.items()
         }
         self.draining = False
+        # Kubernetes probes on the traffic port; they win over routes with the same path.
+        json_type = {"Content-Type": "application/json"}
+        self.health = DirectResponse(Respond(body='{"status":"ok"}', headers=json_type))
+        self.ready = DirectResponse(Respond(body='{"ready":true}', headers=json_type))
+        self.not_ready = DirectResponse(
+            Respond(status=503, body='{"ready":false,"state":"draining"}', headers=json_type)
+        )
         self.connections: set[object] = set()
         self.requests = 0
         # Request ids: a per-process random prefix and a counter — unique without a syscall
         # or uuid4 per request.
         self._id_prefix = os.urandom(4).hex()
         self._ids = itertools.count(1)
+
+    def builtin(self, path: bytes) -> DirectResponse | None:
+        if path == b"/health":
+            return self.health
+        if path == b"/health/ready":
+            return self.not_ready if self.draining else self.ready
+        return None
 
     def next_request_id(self) -> str:
         return f"{self._id_prefix}-{next(self._ids):x}"

@@ -1,0 +1,81 @@
+"""The CLI's side of the admin port: small synchronous HTTP calls and a readable status."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from datetime import datetime
+from typing import Any
+
+
+class AdminUnreachable(Exception):
+    pass
+
+
+def admin_request(
+    url: str, *, method: str = "GET", token: str = "", timeout: float = 60.0
+) -> tuple[int, dict[str, Any]]:
+    request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        body = exc.read()
+        try:
+            return exc.code, json.loads(body or b"{}")
+        except ValueError:
+            return exc.code, {"error": body.decode(errors="replace")}
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise AdminUnreachable(f"admin port {url} unreachable: {reason}") from None
+
+
+def wait_for_reload(base: str, before: float | None, timeout: float = 60.0) -> dict[str, Any]:
+    """After a SIGHUP: poll /status until last_reload changes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            _, data = admin_request(f"{base}/status", timeout=5)
+        except AdminUnreachable:
+            data = {}
+        last = data.get("last_reload") or {}
+        if last.get("at") not in (None, before):
+            return {**last, "generation": data.get("generation")}
+        time.sleep(0.1)
+    return {"ok": False, "error": "timed out waiting for the reload result"}
+
+
+def _when(ts: float | None) -> str:
+    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
+
+
+def format_status(data: dict[str, Any]) -> str:
+    config = data.get("config", {})
+    lines = [
+        f"proxyd {data.get('version')}  pid {data.get('pid')}  state {data.get('state')}  "
+        f"generation {data.get('generation')}",
+        f"config  {config.get('path')}  sha256 {str(config.get('sha256'))[:12]}  "
+        f"loaded {_when(data.get('loaded_at'))}",
+    ]
+    last = data.get("last_reload") or {}
+    if last.get("at"):
+        outcome = "ok" if last.get("ok") else f"FAILED: {last.get('error')}"
+        lines.append(f"last reload  {_when(last['at'])}  {outcome}")
+    counts = data.get("reloads", {})
+    lines.append(f"reloads  ok {counts.get('ok', 0)}  failed {counts.get('failed', 0)}  "
+                 f"worker restarts {data.get('worker_restarts', 0)}")
+    listeners = sorted({entry["listen"] for entry in data.get("listeners", [])})
+    lines.append(f"listeners  {', '.join(listeners) or '-'}")
+    lines.append("")
+    lines.append(f"{'SLOT':>4}  {'PID':>7}  {'GEN':>4}  {'STATE':<9} {'REQUESTS':>9}  "
+                 f"{'CONNS':>6}  UPTIME")
+    now = time.time()
+    for w in data.get("workers", []):
+        uptime = int(now - w.get("started_at", now))
+        lines.append(f"{w['slot']:>4}  {w['pid']:>7}  {w['generation']:>4}  {w['state']:<9} "
+                     f"{w['requests']:>9}  {w.get('connections', 0):>6}  {uptime}s")
+    return "\n".join(lines)
