@@ -50,10 +50,19 @@ def check(config: GatewayConfig) -> Report:
     _check_routes(config, report)
     if not config.routes:
         report.warn((), "no routes are defined: every request will be answered 404")
-    for i, entry in enumerate(config.middleware):
-        if not entry.type.strip():
-            report.error(("middleware", i, "type"), "middleware type must not be empty")
+    _check_middleware(config, report)
     return report
+
+
+def _check_middleware(config: GatewayConfig, report: Report) -> None:
+    # Imported here: the registry imports the middleware modules, which import config models.
+    from proxyd.middleware import check_middleware
+
+    errors, warnings = check_middleware(config)
+    for path, message in errors:
+        report.error(path, message)
+    for path, message in warnings:
+        report.warn(path, message)
 
 
 # --- listeners ------------------------------------------------------------------------------------

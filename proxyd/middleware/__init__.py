@@ -1,0 +1,118 @@
+"""The explicit registry of middleware types, and per-route chain compilation.
+
+No registration by import side effect (DESIGN §8.11): a type exists because it is listed here.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+from pydantic import ValidationError
+
+from proxyd.config.models import GatewayConfig, Route
+from proxyd.middleware.base import Middleware, Options
+from proxyd.middleware.chain import Chain
+from proxyd.middleware.compression import Compression
+from proxyd.middleware.cors import Cors
+from proxyd.middleware.etag import Etag
+from proxyd.middleware.headers import Headers
+from proxyd.middleware.security_headers import SecurityHeaders
+from proxyd.middleware.trace_id import TraceId
+from proxyd.middleware.validation import Validation
+
+REGISTRY: dict[str, type[Middleware]] = {
+    cls.type: cls
+    for cls in (Cors, SecurityHeaders, Validation, TraceId, Headers, Etag, Compression)
+}
+
+Problem = tuple[tuple[str | int, ...], str]  # (key path, message)
+
+
+def unknown_type_message(name: str) -> str:
+    close = difflib.get_close_matches(name, REGISTRY, n=1)
+    hint = f", did you mean '{close[0]}'?" if close else f"; known types: {', '.join(REGISTRY)}"
+    return f"unknown middleware type '{name}'{hint}"
+
+
+def _validate(data: dict[str, Any], at: tuple[str | int, ...]) -> tuple[Options | None,
+                                                                         list[Problem]]:
+    cls = REGISTRY.get(str(data.get("type", "")))
+    if cls is None:
+        return None, [((*at, "type"), unknown_type_message(str(data.get("type", ""))))]
+    try:
+        return cls.options_model.model_validate(data), []
+    except ValidationError as exc:
+        problems: list[Problem] = []
+        for err in exc.errors():
+            message = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                field = str(err["loc"][-1])
+                known = [f for f in cls.options_model.model_fields if f != "type"]
+                close = difflib.get_close_matches(field, known, n=1)
+                message = f"unknown option '{field}' for {cls.type}" + (
+                    f", did you mean '{close[0]}'?" if close else f"; options: {', '.join(known)}"
+                )
+            problems.append(((*at, *err["loc"]), message))
+        return None, problems
+
+
+def route_entries(config: GatewayConfig, route: Route, index: int | None = None
+                  ) -> tuple[list[tuple[dict[str, Any], tuple[str | int, ...]]], list[Problem]]:
+    """The route's entries: the global list with the route's overrides merged in by type."""
+    problems: list[Problem] = []
+    by_type = {entry.type: i for i, entry in enumerate(config.middleware)}
+    overrides = route.middleware
+    at_route: tuple[str | int, ...] = ("routes", index, "middleware") if index is not None else ()
+    for name in overrides:
+        if name not in by_type:
+            problems.append(((*at_route, name),
+                             f"route overrides middleware '{name}', which is not in the "
+                             "top-level middleware list (add it there to set its position)"))
+    entries = []
+    for i, entry in enumerate(config.middleware):
+        data = entry.model_dump()
+        at: tuple[str | int, ...] = ("middleware", i)
+        if entry.type in overrides:
+            data = {**data, **overrides[entry.type], "type": entry.type}
+            at = (*at_route, entry.type)
+        entries.append((data, at))
+    return entries, problems
+
+
+def check_middleware(config: GatewayConfig) -> tuple[list[Problem], list[Problem]]:
+    """(errors, warnings) for the middleware list and every route's overrides."""
+    errors: list[Problem] = []
+    warnings: list[Problem] = []
+    for i, entry in enumerate(config.middleware):
+        errors += _validate(entry.model_dump(), ("middleware", i))[1]
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(config.middleware):
+        if entry.type in seen:
+            errors.append((("middleware", i, "type"),
+                           f"middleware '{entry.type}' is listed twice (also at "
+                           f"middleware[{seen[entry.type]}])"))
+        seen.setdefault(entry.type, i)
+    if "etag" in seen and "compression" in seen and seen["etag"] > seen["compression"]:
+        warnings.append((("middleware", seen["etag"], "type"),
+                         "etag after compression: ETags are computed before compressing, so "
+                         "compressed responses only get weak ETags; put etag before compression"))
+    for r, route in enumerate(config.routes):
+        entries, problems = route_entries(config, route, r)
+        errors += problems
+        for data, at in entries:
+            if at[0] == "routes":
+                errors += _validate(data, at)[1]
+    return errors, warnings
+
+
+def build_chain(config: GatewayConfig, route: Route) -> Chain:
+    """Instantiate a route's chain; disabled entries are left out. Config must be valid."""
+    entries, _ = route_entries(config, route)
+    middleware = []
+    for data, _at in entries:
+        cls = REGISTRY[data["type"]]
+        options = cls.options_model.model_validate(data)
+        if options.enabled:
+            middleware.append(cls(options))
+    return Chain(middleware)

@@ -1,0 +1,157 @@
+"""The middleware interface: options model, precompute in ``__init__``, per-request calls.
+
+A route's chain is a list of middleware in config order. Request hooks run in that order and
+may answer instead of the endpoint; response hooks run in reverse order (onion), and only for
+the middleware that stood before the one that answered — so a cache hit or a CORS preflight
+skips everything after it (DESIGN §1). Everything here is synchronous: it runs inside the
+protocol callbacks of the data plane.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar, Protocol
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Options(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    type: str
+    enabled: bool = True
+
+
+class BodyFilter(Protocol):
+    """A streaming transformation of the response body (compression)."""
+
+    def feed(self, chunk: bytes) -> bytes: ...
+
+    def finish(self) -> bytes: ...
+
+
+class Response:
+    """A response head (and, when buffered or local, its body) as middleware sees it."""
+
+    __slots__ = ("body", "drop_body", "filters", "headers", "reason", "status")
+
+    def __init__(
+        self, status: int, headers: list[tuple[bytes, bytes]], body: bytes | None = None,
+        reason: bytes = b"",
+    ) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers  # (name as sent, value); hop-by-hop fields already removed
+        self.body = body  # None while streaming
+        self.filters: list[BodyFilter] = []
+        self.drop_body = False  # turned into a bodiless answer (304) while streaming
+
+    def get(self, lname: bytes) -> bytes | None:
+        for name, value in self.headers:
+            if name.lower() == lname:
+                return value
+        return None
+
+    def has(self, lname: bytes) -> bool:
+        return any(name.lower() == lname for name, _ in self.headers)
+
+    def set(self, name: bytes, value: bytes) -> None:
+        self.remove(name.lower())
+        self.headers.append((name, value))
+
+    def add(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def remove(self, lname: bytes) -> None:
+        self.headers = [(n, v) for n, v in self.headers if n.lower() != lname]
+
+    def add_vary(self, token: bytes) -> None:
+        current = self.get(b"vary")
+        if current is None:
+            self.headers.append((b"Vary", token))
+        elif token.lower() not in {t.strip().lower() for t in current.split(b",")}:
+            self.set(b"Vary", current + b", " + token)
+
+
+class Context:
+    """Per-request state shared by the chain; created only for routes that have a chain."""
+
+    __slots__ = (
+        "client_ip",
+        "headers",
+        "host",
+        "make_request_id",
+        "max_body_size",
+        "method",
+        "path",
+        "query",
+        "remove_request",
+        "request_id",
+        "route",
+        "set_request",
+        "state",
+    )
+
+    def __init__(
+        self, method: bytes, path: bytes, query: bytes, host: bytes | None,
+        headers: list[tuple[bytes, bytes, bytes]], client_ip: bytes, route: str,
+        request_id: Callable[[], str],
+    ) -> None:
+        self.method = method
+        self.path = path
+        self.query = query
+        self.host = host
+        self.headers = headers  # (lowercase name, name, value)
+        self.client_ip = client_ip
+        self.route = route
+        self.request_id: str | None = None
+        self.make_request_id = request_id
+        self.set_request: list[tuple[bytes, bytes]] = []  # added to the upstream request
+        self.remove_request: set[bytes] = set()  # lowercase names not forwarded
+        self.state: dict[str, Any] = {}
+        self.max_body_size: int | None = None
+
+    def header(self, lname: bytes) -> bytes | None:
+        for key, _, value in self.headers:
+            if key == lname:
+                return value
+        return None
+
+    def id(self) -> str:
+        if self.request_id is None:
+            self.request_id = self.make_request_id()
+        return self.request_id
+
+
+class Middleware:
+    type: ClassVar[str]
+    options_model: ClassVar[type[Options]]
+    # Whether the response hook wants the whole body before the head is sent (etag).
+    buffers_body: ClassVar[bool] = False
+
+    def __init__(self, options: Options) -> None:
+        self.options = options
+
+    def on_request(self, ctx: Context) -> Response | None:
+        """Return a Response to answer without the endpoint (and without later middleware)."""
+        return None
+
+    def on_response(self, ctx: Context, resp: Response) -> None:
+        """Adjust the response head; ``resp.body`` is bytes when buffered or local."""
+
+    def wants_body(self, ctx: Context, resp: Response) -> bool:
+        """Asked on the upstream's head: should the body be buffered for on_response?"""
+        return False
+
+    @classmethod
+    def hooks(cls) -> tuple[bool, bool]:
+        """(has on_request, has on_response): a chain only calls what a type overrides."""
+        return (cls.on_request is not Middleware.on_request,
+                cls.on_response is not Middleware.on_response)
+
+
+def json_response(status: int, message: str, request_id: str,
+                  headers: list[tuple[bytes, bytes]] | None = None) -> Response:
+    import json
+
+    body = json.dumps({"error": message, "request_id": request_id}).encode()
+    return Response(status, [(b"Content-Type", b"application/json"), *(headers or [])], body)

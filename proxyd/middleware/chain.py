@@ -1,0 +1,42 @@
+"""A route's compiled middleware chain and the onion order it runs in."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from proxyd.middleware.base import Context, Middleware, Response
+
+
+class Chain:
+    def __init__(self, middleware: Sequence[Middleware]) -> None:
+        self.middleware = list(middleware)
+        self.size = len(self.middleware)
+        self._request = [(i, m) for i, m in enumerate(self.middleware) if m.hooks()[0]]
+        self._response = [(i, m) for i, m in enumerate(self.middleware) if m.hooks()[1]]
+        self._response.reverse()  # innermost first on the way out
+        self._buffering = [(i, m) for i, m in enumerate(self.middleware) if m.buffers_body]
+
+    def __bool__(self) -> bool:
+        return self.size > 0
+
+    @property
+    def names(self) -> list[str]:
+        return [m.type for m in self.middleware]
+
+    def request(self, ctx: Context) -> tuple[Response | None, int]:
+        """Run request hooks in order; (answer, index of the middleware that answered)."""
+        for i, mw in self._request:
+            answer = mw.on_request(ctx)
+            if answer is not None:
+                return answer, i
+        return None, self.size
+
+    def wants_body(self, ctx: Context, resp: Response) -> bool:
+        return any(mw.wants_body(ctx, resp) for _, mw in self._buffering)
+
+    def response(self, ctx: Context, resp: Response, upto: int | None = None) -> None:
+        """Response hooks, innermost first, of the middleware standing before ``upto``."""
+        limit = self.size if upto is None else upto
+        for i, mw in self._response:
+            if i < limit:
+                mw.on_response(ctx, resp)

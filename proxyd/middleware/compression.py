@@ -1,0 +1,163 @@
+"""gzip, brotli (and zstd when the zstandard package is installed), negotiated per request.
+
+Compression streams: each upstream chunk goes through a compressor object and out at once, so
+a large body is never held whole. Buffered bodies (etag, local answers) are compressed in one
+call. Bodies below ``min_size``, of types that do not compress, already encoded, or marked
+``no-transform`` pass untouched.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from proxyd.config.types import ByteSize
+from proxyd.middleware.base import Context, Middleware, Options, Response
+
+try:  # optional: only offered when installed
+    import zstandard
+except ImportError:  # pragma: no cover - depends on the environment
+    zstandard = None
+
+import brotli
+
+DEFAULT_TYPES = [
+    "text/", "application/json", "application/javascript", "application/xml",
+    "application/xhtml+xml", "application/rss+xml", "application/atom+xml",
+    "application/problem+json", "application/ld+json", "image/svg+xml",
+    "application/wasm", "application/x-ndjson",
+]
+
+
+class CompressionOptions(Options):
+    type: Literal["compression"] = "compression"
+    min_size: ByteSize = "1KiB"
+    algorithms: list[Literal["br", "gzip", "zstd"]] = Field(
+        default_factory=lambda: ["br", "gzip"], description="Server preference order."
+    )
+    types: list[str] = Field(default_factory=lambda: list(DEFAULT_TYPES),
+                             description="Content-Type prefixes that are compressed.")
+    gzip_level: int = Field(6, ge=1, le=9)
+    brotli_quality: int = Field(4, ge=0, le=11)
+    zstd_level: int = Field(3, ge=1, le=19)
+
+    @field_validator("algorithms")
+    @classmethod
+    def _available(cls, v: list[str]) -> list[str]:
+        if "zstd" in v and zstandard is None:
+            raise ValueError("zstd needs the 'zstandard' package, which is not installed")
+        if not v:
+            raise ValueError("at least one algorithm is required")
+        return v
+
+
+class _Gzip:
+    def __init__(self, level: int) -> None:
+        self._c = zlib.compressobj(level, zlib.DEFLATED, 31)
+
+    def feed(self, chunk: bytes) -> bytes:
+        return self._c.compress(chunk)
+
+    def finish(self) -> bytes:
+        return self._c.flush()
+
+
+class _Brotli:
+    def __init__(self, quality: int) -> None:
+        self._c = brotli.Compressor(quality=quality)
+
+    def feed(self, chunk: bytes) -> bytes:
+        return self._c.process(chunk)  # type: ignore[no-any-return]
+
+    def finish(self) -> bytes:
+        return self._c.finish()  # type: ignore[no-any-return]
+
+
+class _Zstd:
+    def __init__(self, level: int) -> None:
+        self._c: Any = zstandard.ZstdCompressor(level=level).compressobj()
+
+    def feed(self, chunk: bytes) -> bytes:
+        return self._c.compress(chunk)  # type: ignore[no-any-return]
+
+    def finish(self) -> bytes:
+        return self._c.flush()  # type: ignore[no-any-return]
+
+
+def parse_accept_encoding(value: bytes) -> dict[bytes, float]:
+    prefs: dict[bytes, float] = {}
+    for item in value.lower().split(b","):
+        coding, _, params = item.strip().partition(b";")
+        q = 1.0
+        params = params.strip()
+        if params.startswith(b"q="):
+            try:
+                q = float(params[2:])
+            except ValueError:
+                q = 0.0
+        if coding:
+            prefs[coding.strip()] = q
+    return prefs
+
+
+class Compression(Middleware):
+    type = "compression"
+    options_model = CompressionOptions
+
+    def __init__(self, options: CompressionOptions) -> None:  # type: ignore[override]
+        super().__init__(options)
+        self.min_size = options.min_size
+        self.order = [a.encode() for a in options.algorithms]
+        self.types = tuple(t.lower().encode() for t in options.types)
+        self.o = options
+
+    def choose(self, accept: bytes) -> bytes | None:
+        prefs = parse_accept_encoding(accept)
+        star = prefs.get(b"*", 0.0)
+        best, best_q = None, 0.0
+        for coding in self.order:  # ties go to the server's preference
+            q = prefs.get(coding, star)
+            if q > best_q:
+                best, best_q = coding, q
+        return best
+
+    def _make(self, coding: bytes) -> _Gzip | _Brotli | _Zstd:
+        if coding == b"br":
+            return _Brotli(self.o.brotli_quality)
+        if coding == b"zstd":
+            return _Zstd(self.o.zstd_level)
+        return _Gzip(self.o.gzip_level)
+
+    def on_response(self, ctx: Context, resp: Response) -> None:
+        if resp.status < 200 or resp.status in (204, 206, 304) or resp.drop_body:
+            return
+        ctype = resp.get(b"content-type")
+        if ctype is None or not ctype.lower().lstrip().startswith(self.types):
+            return
+        resp.add_vary(b"Accept-Encoding")
+        if resp.has(b"content-encoding"):
+            return
+        cache_control = resp.get(b"cache-control")
+        if cache_control is not None and b"no-transform" in cache_control.lower():
+            return
+        length = resp.get(b"content-length")
+        size = len(resp.body) if resp.body is not None else int(length) if length else None
+        if size is not None and size < self.min_size:
+            return
+        accept = ctx.header(b"accept-encoding")
+        coding = self.choose(accept) if accept else None
+        if coding is None:
+            return
+        compressor = self._make(coding)
+        resp.remove(b"content-length")
+        resp.add(b"Content-Encoding", coding)
+        etag = resp.get(b"etag")
+        if etag is not None and not etag.startswith(b"W/"):
+            resp.set(b"ETag", b"W/" + etag)  # a transformed representation: weak validator
+        if resp.body is not None:
+            resp.body = compressor.feed(resp.body) + compressor.finish()
+            resp.add(b"Content-Length", str(len(resp.body)).encode())
+        elif ctx.method != b"HEAD":
+            resp.filters.append(compressor)

@@ -1,0 +1,68 @@
+"""Strong ETags for bodies that lack one, and If-None-Match answered with 304.
+
+Only bodies whose Content-Length is known and at most ``max_size`` are buffered to hash;
+anything larger streams untouched. A 304 carries the validators but never a body.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Literal
+
+from proxyd.config.types import ByteSize
+from proxyd.middleware.base import Context, Middleware, Options, Response
+
+# Fields a 304 keeps (RFC 9110 §15.4.5); the rest describe a body that is not sent.
+_KEEP_ON_304 = frozenset({
+    b"etag", b"cache-control", b"content-location", b"date", b"expires", b"vary",
+    b"last-modified",
+})
+
+
+class EtagOptions(Options):
+    type: Literal["etag"] = "etag"
+    max_size: ByteSize = "1MiB"
+
+
+def etag_matches(if_none_match: bytes, etag: bytes) -> bool:
+    """Weak comparison (RFC 9110 §13.1.2): W/ prefixes ignored, ``*`` matches anything."""
+    value = if_none_match.strip()
+    if value == b"*":
+        return True
+    bare = etag.removeprefix(b"W/")
+    return any(tag.strip().removeprefix(b"W/") == bare for tag in value.split(b","))
+
+
+class Etag(Middleware):
+    type = "etag"
+    options_model = EtagOptions
+    buffers_body = True
+
+    def __init__(self, options: EtagOptions) -> None:  # type: ignore[override]
+        super().__init__(options)
+        self.max_size = options.max_size
+
+    def wants_body(self, ctx: Context, resp: Response) -> bool:
+        if resp.status != 200 or ctx.method not in (b"GET", b"HEAD") or resp.has(b"etag"):
+            return False
+        if resp.has(b"content-encoding") and ctx.method == b"HEAD":
+            return False
+        length = resp.get(b"content-length")
+        return length is not None and int(length) <= self.max_size and ctx.method == b"GET"
+
+    def on_response(self, ctx: Context, resp: Response) -> None:
+        if resp.status != 200 or ctx.method not in (b"GET", b"HEAD"):
+            return
+        etag = resp.get(b"etag")
+        if etag is None and resp.body is not None and len(resp.body) <= self.max_size:
+            etag = b'"' + hashlib.blake2b(resp.body, digest_size=16).hexdigest().encode() + b'"'
+            resp.add(b"ETag", etag)
+        if etag is None:
+            return
+        inm = ctx.header(b"if-none-match")
+        if inm is not None and etag_matches(inm, etag):
+            resp.status = 304
+            resp.reason = b"Not Modified"
+            resp.headers = [(n, v) for n, v in resp.headers if n.lower() in _KEEP_ON_304]
+            resp.body = b"" if resp.body is not None else None
+            resp.drop_body = True

@@ -1,0 +1,113 @@
+"""Set, add and remove request and response headers, with {placeholders}.
+
+Templates are split once at config load into literal bytes and placeholder names, so a header
+without placeholders costs nothing per request beyond appending it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from proxyd.middleware.base import Context, Middleware, Options, Response
+
+_PLACEHOLDER = re.compile(r"\{(\w+)\}")
+PLACEHOLDERS: dict[str, Callable[[Context], bytes]] = {
+    "client_ip": lambda c: c.client_ip,
+    "request_id": lambda c: c.id().encode(),
+    "route": lambda c: c.route.encode(),
+    "method": lambda c: c.method,
+    "path": lambda c: c.path,
+    "host": lambda c: c.host or b"",
+}
+
+
+class HeaderOps(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    set: dict[str, str] = Field(default_factory=dict)
+    add: dict[str, str] = Field(default_factory=dict)
+    remove: list[str] = Field(default_factory=list)
+
+    @field_validator("set", "add")
+    @classmethod
+    def _known_placeholders(cls, v: dict[str, str]) -> dict[str, str]:
+        for template in v.values():
+            for name in _PLACEHOLDER.findall(template):
+                if name not in PLACEHOLDERS:
+                    raise ValueError(f"unknown placeholder {{{name}}}; known: "
+                                     + ", ".join(sorted(PLACEHOLDERS)))
+        return v
+
+
+class HeadersOptions(Options):
+    type: Literal["headers"] = "headers"
+    request: HeaderOps = Field(default_factory=HeaderOps)
+    response: HeaderOps = Field(default_factory=HeaderOps)
+
+
+Template = bytes | list[bytes | Callable[[Context], bytes]]
+
+
+def compile_template(template: str) -> Template:
+    parts: list[bytes | Callable[[Context], bytes]] = []
+    pos = 0
+    for m in _PLACEHOLDER.finditer(template):
+        if m.start() > pos:
+            parts.append(template[pos:m.start()].encode())
+        parts.append(PLACEHOLDERS[m.group(1)])
+        pos = m.end()
+    if pos < len(template):
+        parts.append(template[pos:].encode())
+    if all(isinstance(p, bytes) for p in parts):
+        return b"".join(p for p in parts if isinstance(p, bytes))
+    return parts
+
+
+def render(template: Template, ctx: Context) -> bytes:
+    if isinstance(template, bytes):
+        return template
+    return b"".join(p if isinstance(p, bytes) else p(ctx) for p in template)
+
+
+class CompiledOps:
+    def __init__(self, ops: HeaderOps) -> None:
+        self.set = [
+            (k.encode(), k.lower().encode(), compile_template(v)) for k, v in ops.set.items()
+        ]
+        self.add = [(k.encode(), compile_template(v)) for k, v in ops.add.items()]
+        self.remove = {k.lower().encode() for k in ops.remove} | {lk for _, lk, _ in self.set}
+        self.empty = not (self.set or self.add or self.remove)
+
+
+class Headers(Middleware):
+    type = "headers"
+    options_model = HeadersOptions
+
+    def __init__(self, options: HeadersOptions) -> None:  # type: ignore[override]
+        super().__init__(options)
+        self.request = CompiledOps(options.request)
+        self.response = CompiledOps(options.response)
+
+    def on_request(self, ctx: Context) -> Response | None:
+        ops = self.request
+        if not ops.empty:
+            ctx.remove_request |= ops.remove
+            for name, _, template in ops.set:
+                ctx.set_request.append((name, render(template, ctx)))
+            for name, template in ops.add:
+                ctx.set_request.append((name, render(template, ctx)))
+        return None
+
+    def on_response(self, ctx: Context, resp: Response) -> None:
+        ops = self.response
+        if ops.empty:
+            return
+        if ops.remove:
+            resp.headers = [(n, v) for n, v in resp.headers if n.lower() not in ops.remove]
+        for name, _, template in ops.set:
+            resp.headers.append((name, render(template, ctx)))
+        for name, template in ops.add:
+            resp.headers.append((name, render(template, ctx)))

@@ -1,0 +1,56 @@
+"""Security response headers with defaults; each can be changed or disabled (null or "")."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from proxyd.middleware.base import Context, Middleware, Options, Response
+
+
+class SecurityHeadersOptions(Options):
+    type: Literal["security_headers"] = "security_headers"
+    strict_transport_security: str | None = "max-age=31536000; includeSubDomains"
+    x_content_type_options: str | None = "nosniff"
+    x_frame_options: str | None = "DENY"
+    referrer_policy: str | None = "strict-origin-when-cross-origin"
+    content_security_policy: str | None = None
+    permissions_policy: str | None = None
+    override: list[str] = Field(
+        default_factory=list,
+        description="Header names whose upstream value is replaced; others are kept.",
+    )
+
+
+_NAMES = {
+    "strict_transport_security": b"Strict-Transport-Security",
+    "x_content_type_options": b"X-Content-Type-Options",
+    "x_frame_options": b"X-Frame-Options",
+    "referrer_policy": b"Referrer-Policy",
+    "content_security_policy": b"Content-Security-Policy",
+    "permissions_policy": b"Permissions-Policy",
+}
+
+
+class SecurityHeaders(Middleware):
+    type = "security_headers"
+    options_model = SecurityHeadersOptions
+
+    def __init__(self, options: SecurityHeadersOptions) -> None:  # type: ignore[override]
+        super().__init__(options)
+        override = {h.lower() for h in options.override}
+        self.fields: list[tuple[bytes, bytes, bytes, bool]] = []  # lname, name, value, override
+        for attr, name in _NAMES.items():
+            value = getattr(options, attr)
+            if value:
+                lname = name.lower()
+                self.fields.append((lname, name, value.encode(), lname.decode() in override))
+
+    def on_response(self, ctx: Context, resp: Response) -> None:
+        present = {name.lower() for name, _ in resp.headers}
+        for lname, name, value, override in self.fields:
+            if lname not in present:
+                resp.headers.append((name, value))
+            elif override:
+                resp.set(name, value)

@@ -1,0 +1,57 @@
+"""Request ids and W3C trace context: accept or create, forward upstream, echo to the client."""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Literal
+
+from proxyd.middleware.base import Context, Middleware, Options, Response
+
+_TRACEPARENT = re.compile(rb"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+_SAFE_ID = re.compile(rb"^[\x21-\x7e]{1,200}$")  # visible ASCII: safe to echo and to log
+
+
+class TraceIdOptions(Options):
+    type: Literal["trace_id"] = "trace_id"
+    header: str = "X-Request-ID"
+    trust_incoming: bool = True
+    echo: bool = True
+    traceparent: bool = True
+
+
+class TraceId(Middleware):
+    type = "trace_id"
+    options_model = TraceIdOptions
+
+    def __init__(self, options: TraceIdOptions) -> None:  # type: ignore[override]
+        super().__init__(options)
+        self.name = options.header.encode()
+        self.lname = self.name.lower()
+        self.trust = options.trust_incoming
+        self.echo = options.echo
+        self.traceparent = options.traceparent
+
+    def on_request(self, ctx: Context) -> Response | None:
+        incoming = ctx.header(self.lname) if self.trust else None
+        if incoming is not None and _SAFE_ID.match(incoming):
+            ctx.request_id = incoming.decode()
+        rid = ctx.id()
+        ctx.remove_request.add(self.lname)
+        ctx.set_request.append((self.name, rid.encode()))
+        if self.traceparent:
+            parent = ctx.header(b"traceparent")
+            m = _TRACEPARENT.match(parent.strip().lower()) if parent else None
+            if m and m.group(1) != b"ff" and m.group(2) != b"0" * 32:
+                # proxyd is a hop in the trace: same trace id, a new span (parent) id.
+                span = os.urandom(8).hex().encode()
+                ctx.remove_request.add(b"traceparent")
+                ctx.set_request.append(
+                    (b"traceparent", b"-".join((b"00", m.group(2), span, m.group(4))))
+                )
+                ctx.state["trace_id"] = m.group(2).decode()
+        return None
+
+    def on_response(self, ctx: Context, resp: Response) -> None:
+        if self.echo and not resp.has(self.lname):
+            resp.add(self.name, ctx.id().encode())
