@@ -198,9 +198,12 @@ class Redis(Model):
 
 
 class AccessLog(Model):
-    format: Literal["json", "combined"] = "json"
-    path: str = "-"
+    format: Literal["json", "combined"] = Field("json", description="json lines or combined.")
+    path: str = Field("-", description='"-" = stdout; else a file, reopened on SIGUSR1.')
     enabled: bool = True
+    sample_2xx: float = Field(
+        1.0, ge=0.0, le=1.0, description="Fraction of 2xx responses logged; errors always are."
+    )
 
 
 class Metrics(Model):

@@ -1,0 +1,119 @@
+"""The access log: one line per request, formatted on the hot path, written in batches.
+
+Lines are built with C-level string escaping (no dict, no json.dumps per request) into a list
+that is flushed with one os.write about ten times a second, when it passes 64 KiB, on reopen
+(SIGUSR1, for logrotate) and at exit — so no line is lost on a graceful stop or reload. A write
+to a full pipe blocks the worker briefly; a file (the production case) does not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from json.encoder import encode_basestring_ascii as esc  # type: ignore[attr-defined]
+
+from proxyd.config.models import AccessLog as AccessLogConfig
+
+FLUSH_INTERVAL = 0.1
+FLUSH_BYTES = 64 * 1024
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def _clf_time(ts: float) -> str:
+    t = time.gmtime(ts)
+    return f"{t.tm_mday:02d}/{_MONTHS[t.tm_mon - 1]}/{t.tm_year}:{t.tm_hour:02d}:" \
+           f"{t.tm_min:02d}:{t.tm_sec:02d} +0000"
+
+
+class AccessLog:
+    def __init__(self, config: AccessLogConfig, loop: asyncio.AbstractEventLoop) -> None:
+        self.path = config.path
+        self.format = config.format
+        self.sample_2xx = config.sample_2xx
+        self.pid = os.getpid()
+        self._loop = loop
+        self._lines: list[str] = []
+        self._size = 0
+        self._fd = -1
+        self._handle: asyncio.TimerHandle | None = None
+        self.written = 0  # lines, for tests and status
+        self.open()
+
+    def open(self) -> None:
+        if self.path == "-":
+            self._fd = 1
+        else:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                               0o640)
+
+    def reopen(self) -> None:
+        """SIGUSR1: logrotate moved the file; flush to the old one, continue in a new one."""
+        self.flush()
+        if self._fd > 2:
+            os.close(self._fd)
+        self.open()
+
+    def record(
+        self, *, request_id: str, client_ip: bytes, method: bytes, host: bytes | None,
+        target: bytes, status: int, bytes_in: int, bytes_out: int, duration: float,
+        upstream: str, upstream_time: float | None, cache: str, route: str,
+    ) -> None:
+        if self.sample_2xx < 1.0 and 200 <= status < 300 and random.random() >= self.sample_2xx:
+            return
+        now = time.time()
+        path, _, query = target.partition(b"?")
+        if self.format == "json":
+            up_ms = "null" if upstream_time is None else f"{upstream_time * 1000:.3f}"
+            line = (
+                f'{{"ts":{now:.3f},"request_id":{esc(request_id)},'
+                f'"client_ip":"{client_ip.decode("latin-1")}",'
+                f'"method":{esc(method.decode("latin-1"))},'
+                f'"host":{esc((host or b"").decode("latin-1"))},'
+                f'"path":{esc(path.decode("latin-1"))},'
+                f'"query":{esc(query.decode("latin-1"))},"status":{status},'
+                f'"bytes_in":{bytes_in},"bytes_out":{bytes_out},'
+                f'"duration_ms":{duration * 1000:.3f},"upstream":{esc(upstream)},'
+                f'"upstream_ms":{up_ms},'
+                f'"cache":{esc(cache)},"route":{esc(route)},"pid":{self.pid}}}\n'
+            )
+        else:  # combined, without referer/agent lookups on the hot path: "-"
+            line = (
+                f'{client_ip.decode("latin-1")} - - [{_clf_time(now)}] '
+                f'{esc(method.decode("latin-1") + " " + target.decode("latin-1"))} '
+                f'{status} {bytes_out} "-" "-" {request_id}\n'
+            )
+        self._lines.append(line)
+        self._size += len(line)
+        if self._size >= FLUSH_BYTES:
+            self.flush()
+        elif self._handle is None:
+            self._handle = self._loop.call_later(FLUSH_INTERVAL, self.flush)
+
+    def flush(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        if not self._lines:
+            return
+        data = "".join(self._lines).encode("utf-8", "replace")
+        count = len(self._lines)
+        self._lines.clear()
+        self._size = 0
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(self._fd, view)
+            except BlockingIOError:
+                continue  # stdout set non-blocking by someone else: retry
+            except OSError:
+                return  # a closed stdout must not take the worker down
+            view = view[n:]
+        self.written += count
+
+    def close(self) -> None:
+        self.flush()
+        if self._fd > 2:
+            os.close(self._fd)
+        self._fd = -1
