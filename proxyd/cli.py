@@ -188,3 +188,31 @@ def reload(config_path: str, admin_url: str | None, token: str, wait: bool,
     click.echo(f"reload rejected, old configuration still serving:\n{result.get('error')}",
                err=True)
     sys.exit(EXIT_CONFIG)
+
+
+@main.command()
+@config_option
+@click.argument("method")
+@click.argument("url")
+@click.option("-H", "--header", "headers", multiple=True, help="'Name: value', repeatable.")
+@click.option("--json", "as_json", is_flag=True)
+def explain(config_path: str, method: str, url: str, headers: tuple[str, ...],
+            as_json: bool) -> None:
+    """Show the route, chain and upstream a request would get (nothing is sent)."""
+    from proxyd.explain import explain as run_explain
+    from proxyd.explain import format_explain
+
+    try:
+        config, _ = load_config_with_warnings(config_path)
+    except ConfigError as exc:
+        _print_errors(exc)
+        sys.exit(EXIT_CONFIG)
+    pairs = []
+    for header in headers:
+        name, sep, value = header.partition(":")
+        if not sep:
+            raise click.BadParameter(f"expected 'Name: value', got {header!r}", param_hint="-H")
+        pairs.append((name.strip(), value.strip()))
+    ok, result = run_explain(config, method, url, pairs)
+    click.echo(json.dumps(result, indent=2) if as_json else format_explain(ok, result))
+    sys.exit(EXIT_OK if ok else EXIT_CONFIG)

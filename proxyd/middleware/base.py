@@ -9,6 +9,7 @@ protocol callbacks of the data plane.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any, ClassVar, Protocol
 
@@ -27,6 +28,15 @@ class BodyFilter(Protocol):
     def feed(self, chunk: bytes) -> bytes: ...
 
     def finish(self) -> bytes: ...
+
+
+class Pending:
+    """Returned by a request hook that must wait for I/O; ``future`` yields Response | None."""
+
+    __slots__ = ("future",)
+
+    def __init__(self, future: asyncio.Future[Response | None]) -> None:
+        self.future = future
 
 
 class Response:
@@ -131,8 +141,11 @@ class Middleware:
     def __init__(self, options: Options) -> None:
         self.options = options
 
-    def on_request(self, ctx: Context) -> Response | None:
-        """Return a Response to answer without the endpoint (and without later middleware)."""
+    def on_request(self, ctx: Context) -> Response | Pending | None:
+        """Return a Response to answer without the endpoint (and without later middleware).
+
+        A hook that needs I/O returns Pending; the request waits for it, nothing else does.
+        """
         return None
 
     def on_response(self, ctx: Context, resp: Response) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from proxyd.middleware.base import Context, Middleware, Response
+from proxyd.middleware.base import Context, Middleware, Pending, Response
 
 
 class Chain:
@@ -23,13 +23,27 @@ class Chain:
     def names(self) -> list[str]:
         return [m.type for m in self.middleware]
 
-    def request(self, ctx: Context) -> tuple[Response | None, int]:
-        """Run request hooks in order; (answer, index of the middleware that answered)."""
+    def request(self, ctx: Context, start: int = 0) -> tuple[Response | Pending | None, int]:
+        """Run request hooks in order from index ``start``.
+
+        Returns (answer, index of the middleware that answered), (None, size) when the request
+        goes on to the endpoint, or (Pending, index) when a hook needs I/O (Redis): the caller
+        waits for the future and calls ``resume``.
+        """
         for i, mw in self._request:
+            if i < start:
+                continue
             answer = mw.on_request(ctx)
             if answer is not None:
                 return answer, i
         return None, self.size
+
+    def resume(self, ctx: Context, index: int, result: Response | None
+               ) -> tuple[Response | Pending | None, int]:
+        """Continue after a Pending hook at ``index`` settled with ``result``."""
+        if result is not None:
+            return result, index
+        return self.request(ctx, index + 1)
 
     def wants_body(self, ctx: Context, resp: Response) -> bool:
         return any(mw.wants_body(ctx, resp) for _, mw in self._buffering)
