@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict
 
 
 class Options(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # validate_default: defaults such as max_age "600s" or min_size "1KiB" must be parsed too.
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
     type: str
     enabled: bool = True
 

@@ -1,9 +1,10 @@
 """gzip, brotli (and zstd when the zstandard package is installed), negotiated per request.
 
-Compression streams: each upstream chunk goes through a compressor object and out at once, so
-a large body is never held whole. Buffered bodies (etag, local answers) are compressed in one
-call. Bodies below ``min_size``, of types that do not compress, already encoded, or marked
-``no-transform`` pass untouched.
+Compression streams: each upstream chunk goes through a compressor object and is flushed out
+at once (a sync flush: the stream stays one stream), so a large body is never held whole and
+server-sent events or NDJSON reach the client as they are written. Buffered bodies (etag,
+local answers) are compressed in one call. Bodies below ``min_size``, of types that do not
+compress, already encoded, or marked ``no-transform`` pass untouched.
 """
 
 from __future__ import annotations
@@ -58,10 +59,15 @@ class _Gzip:
         self._c = zlib.compressobj(level, zlib.DEFLATED, 31)
 
     def feed(self, chunk: bytes) -> bytes:
-        return self._c.compress(chunk)
+        if not chunk:
+            return b""
+        return self._c.compress(chunk) + self._c.flush(zlib.Z_SYNC_FLUSH)
 
     def finish(self) -> bytes:
         return self._c.flush()
+
+    def whole(self, body: bytes) -> bytes:
+        return self._c.compress(body) + self._c.flush()
 
 
 class _Brotli:
@@ -69,10 +75,15 @@ class _Brotli:
         self._c = brotli.Compressor(quality=quality)
 
     def feed(self, chunk: bytes) -> bytes:
-        return self._c.process(chunk)  # type: ignore[no-any-return]
+        if not chunk:
+            return b""
+        return self._c.process(chunk) + self._c.flush()  # type: ignore[no-any-return]
 
     def finish(self) -> bytes:
         return self._c.finish()  # type: ignore[no-any-return]
+
+    def whole(self, body: bytes) -> bytes:
+        return self._c.process(body) + self._c.finish()  # type: ignore[no-any-return]
 
 
 class _Zstd:
@@ -80,10 +91,16 @@ class _Zstd:
         self._c: Any = zstandard.ZstdCompressor(level=level).compressobj()
 
     def feed(self, chunk: bytes) -> bytes:
-        return self._c.compress(chunk)  # type: ignore[no-any-return]
+        if not chunk:
+            return b""
+        return (self._c.compress(chunk)  # type: ignore[no-any-return]
+                + self._c.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK))
 
     def finish(self) -> bytes:
         return self._c.flush()  # type: ignore[no-any-return]
+
+    def whole(self, body: bytes) -> bytes:
+        return self._c.compress(body) + self._c.flush()  # type: ignore[no-any-return]
 
 
 def parse_accept_encoding(value: bytes) -> dict[bytes, float]:
@@ -157,7 +174,7 @@ class Compression(Middleware):
         if etag is not None and not etag.startswith(b"W/"):
             resp.set(b"ETag", b"W/" + etag)  # a transformed representation: weak validator
         if resp.body is not None:
-            resp.body = compressor.feed(resp.body) + compressor.finish()
+            resp.body = compressor.whole(resp.body)
             resp.add(b"Content-Length", str(len(resp.body)).encode())
         elif ctx.method != b"HEAD":
             resp.filters.append(compressor)

@@ -9,7 +9,8 @@ from typing import Literal
 from proxyd.middleware.base import Context, Middleware, Options, Response
 
 _TRACEPARENT = re.compile(rb"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
-_SAFE_ID = re.compile(rb"^[\x21-\x7e]{1,200}$")  # visible ASCII: safe to echo and to log
+# Visible ASCII only: safe to echo and to log. Used with fullmatch ("$" would let a "\n" in).
+_SAFE_ID = re.compile(rb"[\x21-\x7e]{1,200}")
 
 
 class TraceIdOptions(Options):
@@ -34,7 +35,7 @@ class TraceId(Middleware):
 
     def on_request(self, ctx: Context) -> Response | None:
         incoming = ctx.header(self.lname) if self.trust else None
-        if incoming is not None and _SAFE_ID.match(incoming):
+        if incoming is not None and _SAFE_ID.fullmatch(incoming):
             ctx.request_id = incoming.decode()
         rid = ctx.id()
         ctx.remove_request.add(self.lname)
@@ -42,7 +43,8 @@ class TraceId(Middleware):
         if self.traceparent:
             parent = ctx.header(b"traceparent")
             m = _TRACEPARENT.match(parent.strip().lower()) if parent else None
-            if m and m.group(1) != b"ff" and m.group(2) != b"0" * 32:
+            if (m and m.group(1) != b"ff" and m.group(2) != b"0" * 32
+                    and m.group(3) != b"0" * 16):
                 # proxyd is a hop in the trace: same trace id, a new span (parent) id.
                 span = os.urandom(8).hex().encode()
                 ctx.remove_request.add(b"traceparent")

@@ -13,7 +13,10 @@ from typing import Literal
 from proxyd.config.types import ByteSize
 from proxyd.middleware.base import Context, Middleware, Options, Response, json_response
 
-_ENCODED_DOT_SEGMENT = re.compile(rb"(?:^|/)(?:%2e|\.){1,2}(?:/|$)", re.IGNORECASE)
+# A "." or ".." segment once decoded: dots plain or %2e, separators plain or %2f / %5c (so
+# "..%2f" and "%2e%2e%2f" count). Only searched when the path holds a "%".
+_ENCODED_DOT_SEGMENT = re.compile(rb"(?:^|/|%2f|%5c)(?:%2e|\.){1,2}(?:/|%2f|%5c|$)",
+                                  re.IGNORECASE)
 _ENCODED_NUL = re.compile(rb"%00")
 _ENCODED_SLASH = re.compile(rb"%2f|%5c", re.IGNORECASE)
 
@@ -49,7 +52,9 @@ class Validation(Middleware):
     def on_request(self, ctx: Context) -> Response | None:
         if self.methods is not None and ctx.method not in self.methods:
             return json_response(405, "method not allowed", ctx.id(), [(b"Allow", self.allow)])
-        if self.max_uri is not None and len(ctx.path) + len(ctx.query) + 1 > self.max_uri:
+        if self.max_uri is not None and (
+            len(ctx.path) + (len(ctx.query) + 1 if ctx.query else 0) > self.max_uri  # "?" + query
+        ):
             return json_response(414, "request URI too long", ctx.id())
         if self.max_headers is not None and len(ctx.headers) > self.max_headers:
             return json_response(431, "too many request header fields", ctx.id())
