@@ -57,6 +57,7 @@ class Request:
         "exchange",
         "expect",
         "has_body",
+        "head_bytes",
         "header_bytes",
         "headers",
         "host",
@@ -77,6 +78,7 @@ class Request:
         self.method = b""
         self.headers: list[tuple[bytes, bytes, bytes]] = []  # (lowercase name, name, value)
         self.header_bytes = 0
+        self.head_bytes = 0  # bytes of reads that held only this unfinished header section
         self.host: bytes | None = None
         self.content_length: int | None = None
         self.chunked = False
@@ -89,7 +91,11 @@ class Request:
         self.close_requested = False
         self.expect: bytes | None = None
         self.conn_tokens: set[bytes] | None = None
-        self.xff = self.xfp = self.xfh = self.via = self.inbound_id = None
+        self.xff: bytes | None = None
+        self.xfp: bytes | None = None
+        self.xfh: bytes | None = None
+        self.via: bytes | None = None
+        self.inbound_id: bytes | None = None
         self.exchange: Exchange | None = None
         self.discard = False
         self._id: str | None = None
@@ -110,6 +116,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self.write_paused = False
         self.requests = 0
         self.close_after = False  # a later request was malformed: close once this one is out
+        self.parsing = False  # inside data_received: upstream writes wait for its final flush
         self._paused = 0
         self._out: list[bytes] = []
         self._advancing = False
@@ -197,6 +204,8 @@ class DownstreamProtocol(asyncio.Protocol):
 
     # -- parsing ----------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
+        before = self.req
+        self.parsing = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -215,6 +224,16 @@ class DownstreamProtocol(asyncio.Protocol):
                 raise
         except httptools.HttpParserError as exc:
             self._reject(400, f"malformed request: {exc}")
+        else:
+            req = self.req
+            if req is not None and not req.method and (req is before or before is None):
+                # All of this read is part of an unfinished header section. httptools buffers a
+                # field until its line ends, so on_header alone would let one endless line grow
+                # without bound; this caps the buffering at the limits plus one read.
+                req.head_bytes += len(data)
+                if req.head_bytes > self.p.max_head_bytes:
+                    self._reject(431, "request header section too large")
+        self.parsing = False
         self.flush()
         ex = self.active.exchange if self.active is not None else None
         if ex is not None and ex.conn is not None:
@@ -343,6 +362,10 @@ class DownstreamProtocol(asyncio.Protocol):
                 self.close()
             elif self.req is None:
                 self.deadline = self.p.deadlines.now + self.p.keepalive_timeout
+            else:
+                # The next request's head began while this one was in flight (pipelined) and
+                # is still unfinished: it gets the header timeout, or it could idle forever.
+                self.deadline = self.p.deadlines.now + self.p.header_timeout
 
     def must_close(self, req: Request) -> bool:
         return not req.keep_alive or req.close_requested or self.p.draining or self.close_after

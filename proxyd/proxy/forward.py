@@ -79,9 +79,9 @@ class Exchange:
         self.conn = conn
         conn.exchange = self
         self.parser = httptools.HttpResponseParser(self)
-        if self.ds.write_paused:
-            conn.pause_reading()
         conn.deadline = target.deadlines.now + target.read_timeout
+        if self.ds.write_paused:
+            conn.pause_reading()  # (which also holds the read timeout)
         host = self.host_line or b"Host: " + target.host_header + CRLF
         conn.send(self.head + host + CRLF)
         req = self.req
@@ -90,7 +90,11 @@ class Exchange:
         req.pending.clear()
         if req.body_done and req.chunked:
             conn.send(b"0\r\n\r\n")
-        conn.flush()
+        if not self.ds.parsing:
+            # Else the client's data_received flushes once it has parsed the whole read: the
+            # head and the body bytes that came with it leave in one write, and a framing
+            # error later in that read drops the head before any byte of it is sent.
+            conn.flush()
         self.ds.resume_reading_for_pending()
 
     def body(self, chunk: bytes) -> None:
@@ -99,6 +103,9 @@ class Exchange:
         conn = self.conn
         if conn is not None:
             conn.send(self._frame(chunk))
+            # The read timeout counts from the last byte either way: while the request is
+            # still being sent, the upstream owes no answer yet.
+            conn.deadline = conn.pool.deadlines.now + conn.pool.read_timeout
         else:
             pending = self.req.pending
             pending.append(chunk)
@@ -248,7 +255,7 @@ class Exchange:
             and conn.reused
             and req.method in IDEMPOTENT
             and not req.has_body
-            and self.tries < self.pool.retry_attempts + 1
+            and self.tries < self.pool.retry_attempts  # attempts = tries in total
         ):
             # A pooled connection the upstream closed as we reused it: nothing was answered,
             # nothing unrepeatable was sent, so one more try on a fresh connection is safe.

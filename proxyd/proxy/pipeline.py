@@ -28,6 +28,8 @@ class Pipeline:
         self.max_header_size = limits.max_header_size
         self.max_uri_size = limits.max_uri_size
         self.max_headers = limits.max_headers
+        # Request line + header section, raw: the URI and field limits plus the fixed parts.
+        self.max_head_bytes = limits.max_uri_size + limits.max_header_size + 64
         self.header_timeout = limits.header_timeout
         self.keepalive_timeout = server.keepalive_timeout
         self.trusted = TrustedProxies(server.trusted_proxies)

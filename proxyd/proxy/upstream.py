@@ -61,14 +61,18 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.close()
 
     def pause_reading(self) -> None:
+        """The client is not keeping up: stop reading, and stop the read timeout with it —
+        the upstream is not the one we are waiting for."""
         if not self.read_paused and self.transport is not None:
             self.read_paused = True
             self.transport.pause_reading()
+            self.deadline = 0.0
 
     def resume_reading(self) -> None:
         if self.read_paused and self.transport is not None:
             self.read_paused = False
             self.transport.resume_reading()
+            self.deadline = self.pool.deadlines.now + self.pool.read_timeout
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
