@@ -37,7 +37,11 @@ class TraceId(Middleware):
         incoming = ctx.header(self.lname) if self.trust else None
         if incoming is not None and _SAFE_ID.fullmatch(incoming):
             ctx.request_id = incoming.decode()
-        rid = ctx.id()
+        else:
+            # The server may have taken an inbound X-Request-ID already; this middleware's
+            # own rules (header name, trust_incoming) decide instead.
+            ctx.request_id = ctx.make_request_id()
+        rid = ctx.request_id
         ctx.remove_request.add(self.lname)
         ctx.set_request.append((self.name, rid.encode()))
         if self.traceparent:

@@ -9,97 +9,29 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from time import monotonic
 from typing import cast
 
 import httptools
 
+from proxyd.middleware.base import Context, Pending, Response, json_response
 from proxyd.proxy.forward import Exchange
 from proxyd.proxy.headers import (
     CRLF,
     REQUEST_DROP,
-    connection_tokens,
     error_response,
     forwarded_fields,
+    parse_fields,
+    render_response,
 )
-from proxyd.proxy.pipeline import Pipeline
-from proxyd.proxy.router import normalize_host, remove_dot_segments
+from proxyd.proxy.pipeline import Pipeline, req_id
+from proxyd.proxy.request import SPECIAL, Reject, Request, special_header
+from proxyd.proxy.router import DirectResponse, normalize_host, remove_dot_segments
 
 # Reasons to stop reading from the client; reading resumes when none is left.
 PAUSE_PIPELINE = 1  # a pipelined request waits for the one in flight
 PAUSE_UPSTREAM = 2  # the upstream socket's write buffer is full
 PAUSE_PENDING = 4  # body bytes piled up while the upstream connection is being opened
-
-_SPECIAL = frozenset({
-    b"host", b"content-length", b"transfer-encoding", b"connection", b"expect",
-    b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"via", b"x-request-id",
-})
-
-
-class Reject(Exception):
-    """Raised inside a parser callback: answer ``status`` and close."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-class Request:
-    __slots__ = (
-        "_id",
-        "body_done",
-        "body_size",
-        "chunked",
-        "close_requested",
-        "conn_tokens",
-        "content_length",
-        "discard",
-        "exchange",
-        "expect",
-        "has_body",
-        "head_bytes",
-        "header_bytes",
-        "headers",
-        "host",
-        "http11",
-        "inbound_id",
-        "keep_alive",
-        "method",
-        "pending",
-        "url",
-        "via",
-        "xff",
-        "xfh",
-        "xfp",
-    )
-
-    def __init__(self) -> None:
-        self.url = b""
-        self.method = b""
-        self.headers: list[tuple[bytes, bytes, bytes]] = []  # (lowercase name, name, value)
-        self.header_bytes = 0
-        self.head_bytes = 0  # bytes of reads that held only this unfinished header section
-        self.host: bytes | None = None
-        self.content_length: int | None = None
-        self.chunked = False
-        self.has_body = False
-        self.body_done = False
-        self.body_size = 0
-        self.pending: list[bytes] = []
-        self.http11 = True
-        self.keep_alive = True
-        self.close_requested = False
-        self.expect: bytes | None = None
-        self.conn_tokens: set[bytes] | None = None
-        self.xff: bytes | None = None
-        self.xfp: bytes | None = None
-        self.xfh: bytes | None = None
-        self.via: bytes | None = None
-        self.inbound_id: bytes | None = None
-        self.exchange: Exchange | None = None
-        self.discard = False
-        self._id: str | None = None
-
 
 class DownstreamProtocol(asyncio.Protocol):
     def __init__(self, pipeline: Pipeline) -> None:
@@ -139,6 +71,10 @@ class DownstreamProtocol(asyncio.Protocol):
         for req in (self.active, *self.queue):
             if req is not None and req.exchange is not None:
                 req.exchange.client_gone()
+        active = self.active
+        if active is not None and not active.observed:
+            active.status = 499  # nginx's "client closed request"
+            self.p.observe(active, self.client_ip, active.exchange)
         self.queue.clear()
 
     def on_deadline(self) -> None:
@@ -164,7 +100,11 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def abort(self) -> None:
         """End a response that cannot be completed: the client must see it truncated."""
-        self.active = None
+        req, self.active = self.active, None
+        if req is not None and req.exchange is not None:
+            req.status = req.exchange.resp_status or 502
+            req.bytes_out = req.exchange.bytes_out
+            self.p.observe(req, self.client_ip, req.exchange)
         self.close()
 
     def pause_writing(self) -> None:
@@ -261,39 +201,8 @@ class DownstreamProtocol(asyncio.Protocol):
             raise Reject(431, "too many request header fields")
         lname = name.lower()
         req.headers.append((lname, name, value))
-        if lname in _SPECIAL:
-            self._special_header(req, lname, value)
-
-    @staticmethod
-    def _special_header(req: Request, lname: bytes, value: bytes) -> None:
-        if lname == b"host":
-            if req.host is not None:
-                raise Reject(400, "duplicate Host header")
-            req.host = value
-        elif lname == b"content-length":
-            req.content_length = int(value)  # llhttp refused non-digits and duplicates
-        elif lname == b"transfer-encoding":
-            # llhttp accepts "gzip, chunked"; proxyd forwards only plain chunked bodies.
-            if req.chunked or value.strip().lower() != b"chunked":
-                raise Reject(400, "unsupported Transfer-Encoding")
-            req.chunked = True
-        elif lname == b"connection":
-            tokens = connection_tokens(value)
-            req.conn_tokens = (req.conn_tokens or set()) | tokens
-            if b"close" in tokens:
-                req.close_requested = True
-        elif lname == b"expect":
-            req.expect = value.strip().lower()
-        elif lname == b"x-forwarded-for":
-            req.xff = req.xff + b", " + value if req.xff else value
-        elif lname == b"x-forwarded-proto":
-            req.xfp = value
-        elif lname == b"x-forwarded-host":
-            req.xfh = value
-        elif lname == b"via":
-            req.via = req.via + b", " + value if req.via else value
-        elif lname == b"x-request-id":
-            req.inbound_id = value
+        if lname in SPECIAL:
+            special_header(req, lname, value)
 
     def on_headers_complete(self) -> None:
         req = self.req
@@ -371,53 +280,109 @@ class DownstreamProtocol(asyncio.Protocol):
         return not req.keep_alive or req.close_requested or self.p.draining or self.close_after
 
     def request_id(self, req: Request) -> str:
-        if req._id is None:
-            inbound = req.inbound_id
-            if inbound and len(inbound) <= 200 and inbound.isascii():
-                req._id = inbound.decode()
-            else:
-                req._id = self.p.next_request_id()
-        return req._id
+        if req.ctx is not None:
+            return req.ctx.id()  # trace_id may have taken the client's, or made one
+        return req_id(req, self.p)
 
     def _dispatch(self, req: Request) -> None:
         self.active = req
         self.requests += 1
-        self.p.requests += 1
+        p = self.p
+        p.requests += 1
+        req.started = monotonic()  # uvloop's loop.time() has 1 ms steps
         raw_path, _, query = req.url.partition(b"?")
         path = remove_dot_segments(raw_path) if b"/." in raw_path else raw_path
-        if path.startswith(b"/health") and (builtin := self.p.builtin(path)) is not None:
-            close = self.must_close(req)
-            self.send(builtin.render(close=close, head_only=req.method == b"HEAD"))
-            self._local_done(req, close)
+        req.path, req.query = path, query
+        if path.startswith(b"/health") and (builtin := p.builtin(path)) is not None:
+            req.route_name = "_health"
+            self._send_direct(req, builtin)
             return
-        hdrs = {k: v for k, _, v in req.headers} if self.p.router.needs_headers else {}
-        route, wrong_method = self.p.router.match(
-            req.method, normalize_host(req.host), path, hdrs
-        )
+        hdrs = {k: v for k, _, v in req.headers} if p.router.needs_headers else {}
+        route, wrong_method = p.router.match(req.method, normalize_host(req.host), path, hdrs)
         if route is None:
             if wrong_method is not None:
+                req.route_name = wrong_method.name
                 self.send_error(req, 405, "method not allowed", extra=wrong_method.allow_header)
             else:
                 self.send_error(req, 404, "no route")
             return
+        req.route = route
+        req.route_name = route.name
         if req.expect is not None and req.expect != b"100-continue":
             self.send_error(req, 417, "unsupported expectation")
             return
+        chain = route.chain
+        if chain:
+            ctx = req.ctx = Context(req.method, path, query, req.host, req.headers,
+                                    self.client_ip, route.name, p.next_request_id)
+            if req.inbound_id is not None:
+                ctx.request_id = req_id(req, p)  # as on routes without middleware
+            req.chain = chain
+            answer, index = chain.request(ctx)
+            if answer is not None:
+                self._chain_answer(req, answer, index)
+                return
+        self._endpoint(req)
+
+    def _chain_answer(self, req: Request, answer: Response | Pending, index: int) -> None:
+        if isinstance(answer, Pending):
+            # Only this request waits (Redis); its body keeps arriving into req.pending.
+            answer.future.add_done_callback(lambda f: self._chain_resumed(req, f, index))
+            return
+        assert req.ctx is not None
+        req.chain.response(req.ctx, answer, index)
+        self._send_response(req, answer)
+
+    def _chain_resumed(self, req: Request, future: asyncio.Future[Response | None],
+                       index: int) -> None:
+        if self.closed or self.active is not req or req.ctx is None:
+            return
+        if future.cancelled() or future.exception() is not None:
+            self.send_error(req, 500, "middleware failed")
+            return
+        answer, index = req.chain.resume(req.ctx, index, future.result())
+        if answer is not None:
+            self._chain_answer(req, answer, index)
+        else:
+            self._endpoint(req)
+        self.flush()
+        ex = req.exchange
+        if ex is not None and ex.conn is not None:
+            ex.conn.flush()
+
+    def _endpoint(self, req: Request) -> None:
+        """The innermost element: a direct response, or the upstream exchange."""
+        route = req.route
+        assert route is not None
+        ctx = req.ctx
+        limit = ctx.max_body_size if ctx is not None else None
+        if limit is not None and (req.content_length or 0) > limit:
+            self.send_error(req, 413, "request body too large")
+            return
         if route.respond is not None:
-            close = self.must_close(req) or (req.expect is not None and not req.body_done)
-            self.send(route.respond.render(close=close, head_only=req.method == b"HEAD"))
-            self._local_done(req, close)
+            if ctx is None:
+                self._send_direct(req, route.respond)
+            else:
+                resp = route.respond.response()
+                req.chain.response(ctx, resp)
+                self._send_response(req, resp)
             return
         pool = self.p.pools[route.upstream]  # type: ignore[index]
         if req.expect is not None and req.http11 and not req.body_done:
             self.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+        path = req.path
         target = route.rewrite_path(path) if route.strip_prefix or route.rewrite else path
-        if query or req.url.endswith(b"?"):
-            target += b"?" + query
+        if req.query or req.url.endswith(b"?"):
+            target += b"?" + req.query
         drop = REQUEST_DROP | req.conn_tokens if req.conn_tokens else REQUEST_DROP
+        if ctx is not None and ctx.remove_request:
+            drop = drop | ctx.remove_request
         parts = [req.method, b" ", target, b" HTTP/1.1\r\n"]
         for lname, name, value in req.headers:
             if lname not in drop and lname != b"host":
+                parts += (name, b": ", value, CRLF)
+        if ctx is not None:
+            for name, value in ctx.set_request:
                 parts += (name, b": ", value, CRLF)
         parts.append(forwarded_fields(
             self.client_ip, self.trusted_peer, req.xff, req.xfp, req.xfh, req.host, req.via
@@ -429,8 +394,25 @@ class DownstreamProtocol(asyncio.Protocol):
         host_line = b"Host: " + req.host + CRLF if pool.preserve_host and req.host else None
         Exchange(self, req, pool).start(b"".join(parts), host_line)
 
+    def _send_direct(self, req: Request, direct: DirectResponse) -> None:
+        close = self.must_close(req) or (req.expect is not None and not req.body_done)
+        head_only = req.method == b"HEAD"
+        self.send(direct.render(close=close, head_only=head_only))
+        req.status = direct.status
+        req.bytes_out = 0 if head_only else len(direct.body)
+        self._local_done(req, close)
+
+    def _send_response(self, req: Request, resp: Response) -> None:
+        """A response made by middleware or proxyd itself, rendered with its length."""
+        close = self.must_close(req) or (req.expect is not None and not req.body_done)
+        data, req.bytes_out = render_response(resp, close=close, head=req.method == b"HEAD")
+        self.send(data)
+        req.status = resp.status
+        self._local_done(req, close)
+
     def _local_done(self, req: Request, close: bool) -> None:
         """A response proxyd wrote itself is out; the request body, if any, is dropped."""
+        self.p.observe(req, self.client_ip)
         if close:
             self.close()
             return
@@ -440,19 +422,32 @@ class DownstreamProtocol(asyncio.Protocol):
             req.discard = True  # on_message_complete releases the connection
             req.pending.clear()
 
-    def send_error(self, req: Request, status: int, message: str, extra: bytes = b"") -> None:
+    def send_error(self, req: Request, status: int, message: str, extra: bytes = b"",
+                   kind: str | None = None) -> None:
         # A body still on the wire after an error answer: close rather than read it all.
         close = self.must_close(req) or not req.body_done
-        self.send(error_response(
-            status, message, self.request_id(req), close=close,
-            head_only=req.method == b"HEAD", extra=extra,
-        ))
+        head_only = req.method == b"HEAD"
+        if req.ctx is None:
+            data = error_response(status, message, self.request_id(req), close=close,
+                                  head_only=head_only, extra=extra)
+            req.bytes_out = 0
+        else:
+            # Errors pass the route's response hooks too (CORS, trace id, security headers).
+            resp = json_response(status, message, req.ctx.id(), parse_fields(extra))
+            req.chain.response(req.ctx, resp)
+            data, req.bytes_out = render_response(resp, close=close, head=head_only)
+        self.send(data)
+        req.status = status
         self._local_done(req, close)
         if self.active is None and not close:
             self._advance()
         self.flush()
 
     def exchange_done(self, exchange: Exchange, *, close: bool) -> None:
+        req = exchange.req
+        req.status = exchange.resp_status
+        req.bytes_out = exchange.bytes_out
+        self.p.observe(req, self.client_ip, exchange)
         self.active = None
         if close or self.close_after:
             self.close()

@@ -8,11 +8,13 @@ close-delimited upstream body becomes chunked for HTTP/1.1 clients.
 
 from __future__ import annotations
 
+from time import monotonic
 from typing import TYPE_CHECKING
 
 import httptools
 
-from proxyd.proxy.headers import CRLF, RESPONSE_DROP, status_line
+from proxyd.middleware.base import BodyFilter, Response
+from proxyd.proxy.headers import CRLF, HOP_BY_HOP, RESPONSE_DROP, status_line
 
 if TYPE_CHECKING:
     from proxyd.proxy.downstream import DownstreamProtocol, Request
@@ -25,21 +27,27 @@ PENDING_BODY_LIMIT = 256 * 1024  # buffered before the upstream connects; then r
 
 class Exchange:
     __slots__ = (
+        "buffer",
+        "bytes_out",
         "client_chunked",
         "close_client",
         "conn",
         "done",
+        "drop",
         "ds",
+        "filters",
         "head",
         "host_line",
         "parser",
         "pool",
         "read_to_close",
         "req",
+        "resp",
         "resp_headers",
         "resp_reason",
         "resp_started",
         "resp_status",
+        "started_at",
         "target",
         "tries",
     )
@@ -62,6 +70,12 @@ class Exchange:
         self.resp_headers: list[tuple[bytes, bytes]] = []
         self.client_chunked = False
         self.read_to_close = False
+        self.resp: Response | None = None  # the head middleware work on
+        self.buffer: list[bytes] | None = None  # body held for a buffering middleware
+        self.filters: list[BodyFilter] = []
+        self.drop = False  # read the upstream body but do not send it
+        self.bytes_out = 0
+        self.started_at = 0.0
 
     # -- request side ---------------------------------------------------------------------
     def start(self, head_without_host: bytes, host_line: bytes | None) -> None:
@@ -69,6 +83,7 @@ class Exchange:
         self.head = head_without_host
         self.host_line = host_line
         self.req.exchange = self
+        self.started_at = monotonic()
         self.tries += 1
         self.target = self.pool.pick()
         self.target.acquire(self)
@@ -162,34 +177,67 @@ class Exchange:
             elif lname == b"transfer-encoding":
                 chunked = True
         no_body = req.method == b"HEAD" or status in NO_BODY_STATUSES
+        self.read_to_close = length is None and not chunked and not no_body
+        ctx = req.ctx
+        if ctx is None:
+            fields = self._filter(headers)
+            if length is not None:
+                fields += b"Content-Length: " + length + CRLF
+            self._send_head(status, reason, fields, length is not None, no_body)
+        else:
+            chain = req.chain
+            resp = Response(status, self._filter_list(headers), None, reason)
+            if not no_body and chain.wants_body(ctx, resp):
+                self.resp = resp
+                self.buffer = []  # the head waits for the body (etag); CL ≤ its max_size
+                return
+            chain.response(ctx, resp)
+            self._send_middleware_head(resp, no_body)
+        if req.method == b"HEAD":
+            # llhttp cannot be told "no body"; the exchange owns this parser, so finish now
+            # and let the connection get a fresh parser with its next exchange.
+            self._finish(reusable=self.parser.should_keep_alive())  # type: ignore[union-attr]
+
+    def _send_head(self, status: int, reason: bytes, fields: bytes, has_length: bool,
+                   no_body: bool) -> None:
+        """Write the final response head with the framing and Connection the client needs."""
+        ds, req = self.ds, self.req
         # Answered before the request body ended: the body's remainder is discarded and
         # neither connection can carry another message.
         close = ds.must_close(req) or not req.body_done
-        if length is not None:
-            extra = b"Content-Length: " + length + CRLF
-        elif no_body:
+        if has_length or no_body:
             extra = b""
+        elif req.http11:
+            self.client_chunked = True
+            extra = b"Transfer-Encoding: chunked\r\n"
         else:
-            self.read_to_close = not chunked
-            if req.http11:
-                self.client_chunked = True
-                extra = b"Transfer-Encoding: chunked\r\n"
-            else:
-                extra = b""
-                close = True  # HTTP/1.0 client: the end of the body is the end of the connection
+            extra = b""
+            close = True  # HTTP/1.0 client: the end of the body is the end of the connection
         self.close_client = close
         if close:
             extra += b"Connection: close\r\n"
         elif not req.http11:
             extra += b"Connection: keep-alive\r\n"
-        ds.send(
-            status_line(status, reason) + self._filter(headers) + extra + CRLF
-        )
+        ds.send(status_line(status, reason) + fields + extra + CRLF)
+        self.resp_status = status  # what the client got (middleware may have changed it)
         self.resp_started = True
-        if req.method == b"HEAD":
-            # llhttp cannot be told "no body"; the exchange owns this parser, so finish now
-            # and let the connection get a fresh parser with its next exchange.
-            self._finish(reusable=self.parser.should_keep_alive())  # type: ignore[union-attr]
+
+    def _send_middleware_head(self, resp: Response, no_body: bool) -> None:
+        if resp.drop_body or no_body:
+            self.drop = True  # e.g. a 304 made from a 200: the upstream body is read, not sent
+            no_body = True
+        elif resp.body is not None:
+            # A hook supplied the body (revalidated cache entry): the upstream's is dropped.
+            self.drop = True
+            resp.set(b"Content-Length", str(len(resp.body)).encode())
+        elif resp.filters:
+            self.filters = resp.filters
+            resp.remove(b"content-length")
+        fields = b"".join(name + b": " + value + CRLF for name, value in resp.headers)
+        self._send_head(resp.status, resp.reason, fields, resp.has(b"content-length"), no_body)
+        if resp.body is not None and not no_body and self.req.method != b"HEAD":
+            self.ds.send(resp.body)
+            self.bytes_out += len(resp.body)
 
     @staticmethod
     def _filter(headers: list[tuple[bytes, bytes]]) -> bytes:
@@ -201,21 +249,71 @@ class Exchange:
             name + b": " + value + CRLF for name, value in headers if name.lower() not in drop
         )
 
+    @staticmethod
+    def _filter_list(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        """Like _filter, for middleware: a list, and Content-Length kept for them to read."""
+        drop: set[bytes] | frozenset[bytes] = HOP_BY_HOP
+        for name, value in headers:
+            if name.lower() == b"connection":
+                drop = HOP_BY_HOP | {t.strip().lower() for t in value.split(b",")}
+        return [(name, value) for name, value in headers if name.lower() not in drop]
+
     def on_body(self, data: bytes) -> None:
         if self.done:
             return
+        if self.buffer is not None:
+            self.buffer.append(data)
+            return
+        if self.drop:
+            return
+        if self.filters:
+            for body_filter in self.filters:
+                data = body_filter.feed(data)
+            if not data:
+                return
+        self.bytes_out += len(data)
         if self.client_chunked:
             self.ds.send(b"%x\r\n%b\r\n" % (len(data), data))
         else:
             self.ds.send(data)
 
     def on_message_complete(self) -> None:
-        if self.done or not self.resp_started:
+        if self.done:
+            return
+        if self.buffer is not None:
+            self._send_buffered()
+        elif not self.resp_started:
             return  # a 1xx interim response ended
-        if self.client_chunked:
-            self.ds.send(b"0\r\n\r\n")
+        self._end_body()
         keep = self.parser.should_keep_alive() and self.req.body_done  # type: ignore[union-attr]
         self._finish(reusable=keep and not self.read_to_close)
+
+    def _send_buffered(self) -> None:
+        resp, body = self.resp, b"".join(self.buffer or ())
+        self.buffer = None
+        assert resp is not None and self.req.ctx is not None
+        resp.body = body
+        self.req.chain.response(self.req.ctx, resp)
+        body = resp.body or b""
+        no_body = resp.drop_body or resp.status in NO_BODY_STATUSES
+        if not no_body:
+            resp.set(b"Content-Length", str(len(body)).encode())
+        fields = b"".join(name + b": " + value + CRLF for name, value in resp.headers)
+        self._send_head(resp.status, resp.reason, fields, True, no_body)
+        if not no_body:
+            self.ds.send(body)
+            self.bytes_out += len(body)
+
+    def _end_body(self) -> None:
+        if self.filters and not self.drop:
+            tail = b""
+            for body_filter in self.filters:  # each filter's tail goes through the next one
+                tail = (body_filter.feed(tail) if tail else b"") + body_filter.finish()
+            if tail:
+                self.bytes_out += len(tail)
+                self.ds.send(b"%x\r\n%b\r\n" % (len(tail), tail) if self.client_chunked else tail)
+        if self.client_chunked:
+            self.ds.send(b"0\r\n\r\n")
 
     # -- endings ----------------------------------------------------------------------------
     def _finish(self, *, reusable: bool) -> None:
@@ -268,8 +366,7 @@ class Exchange:
         self.upstream_failed(502, "upstream closed the connection")
 
     def on_body_end_at_close(self) -> None:
-        if self.client_chunked:
-            self.ds.send(b"0\r\n\r\n")
+        self._end_body()
         self.conn = None
         self._finish(reusable=False)
         self.ds.flush()

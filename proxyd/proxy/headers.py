@@ -10,6 +10,10 @@ import ipaddress
 import json
 from collections.abc import Iterable
 from http import HTTPStatus
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from proxyd.middleware.base import Response
 
 # Fields that describe one connection, never forwarded (RFC 9110 §7.6.1), plus the framing
 # fields proxyd always writes itself (a forwarded message is re-framed, never byte-copied) and
@@ -112,3 +116,31 @@ def error_response(
         CRLF,
     ))
     return head if head_only else head + body
+
+
+def parse_fields(fields: bytes) -> list[tuple[bytes, bytes]]:
+    """Preformatted "Name: value\\r\\n" lines back into pairs (for the rare error paths)."""
+    pairs = []
+    for line in fields.split(CRLF):
+        name, sep, value = line.partition(b":")
+        if sep:
+            pairs.append((name.strip(), value.strip()))
+    return pairs
+
+
+def render_response(resp: Response, *, close: bool, head: bool) -> tuple[bytes, int]:
+    """A complete local response: (bytes, body length sent)."""
+    body = resp.body or b""
+    no_body = resp.status in (204, 304) or resp.status < 200
+    lines = [status_line(resp.status, resp.reason or None)]
+    lines += [name + b": " + value + CRLF for name, value in resp.headers
+              if name.lower() != b"content-length"]
+    if not no_body:
+        lines.append(b"Content-Length: %d\r\n" % len(body))
+    if close:
+        lines.append(b"Connection: close\r\n")
+    lines.append(CRLF)
+    if head or no_body:
+        return b"".join(lines), 0
+    lines.append(body)
+    return b"".join(lines), len(body)

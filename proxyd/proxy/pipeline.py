@@ -8,13 +8,36 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+from time import monotonic
+from typing import TYPE_CHECKING
 
 from proxyd.config.models import GatewayConfig, Respond
+from proxyd.middleware import build_chain
+from proxyd.observe.access_log import AccessLog
+from proxyd.observe.metrics import WorkerMetrics
 from proxyd.proxy.headers import TrustedProxies
 from proxyd.proxy.resolver import Resolver
 from proxyd.proxy.router import DirectResponse, Router
 from proxyd.proxy.timers import Deadlines
 from proxyd.proxy.upstream import UpstreamPool
+
+if TYPE_CHECKING:
+    from proxyd.proxy.forward import Exchange
+    from proxyd.proxy.request import Request
+
+KNOWN_METHODS = (b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS", b"TRACE",
+                 b"CONNECT")
+
+
+def req_id(req: Request, pipeline: Pipeline) -> str:
+    """The id a request without middleware context is known by (error bodies, access log)."""
+    if req._id is None:
+        inbound = req.inbound_id
+        if inbound and len(inbound) <= 200 and inbound.isascii():
+            req._id = inbound.decode()
+        else:
+            req._id = pipeline.next_request_id()
+    return req._id
 
 
 class Pipeline:
@@ -24,6 +47,9 @@ class Pipeline:
         self.config = config
         self.loop = loop
         self.router = Router(config.routes)
+        for route in self.router.routes:
+            assert route.config is not None
+            route.chain = build_chain(config, route.config)  # disabled entries left out
         self.max_body_size = limits.max_body_size
         self.max_header_size = limits.max_header_size
         self.max_uri_size = limits.max_uri_size
@@ -57,6 +83,50 @@ class Pipeline:
         # or uuid4 per request.
         self._id_prefix = os.urandom(4).hex()
         self._ids = itertools.count(1)
+        self.metrics = WorkerMetrics()
+        self.access_log: AccessLog | None = None
+        if config.access_log.enabled:
+            self.access_log = AccessLog(config.access_log, loop)
+        self._upstream_hist = self.metrics.upstream_durations
+        self._methods: dict[bytes, str] = {m: m.decode() for m in KNOWN_METHODS}
+
+    def observe(self, req: Request, client_ip: bytes, exchange: Exchange | None = None) -> None:
+        """Once per answered request: metrics, and the access log line."""
+        if req.observed:
+            return
+        req.observed = True
+        now = monotonic()
+        duration = now - req.started
+        method = self._methods.get(req.method, "OTHER")  # bounded label values
+        route = req.route_name or "none"
+        self.metrics.request(route, method, req.status, duration)
+        upstream_time = None
+        upstream = ""
+        if exchange is not None and exchange.started_at:
+            upstream = exchange.pool.name
+            upstream_time = now - exchange.started_at
+            self.metrics.observe(self._upstream_hist, (upstream,), upstream_time)
+        if self.access_log is not None:
+            self.access_log.record(
+                request_id=req.ctx.id() if req.ctx is not None else req_id(req, self),
+                client_ip=client_ip, method=req.method, host=req.host, target=req.url,
+                status=req.status, bytes_in=req.body_size, bytes_out=req.bytes_out,
+                duration=duration, upstream=upstream, upstream_time=upstream_time,
+                cache=req.ctx.state.get("cache", "") if req.ctx is not None else "",
+                route=route,
+            )
+
+    def gauges(self) -> dict[str, dict[tuple[str, ...], float]]:
+        in_use: dict[tuple[str, ...], float] = {}
+        idle: dict[tuple[str, ...], float] = {}
+        for name, pool in self.pools.items():
+            in_use[(name,)] = sum(t.in_use for t in pool.targets)
+            idle[(name,)] = sum(len(t.idle) for t in pool.targets)
+        return {
+            "gateway_active_connections": {(): float(len(self.connections))},
+            "gateway_pool_connections_active": in_use,
+            "gateway_pool_connections_idle": idle,
+        }
 
     def builtin(self, path: bytes) -> DirectResponse | None:
         if path == b"/health":
@@ -72,6 +142,8 @@ class Pipeline:
         self.deadlines.start()
 
     def close(self) -> None:
+        if self.access_log is not None:
+            self.access_log.close()
         self.deadlines.stop()
         for pool in self.pools.values():
             pool.close()

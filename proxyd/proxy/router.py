@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from proxyd.config.models import Respond, Route
+from proxyd.middleware.base import Response
+from proxyd.middleware.chain import Chain
 from proxyd.proxy.headers import CRLF, status_line
 
 
@@ -31,6 +33,7 @@ class CompiledRoute:
     websocket: bool = False
     allow_header: bytes = b""
     config: Route | None = field(default=None, repr=False)
+    chain: Chain = field(default_factory=lambda: Chain([]), repr=False)
 
     def matches_without_method(
         self, host: bytes | None, path: bytes, headers: dict[bytes, bytes]
@@ -73,6 +76,13 @@ class DirectResponse:
         self.status = cfg.status
         self.head = b"".join(lines)  # without the final CRLF: Connection may follow
         self.body = body
+        self._fields = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in cfg.headers.items()]
+        if "content-type" not in names and body:
+            self._fields.append((b"Content-Type", b"text/plain; charset=utf-8"))
+
+    def response(self) -> Response:
+        """A fresh copy for a route with middleware, which may edit it."""
+        return Response(self.status, list(self._fields), self.body)
 
     def render(self, *, close: bool, head_only: bool) -> bytes:
         tail = b"Connection: close\r\n\r\n" if close else CRLF
