@@ -52,6 +52,11 @@ class Server(Model):
         default_factory=list,
         description="CIDRs whose X-Forwarded-* headers are trusted and extended, not replaced.",
     )
+    watch_config: bool = Field(
+        False,
+        description="Poll the config file about once a second and reload (the SIGHUP path) "
+        "when its content changes; follows Kubernetes ConfigMap symlink swaps. Read at start.",
+    )
 
     @field_validator("workers", mode="before")
     @classmethod
