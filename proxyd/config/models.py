@@ -164,7 +164,8 @@ class Respond(Model):
 
 
 class RouteCache(Model):
-    ttl: Duration | None = None
+    ttl: Duration | None = Field(None, description="Freshness when the upstream gives none.")
+    force_ttl: Duration | None = Field(None, description="Freshness, whatever the upstream says.")
     enabled: bool = True
 
 

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from proxyd.config.models import GatewayConfig, Route
 from proxyd.middleware.base import Middleware, Options
+from proxyd.middleware.cache import Cache
 from proxyd.middleware.chain import Chain
 from proxyd.middleware.compression import Compression
 from proxyd.middleware.cors import Cors
@@ -23,7 +24,7 @@ from proxyd.middleware.validation import Validation
 
 REGISTRY: dict[str, type[Middleware]] = {
     cls.type: cls
-    for cls in (Cors, SecurityHeaders, Validation, TraceId, Headers, Etag, Compression)
+    for cls in (Cors, SecurityHeaders, Validation, TraceId, Headers, Cache, Etag, Compression)
 }
 
 Problem = tuple[tuple[str | int, ...], str]  # (key path, message)

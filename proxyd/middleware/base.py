@@ -152,6 +152,9 @@ class Middleware:
     def on_response(self, ctx: Context, resp: Response) -> None:
         """Adjust the response head; ``resp.body`` is bytes when buffered or local."""
 
+    def bind(self, pipeline: Any, route: Any) -> None:
+        """After fork, in the worker: take shared resources (cache store, Redis client)."""
+
     def wants_body(self, ctx: Context, resp: Response) -> bool:
         """Asked on the upstream's head: should the body be buffered for on_response?"""
         return False

@@ -8,16 +8,18 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+from collections.abc import Coroutine
 from time import monotonic
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from proxyd.cache.memory import MemoryStore
 from proxyd.config.models import GatewayConfig, Respond
 from proxyd.middleware import build_chain
 from proxyd.observe.access_log import AccessLog
 from proxyd.observe.metrics import WorkerMetrics
 from proxyd.proxy.headers import TrustedProxies
 from proxyd.proxy.resolver import Resolver
-from proxyd.proxy.router import DirectResponse, Router
+from proxyd.proxy.router import CompiledRoute, DirectResponse, Router
 from proxyd.proxy.timers import Deadlines
 from proxyd.proxy.upstream import UpstreamPool
 
@@ -47,9 +49,12 @@ class Pipeline:
         self.config = config
         self.loop = loop
         self.router = Router(config.routes)
-        for route in self.router.routes:
-            assert route.config is not None
-            route.chain = build_chain(config, route.config)  # disabled entries left out
+        cache = config.cache
+        self.cache_store = MemoryStore(cache.max_entries, cache.max_bytes, cache.max_object_size)
+        self.cache_inflight: dict[str, asyncio.Future[bool]] = {}
+        self.cache_refreshing: set[str] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._session: Any = None  # aiohttp ClientSession for background fetches, lazily
         self.max_body_size = limits.max_body_size
         self.max_header_size = limits.max_header_size
         self.max_uri_size = limits.max_uri_size
@@ -70,6 +75,11 @@ class Pipeline:
             for name, cfg in config.upstreams.items()
         }
         self.draining = False
+        for route in self.router.routes:
+            assert route.config is not None
+            route.chain = build_chain(config, route.config)  # disabled entries left out
+            for mw in route.chain.middleware:
+                mw.bind(self, route)
         # Kubernetes probes on the traffic port; they win over routes with the same path.
         json_type = {"Content-Type": "application/json"}
         self.health = DirectResponse(Respond(body='{"status":"ok"}', headers=json_type))
@@ -100,6 +110,12 @@ class Pipeline:
         method = self._methods.get(req.method, "OTHER")  # bounded label values
         route = req.route_name or "none"
         self.metrics.request(route, method, req.status, duration)
+        cache = req.ctx.state.get("cache", "") if req.ctx is not None else ""
+        if cache:
+            if cache == "hit":
+                self.metrics.inc("gateway_cache_hits_total", (route,))
+            elif cache in ("miss", "revalidated", "stale"):
+                self.metrics.inc("gateway_cache_misses_total", (route,))
         upstream_time = None
         upstream = ""
         if exchange is not None and exchange.started_at:
@@ -112,9 +128,40 @@ class Pipeline:
                 client_ip=client_ip, method=req.method, host=req.host, target=req.url,
                 status=req.status, bytes_in=req.body_size, bytes_out=req.bytes_out,
                 duration=duration, upstream=upstream, upstream_time=upstream_time,
-                cache=req.ctx.state.get("cache", "") if req.ctx is not None else "",
+                cache=cache,
                 route=route,
             )
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = self.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def fetch(self, route: CompiledRoute, path: bytes, query: bytes,
+                    headers: list[tuple[bytes, bytes]]
+                    ) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
+        """An upstream GET outside any client exchange (cache refresh), through aiohttp."""
+        import aiohttp
+
+        if route.upstream is None:
+            return None
+        if self._session is None:
+            self._session = aiohttp.ClientSession(auto_decompress=False)
+        target = self.pools[route.upstream].pick()
+        url_path = route.rewrite_path(path) if route.strip_prefix or route.rewrite else path
+        url = f"http://{target.host}:{target.port}{url_path.decode('latin-1')}"
+        if query:
+            url += "?" + query.decode("latin-1")
+        try:
+            async with self._session.get(
+                url, headers=[(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers],
+                timeout=aiohttp.ClientTimeout(total=target.read_timeout),
+                allow_redirects=False,
+            ) as resp:
+                body = await resp.read()
+                return resp.status, [(k, v) for k, v in resp.raw_headers], body
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return None
 
     def gauges(self) -> dict[str, dict[tuple[str, ...], float]]:
         in_use: dict[tuple[str, ...], float] = {}
@@ -141,7 +188,17 @@ class Pipeline:
     def start(self) -> None:
         self.deadlines.start()
 
+    def purge(self, key: str | None = None, prefix: str | None = None) -> int:
+        removed = 0
+        if key:
+            removed += self.cache_store.delete(key)
+        if prefix:
+            removed += self.cache_store.delete_prefix(prefix)
+        return removed
+
     def close(self) -> None:
+        if self._session is not None:
+            self.spawn(self._session.close())
         if self.access_log is not None:
             self.access_log.close()
         self.deadlines.stop()

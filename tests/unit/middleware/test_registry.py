@@ -21,7 +21,7 @@ def config(middleware: list[dict[str, Any]], *routes: dict[str, Any]) -> Gateway
 
 def test_registry_lists_every_type() -> None:
     assert set(REGISTRY) == {"cors", "security_headers", "validation", "trace_id", "headers",
-                             "etag", "compression"}
+                             "cache", "etag", "compression"}
     for name, cls in REGISTRY.items():
         assert cls.type == name
 

@@ -1,0 +1,340 @@
+"""The response cache as a chain element (DESIGN §1): hits answer here and skip what follows.
+
+RFC 9111 shared-cache rules come from proxyd/cache/policy.py; the store is the worker's
+(memory LRU, or Redis). Misses for one key in one worker are coalesced: the first goes upstream,
+the others wait (bounded) for its entry. Stale entries are revalidated with a conditional
+request, served while revalidating in the background (stale-while-revalidate), or served when
+the upstream fails (stale-if-error). Every response carries RFC 9211 Cache-Status and X-Cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import Field
+
+from proxyd.cache import policy
+from proxyd.cache.store import Entry
+from proxyd.config.types import Duration
+from proxyd.middleware.base import Context, Middleware, Options, Pending, Response
+
+if TYPE_CHECKING:
+    from proxyd.proxy.pipeline import Pipeline
+    from proxyd.proxy.router import CompiledRoute
+
+UNSAFE = frozenset({b"POST", b"PUT", b"PATCH", b"DELETE"})
+_NOT_STORED = frozenset({b"age", b"content-length", b"cache-status", b"x-cache", b"connection"})
+
+
+class CacheOptions(Options):
+    type: Literal["cache"] = "cache"
+    coalesce: bool = True
+    coalesce_timeout: Duration = Field("5s", description="Longest wait for a coalesced miss.")
+    x_cache: bool = Field(True, description="Also send X-Cache: HIT|MISS.")
+    sort_query: bool = True
+    ignore_query_params: list[str] = Field(default_factory=list)
+    key_headers: list[str] = Field(default_factory=list,
+                                   description="Request headers added to every key.")
+    allow_set_cookie: bool = False
+
+
+class _Tee:
+    """A pass-through body filter that keeps a copy for the store, up to a size."""
+
+    def __init__(self, done: Any, limit: int) -> None:
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.limit = limit
+        self.done = done
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self.parts is not None and chunk:
+            self.size += len(chunk)
+            if self.size > self.limit:
+                self.parts = None  # type: ignore[assignment]
+            else:
+                self.parts.append(chunk)
+        return chunk
+
+    def finish(self) -> bytes:
+        self.done(b"".join(self.parts) if self.parts is not None else None)
+        return b""
+
+
+class Cache(Middleware):
+    type = "cache"
+    options_model = CacheOptions
+
+    def __init__(self, options: CacheOptions) -> None:  # type: ignore[override]
+        super().__init__(options)
+        self.o = options
+        self.key_headers = [h.lower().encode() for h in options.key_headers]
+        self.inflight: dict[str, asyncio.Future[bool]] = {}
+        self.refreshing: set[str] = set()
+        self.store: Any = None
+        self.pipeline: Pipeline | None = None
+        self.route: CompiledRoute | None = None
+        self.default_ttl = 300.0
+        self.force_ttl: float | None = None
+        self.statuses: frozenset[int] = frozenset({200, 301, 302})
+        self.enabled = True
+
+    def bind(self, pipeline: Pipeline, route: CompiledRoute) -> None:
+        cfg = pipeline.config.cache
+        self.pipeline = pipeline
+        self.route = route
+        self.store = pipeline.cache_store
+        self.statuses = frozenset(cfg.statuses)
+        self.default_ttl = cfg.default_ttl
+        route_cfg = route.config.cache if route.config is not None else None
+        if route_cfg is not None:
+            self.enabled = route_cfg.enabled
+            if route_cfg.ttl is not None:
+                self.default_ttl = route_cfg.ttl
+            self.force_ttl = route_cfg.force_ttl
+        # Coalescing state is per worker, shared by every route's instance of the middleware.
+        self.inflight = pipeline.cache_inflight
+        self.refreshing = pipeline.cache_refreshing
+
+    # -- keys and headers ---------------------------------------------------------------------
+    def primary(self, ctx: Context, path: bytes | None = None) -> str:
+        query = policy.normalize_query(ctx.query, self.o.sort_query, self.o.ignore_query_params)
+        extra = [(name, ctx.header(name)) for name in self.key_headers]
+        return policy.primary_key(b"http", ctx.host, path if path is not None else ctx.path,
+                                  query if path is None else b"", extra)
+
+    @staticmethod
+    def pairs(ctx: Context) -> list[tuple[bytes, bytes]]:
+        return [(lname, value) for lname, _, value in ctx.headers]
+
+    def _status(self, resp: Response, status: bytes, x_cache: bytes) -> None:
+        resp.set(b"Cache-Status", b"proxyd; " + status)
+        if self.o.x_cache:
+            resp.set(b"X-Cache", x_cache)
+
+    def _from_entry(self, entry: Entry, now: float, status: bytes, x_cache: bytes) -> Response:
+        resp = Response(entry.status, list(entry.headers), entry.body)
+        resp.add(b"Age", str(int(entry.age(now))).encode())
+        self._status(resp, status, x_cache)
+        return resp
+
+    # -- request ------------------------------------------------------------------------------
+    def on_request(self, ctx: Context) -> Response | Pending | None:
+        if not self.enabled or self.store is None:
+            return None
+        method = ctx.method
+        if method not in (b"GET", b"HEAD"):
+            if method in UNSAFE:
+                ctx.state["cache_invalidate"] = True
+            return None
+        request_headers = self.pairs(ctx)
+        if "no-store" in policy.cache_control(request_headers):
+            ctx.state["cache"] = "bypass"
+            return None
+        key = self.primary(ctx)
+        ctx.state["cache_key"] = key
+        entry = self.store.get(key, request_headers)
+        now = time.time()
+        if entry is not None:
+            revalidate, max_age = policy.request_wants_fresh(request_headers)
+            age = entry.age(now)
+            if not revalidate and age < entry.lifetime and (max_age is None or age <= max_age):
+                ctx.state["cache"] = "hit"
+                return self._from_entry(entry, now, b"hit", b"HIT")
+            if not revalidate and age < entry.lifetime + entry.stale_while_revalidate:
+                ctx.state["cache"] = "hit"
+                self._refresh_in_background(ctx, key, entry)
+                return self._from_entry(entry, now, b"hit; fwd=stale", b"HIT")
+            ctx.state["stale"] = entry
+            ctx.state["forced"] = revalidate  # the client asked (no-cache): fwd=request
+            if ctx.header(b"if-none-match") is None and ctx.header(b"if-modified-since") is None:
+                etag, modified = entry.header(b"etag"), entry.header(b"last-modified")
+                if etag is not None:
+                    ctx.set_request.append((b"If-None-Match", etag))
+                if modified is not None:
+                    ctx.set_request.append((b"If-Modified-Since", modified))
+                ctx.state["revalidating"] = etag is not None or modified is not None
+        ctx.state["cache"] = "miss"
+        if method != b"GET" or not self.o.coalesce:
+            return None
+        leader = self.inflight.get(key)
+        if leader is None:
+            loop = asyncio.get_running_loop()
+            self.inflight[key] = ctx.state["leader"] = loop.create_future()
+            return None
+        return Pending(self._follow(ctx, key, leader))
+
+    def _follow(self, ctx: Context, key: str, leader: asyncio.Future[bool]
+                ) -> asyncio.Future[Response | None]:
+        """A coalesced miss: the leader's entry when it lands, else go upstream."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Response | None] = loop.create_future()
+
+        def settle(_: object = None) -> None:
+            if waiter.done():
+                return
+            entry = self.store.get(key, self.pairs(ctx))
+            if entry is not None and entry.fresh(time.time()):
+                ctx.state["cache"] = "hit"
+                waiter.set_result(self._from_entry(entry, time.time(), b"hit; collapsed", b"HIT"))
+            else:
+                waiter.set_result(None)
+
+        leader.add_done_callback(settle)
+        loop.call_later(self.o.coalesce_timeout, settle)
+        return waiter
+
+    def _release(self, ctx: Context, stored: bool) -> None:
+        leader = ctx.state.pop("leader", None)
+        if leader is not None:
+            if self.inflight.get(ctx.state["cache_key"]) is leader:
+                del self.inflight[ctx.state["cache_key"]]
+            if not leader.done():
+                leader.set_result(stored)
+
+    # -- response -----------------------------------------------------------------------------
+    def on_response(self, ctx: Context, resp: Response) -> None:
+        state = ctx.state
+        if state.pop("cache_invalidate", False):
+            if resp.status < 400:
+                self._invalidate(ctx, resp)
+            return
+        key = state.get("cache_key")
+        if key is None:
+            if state.get("cache") == "bypass":
+                self._status(resp, b"fwd=bypass", b"MISS")
+            return
+        stale: Entry | None = state.get("stale")
+        if stale is not None:
+            if resp.status == 304 and state.get("revalidating"):
+                self._revalidated(ctx, key, stale, resp)
+                return
+            if resp.status >= 500 and time.time() - stale.stored_at - stale.lifetime < (
+                stale.stale_if_error
+            ) + stale.initial_age:
+                self._serve_stale(ctx, stale, resp)
+                return
+        if ctx.method != b"GET":
+            return
+        request_headers = self.pairs(ctx)
+        ok, reason = policy.storable(ctx.method, resp.status, request_headers, resp.headers,
+                                     self.statuses, self.o.allow_set_cookie)
+        fwd = b"fwd=miss" if stale is None else (
+            b"fwd=request" if state.get("forced") else b"fwd=stale")
+        if not ok:
+            self._status(resp, fwd + b"; detail=" + reason.replace(" ", "-").encode(), b"MISS")
+            self._release(ctx, False)
+            return
+        stored_headers = [(n, v) for n, v in resp.headers if n.lower() not in _NOT_STORED]
+        received = time.time()
+
+        def store(body: bytes | None) -> None:
+            stored = body is not None and self._put(key, request_headers, resp.status,
+                                                    stored_headers, body, received)
+            self._release(ctx, stored)
+
+        length = resp.get(b"content-length")
+        if resp.body is not None:
+            store(resp.body)
+        elif length is not None and int(length) > self.store.max_object_size:
+            self._release(ctx, False)
+        else:
+            resp.filters.append(_Tee(store, self.store.max_object_size))
+        self._status(resp, fwd + b"; stored", b"MISS")
+
+    def _put(self, key: str, request_headers: list[tuple[bytes, bytes]], status: int,
+             headers: list[tuple[bytes, bytes]], body: bytes, received: float) -> bool:
+        cc = policy.cache_control(headers)
+        entry = Entry(
+            status=status, headers=headers, body=body, stored_at=received,
+            initial_age=policy.initial_age(headers, received),
+            lifetime=policy.freshness_lifetime(headers, self.default_ttl, self.force_ttl),
+            stale_while_revalidate=float(policy.seconds(cc, "stale-while-revalidate") or 0),
+            stale_if_error=float(policy.seconds(cc, "stale-if-error") or 0),
+            vary=policy.vary_names(headers),
+        )
+        return bool(self.store.put(key, request_headers, entry))
+
+    def _refreshed(self, stale: Entry, headers: policy.Headers) -> Entry:
+        """A stored entry with the header fields of a 304 merged in (RFC 9111 §4.3.4)."""
+        fresh = {n.lower() for n, _ in headers if n.lower() not in _NOT_STORED}
+        merged = [(n, v) for n, v in stale.headers if n.lower() not in fresh]
+        merged += [(n, v) for n, v in headers if n.lower() not in _NOT_STORED]
+        now = time.time()
+        cc = policy.cache_control(merged)
+        return Entry(
+            status=stale.status, headers=merged, body=stale.body, stored_at=now,
+            initial_age=policy.initial_age(headers, now),
+            lifetime=policy.freshness_lifetime(merged, self.default_ttl, self.force_ttl),
+            stale_while_revalidate=float(policy.seconds(cc, "stale-while-revalidate") or 0),
+            stale_if_error=float(policy.seconds(cc, "stale-if-error") or 0),
+            vary=stale.vary,
+        )
+
+    def _revalidated(self, ctx: Context, key: str, stale: Entry, resp: Response) -> None:
+        entry = self._refreshed(stale, resp.headers)
+        self.store.put(key, self.pairs(ctx), entry)
+        self._release(ctx, True)
+        ctx.state["cache"] = "revalidated"
+        served = self._from_entry(entry, time.time(), b"fwd=stale; fwd-status=304", b"HIT")
+        resp.status, resp.reason = served.status, b""
+        resp.headers, resp.body, resp.drop_body = served.headers, served.body, False
+
+    def _serve_stale(self, ctx: Context, stale: Entry, resp: Response) -> None:
+        self._release(ctx, False)
+        ctx.state["cache"] = "stale"
+        status = b"hit; fwd=stale; fwd-status=%d" % resp.status
+        served = self._from_entry(stale, time.time(), status, b"HIT")
+        resp.status, resp.reason = served.status, b""
+        resp.headers, resp.body, resp.drop_body = served.headers, served.body, False
+        resp.filters = []
+
+    def _invalidate(self, ctx: Context, resp: Response) -> None:
+        self.store.delete(self.primary(ctx))
+        for name in (b"location", b"content-location"):
+            value = resp.get(name)
+            if value is None:
+                continue
+            if value.startswith(b"/"):
+                path = value.split(b"?", 1)[0]
+            elif b"://" in value and value.split(b"://", 1)[1].split(b"/", 1)[0].lower() == (
+                (ctx.host or b"").lower()
+            ):
+                rest = value.split(b"://", 1)[1]
+                path = b"/" + rest.split(b"/", 1)[1].split(b"?", 1)[0] if b"/" in rest else b"/"
+            else:
+                continue  # another origin: not ours to invalidate (RFC 9111 §4.4)
+            self.store.delete(self.primary(ctx, path))
+
+    def _refresh_in_background(self, ctx: Context, key: str, entry: Entry) -> None:
+        if key in self.refreshing or self.pipeline is None or self.route is None:
+            return
+        self.refreshing.add(key)
+        headers = [(n, v) for n, _, v in ctx.headers
+                   if n in entry.vary or n in (b"host", b"accept-encoding")]
+        etag, modified = entry.header(b"etag"), entry.header(b"last-modified")
+        if etag is not None:
+            headers.append((b"if-none-match", etag))
+        if modified is not None:
+            headers.append((b"if-modified-since", modified))
+        request_headers = self.pairs(ctx)
+
+        async def refresh() -> None:
+            try:
+                assert self.pipeline is not None and self.route is not None
+                result = await self.pipeline.fetch(self.route, ctx.path, ctx.query, headers)
+                if result is None:
+                    return
+                status, resp_headers, body = result
+                if status == 304:
+                    self.store.put(key, request_headers, self._refreshed(entry, resp_headers))
+                elif policy.storable(b"GET", status, request_headers, resp_headers,
+                                     self.statuses, self.o.allow_set_cookie)[0]:
+                    kept = [(n, v) for n, v in resp_headers if n.lower() not in _NOT_STORED]
+                    self._put(key, request_headers, status, kept, body, time.time())
+            finally:
+                self.refreshing.discard(key)
+
+        self.pipeline.spawn(refresh())
