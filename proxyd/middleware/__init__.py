@@ -18,13 +18,15 @@ from proxyd.middleware.compression import Compression
 from proxyd.middleware.cors import Cors
 from proxyd.middleware.etag import Etag
 from proxyd.middleware.headers import Headers
+from proxyd.middleware.rate_limit import RateLimit
 from proxyd.middleware.security_headers import SecurityHeaders
 from proxyd.middleware.trace_id import TraceId
 from proxyd.middleware.validation import Validation
 
 REGISTRY: dict[str, type[Middleware]] = {
     cls.type: cls
-    for cls in (Cors, SecurityHeaders, Validation, TraceId, Headers, Cache, Etag, Compression)
+    for cls in (Cors, SecurityHeaders, Validation, TraceId, Headers, RateLimit, Cache, Etag,
+                Compression)
 }
 
 Problem = tuple[tuple[str | int, ...], str]  # (key path, message)

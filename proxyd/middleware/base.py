@@ -171,4 +171,7 @@ def json_response(status: int, message: str, request_id: str,
     import json
 
     body = json.dumps({"error": message, "request_id": request_id}).encode()
-    return Response(status, [(b"Content-Type", b"application/json"), *(headers or [])], body)
+    # The id in the header too, as on errors of routes without a chain: a client correlates
+    # by header whether or not the chain has trace_id (whose echo then finds it present).
+    return Response(status, [(b"Content-Type", b"application/json"),
+                             (b"X-Request-ID", request_id.encode()), *(headers or [])], body)

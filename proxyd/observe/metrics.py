@@ -43,6 +43,7 @@ GAUGES: dict[str, tuple[str, tuple[str, ...]]] = {
     "gateway_pool_connections_active": ("Upstream connections in use", ("upstream",)),
     "gateway_pool_connections_idle": ("Idle pooled upstream connections", ("upstream",)),
     "gateway_websocket_connections_active": ("Relayed WebSocket connections", ()),
+    "gateway_redis_fallback_active": ("Workers whose Redis rate limiter is on its fallback", ()),
 }
 
 

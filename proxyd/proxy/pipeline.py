@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from time import monotonic
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +55,8 @@ class Pipeline:
         self.cache_refreshing: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._session: Any = None  # aiohttp ClientSession for background fetches, lazily
+        self.closers: list[Callable[[], Awaitable[None]]] = []  # middleware resources (Redis)
+        self.redis_fallback = 0.0  # gauge: a Redis-backed limiter is on its fallback
         self.max_body_size = limits.max_body_size
         self.max_header_size = limits.max_header_size
         self.max_uri_size = limits.max_uri_size
@@ -173,6 +175,7 @@ class Pipeline:
             "gateway_active_connections": {(): float(len(self.connections))},
             "gateway_pool_connections_active": in_use,
             "gateway_pool_connections_idle": idle,
+            "gateway_redis_fallback_active": {(): self.redis_fallback},
         }
 
     def builtin(self, path: bytes) -> DirectResponse | None:
@@ -199,6 +202,8 @@ class Pipeline:
     def close(self) -> None:
         if self._session is not None:
             self.spawn(self._session.close())
+        for closer in self.closers:
+            self.spawn(closer())
         if self.access_log is not None:
             self.access_log.close()
         self.deadlines.stop()

@@ -21,7 +21,7 @@ def config(middleware: list[dict[str, Any]], *routes: dict[str, Any]) -> Gateway
 
 def test_registry_lists_every_type() -> None:
     assert set(REGISTRY) == {"cors", "security_headers", "validation", "trace_id", "headers",
-                             "cache", "etag", "compression"}
+                             "rate_limit", "cache", "etag", "compression"}
     for name, cls in REGISTRY.items():
         assert cls.type == name
 
@@ -197,8 +197,9 @@ def test_option_defaults_are_parsed_like_configured_values() -> None:
     assert make_options("cors").max_age == 600
     assert make_options("etag").max_size == 1024 * 1024
     assert make_options("compression").min_size == 1024
-    for name, cls in REGISTRY.items():
-        cls(cls.options_model.model_validate({"type": name}))  # every type builds from defaults
+    required = {"rate_limit": {"rate": "10/s"}}  # a limiter without a rate is a config mistake
+    for name, cls in REGISTRY.items():  # every type builds from its defaults
+        cls(cls.options_model.model_validate({"type": name, **required.get(name, {})}))
 
 
 def make_options(name: str) -> Any:

@@ -1,0 +1,192 @@
+"""The ``rate_limit`` middleware: GCRA limits per key, in worker memory or shared in Redis.
+
+Memory: each worker enforces its share (limit / workers), so N workers together allow the
+configured limit — approximately, since the kernel spreads connections, not requests, across
+workers. Redis: one atomic script per request, exact across workers and instances. When Redis
+fails, ``on_backend_error`` decides: allow, deny, or ``local`` (a per-worker bucket of
+limit / (workers * instances_hint)). Responses carry RateLimit-Limit/-Remaining/-Reset
+(the widely deployed draft-03 names) and 429s carry Retry-After.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from proxyd.config.types import Duration, RateValue
+from proxyd.middleware.base import Context, Middleware, Options, Pending, Response, json_response
+from proxyd.middleware.rate_limit.gcra import Decision, Limit
+from proxyd.middleware.rate_limit.memory import MemoryLimiter
+from proxyd.middleware.rate_limit.redis import RedisLimiter
+
+if TYPE_CHECKING:
+    from proxyd.proxy.pipeline import Pipeline
+    from proxyd.proxy.router import CompiledRoute
+
+
+class LimitSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    rate: RateValue
+    burst: int | None = Field(None, ge=1, description="Requests allowed at once (default: rate).")
+
+
+class RateLimitOptions(Options):
+    type: Literal["rate_limit"] = "rate_limit"
+    backend: Literal["memory", "redis"] = "memory"
+    rate: RateValue | None = None
+    burst: int | None = Field(None, ge=1)
+    limits: list[LimitSpec] = Field(default_factory=list, description="Several limits at once.")
+    key: str | list[str] = Field("client_ip",
+                                 description="client_ip, header:NAME, route, or a list of them.")
+    on_backend_error: Literal["allow", "deny", "local"] = "local"
+    instances_hint: int = Field(1, ge=1, description="proxyd instances sharing the limit.")
+    redis_timeout: Duration = "50ms"
+    headers: bool = True
+
+    @field_validator("key")
+    @classmethod
+    def _keys(cls, v: str | list[str]) -> str | list[str]:
+        for part in [v] if isinstance(v, str) else v:
+            if part not in ("client_ip", "route") and not (
+                part.startswith("header:") and len(part) > len("header:")
+            ):
+                raise ValueError(f"invalid key part {part!r}: use client_ip, route, header:NAME")
+        return v
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> RateLimitOptions:
+        if self.rate is None and not self.limits:
+            raise ValueError("set rate (and burst) or limits")
+        return self
+
+    def all_limits(self) -> list[Limit]:
+        specs = list(self.limits)
+        if self.rate is not None:
+            specs.insert(0, LimitSpec(rate=self.rate, burst=self.burst))
+        return [Limit(s.rate.count, s.rate.period, s.burst or s.rate.count) for s in specs]
+
+
+class RateLimit(Middleware):
+    type = "rate_limit"
+    options_model = RateLimitOptions
+
+    def __init__(self, options: RateLimitOptions) -> None:  # type: ignore[override]
+        super().__init__(options)
+        self.o = options
+        self.limits = options.all_limits()
+        parts = [options.key] if isinstance(options.key, str) else options.key
+        self.key_parts = [p.split(":", 1)[1].lower().encode() if p.startswith("header:") else p
+                          for p in parts]
+        self.policy = ", ".join(limit.policy() for limit in self.limits).encode()
+        self.memory: MemoryLimiter | None = None
+        self.fallback: MemoryLimiter | None = None
+        self.redis: RedisLimiter | None = None
+        self.pipeline: Pipeline | None = None
+        self.route_name = ""
+
+    def bind(self, pipeline: Pipeline, route: CompiledRoute) -> None:
+        self.pipeline = pipeline
+        self.route_name = route.name
+        workers = pipeline.config.server.worker_count()
+        if self.o.backend == "memory":
+            self.memory = MemoryLimiter([limit.scaled(workers) for limit in self.limits])
+        else:
+            self.redis = RedisLimiter(pipeline.config.redis.url, self.limits,
+                                      self.o.redis_timeout)
+            share = workers * self.o.instances_hint
+            self.fallback = MemoryLimiter([limit.scaled(share) for limit in self.limits])
+            pipeline.closers.append(self.redis.close)
+
+    # -- keys ---------------------------------------------------------------------------------
+    def client_ip(self, ctx: Context) -> bytes:
+        """The peer, or — behind trusted proxies only — the last untrusted X-Forwarded-For hop."""
+        pipeline = self.pipeline
+        ip = ctx.client_ip
+        if pipeline is None or ip.decode() not in pipeline.trusted:
+            return ip
+        forwarded = ctx.header(b"x-forwarded-for")
+        if not forwarded:
+            return ip
+        for hop in reversed([h.strip() for h in forwarded.split(b",") if h.strip()]):
+            if hop.decode("latin-1") not in pipeline.trusted:
+                return hop
+        return ip
+
+    def key(self, ctx: Context) -> str:
+        parts = []
+        for part in self.key_parts:
+            if part == "client_ip":
+                parts.append(self.client_ip(ctx))
+            elif part == "route":
+                parts.append(ctx.route.encode())
+            else:
+                parts.append(ctx.header(part) or b"")  # type: ignore[arg-type]
+        return (self.route_name + "|" + b"|".join(parts).decode("latin-1"))
+
+    # -- decisions ----------------------------------------------------------------------------
+    def on_request(self, ctx: Context) -> Response | Pending | None:
+        key = self.key(ctx)
+        if self.memory is not None:
+            return self._decide(ctx, self.memory.check(key))
+        redis = self.redis
+        assert redis is not None and self.pipeline is not None
+        if not redis.breaker.allow():
+            return self._fallback(ctx, key)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Response | None] = loop.create_future()
+
+        async def ask() -> None:
+            try:
+                decisions = await redis.check(key)
+            except Exception as exc:  # any Redis trouble: the fallback answers
+                redis.breaker.failure(exc)
+                self._set_fallback_gauge(1.0)
+                result = self._fallback(ctx, key)
+            else:
+                if redis.breaker.tripped:
+                    self._set_fallback_gauge(0.0)
+                redis.breaker.success()
+                result = self._decide(ctx, decisions)
+            if not future.done():
+                future.set_result(result)
+
+        self.pipeline.spawn(ask())
+        return Pending(future)
+
+    def _set_fallback_gauge(self, value: float) -> None:
+        if self.pipeline is not None:
+            self.pipeline.redis_fallback = value
+
+    def _fallback(self, ctx: Context, key: str) -> Response | None:
+        mode = self.o.on_backend_error
+        if mode == "allow":
+            return None
+        if mode == "deny":
+            return json_response(503, "rate limiter unavailable", ctx.id())
+        assert self.fallback is not None
+        return self._decide(ctx, self.fallback.check(key))
+
+    def _decide(self, ctx: Context, decisions: list[Decision]) -> Response | None:
+        tightest = min(decisions, key=lambda d: (d.allowed, d.remaining))
+        ctx.state["rate_limit"] = tightest
+        if all(d.allowed for d in decisions):
+            return None
+        retry = max(d.retry_after for d in decisions)
+        if self.pipeline is not None:
+            self.pipeline.metrics.inc("gateway_rate_limited_total", (self.route_name,))
+        resp = json_response(429, "rate limit exceeded", ctx.id(),
+                             [(b"Retry-After", str(max(1, math.ceil(retry))).encode())])
+        self.on_response(ctx, resp)  # an answer from this element: its own headers too
+        return resp
+
+    def on_response(self, ctx: Context, resp: Response) -> None:
+        decision: Any = ctx.state.get("rate_limit")
+        if decision is None or not self.o.headers:
+            return
+        resp.set(b"RateLimit-Policy", self.policy)
+        resp.set(b"RateLimit-Limit", str(decision.limit.count).encode())
+        resp.set(b"RateLimit-Remaining", str(decision.remaining).encode())
+        resp.set(b"RateLimit-Reset", str(max(0, math.ceil(decision.reset))).encode())

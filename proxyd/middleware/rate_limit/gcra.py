@@ -1,0 +1,71 @@
+"""GCRA (generic cell rate algorithm): a token bucket kept as one timestamp per key.
+
+State per key is the theoretical arrival time (TAT). With emission interval T = period/count
+and burst B, a request at ``now`` is allowed when ``max(TAT, now) + T - B·T <= now``; allowing it
+moves TAT forward by T. B requests may arrive at once; after that one per T.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    count: int  # requests ...
+    period: float  # ... per this many seconds
+    burst: int  # requests allowed at once
+
+    @property
+    def interval(self) -> float:
+        return self.period / self.count
+
+    @property
+    def tolerance(self) -> float:
+        return self.interval * self.burst
+
+    def scaled(self, share: int) -> Limit:
+        """This limit split evenly across ``share`` independent enforcers (at least 1/period)."""
+        if share <= 1:
+            return self
+        return Limit(max(1, self.count // share), self.period, max(1, self.burst // share))
+
+    def policy(self) -> str:
+        return f"{self.count};w={self.period:g};burst={self.burst}"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    limit: Limit
+    remaining: int
+    reset: float  # seconds until the bucket is full again
+    retry_after: float  # seconds until a request would be allowed (0 when allowed)
+
+
+def check(limit: Limit, tat: float | None, now: float) -> tuple[Decision, float | None]:
+    """Decide one request; (decision, new TAT to store — None when denied)."""
+    start = now if tat is None or tat < now else tat
+    new_tat = start + limit.interval
+    allow_at = new_tat - limit.tolerance
+    if now < allow_at:
+        remaining = 0
+        return Decision(False, limit, remaining, start - now, allow_at - now), None
+    remaining = math.floor((now - allow_at) / limit.interval + 1e-9)
+    return Decision(True, limit, remaining, new_tat - now, 0.0), new_tat
+
+
+def check_all(limits: list[Limit], tats: list[float | None], now: float
+              ) -> tuple[list[Decision], list[float] | None]:
+    """All limits of one request: allowed only if every one allows; nothing moves otherwise."""
+    decisions: list[Decision] = []
+    new_tats: list[float] = []
+    for limit, tat in zip(limits, tats, strict=True):
+        decision, new_tat = check(limit, tat, now)
+        decisions.append(decision)
+        if new_tat is not None:
+            new_tats.append(new_tat)
+    if all(d.allowed for d in decisions):
+        return decisions, new_tats
+    return decisions, None

@@ -1,0 +1,32 @@
+"""Per-worker GCRA state: a dict of key → TATs, swept of expired keys as it grows."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from proxyd.middleware.rate_limit.gcra import Decision, Limit, check_all
+
+SWEEP_AT = 100_000  # keys; past this, expired ones are dropped (a key is expired when TAT < now)
+
+
+class MemoryLimiter:
+    def __init__(self, limits: list[Limit], clock: Callable[[], float] = time.monotonic) -> None:
+        self.limits = limits
+        self.clock = clock
+        self.state: dict[str, list[float]] = {}
+
+    def check(self, key: str) -> list[Decision]:
+        now = self.clock()
+        stored = self.state.get(key)
+        tats: list[float | None] = list(stored) if stored is not None else [None] * len(
+            self.limits)
+        decisions, new_tats = check_all(self.limits, tats, now)
+        if new_tats is not None:
+            self.state[key] = new_tats
+            if len(self.state) > SWEEP_AT:
+                self.sweep(now)
+        return decisions
+
+    def sweep(self, now: float) -> None:
+        self.state = {k: v for k, v in self.state.items() if max(v) > now}
