@@ -169,6 +169,15 @@ class RouteCache(Model):
     enabled: bool = True
 
 
+class WebSocket(Model):
+    enabled: bool = True
+    on_reload: Literal["keep", "close"] = Field(
+        "keep", description="keep: live until they end or drain_timeout; close: 1001 at once."
+    )
+    idle_timeout: Duration = Field("300s", description="Close a relay idle this long.")
+    max_message_size: ByteSize = Field("16MiB", description="Larger messages close with 1009.")
+
+
 class Route(Model):
     name: str = Field(min_length=1)
     match: Match = Field(default_factory=Match)
@@ -180,7 +189,15 @@ class Route(Model):
     middleware: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="Per-route overrides of middleware entries, by type."
     )
-    websocket: bool = False
+    websocket: WebSocket = Field(
+        default_factory=lambda: WebSocket(enabled=False),
+        description="true, or options: relay WebSocket upgrades on this route.",
+    )
+
+    @field_validator("websocket", mode="before")
+    @classmethod
+    def _websocket_flag(cls, v: Any) -> Any:
+        return {"enabled": v} if isinstance(v, bool) else v
 
 
 class MiddlewareEntry(BaseModel):

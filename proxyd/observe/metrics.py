@@ -31,6 +31,9 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "gateway_cache_misses_total": ("Cacheable requests not in the cache", ("route",)),
     "gateway_upstream_errors_total": ("Failed upstream exchanges", ("upstream", "kind")),
     "gateway_rate_limited_total": ("Requests refused by rate limiting", ("route",)),
+    "gateway_websocket_messages_total": ("WebSocket messages relayed", ("direction",)),
+    "gateway_websocket_bytes_total": ("WebSocket bytes relayed", ("direction",)),
+    "gateway_websocket_closes_total": ("WebSocket relays ended, by close code", ("code",)),
 }
 HISTOGRAMS: dict[str, tuple[str, tuple[str, ...]]] = {
     "gateway_request_duration_seconds": ("Time from request head to response end",

@@ -19,6 +19,7 @@ from proxyd.proxy.forward import Exchange
 from proxyd.proxy.headers import (
     CRLF,
     REQUEST_DROP,
+    body_length,
     error_response,
     forwarded_fields,
     parse_fields,
@@ -27,6 +28,7 @@ from proxyd.proxy.headers import (
 from proxyd.proxy.pipeline import Pipeline, req_id
 from proxyd.proxy.request import SPECIAL, Reject, Request, special_header
 from proxyd.proxy.router import DirectResponse, normalize_host, remove_dot_segments
+from proxyd.proxy.websocket import Tunnel, new_key
 
 # Reasons to stop reading from the client; reading resumes when none is left.
 PAUSE_PIPELINE = 1  # a pipelined request waits for the one in flight
@@ -48,6 +50,8 @@ class DownstreamProtocol(asyncio.Protocol):
         self.write_paused = False
         self.requests = 0
         self.close_after = False  # a later request was malformed: close once this one is out
+        self.tunnel: Tunnel | None = None  # a WebSocket relay owns the connection
+        self.ws_early: list[bytes] | None = None  # set while an upgrade awaits the upstream
         self.parsing = False  # inside data_received: upstream writes wait for its final flush
         self._paused = 0
         self._out: list[bytes] = []
@@ -66,6 +70,8 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.tunnel is not None:
+            self.tunnel.lost()
         self.p.connections.discard(self)
         self.p.deadlines.discard(self)
         for req in (self.active, *self.queue):
@@ -74,10 +80,15 @@ class DownstreamProtocol(asyncio.Protocol):
         active = self.active
         if active is not None and not active.observed:
             active.status = 499  # nginx's "client closed request"
+            if active.exchange is not None:
+                active.bytes_out = active.exchange.bytes_out  # what was relayed before
             self.p.observe(active, self.client_ip, active.exchange)
         self.queue.clear()
 
     def on_deadline(self) -> None:
+        if self.tunnel is not None:
+            self.tunnel.idle()
+            return
         # Header timeout or idle keep-alive: either way nobody is waiting for an answer.
         if self.active is None and self.transport is not None:
             self.transport.close()
@@ -109,12 +120,18 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        if self.tunnel is not None:
+            self.tunnel.conn.pause_reading()
+            return
         ex = self.active.exchange if self.active is not None else None
         if ex is not None and ex.conn is not None:
             ex.conn.pause_reading()
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        if self.tunnel is not None:
+            self.tunnel.conn.resume_reading()
+            return
         ex = self.active.exchange if self.active is not None else None
         if ex is not None and ex.conn is not None:
             ex.conn.resume_reading()
@@ -144,18 +161,30 @@ class DownstreamProtocol(asyncio.Protocol):
 
     # -- parsing ----------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
+        if self.ws_early is not None:
+            # A WebSocket relay: bytes pass through once the upstream said 101, wait until then.
+            if self.tunnel is not None:
+                self.tunnel.from_client(data)
+            else:
+                self.ws_early.append(data)
+            return
         before = self.req
         self.parsing = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
-            # Upgrade asked on a plain route: the request was handled as ordinary HTTP and the
-            # connection stays HTTP, so parse what follows with a fresh parser.
-            self.parser = httptools.HttpRequestParser(self)
             rest = data[exc.args[0]:] if exc.args else b""
-            if rest:
-                self.data_received(rest)
-                return
+            active = self.active
+            if active is not None and active.ws_upstream_key is not None:
+                self.ws_early = [rest] if rest else []  # frames sent ahead of our 101
+            else:
+                # Upgrade asked on a plain route: the request was handled as ordinary HTTP and
+                # the connection stays HTTP, so parse what follows with a fresh parser.
+                self.parser = httptools.HttpRequestParser(self)
+                if rest:
+                    self.parsing = False
+                    self.data_received(rest)
+                    return
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
             if isinstance(cause, Reject):
@@ -220,6 +249,7 @@ class DownstreamProtocol(asyncio.Protocol):
             raise Reject(400, "request target must be origin-form (this is not a forward proxy)")
         if req.content_length is not None and req.content_length > self.p.max_body_size:
             raise Reject(413, "request body too large")
+        req.body_limit = self.p.max_body_size
         req.has_body = req.chunked or bool(req.content_length)
         req.body_done = not req.has_body
         self.deadline = 0.0
@@ -233,7 +263,7 @@ class DownstreamProtocol(asyncio.Protocol):
         req = self.req
         assert req is not None
         req.body_size += len(chunk)
-        if req.body_size > self.p.max_body_size:
+        if req.body_size > req.body_limit:
             raise Reject(413, "request body too large")
         if req.discard:
             return
@@ -356,9 +386,13 @@ class DownstreamProtocol(asyncio.Protocol):
         assert route is not None
         ctx = req.ctx
         limit = ctx.max_body_size if ctx is not None else None
-        if limit is not None and (req.content_length or 0) > limit:
-            self.send_error(req, 413, "request body too large")
-            return
+        if limit is not None:
+            # A chunked body is checked as it streams (on_body); what arrived while the
+            # request waited its turn (pipelined) is checked here.
+            if (req.content_length or 0) > limit or req.body_size > limit:
+                self.send_error(req, 413, "request body too large")
+                return
+            req.body_limit = min(req.body_limit, limit)
         if route.respond is not None:
             if ctx is None:
                 self._send_direct(req, route.respond)
@@ -378,6 +412,12 @@ class DownstreamProtocol(asyncio.Protocol):
         if ctx is not None and ctx.remove_request:
             drop = drop | ctx.remove_request
         parts = [req.method, b" ", target, b" HTTP/1.1\r\n"]
+        if route.websocket is not None and req.upgrade == b"websocket" and req.ws_key:
+            # A fresh key towards the upstream; the client's Accept is computed from its own.
+            req.ws_upstream_key = new_key()
+            drop = drop | {b"sec-websocket-key"}
+            parts += (b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: ",
+                      req.ws_upstream_key, CRLF)
         for lname, name, value in req.headers:
             if lname not in drop and lname != b"host":
                 parts += (name, b": ", value, CRLF)
@@ -412,7 +452,7 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def _local_done(self, req: Request, close: bool) -> None:
         """A response proxyd wrote itself is out; the request body, if any, is dropped."""
-        self.p.observe(req, self.client_ip)
+        self.p.observe(req, self.client_ip, req.exchange)  # the upstream of a 502/504
         if close:
             self.close()
             return
@@ -430,7 +470,7 @@ class DownstreamProtocol(asyncio.Protocol):
         if req.ctx is None:
             data = error_response(status, message, self.request_id(req), close=close,
                                   head_only=head_only, extra=extra)
-            req.bytes_out = 0
+            req.bytes_out = 0 if head_only else body_length(data)
         else:
             # Errors pass the route's response hooks too (CORS, trace id, security headers).
             resp = json_response(status, message, req.ctx.id(), parse_fields(extra))
@@ -442,6 +482,22 @@ class DownstreamProtocol(asyncio.Protocol):
         if self.active is None and not close:
             self._advance()
         self.flush()
+
+    def start_tunnel(self, tunnel: Tunnel, exchange: Exchange) -> None:
+        """The upstream accepted the upgrade: this connection is a WebSocket relay now."""
+        req = exchange.req
+        req.status = 101
+        self.p.observe(req, self.client_ip, exchange)
+        self.active = None
+        self.queue.clear()
+        self.tunnel = tunnel
+        tunnel.touch()
+        early, self.ws_early = self.ws_early or [], []
+        for data in early:
+            tunnel.from_client(data)
+        self._paused = 0
+        if self.transport is not None:
+            self.transport.resume_reading()
 
     def exchange_done(self, exchange: Exchange, *, close: bool) -> None:
         req = exchange.req
@@ -475,5 +531,11 @@ class DownstreamProtocol(asyncio.Protocol):
             self.close_after = True
             return
         req = self.req or Request()
-        self.send(error_response(status, message, self.request_id(req), close=True))
+        data = error_response(status, message, self.request_id(req), close=True)
+        self.send(data)
+        if req is active:
+            # Dispatched, then refused (its body outgrew the limit): observed like the rest.
+            req.status = status
+            req.bytes_out = body_length(data)
+            self.p.observe(req, self.client_ip, req.exchange)
         self.close()

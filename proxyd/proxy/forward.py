@@ -15,6 +15,7 @@ import httptools
 
 from proxyd.middleware.base import BodyFilter, Response
 from proxyd.proxy.headers import CRLF, HOP_BY_HOP, RESPONSE_DROP, status_line
+from proxyd.proxy.websocket import Tunnel, accept_key
 
 if TYPE_CHECKING:
     from proxyd.proxy.downstream import DownstreamProtocol, Request
@@ -50,6 +51,7 @@ class Exchange:
         "started_at",
         "target",
         "tries",
+        "upgrade_headers",
     )
 
     def __init__(self, ds: DownstreamProtocol, req: Request, pool: UpstreamPool) -> None:
@@ -76,6 +78,7 @@ class Exchange:
         self.drop = False  # read the upstream body but do not send it
         self.bytes_out = 0
         self.started_at = 0.0
+        self.upgrade_headers: list[tuple[bytes, bytes]] | None = None
 
     # -- request side ---------------------------------------------------------------------
     def start(self, head_without_host: bytes, host_line: bytes | None) -> None:
@@ -141,8 +144,11 @@ class Exchange:
         ds = self.ds
         try:
             self.parser.feed_data(data)  # type: ignore[union-attr]
-        except httptools.HttpParserUpgrade:
-            self.upstream_failed(502, "upstream switched protocols on a plain HTTP route")
+        except httptools.HttpParserUpgrade as exc:
+            if self.upgrade_headers is not None and self.req.ws_upstream_key is not None:
+                self._start_tunnel(data[exc.args[0]:] if exc.args else b"")
+            else:
+                self.upstream_failed(502, "upstream switched protocols on a plain HTTP route")
         except httptools.HttpParserError as exc:
             if not self.done:
                 self.upstream_failed(502, f"invalid upstream response: {exc}")
@@ -161,6 +167,9 @@ class Exchange:
         headers, self.resp_headers = self.resp_headers, []
         reason, self.resp_reason = self.resp_reason, b""
         ds, req = self.ds, self.req
+        if status == 101:
+            self.upgrade_headers = headers  # llhttp raises HttpParserUpgrade right after this
+            return
         if status < 200:
             # 100 was answered by proxyd itself; other 1xx (103 Early Hints) are relayed
             # to HTTP/1.1 clients and are never the final response.
@@ -314,6 +323,36 @@ class Exchange:
                 self.ds.send(b"%x\r\n%b\r\n" % (len(tail), tail) if self.client_chunked else tail)
         if self.client_chunked:
             self.ds.send(b"0\r\n\r\n")
+
+    def _start_tunnel(self, rest: bytes) -> None:
+        """The upstream's 101: answer the client's handshake, then relay bytes both ways."""
+        headers = self.upgrade_headers or []
+        req, ds, conn = self.req, self.ds, self.conn
+        assert req.ws_key is not None and req.ws_upstream_key is not None and conn is not None
+        got = next((v.strip() for n, v in headers if n.lower() == b"sec-websocket-accept"), b"")
+        if got != accept_key(req.ws_upstream_key):
+            self.upstream_failed(502, "upstream sent a wrong Sec-WebSocket-Accept")
+            return
+        lines = [b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                 b"Connection: Upgrade\r\nSec-WebSocket-Accept: ", accept_key(req.ws_key), CRLF]
+        for name, value in headers:
+            if name.lower() in (b"sec-websocket-protocol", b"sec-websocket-extensions"):
+                lines += (name, b": ", value, CRLF)
+        lines.append(CRLF)
+        ds.send(b"".join(lines))
+        ds.flush()
+        self.done = True
+        self.resp_status = 101
+        self.conn = None
+        conn.exchange = None
+        conn.deadline = 0.0  # the relay's idle timeout runs on the client side
+        route = req.route
+        assert route is not None and route.websocket is not None
+        tunnel = Tunnel(ds, conn, ds.p, route.websocket)
+        conn.tunnel = tunnel
+        ds.start_tunnel(tunnel, self)
+        if rest:
+            tunnel.from_upstream(rest)
 
     # -- endings ----------------------------------------------------------------------------
     def _finish(self, *, reusable: bool) -> None:

@@ -26,6 +26,7 @@ from proxyd.proxy.upstream import UpstreamPool
 if TYPE_CHECKING:
     from proxyd.proxy.forward import Exchange
     from proxyd.proxy.request import Request
+    from proxyd.proxy.websocket import Tunnel
 
 KNOWN_METHODS = (b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS", b"TRACE",
                  b"CONNECT")
@@ -57,6 +58,7 @@ class Pipeline:
         self._session: Any = None  # aiohttp ClientSession for background fetches, lazily
         self.closers: list[Callable[[], Awaitable[None]]] = []  # middleware resources (Redis)
         self.redis_fallback = 0.0  # gauge: a Redis-backed limiter is on its fallback
+        self.tunnels: set[Tunnel] = set()  # live WebSocket relays
         self.max_body_size = limits.max_body_size
         self.max_header_size = limits.max_header_size
         self.max_uri_size = limits.max_uri_size
@@ -176,6 +178,7 @@ class Pipeline:
             "gateway_pool_connections_active": in_use,
             "gateway_pool_connections_idle": idle,
             "gateway_redis_fallback_active": {(): self.redis_fallback},
+            "gateway_websocket_connections_active": {(): float(len(self.tunnels))},
         }
 
     def builtin(self, path: bytes) -> DirectResponse | None:

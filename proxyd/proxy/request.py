@@ -18,6 +18,7 @@ NO_CHAIN = Chain([])
 SPECIAL = frozenset({
     b"host", b"content-length", b"transfer-encoding", b"connection", b"expect",
     b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"via", b"x-request-id",
+    b"upgrade", b"sec-websocket-key",
 })
 
 
@@ -34,6 +35,7 @@ class Request:
     __slots__ = (
         "_id",
         "body_done",
+        "body_limit",
         "body_size",
         "bytes_out",
         "chain",
@@ -62,8 +64,11 @@ class Request:
         "route_name",
         "started",
         "status",
+        "upgrade",
         "url",
         "via",
+        "ws_key",
+        "ws_upstream_key",
         "xff",
         "xfh",
         "xfp",
@@ -81,6 +86,7 @@ class Request:
         self.has_body = False
         self.body_done = False
         self.body_size = 0
+        self.body_limit = 0  # server limit, narrowed by the route's chain at dispatch
         self.pending: list[bytes] = []
         self.http11 = True
         self.keep_alive = True
@@ -104,38 +110,44 @@ class Request:
         self.status = 0
         self.bytes_out = 0
         self.observed = False
+        self.upgrade: bytes | None = None
+        self.ws_key: bytes | None = None  # the client's Sec-WebSocket-Key
+        self.ws_upstream_key: bytes | None = None  # ours, towards the upstream
         self.discard = False
         self._id: str | None = None
 
 
-
 def special_header(req: Request, lname: bytes, value: bytes) -> None:
-        if lname == b"host":
-            if req.host is not None:
-                raise Reject(400, "duplicate Host header")
-            req.host = value
-        elif lname == b"content-length":
-            req.content_length = int(value)  # llhttp refused non-digits and duplicates
-        elif lname == b"transfer-encoding":
-            # llhttp accepts "gzip, chunked"; proxyd forwards only plain chunked bodies.
-            if req.chunked or value.strip().lower() != b"chunked":
-                raise Reject(400, "unsupported Transfer-Encoding")
-            req.chunked = True
-        elif lname == b"connection":
-            tokens = connection_tokens(value)
-            req.conn_tokens = (req.conn_tokens or set()) | tokens
-            if b"close" in tokens:
-                req.close_requested = True
-        elif lname == b"expect":
-            req.expect = value.strip().lower()
-        elif lname == b"x-forwarded-for":
-            req.xff = req.xff + b", " + value if req.xff else value
-        elif lname == b"x-forwarded-proto":
-            req.xfp = value
-        elif lname == b"x-forwarded-host":
-            req.xfh = value
-        elif lname == b"via":
-            req.via = req.via + b", " + value if req.via else value
-        elif lname == b"x-request-id":
-            req.inbound_id = value
-
+    """Fields the data plane needs from a request head, recorded as they are parsed."""
+    if lname == b"host":
+        if req.host is not None:
+            raise Reject(400, "duplicate Host header")
+        req.host = value
+    elif lname == b"content-length":
+        req.content_length = int(value)  # llhttp refused non-digits and duplicates
+    elif lname == b"transfer-encoding":
+        # llhttp accepts "gzip, chunked"; proxyd forwards only plain chunked bodies.
+        if req.chunked or value.strip().lower() != b"chunked":
+            raise Reject(400, "unsupported Transfer-Encoding")
+        req.chunked = True
+    elif lname == b"connection":
+        tokens = connection_tokens(value)
+        req.conn_tokens = (req.conn_tokens or set()) | tokens
+        if b"close" in tokens:
+            req.close_requested = True
+    elif lname == b"expect":
+        req.expect = value.strip().lower()
+    elif lname == b"x-forwarded-for":
+        req.xff = req.xff + b", " + value if req.xff else value
+    elif lname == b"x-forwarded-proto":
+        req.xfp = value
+    elif lname == b"x-forwarded-host":
+        req.xfh = value
+    elif lname == b"via":
+        req.via = req.via + b", " + value if req.via else value
+    elif lname == b"x-request-id":
+        req.inbound_id = value
+    elif lname == b"upgrade":
+        req.upgrade = value.strip().lower()
+    elif lname == b"sec-websocket-key":
+        req.ws_key = value.strip()

@@ -10,7 +10,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from proxyd.config.models import Respond, Route
+from proxyd.config.models import Respond, Route, WebSocket
 from proxyd.middleware.base import Response
 from proxyd.middleware.chain import Chain
 from proxyd.proxy.headers import CRLF, status_line
@@ -30,7 +30,7 @@ class CompiledRoute:
     strip_prefix: bytes | None = None
     rewrite: tuple[re.Pattern[bytes], bytes] | None = None
     respond: DirectResponse | None = None
-    websocket: bool = False
+    websocket: WebSocket | None = None  # options when upgrades are relayed
     allow_header: bytes = b""
     config: Route | None = field(default=None, repr=False)
     chain: Chain = field(default_factory=lambda: Chain([]), repr=False)
@@ -122,7 +122,7 @@ def compile_route(route: Route) -> CompiledRoute:
         strip_prefix=route.strip_prefix.encode() if route.strip_prefix else None,
         rewrite=rewrite,
         respond=DirectResponse(route.respond) if route.respond is not None else None,
-        websocket=route.websocket,
+        websocket=route.websocket if route.websocket.enabled else None,
         allow_header=b"Allow: " + b", ".join(sorted(methods)) + CRLF if methods else b"",
         config=route,
     )

@@ -21,6 +21,7 @@ from proxyd.proxy.timers import Deadlines
 
 if TYPE_CHECKING:
     from proxyd.proxy.forward import Exchange
+    from proxyd.proxy.websocket import Tunnel
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -33,6 +34,7 @@ class UpstreamConnection(asyncio.Protocol):
         "read_paused",
         "reused",
         "transport",
+        "tunnel",
     )
 
     def __init__(self, pool: TargetPool) -> None:
@@ -42,6 +44,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.parser: Any = None  # httptools.HttpResponseParser bound to the exchange
         self.deadline = 0.0
         self.reused = False
+        self.tunnel: Tunnel | None = None
         self.read_paused = False
         self._out: list[bytes] = []
 
@@ -82,6 +85,9 @@ class UpstreamConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         exchange = self.exchange
         if exchange is None:
+            if self.tunnel is not None:
+                self.tunnel.from_upstream(data)
+                return
             # Bytes on an idle connection: the upstream is out of step; never reuse it.
             self.close()
             return
@@ -97,13 +103,19 @@ class UpstreamConnection(asyncio.Protocol):
         exchange, self.exchange = self.exchange, None
         if exchange is not None:
             exchange.upstream_lost(self, exc)
+        if self.tunnel is not None:
+            self.tunnel.lost()
 
     def pause_writing(self) -> None:
-        if self.exchange is not None:
+        if self.tunnel is not None:
+            self.tunnel.ds.pause_reading_for_upstream()
+        elif self.exchange is not None:
             self.exchange.ds.pause_reading_for_upstream()
 
     def resume_writing(self) -> None:
-        if self.exchange is not None:
+        if self.tunnel is not None:
+            self.tunnel.ds.resume_reading_for_upstream()
+        elif self.exchange is not None:
             self.exchange.ds.resume_reading_for_upstream()
 
     def on_deadline(self) -> None:
