@@ -118,6 +118,11 @@ def error_response(
     return head if head_only else head + body
 
 
+def body_length(response: bytes) -> int:
+    """Bytes after the head of a complete response made here (bytes_out of an error)."""
+    return len(response) - response.index(b"\r\n\r\n") - 4
+
+
 def parse_fields(fields: bytes) -> list[tuple[bytes, bytes]]:
     """Preformatted "Name: value\\r\\n" lines back into pairs (for the rare error paths)."""
     pairs = []

@@ -13,6 +13,7 @@ from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 from proxyd.cache.memory import MemoryStore
+from proxyd.cache.redis import RedisStore
 from proxyd.config.models import GatewayConfig, Respond
 from proxyd.middleware import build_chain
 from proxyd.observe.access_log import AccessLog
@@ -51,7 +52,13 @@ class Pipeline:
         self.loop = loop
         self.router = Router(config.routes)
         cache = config.cache
-        self.cache_store = MemoryStore(cache.max_entries, cache.max_bytes, cache.max_object_size)
+        self.cache_store: MemoryStore | RedisStore
+        if cache.backend == "redis":  # shared by workers and instances; connects on first use
+            self.cache_store = RedisStore(config.redis.url, cache.max_entries, cache.max_bytes,
+                                          cache.max_object_size, spawn=self.spawn)
+        else:
+            self.cache_store = MemoryStore(cache.max_entries, cache.max_bytes,
+                                           cache.max_object_size)
         self.cache_inflight: dict[str, asyncio.Future[bool]] = {}
         self.cache_refreshing: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -205,6 +212,8 @@ class Pipeline:
     def close(self) -> None:
         if self._session is not None:
             self.spawn(self._session.close())
+        if isinstance(self.cache_store, RedisStore):
+            self.spawn(self.cache_store.close())
         for closer in self.closers:
             self.spawn(closer())
         if self.access_log is not None:

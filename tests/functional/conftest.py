@@ -189,8 +189,14 @@ def build_config(
     limits: dict[str, Any] | None = None,
     server: dict[str, Any] | None = None,
     pool: dict[str, Any] | None = None,
+    middleware: list[dict[str, Any]] | None = None,
+    access_log: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A config dict; an upstream given as a URL string (or list of them) gets ``pool``."""
+    """A config dict; an upstream given as a URL string (or list of them) gets ``pool``.
+
+    ``middleware`` is the top-level chain (routes override entries by type with a
+    ``middleware`` key); ``access_log`` replaces the default (JSON lines on stdout).
+    """
     ups: dict[str, Any] = {}
     for name, value in (upstreams or {}).items():
         if isinstance(value, dict):
@@ -198,7 +204,7 @@ def build_config(
         else:
             targets = [value] if isinstance(value, str) else list(value)
             ups[name] = {"targets": targets, "pool": pool or {}}
-    return {
+    config: dict[str, Any] = {
         "server": {
             "listen": [f"127.0.0.1:{port}"],
             "workers": 1,
@@ -210,11 +216,16 @@ def build_config(
         "upstreams": ups,
         "routes": routes,
     }
+    if middleware is not None:
+        config["middleware"] = middleware
+    if access_log is not None:
+        config["access_log"] = access_log
+    return config
 
 
 @pytest.fixture
 async def proxy(upstreams: Upstreams) -> AsyncIterator[StartProxy]:
-    """``await proxy(routes, upstreams, limits=..., server=..., pool=...)`` → a running Proxy.
+    """``await proxy(routes, upstreams, limits=..., middleware=..., access_log=...)`` → a Proxy.
 
     Depends on ``upstreams`` so the proxy drains before the upstream servers stop.
     """
@@ -246,7 +257,8 @@ async def proxy(upstreams: Upstreams) -> AsyncIterator[StartProxy]:
 def route(name: str, upstream: str = "backend", **match: Any) -> dict[str, Any]:
     """A route dict; keyword arguments go to ``match`` except the route-level ones."""
     top: dict[str, Any] = {
-        k: match.pop(k) for k in ("strip_prefix", "rewrite", "respond") if k in match
+        k: match.pop(k)
+        for k in ("strip_prefix", "rewrite", "respond", "middleware") if k in match
     }
     r: dict[str, Any] = {"name": name, "match": match, **top}
     if "respond" not in top:
