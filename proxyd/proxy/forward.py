@@ -371,6 +371,9 @@ class Exchange:
         if self.done:
             return
         self.done = True
+        kind = ("timeout" if status == 504 else "connect" if "connect" in message
+                else "reset" if "closed" in message else "protocol")
+        self.ds.p.metrics.inc("gateway_upstream_errors_total", (self.pool.name, kind))
         conn, self.conn = self.conn, None
         if conn is not None:
             conn.exchange = None
