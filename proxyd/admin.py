@@ -10,6 +10,7 @@ import hmac
 from typing import TYPE_CHECKING
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxyd.config.models import Admin
 
@@ -30,6 +31,8 @@ class AdminServer:
         app.router.add_get("/health/ready", self.ready)
         app.router.add_get("/status", self.status)
         app.router.add_post("/reload", self.reload)
+        app.router.add_get("/metrics", self.metrics)
+        app.router.add_delete("/cache", self.purge)
         return app
 
     async def start(self, config: Admin) -> None:
@@ -75,8 +78,14 @@ class AdminServer:
         return web.json_response({"ready": ok, "state": self.master.state},
                                  status=200 if ok else 503)
 
+    def _read_refused(self, request: web.Request) -> web.Response | None:
+        if self.config is not None and self.config.protect_reads and not self._authorized(request):
+            return web.json_response({"error": "unauthorized"}, status=401,
+                                     headers={"WWW-Authenticate": "Bearer"})
+        return None
+
     async def status(self, request: web.Request) -> web.Response:
-        return web.json_response(self.master.status())
+        return self._read_refused(request) or web.json_response(self.master.status())
 
     async def reload(self, request: web.Request) -> web.Response:
         if not self._authorized(request):
@@ -93,3 +102,21 @@ class AdminServer:
             {"ok": ok, "error": error, "generation": self.master.generation},
             status=200 if ok else 422,
         )
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        if (refused := self._read_refused(request)) is not None:
+            return refused
+        body = generate_latest(self.master.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def purge(self, request: web.Request) -> web.Response:
+        """DELETE /cache?key=...|prefix=...: every worker's store, and Redis when shared."""
+        if not self._authorized(request):
+            return web.json_response({"error": "unauthorized"}, status=401,
+                                     headers={"WWW-Authenticate": "Bearer"})
+        key, prefix = request.query.get("key"), request.query.get("prefix")
+        if not key and not prefix:
+            return web.json_response({"error": "give key= or prefix="}, status=400)
+        workers = self.master.broadcast({"type": "purge", "key": key, "prefix": prefix})
+        return web.json_response({"purged": True, "key": key, "prefix": prefix,
+                                  "workers": workers})

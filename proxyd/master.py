@@ -21,10 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import CollectorRegistry, Info
+
 from proxyd import __version__, systemd
 from proxyd.config.models import GatewayConfig
 from proxyd.control import Channel
-from proxyd.errors import ConfigError
+from proxyd.errors import EXIT_RUNTIME, ConfigError
+from proxyd.observe.metrics import MasterMetrics
 from proxyd.sockets import SocketSet
 
 log = logging.getLogger("proxyd.master")
@@ -51,6 +54,7 @@ class WorkerHandle:
     state: str = "starting"  # starting → ready → draining; removed when reaped
     requests: int = 0
     connections: int = 0
+    cache: dict[str, Any] = field(default_factory=dict)
     channel: Channel | None = None
     ready: asyncio.Future[bool] = field(default_factory=lambda: _future())
     exited: asyncio.Future[int] = field(default_factory=lambda: _future())
@@ -58,7 +62,7 @@ class WorkerHandle:
     def describe(self) -> dict[str, Any]:
         return {"pid": self.pid, "slot": self.slot, "generation": self.generation,
                 "started_at": self.started_at, "requests": self.requests,
-                "connections": self.connections, "state": self.state}
+                "connections": self.connections, "state": self.state, "cache": self.cache}
 
 
 def load_file(path: str) -> tuple[GatewayConfig, str]:
@@ -97,6 +101,12 @@ class Master:
         self._reload_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopped = asyncio.Event()
+        self.metrics = MasterMetrics()
+        self.registry = CollectorRegistry()
+        self.registry.register(self.metrics)
+        Info("gateway_build", "proxyd build", registry=self.registry).info(
+            {"version": __version__})
+        self._shutting_down = False
 
     # -- plumbing ---------------------------------------------------------------------------
     def _spawn_task(self, coro: Any) -> asyncio.Task[Any]:
@@ -111,6 +121,15 @@ class Master:
     def live(self, generation: int | None = None) -> list[WorkerHandle]:
         return [w for w in self.workers.values()
                 if w.state != "draining" and (generation is None or w.generation == generation)]
+
+    def broadcast(self, message: dict[str, Any]) -> int:
+        """Send a control message to every live worker; how many got it."""
+        sent = 0
+        for handle in self.live():
+            if handle.channel is not None:
+                handle.channel.send(message)
+                sent += 1
+        return sent
 
     def status(self) -> dict[str, Any]:
         return {
@@ -138,10 +157,23 @@ class Master:
         max_requests = server.max_requests
         if max_requests:
             max_requests += random.randint(0, server.max_requests_jitter)
-        pid = os.fork()
+        # Until the child has dropped the master's handlers, a signal sent to it would be
+        # written to the signal wakeup fd it shares with the master, and the master would act
+        # on it as its own (a SIGQUIT to a starting worker → the master quits again, ...).
+        # Blocked across fork, such a signal waits in the child for its default action.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+        try:
+            pid = os.fork()
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            raise
         if pid == 0:  # child: never returns
             code = 1
             try:
+                signal.set_wakeup_fd(-1)
+                for sig in SIGNALS:
+                    signal.signal(sig, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
                 from proxyd.worker import child_main, prepare_child
 
                 prepare_child({theirs.fileno(), *(s.fileno() for s in socks)})
@@ -153,6 +185,7 @@ class Master:
                 traceback.print_exc()
             finally:
                 os._exit(code)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         theirs.close()
         handle = WorkerHandle(pid=pid, slot=slot, generation=generation, config=config)
         self.workers[pid] = handle
@@ -189,14 +222,20 @@ class Master:
             elif kind == "stats":
                 handle.requests = int(message.get("requests", 0))
                 handle.connections = int(message.get("connections", 0))
+                handle.cache = message.get("cache", {})
+                if "metrics" in message:
+                    self.metrics.update(handle.pid, message["metrics"])
             elif kind == "retire":
                 self.enqueue("retire", handle)
         channel.close()
+        # The channel ends after the worker's final stats: fold its counters into the totals
+        # of retired workers, so sums never go backwards across recycling or crashes.
+        self.metrics.worker_exited(handle.pid)
 
     async def wait_ready(self, handles: list[WorkerHandle], timeout: float) -> bool:
         async def one(h: WorkerHandle) -> bool:
-            done, _ = await asyncio.wait({h.ready, h.exited},
-                                         return_when=asyncio.FIRST_COMPLETED)
+            either: set[asyncio.Future[Any]] = {h.ready, h.exited}
+            done, _ = await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
             return h.ready in done and h.ready.result()
 
         try:
@@ -234,8 +273,13 @@ class Master:
                 self.drain(old)
             return True
         log.error("replacement worker %d for slot %d never became ready", new.pid, slot)
-        self._kill(new, signal.SIGKILL)
+        self._abandon(new)
         return False
+
+    def _abandon(self, handle: WorkerHandle) -> None:
+        """Kill a worker that never became ready; its exit is expected, not a crash."""
+        handle.state = "draining"
+        self._kill(handle, signal.SIGKILL)
 
     # -- main loop --------------------------------------------------------------------------
     async def start(self) -> None:
@@ -249,9 +293,14 @@ class Master:
 
         self.admin = AdminServer(self)
         await self.admin.start(self.config.admin)
+        if self.state != "starting":
+            return  # TERM, INT or QUIT while starting: already on the way out
         handles = [self.spawn(slot, self.config, self.generation)
                    for slot in range(self.worker_count)]
-        if not await self.wait_ready(handles, READY_TIMEOUT):
+        ready = await self.wait_ready(handles, READY_TIMEOUT)
+        if self.state != "starting":
+            return  # TERM, INT or QUIT while starting: already on the way out
+        if not ready:
             raise RuntimeError("workers failed to start")
         self.state = "running"
         log.info("proxyd %s ready: %d workers, listening on %s (nofile %d)", __version__,
@@ -259,11 +308,21 @@ class Master:
         systemd.notify("READY=1", self._status_line(), f"MAINPID={os.getpid()}")
         if (interval := systemd.watchdog_interval()) is not None:
             self._spawn_task(self._watchdog(interval))
+        if self.config.server.watch_config:
+            from proxyd.watch import watch_config
+            self._spawn_task(watch_config(self))
         self._spawn_task(self._poll_children())
 
     async def run(self) -> int:
-        await self.start()
+        # Dispatch from the start: a worker that dies while starting is reaped through the
+        # queue, and only that ends the wait for its READY before READY_TIMEOUT.
         dispatcher = self._spawn_task(self._dispatch())
+        try:
+            await self.start()
+        except RuntimeError as exc:
+            log.error("cannot start: %s", exc)
+            self.exit_code = EXIT_RUNTIME
+            self.handle_quit()
         await self._stopped.wait()
         dispatcher.cancel()
         return self.exit_code
@@ -320,6 +379,11 @@ class Master:
                 systemd.notify("READY=1", self._status_line())
             self.last_reload = {"ok": ok, "error": error, "at": time.time()}
             self.reload_counts["ok" if ok else "failed"] += 1
+            self.metrics.master_counters["gateway_config_reloads_total"][
+                ("ok" if ok else "failed",)] = float(self.reload_counts["ok" if ok else "failed"])
+            if ok:
+                self.metrics.master_gauges[
+                    "gateway_config_last_reload_success_timestamp_seconds"] = time.time()
             if ok:
                 log.info("reload complete: generation %d", self.generation)
             else:
@@ -342,7 +406,7 @@ class Master:
         new = [self.spawn(slot, config, generation) for slot in range(count)]
         if not await self.wait_ready(new, READY_TIMEOUT):
             for handle in new:
-                self._kill(handle, signal.SIGKILL)
+                self._abandon(handle)
             self._close_unused_sockets()
             return False, "new workers did not become ready; old generation kept"
         old = [w for w in self.live() if w.generation < generation]
@@ -352,19 +416,22 @@ class Master:
             await self.admin.reconfigure(config.admin)
         for handle in old:
             self.drain(handle)
-        self._spawn_task(self._close_sockets_after(old))
+        self._close_unused_sockets()
         return True, None
 
-    async def _close_sockets_after(self, handles: list[WorkerHandle]) -> None:
-        if handles:
-            await asyncio.wait([h.exited for h in handles])
-        self._close_unused_sockets()
-
     def _close_unused_sockets(self) -> None:
+        """Let go of sockets no serving worker needs, at once, not when their drainers exit.
+
+        A draining worker still holds its copy until it stops accepting; that close is then
+        the last, and the socket leaves the SO_REUSEPORT group right away. Kept open here, it
+        would stay in the group, taking its share of new connections with nobody accepting,
+        then reset them all when the drainer exits.
+        """
         wanted = {(listener, slot) for listener in self.config.server.listen
                   for slot in range(self.worker_count)}
         for handle in self.workers.values():
-            wanted |= {(listener, handle.slot) for listener in handle.config.server.listen}
+            if handle.state != "draining":
+                wanted |= {(listener, handle.slot) for listener in handle.config.server.listen}
         for listener, slot in self.sockets.close_unused(wanted):
             log.info("closed listener %s slot %d", listener, slot)
 
@@ -393,6 +460,8 @@ class Master:
                 log.info("worker %d exited (%d)", pid, code)
                 continue
             self.worker_restarts += 1
+            self.metrics.master_counters["gateway_worker_restarts_total"][()] = float(
+                self.worker_restarts)
             log.error("worker %d (slot %d) died unexpectedly: %s", pid, handle.slot,
                       f"exit {code}" if code >= 0 else signal.Signals(-code).name)
             if handle.generation == self.generation and handle.slot < self.worker_count:
@@ -432,7 +501,7 @@ class Master:
                 leaving = [w for w in self.live() if w.slot >= count]
                 for handle in leaving:
                     self.drain(handle)
-                self._spawn_task(self._close_sockets_after(leaving))
+                self._close_unused_sockets()
             log.info("worker count %d → %d", old_count, count)
 
     def handle_usr1(self) -> None:
@@ -451,6 +520,10 @@ class Master:
         handles = list(self.workers.values())
         for handle in handles:
             self.drain(handle)
+        # Each worker's close is then the last: the port refuses new connections as soon as
+        # the workers stop accepting, instead of queueing them until the drain ends, then
+        # resetting them.
+        self.sockets.close_all()
         if handles:
             await asyncio.wait([h.exited for h in handles])
         await self._shutdown()
@@ -475,8 +548,9 @@ class Master:
         await self._shutdown()
 
     async def _shutdown(self) -> None:
-        if self._stopped.is_set():
-            return
+        if self._shutting_down:
+            return  # TERM then QUIT both end here; the admin runner cleans up once
+        self._shutting_down = True
         if self.admin is not None:
             await self.admin.stop()
         self.sockets.close_all()

@@ -3,7 +3,13 @@
 The master creates each socket once and holds it for its lifetime; workers inherit their slot's
 sockets across fork and only ever close() their own copy. Closing the last fd of a socket in the
 group would reset the connections queued on it (DESIGN §4), so a socket is closed only when its
-listener or slot is gone and no live worker still holds it.
+listener or slot is gone. The master then lets go of it at once, even while a draining worker
+still holds it: that worker's close is the last, and the socket leaves the group as soon as
+nobody accepts on it rather than when the worker exits.
+
+A new socket is only bound here; the worker's server listen()s on it when it starts serving.
+A TCP socket joins the group at listen(), so connections are never hashed to a slot whose
+worker is still starting, or never starts (a failed reload would reset them).
 """
 
 from __future__ import annotations
@@ -17,15 +23,16 @@ from proxyd.config.types import HostPort
 Key = tuple[HostPort, int]  # (listener, slot)
 
 
-def listen_socket(host: str, port: int, backlog: int) -> socket.socket:
-    """A non-blocking listening socket that joins the SO_REUSEPORT group of its address."""
+def listen_socket(host: str, port: int, backlog: int, *, listen: bool = True) -> socket.socket:
+    """A non-blocking socket in the SO_REUSEPORT group of its address (bound only: not yet)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
-        sock.listen(backlog)
+        if listen:
+            sock.listen(backlog)
         sock.setblocking(False)
     except BaseException:
         sock.close()
@@ -37,12 +44,16 @@ def socket_inode(sock: socket.socket) -> int:
     return os.fstat(sock.fileno()).st_ino
 
 
+def is_listening(sock: socket.socket) -> bool:
+    return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+
+
 class SocketSet:
     def __init__(self) -> None:
         self._socks: dict[Key, socket.socket] = {}
 
     def ensure(self, listeners: Sequence[HostPort], slots: int, backlog: int) -> None:
-        """Open what is missing; re-listen existing ones so a changed backlog applies.
+        """Bind what is missing; re-listen listening ones so a changed backlog applies.
 
         All-or-nothing: if one bind fails, the sockets opened by this call are closed again.
         """
@@ -53,9 +64,11 @@ class SocketSet:
                     key = (listener, slot)
                     sock = self._socks.get(key)
                     if sock is None:
-                        self._socks[key] = listen_socket(listener.host, listener.port, backlog)
+                        self._socks[key] = listen_socket(
+                            listener.host, listener.port, backlog, listen=False
+                        )
                         opened.append(key)
-                    else:
+                    elif is_listening(sock):
                         sock.listen(backlog)
         except OSError:
             for key in opened:
@@ -79,7 +92,7 @@ class SocketSet:
     def describe(self) -> list[dict[str, object]]:
         return [
             {"listen": str(listener), "slot": slot, "fd": sock.fileno(),
-             "inode": socket_inode(sock)}
+             "inode": socket_inode(sock), "listening": is_listening(sock)}
             for (listener, slot), sock in sorted(self._socks.items(), key=lambda kv: kv[0][1])
         ]
 

@@ -25,6 +25,7 @@ from proxyd.sockets import listen_socket
 log = logging.getLogger("proxyd.worker")
 STATS_INTERVAL = 1.0  # seconds between pushes to the master (DESIGN §5)
 DRAIN_IDLE_GRACE = 1.0  # seconds an idle keep-alive connection may still bring a request
+ACCEPT_SETTLE = 0.01  # seconds for connections accepted before close() to reach the protocol
 
 
 class Worker:
@@ -60,16 +61,24 @@ class Worker:
         for server in self.servers:
             server.close()  # close() only: shutdown() would kill the socket for every process
         pipeline.draining = True
+        # A connection accepted just before close() gets connection_made only on a later loop
+        # iteration; take stock after those arrived, or the worker exits under them (a reset).
+        await asyncio.sleep(ACCEPT_SETTLE)
         # Idle keep-alive connections get a short grace instead of an immediate close: a
         # request may already be on its way on one; it is answered with Connection: close.
         grace_end = pipeline.deadlines.now + min(DRAIN_IDLE_GRACE, pipeline.keepalive_timeout)
         for conn in list(pipeline.connections):
-            if isinstance(conn, DownstreamProtocol) and conn.active is None:
+            if isinstance(conn, DownstreamProtocol) and conn.active is None and not conn.tunnel:
                 conn.deadline = min(conn.deadline or grace_end, grace_end)
+        for tunnel in list(pipeline.tunnels):
+            if tunnel.on_reload == "close":
+                tunnel.close()  # 1001 Going Away now; "keep" relays live on until the deadline
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while pipeline.connections and loop.time() < deadline:
             await asyncio.sleep(0.02)
+        for tunnel in list(pipeline.tunnels):
+            tunnel.close()
         for conn in list(pipeline.connections):
             if isinstance(conn, DownstreamProtocol):
                 conn.close()
@@ -168,8 +177,11 @@ async def _child(
         loop.add_signal_handler(sig, lambda: None)  # the master decides; a terminal's ^C too
 
     def stats() -> dict[str, object]:
+        store = pipeline.cache_store
         return {"type": "stats", "requests": pipeline.requests,
-                "connections": len(pipeline.connections)}
+                "connections": len(pipeline.connections),
+                "cache": {"entries": len(store), "bytes": store.bytes},
+                "metrics": pipeline.metrics.snapshot(pipeline.gauges())}
 
     channel.send({"type": "ready", "pid": os.getpid(), "slot": slot, "generation": generation})
 
@@ -179,8 +191,11 @@ async def _child(
             if message is None or message.get("type") == "drain":
                 drain.set()  # master gone or asked: either way, finish and leave
                 return
-            if message.get("type") == "reopen":
-                pass  # file handles (access log) arrive with the observability work
+            kind = message.get("type")
+            if kind == "reopen" and pipeline.access_log is not None:
+                pipeline.access_log.reopen()
+            elif kind == "purge":
+                pipeline.purge(message.get("key"), message.get("prefix"))
 
     async def report() -> None:
         retired = False

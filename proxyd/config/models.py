@@ -94,6 +94,9 @@ class Server(Model):
 class Admin(Model):
     listen: HostPortValue = Field("127.0.0.1:9901", description="Admin HTTP server address.")
     token: str = Field("", description="Bearer token required by mutating endpoints when set.")
+    protect_reads: bool = Field(
+        False, description="With a token set, also require it for /status and /metrics."
+    )
 
 
 class Target(Model):
