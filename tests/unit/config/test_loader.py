@@ -92,7 +92,7 @@ def test_list_item_paths_are_indexed() -> None:
 
 def test_no_close_match_lists_the_valid_keys() -> None:
     assert lines("admin: {zzz: 1}\n") == [
-        "g.yaml:1:9: admin.zzz: unknown key 'zzz' (valid keys: listen, token)"
+        "g.yaml:1:9: admin.zzz: unknown key 'zzz' (valid keys: listen, protect_reads, token)"
     ]
 
 
