@@ -6,9 +6,10 @@ data plane carries them.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 from email.utils import parsedate_to_datetime
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import unquote_plus
 
 Headers = Sequence[tuple[bytes, bytes]]
 
@@ -71,8 +72,7 @@ def storable(
         return False, "no-store"
     if "private" in cc:
         return False, "private"
-    vary = header(response_headers, b"vary")
-    if vary is not None and b"*" in vary:
+    if b"*" in vary_names(response_headers):
         return False, "vary *"
     if header(request_headers, b"authorization") is not None and not (
         "public" in cc or "s-maxage" in cc or "must-revalidate" in cc
@@ -84,12 +84,18 @@ def storable(
 
 
 def freshness_lifetime(
-    response_headers: Headers, default_ttl: float, force_ttl: float | None = None
+    response_headers: Headers, default_ttl: float, force_ttl: float | None = None,
+    response_time: float | None = None,
 ) -> float:
-    """s-maxage > max-age > Expires - Date > the route's default (RFC 9111 §4.2.1)."""
+    """s-maxage > max-age > Expires - Date > the route's default (RFC 9111 §4.2.1).
+
+    ``response_time`` stands in for a missing Date (§4.2.1; the cache's clock, now by default).
+    """
     if force_ttl is not None:
         return force_ttl
     cc = cache_control(response_headers)
+    if "no-cache" in cc:
+        return 0.0  # storable, but must be revalidated before every use, whatever max-age says
     for name in ("s-maxage", "max-age"):
         value = seconds(cc, name)
         if value is not None:
@@ -100,9 +106,9 @@ def freshness_lifetime(
         if expires_at is None:
             return 0.0  # invalid Expires means already expired
         date = http_date(header(response_headers, b"date"))
-        return max(0.0, expires_at - (date if date is not None else expires_at))
-    if "no-cache" in cc:
-        return 0.0  # storable, but must be revalidated before every use
+        if date is None:
+            date = response_time if response_time is not None else time.time()
+        return max(0.0, expires_at - date)
     return default_ttl
 
 
@@ -127,20 +133,28 @@ def variant_key(names: Sequence[bytes], request_headers: Headers) -> bytes:
     """The request's values of the Vary'd fields, normalised for comparison (§4.1)."""
     parts = []
     for name in names:
-        values = [b" ".join(v.split()) for v in all_values(request_headers, name)]
-        parts.append(name + b"=" + b",".join(values))
+        # Field lines combined, list members trimmed, inner whitespace runs made one space:
+        # "gzip, br", "gzip,br" and two lines "gzip" + "br" are the same variant.
+        values = [b" ".join(member.split()) for v in all_values(request_headers, name)
+                  for member in v.split(b",")]
+        parts.append(name + b"=" + b",".join(v for v in values if v))
     return b"\n".join(parts)
 
 
 def normalize_query(query: bytes, sort: bool = True, ignore: Iterable[str] = ()) -> bytes:
+    """The query as a key part: parameters sorted by name (the order of repeated ones kept),
+    the ``ignore``d names dropped. Values stay as sent: re-encoding would make ``a=1+2`` and
+    ``a=1%202``, or ``a`` and ``a=``, one key though an origin may tell them apart."""
     if not query:
         return b""
+    parts = [p for p in query.split(b"&") if p]
     dropped = set(ignore)
-    pairs = [(k, v) for k, v in parse_qsl(query.decode("latin-1"), keep_blank_values=True)
-             if k not in dropped]
+    if dropped:
+        parts = [p for p in parts
+                 if unquote_plus(p.split(b"=", 1)[0].decode("latin-1")) not in dropped]
     if sort:
-        pairs.sort()
-    return urlencode(pairs).encode("latin-1")
+        parts.sort(key=lambda p: p.split(b"=", 1)[0])  # stable: repeated names keep order
+    return b"&".join(parts)
 
 
 def primary_key(scheme: bytes, host: bytes | None, path: bytes, query: bytes,

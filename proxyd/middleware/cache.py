@@ -19,13 +19,15 @@ from proxyd.cache import policy
 from proxyd.cache.store import Entry
 from proxyd.config.types import Duration
 from proxyd.middleware.base import Context, Middleware, Options, Pending, Response
+from proxyd.proxy.headers import HOP_BY_HOP
 
 if TYPE_CHECKING:
     from proxyd.proxy.pipeline import Pipeline
     from proxyd.proxy.router import CompiledRoute
 
 UNSAFE = frozenset({b"POST", b"PUT", b"PATCH", b"DELETE"})
-_NOT_STORED = frozenset({b"age", b"content-length", b"cache-status", b"x-cache", b"connection"})
+# Fields never stored: per-hop, framing (re-made on every answer), and what the cache adds.
+_NOT_STORED = HOP_BY_HOP | {b"age", b"content-length", b"cache-status", b"x-cache"}
 
 
 class CacheOptions(Options):
@@ -67,13 +69,15 @@ class Cache(Middleware):
     type = "cache"
     options_model = CacheOptions
 
-    def __init__(self, options: CacheOptions) -> None:  # type: ignore[override]
+    def __init__(self, options: CacheOptions) -> None:
         super().__init__(options)
         self.o = options
         self.key_headers = [h.lower().encode() for h in options.key_headers]
         self.inflight: dict[str, asyncio.Future[bool]] = {}
         self.refreshing: set[str] = set()
         self.store: Any = None
+        self.remote = False  # the store answers asynchronously past its L1 (Redis)
+        self._lookups: set[asyncio.Task[Entry | None]] = set()
         self.pipeline: Pipeline | None = None
         self.route: CompiledRoute | None = None
         self.default_ttl = 300.0
@@ -86,6 +90,7 @@ class Cache(Middleware):
         self.pipeline = pipeline
         self.route = route
         self.store = pipeline.cache_store
+        self.remote = bool(getattr(self.store, "remote", False))
         self.statuses = frozenset(cfg.statuses)
         self.default_ttl = cfg.default_ttl
         route_cfg = route.config.cache if route.config is not None else None
@@ -135,18 +140,30 @@ class Cache(Middleware):
             return None
         key = self.primary(ctx)
         ctx.state["cache_key"] = key
-        entry = self.store.get(key, request_headers)
+        entry = self.store.get(key, request_headers)  # memory, or the Redis store's L1
+        if entry is None and self.remote and key not in self.inflight:
+            # A miss in L1 asks Redis; only this request waits. (A miss already in flight
+            # here needs no round trip: this request will follow it.)
+            return Pending(self._remote_lookup(ctx, key, request_headers))
+        return self.decide(ctx, key, request_headers, entry)
+
+    def decide(self, ctx: Context, key: str, request_headers: list[tuple[bytes, bytes]],
+               entry: Entry | None) -> Response | Pending | None:
+        """What the lookup's result means for this request: a hit, a miss to lead, or one to
+        follow. One decision for both the synchronous (memory) and the Redis lookup."""
         now = time.time()
         if entry is not None:
             revalidate, max_age = policy.request_wants_fresh(request_headers)
             age = entry.age(now)
             if not revalidate and age < entry.lifetime and (max_age is None or age <= max_age):
                 ctx.state["cache"] = "hit"
-                return self._from_entry(entry, now, b"hit", b"HIT")
-            if not revalidate and age < entry.lifetime + entry.stale_while_revalidate:
+                return self._hit(ctx, entry, now, b"hit")
+            if (not revalidate and max_age is None
+                    and age < entry.lifetime + entry.stale_while_revalidate):
+                # Stale, within stale-while-revalidate (not for a client that set max-age).
                 ctx.state["cache"] = "hit"
                 self._refresh_in_background(ctx, key, entry)
-                return self._from_entry(entry, now, b"hit; fwd=stale", b"HIT")
+                return self._hit(ctx, entry, now, b"hit; fwd=stale")
             ctx.state["stale"] = entry
             ctx.state["forced"] = revalidate  # the client asked (no-cache): fwd=request
             if ctx.header(b"if-none-match") is None and ctx.header(b"if-modified-since") is None:
@@ -157,14 +174,78 @@ class Cache(Middleware):
                     ctx.set_request.append((b"If-Modified-Since", modified))
                 ctx.state["revalidating"] = etag is not None or modified is not None
         ctx.state["cache"] = "miss"
-        if method != b"GET" or not self.o.coalesce:
+        if ctx.method != b"GET" or not self.o.coalesce:
             return None
         leader = self.inflight.get(key)
         if leader is None:
             loop = asyncio.get_running_loop()
-            self.inflight[key] = ctx.state["leader"] = loop.create_future()
+            leader = self.inflight[key] = ctx.state["leader"] = loop.create_future()
+            # A leader whose response never comes (client gone, body cut off) must not hold
+            # the key: after the wait bound the next miss leads instead.
+            ctx.state["leader_timer"] = loop.call_later(
+                self.o.coalesce_timeout, self._expire_leader, key, leader)
             return None
         return Pending(self._follow(ctx, key, leader))
+
+    def _hit(self, ctx: Context, entry: Entry, now: float, status: bytes) -> Response:
+        resp = self._from_entry(entry, now, status, b"HIT")
+        if self._not_modified(ctx, entry):
+            # The client's own validator matches: 304 (RFC 9111 §4.3.2), no body.
+            resp.status, resp.body = 304, None
+            resp.remove(b"content-length")
+        return resp
+
+    @staticmethod
+    def _not_modified(ctx: Context, entry: Entry) -> bool:
+        inm = ctx.header(b"if-none-match")
+        if inm is not None:
+            etag = entry.header(b"etag")
+            if etag is None:
+                return False
+            if inm.strip() == b"*":
+                return True
+            wanted = etag.strip().removeprefix(b"W/")
+            return any(t.strip().removeprefix(b"W/") == wanted for t in inm.split(b","))
+        ims = policy.http_date(ctx.header(b"if-modified-since"))
+        modified = policy.http_date(entry.header(b"last-modified"))
+        return ims is not None and modified is not None and modified <= ims
+
+    def _remote_lookup(self, ctx: Context, key: str, request_headers: list[tuple[bytes, bytes]]
+                       ) -> asyncio.Future[Response | None]:
+        """Ask the remote store, then decide; a follower's own wait is chained into ours."""
+        loop = asyncio.get_running_loop()
+        result: asyncio.Future[Response | None] = loop.create_future()
+        task = loop.create_task(self.store.aget(key, request_headers))
+        self._lookups.add(task)  # the loop keeps only weak references to tasks
+
+        def relay(inner: asyncio.Future[Response | None]) -> None:
+            if result.done():
+                return
+            if inner.cancelled():
+                result.cancel()
+            elif (exc := inner.exception()) is not None:
+                result.set_exception(exc)
+            else:
+                result.set_result(inner.result())
+
+        def looked_up(done: asyncio.Task[Entry | None]) -> None:
+            self._lookups.discard(done)
+            if result.done():
+                return
+            # The store turns Redis trouble into misses; anything else is a miss here too.
+            entry = done.result() if not done.cancelled() and done.exception() is None else None
+            try:
+                answer = self.decide(ctx, key, request_headers, entry)
+            except Exception as exc:
+                result.set_exception(exc)
+                return
+            if isinstance(answer, Pending):
+                answer.future.add_done_callback(relay)
+            else:
+                result.set_result(answer)
+
+        task.add_done_callback(looked_up)
+        return result
 
     def _follow(self, ctx: Context, key: str, leader: asyncio.Future[bool]
                 ) -> asyncio.Future[Response | None]:
@@ -173,22 +254,32 @@ class Cache(Middleware):
         waiter: asyncio.Future[Response | None] = loop.create_future()
 
         def settle(_: object = None) -> None:
+            timer.cancel()
             if waiter.done():
                 return
+            now = time.time()
             entry = self.store.get(key, self.pairs(ctx))
-            if entry is not None and entry.fresh(time.time()):
+            if entry is not None and entry.fresh(now):
                 ctx.state["cache"] = "hit"
-                waiter.set_result(self._from_entry(entry, time.time(), b"hit; collapsed", b"HIT"))
+                ctx.state.pop("stale", None)
+                waiter.set_result(self._hit(ctx, entry, now, b"hit; collapsed"))
             else:
                 waiter.set_result(None)
 
+        timer = loop.call_later(self.o.coalesce_timeout, settle)
         leader.add_done_callback(settle)
-        loop.call_later(self.o.coalesce_timeout, settle)
         return waiter
+
+    def _expire_leader(self, key: str, leader: asyncio.Future[bool]) -> None:
+        if self.inflight.get(key) is leader:
+            del self.inflight[key]
+        if not leader.done():
+            leader.set_result(False)
 
     def _release(self, ctx: Context, stored: bool) -> None:
         leader = ctx.state.pop("leader", None)
         if leader is not None:
+            ctx.state.pop("leader_timer").cancel()
             if self.inflight.get(ctx.state["cache_key"]) is leader:
                 del self.inflight[ctx.state["cache_key"]]
             if not leader.done():
@@ -211,9 +302,9 @@ class Cache(Middleware):
             if resp.status == 304 and state.get("revalidating"):
                 self._revalidated(ctx, key, stale, resp)
                 return
-            if resp.status >= 500 and time.time() - stale.stored_at - stale.lifetime < (
-                stale.stale_if_error
-            ) + stale.initial_age:
+            if resp.status >= 500 and (
+                stale.age(time.time()) - stale.lifetime < stale.stale_if_error
+            ):
                 self._serve_stale(ctx, stale, resp)
                 return
         if ctx.method != b"GET":
@@ -229,10 +320,11 @@ class Cache(Middleware):
             return
         stored_headers = [(n, v) for n, v in resp.headers if n.lower() not in _NOT_STORED]
         received = time.time()
+        age = policy.initial_age(resp.headers, received)  # Age itself is not stored
 
         def store(body: bytes | None) -> None:
             stored = body is not None and self._put(key, request_headers, resp.status,
-                                                    stored_headers, body, received)
+                                                    stored_headers, body, received, age)
             self._release(ctx, stored)
 
         length = resp.get(b"content-length")
@@ -245,17 +337,27 @@ class Cache(Middleware):
         self._status(resp, fwd + b"; stored", b"MISS")
 
     def _put(self, key: str, request_headers: list[tuple[bytes, bytes]], status: int,
-             headers: list[tuple[bytes, bytes]], body: bytes, received: float) -> bool:
-        cc = policy.cache_control(headers)
+             headers: list[tuple[bytes, bytes]], body: bytes, received: float,
+             initial_age: float) -> bool:
+        swr, sie = self._stale_windows(headers)
         entry = Entry(
             status=status, headers=headers, body=body, stored_at=received,
-            initial_age=policy.initial_age(headers, received),
-            lifetime=policy.freshness_lifetime(headers, self.default_ttl, self.force_ttl),
-            stale_while_revalidate=float(policy.seconds(cc, "stale-while-revalidate") or 0),
-            stale_if_error=float(policy.seconds(cc, "stale-if-error") or 0),
+            initial_age=initial_age,
+            lifetime=policy.freshness_lifetime(headers, self.default_ttl, self.force_ttl,
+                                               received),
+            stale_while_revalidate=swr, stale_if_error=sie,
             vary=policy.vary_names(headers),
         )
         return bool(self.store.put(key, request_headers, entry))
+
+    @staticmethod
+    def _stale_windows(headers: policy.Headers) -> tuple[float, float]:
+        """(stale-while-revalidate, stale-if-error); none when the origin forbids stale use."""
+        cc = policy.cache_control(headers)
+        if "must-revalidate" in cc or "proxy-revalidate" in cc:
+            return 0.0, 0.0  # RFC 9111 §5.2.2.2: never served stale, not even on errors
+        return (float(policy.seconds(cc, "stale-while-revalidate") or 0),
+                float(policy.seconds(cc, "stale-if-error") or 0))
 
     def _refreshed(self, stale: Entry, headers: policy.Headers) -> Entry:
         """A stored entry with the header fields of a 304 merged in (RFC 9111 §4.3.4)."""
@@ -263,14 +365,12 @@ class Cache(Middleware):
         merged = [(n, v) for n, v in stale.headers if n.lower() not in fresh]
         merged += [(n, v) for n, v in headers if n.lower() not in _NOT_STORED]
         now = time.time()
-        cc = policy.cache_control(merged)
+        swr, sie = self._stale_windows(merged)
         return Entry(
             status=stale.status, headers=merged, body=stale.body, stored_at=now,
             initial_age=policy.initial_age(headers, now),
-            lifetime=policy.freshness_lifetime(merged, self.default_ttl, self.force_ttl),
-            stale_while_revalidate=float(policy.seconds(cc, "stale-while-revalidate") or 0),
-            stale_if_error=float(policy.seconds(cc, "stale-if-error") or 0),
-            vary=stale.vary,
+            lifetime=policy.freshness_lifetime(merged, self.default_ttl, self.force_ttl, now),
+            stale_while_revalidate=swr, stale_if_error=sie, vary=stale.vary,
         )
 
     def _revalidated(self, ctx: Context, key: str, stale: Entry, resp: Response) -> None:
@@ -313,7 +413,8 @@ class Cache(Middleware):
             return
         self.refreshing.add(key)
         headers = [(n, v) for n, _, v in ctx.headers
-                   if n in entry.vary or n in (b"host", b"accept-encoding")]
+                   if n in entry.vary or n in self.key_headers
+                   or n in (b"host", b"accept-encoding")]
         etag, modified = entry.header(b"etag"), entry.header(b"last-modified")
         if etag is not None:
             headers.append((b"if-none-match", etag))
@@ -333,7 +434,9 @@ class Cache(Middleware):
                 elif policy.storable(b"GET", status, request_headers, resp_headers,
                                      self.statuses, self.o.allow_set_cookie)[0]:
                     kept = [(n, v) for n, v in resp_headers if n.lower() not in _NOT_STORED]
-                    self._put(key, request_headers, status, kept, body, time.time())
+                    now = time.time()
+                    self._put(key, request_headers, status, kept, body, now,
+                              policy.initial_age(resp_headers, now))
             finally:
                 self.refreshing.discard(key)
 

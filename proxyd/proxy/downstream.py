@@ -167,6 +167,7 @@ class DownstreamProtocol(asyncio.Protocol):
                 self.tunnel.from_client(data)
             else:
                 self.ws_early.append(data)
+                self._pause(PAUSE_PENDING)  # one read held at most; start_tunnel resumes
             return
         before = self.req
         self.parsing = True
@@ -307,7 +308,9 @@ class DownstreamProtocol(asyncio.Protocol):
                 self.deadline = self.p.deadlines.now + self.p.header_timeout
 
     def must_close(self, req: Request) -> bool:
-        return not req.keep_alive or req.close_requested or self.p.draining or self.close_after
+        # An upgrade the upstream refused: what the client sent after it is not HTTP.
+        return (not req.keep_alive or req.close_requested or self.p.draining or self.close_after
+                or req.ws_upstream_key is not None)
 
     def request_id(self, req: Request) -> str:
         if req.ctx is not None:
@@ -373,6 +376,8 @@ class DownstreamProtocol(asyncio.Protocol):
         answer, index = req.chain.resume(req.ctx, index, future.result())
         if answer is not None:
             self._chain_answer(req, answer, index)
+            if self.active is None and not self.closed:
+                self._advance()  # answered locally, late: start what was pipelined behind it
         else:
             self._endpoint(req)
         self.flush()
@@ -476,6 +481,7 @@ class DownstreamProtocol(asyncio.Protocol):
             resp = json_response(status, message, req.ctx.id(), parse_fields(extra))
             req.chain.response(req.ctx, resp)
             data, req.bytes_out = render_response(resp, close=close, head=head_only)
+            status = resp.status  # a hook may have answered instead (stale-if-error)
         self.send(data)
         req.status = status
         self._local_done(req, close)

@@ -232,13 +232,15 @@ class Exchange:
         self.resp_started = True
 
     def _send_middleware_head(self, resp: Response, no_body: bool) -> None:
-        if resp.drop_body or no_body:
+        if resp.body is not None and not resp.drop_body and resp.status not in NO_BODY_STATUSES:
+            # A hook supplied the body (a cache entry revalidated by a 304, or served stale on
+            # an error): it wins over the upstream's, which is read and dropped.
+            self.drop = True
+            no_body = self.req.method == b"HEAD"
+            resp.set(b"Content-Length", str(len(resp.body)).encode())
+        elif resp.drop_body or no_body:
             self.drop = True  # e.g. a 304 made from a 200: the upstream body is read, not sent
             no_body = True
-        elif resp.body is not None:
-            # A hook supplied the body (revalidated cache entry): the upstream's is dropped.
-            self.drop = True
-            resp.set(b"Content-Length", str(len(resp.body)).encode())
         elif resp.filters:
             self.filters = resp.filters
             resp.remove(b"content-length")
@@ -350,6 +352,7 @@ class Exchange:
         assert route is not None and route.websocket is not None
         tunnel = Tunnel(ds, conn, ds.p, route.websocket)
         conn.tunnel = tunnel
+        conn.pool.detach(conn)  # relays are long-lived: they must not starve the pool
         ds.start_tunnel(tunnel, self)
         if rest:
             tunnel.from_upstream(rest)

@@ -75,7 +75,8 @@ class UpstreamConnection(asyncio.Protocol):
         if self.read_paused and self.transport is not None:
             self.read_paused = False
             self.transport.resume_reading()
-            self.deadline = self.pool.deadlines.now + self.pool.read_timeout
+            if self.tunnel is None:  # a relay's idle timeout runs on the client side
+                self.deadline = self.pool.deadlines.now + self.pool.read_timeout
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -98,7 +99,8 @@ class UpstreamConnection(asyncio.Protocol):
         return False  # close our side too; connection_lost does the bookkeeping
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.pool.lost(self)
+        if self.tunnel is None:
+            self.pool.lost(self)  # a relay was handed back to the pool's count at upgrade
         self.pool.deadlines.discard(self)
         exchange, self.exchange = self.exchange, None
         if exchange is not None:
@@ -216,6 +218,11 @@ class TargetPool:
             self.idle.append(conn)
         else:
             conn.close()
+
+    def detach(self, conn: UpstreamConnection) -> None:
+        """A connection became a WebSocket relay: it no longer counts against the pool."""
+        self.open -= 1
+        self._serve_waiter()
 
     def lost(self, conn: UpstreamConnection) -> None:
         self.open -= 1

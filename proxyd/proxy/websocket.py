@@ -55,12 +55,16 @@ class FrameTracker:
         "_payload_seen",
         "at_boundary",
         "close_code",
+        "limit",
         "message_bytes",
         "messages",
         "remaining",
+        "too_big",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = 0) -> None:
+        self.limit = limit  # max_message_size; 0 = none
+        self.too_big = False  # a message went over the limit (its frame header was seen)
         self._head = b""  # a frame header split across reads
         self.remaining = 0  # payload bytes of the current frame still to come
         self.at_boundary = True
@@ -122,6 +126,8 @@ class FrameTracker:
         self.remaining = length
         if opcode < 8:  # data frames (control frames do not belong to messages)
             self.message_bytes += length
+            if self.limit and self.message_bytes > self.limit:
+                self.too_big = True  # checked here: a final frame resets the count below
             if fin:
                 self.messages += 1
                 self.message_bytes = 0
@@ -130,16 +136,32 @@ class FrameTracker:
 class Tunnel:
     """Two sockets joined after the handshake; lives until either side closes."""
 
+    __slots__ = (
+        "bytes_down",
+        "bytes_up",
+        "closed",
+        "closing_after_boundary",
+        "code",
+        "conn",
+        "down",
+        "ds",
+        "idle_timeout",
+        "on_reload",
+        "p",
+        "recorded",
+        "up",
+    )
+
     def __init__(self, ds: DownstreamProtocol, conn: UpstreamConnection, pipeline: Pipeline,
                  options: WebSocket) -> None:
         self.ds = ds
         self.conn = conn
         self.p = pipeline
         self.idle_timeout = options.idle_timeout
-        self.max_message_size = options.max_message_size
         self.on_reload = options.on_reload
-        self.up = FrameTracker()  # client → upstream
-        self.down = FrameTracker()  # upstream → client
+        self.up = FrameTracker(options.max_message_size)  # client → upstream
+        self.down = FrameTracker(options.max_message_size)  # upstream → client
+        self.code: int | None = None  # the close code proxyd itself sent, if any
         self.bytes_up = 0
         self.bytes_down = 0
         self.closed = False  # close frames sent (or the peer left)
@@ -152,10 +174,15 @@ class Tunnel:
 
     def from_client(self, data: bytes) -> None:
         self.bytes_up += len(data)
-        self.up.feed(data)
-        if self.up.message_bytes > self.max_message_size:
+        up = self.up
+        boundary = up.at_boundary
+        up.feed(data)
+        if up.too_big:
+            up.at_boundary = boundary  # this read is not forwarded: the stream stops before it
             self.close(TOO_BIG)
             return
+        if self.code is None and up.close_code is not None:
+            self.code = up.close_code  # the client began the closing handshake
         transport = self.conn.transport
         if transport is not None:
             transport.write(data)
@@ -165,10 +192,15 @@ class Tunnel:
 
     def from_upstream(self, data: bytes) -> None:
         self.bytes_down += len(data)
-        self.down.feed(data)
-        if self.down.message_bytes > self.max_message_size:
+        down = self.down
+        boundary = down.at_boundary
+        down.feed(data)
+        if down.too_big:
+            down.at_boundary = boundary  # this read is not forwarded: the stream stops before it
             self.close(TOO_BIG)
             return
+        if self.code is None and down.close_code is not None:
+            self.code = down.close_code  # the upstream began the closing handshake
         transport = self.ds.transport
         if transport is not None:
             transport.write(data)
@@ -185,10 +217,13 @@ class Tunnel:
             self.closing_after_boundary = True
             return
         self.closed = True
+        if self.code is None:
+            self.code = code
+        # One close frame per direction: none where a peer's close already went that way.
         ds_transport, up_transport = self.ds.transport, self.conn.transport
-        if ds_transport is not None and self.down.at_boundary:
+        if ds_transport is not None and self.down.at_boundary and self.down.close_code is None:
             ds_transport.write(close_frame(code, masked=False))
-        if up_transport is not None and self.up.at_boundary:
+        if up_transport is not None and self.up.at_boundary and self.up.close_code is None:
             up_transport.write(close_frame(code, masked=True))
         self.ds.close()
         self.conn.close()
@@ -215,7 +250,7 @@ class Tunnel:
         self.p.metrics.inc("gateway_websocket_messages_total", ("down",), self.down.messages)
         self.p.metrics.inc("gateway_websocket_bytes_total", ("up",), self.bytes_up)
         self.p.metrics.inc("gateway_websocket_bytes_total", ("down",), self.bytes_down)
-        code = self.down.close_code or self.up.close_code
+        code = self.code or self.down.close_code or self.up.close_code  # who closed first
         self.p.metrics.inc("gateway_websocket_closes_total", (str(code or 1006),))
         self.ds.close()
         self.conn.close()

@@ -191,6 +191,8 @@ def build_config(
     pool: dict[str, Any] | None = None,
     middleware: list[dict[str, Any]] | None = None,
     access_log: dict[str, Any] | None = None,
+    cache: dict[str, Any] | None = None,
+    redis: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A config dict; an upstream given as a URL string (or list of them) gets ``pool``.
 
@@ -220,6 +222,10 @@ def build_config(
         config["middleware"] = middleware
     if access_log is not None:
         config["access_log"] = access_log
+    if cache is not None:
+        config["cache"] = cache
+    if redis is not None:
+        config["redis"] = redis
     return config
 
 
@@ -258,7 +264,7 @@ def route(name: str, upstream: str = "backend", **match: Any) -> dict[str, Any]:
     """A route dict; keyword arguments go to ``match`` except the route-level ones."""
     top: dict[str, Any] = {
         k: match.pop(k)
-        for k in ("strip_prefix", "rewrite", "respond", "middleware") if k in match
+        for k in ("strip_prefix", "rewrite", "respond", "middleware", "cache") if k in match
     }
     r: dict[str, Any] = {"name": name, "match": match, **top}
     if "respond" not in top:

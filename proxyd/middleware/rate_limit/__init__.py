@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import weakref
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -69,11 +70,15 @@ class RateLimitOptions(Options):
         return [Limit(s.rate.count, s.rate.period, s.burst or s.rate.count) for s in specs]
 
 
+# Per worker pipeline: the limiters (one per route) now answering from their fallback.
+_ON_FALLBACK: weakref.WeakKeyDictionary[Any, set[RateLimit]] = weakref.WeakKeyDictionary()
+
+
 class RateLimit(Middleware):
     type = "rate_limit"
     options_model = RateLimitOptions
 
-    def __init__(self, options: RateLimitOptions) -> None:  # type: ignore[override]
+    def __init__(self, options: RateLimitOptions) -> None:
         super().__init__(options)
         self.o = options
         self.limits = options.all_limits()
@@ -102,18 +107,23 @@ class RateLimit(Middleware):
 
     # -- keys ---------------------------------------------------------------------------------
     def client_ip(self, ctx: Context) -> bytes:
-        """The peer, or — behind trusted proxies only — the last untrusted X-Forwarded-For hop."""
+        """The peer, or — behind trusted proxies only — the last untrusted X-Forwarded-For hop.
+
+        When every hop is trusted, the first one (as nginx's ``real_ip_recursive``): the
+        client is inside the trusted networks, and the peer is just the last proxy.
+        """
         pipeline = self.pipeline
         ip = ctx.client_ip
-        if pipeline is None or ip.decode() not in pipeline.trusted:
+        if pipeline is None or ip.decode("latin-1") not in pipeline.trusted:
             return ip
         forwarded = ctx.header(b"x-forwarded-for")
         if not forwarded:
             return ip
-        for hop in reversed([h.strip() for h in forwarded.split(b",") if h.strip()]):
+        hops = [h.strip() for h in forwarded.split(b",") if h.strip()]
+        for hop in reversed(hops):
             if hop.decode("latin-1") not in pipeline.trusted:
                 return hop
-        return ip
+        return hops[0] if hops else ip
 
     def key(self, ctx: Context) -> str:
         parts = []
@@ -157,8 +167,16 @@ class RateLimit(Middleware):
         return Pending(future)
 
     def _set_fallback_gauge(self, value: float) -> None:
-        if self.pipeline is not None:
-            self.pipeline.redis_fallback = value
+        """The worker's gauge: 1 while any of its routes' limiters is on the fallback."""
+        pipeline = self.pipeline
+        if pipeline is None:
+            return
+        on_fallback = _ON_FALLBACK.setdefault(pipeline, set())
+        if value:
+            on_fallback.add(self)
+        else:
+            on_fallback.discard(self)
+        pipeline.redis_fallback = 1.0 if on_fallback else 0.0
 
     def _fallback(self, ctx: Context, key: str) -> Response | None:
         mode = self.o.on_backend_error

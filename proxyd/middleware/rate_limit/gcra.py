@@ -26,10 +26,14 @@ class Limit:
         return self.interval * self.burst
 
     def scaled(self, share: int) -> Limit:
-        """This limit split evenly across ``share`` independent enforcers (at least 1/period)."""
+        """This limit split evenly across ``share`` independent enforcers.
+
+        The rate splits exactly (each gets ``count`` per ``share`` periods, so together they
+        allow the configured rate, however small); the burst is rounded down, to at least 1.
+        """
         if share <= 1:
             return self
-        return Limit(max(1, self.count // share), self.period, max(1, self.burst // share))
+        return Limit(self.count, self.period * share, max(1, self.burst // share))
 
     def policy(self) -> str:
         return f"{self.count};w={self.period:g};burst={self.burst}"

@@ -15,6 +15,7 @@ class MemoryLimiter:
         self.limits = limits
         self.clock = clock
         self.state: dict[str, list[float]] = {}
+        self.sweep_at = SWEEP_AT
 
     def check(self, key: str) -> list[Decision]:
         now = self.clock()
@@ -24,9 +25,12 @@ class MemoryLimiter:
         decisions, new_tats = check_all(self.limits, tats, now)
         if new_tats is not None:
             self.state[key] = new_tats
-            if len(self.state) > SWEEP_AT:
+            if len(self.state) > self.sweep_at:
                 self.sweep(now)
         return decisions
 
     def sweep(self, now: float) -> None:
         self.state = {k: v for k, v in self.state.items() if max(v) > now}
+        # With that many live keys, the next sweep waits until the table doubles: sweeping
+        # on every new key would cost O(keys) per request.
+        self.sweep_at = max(SWEEP_AT, 2 * len(self.state))
