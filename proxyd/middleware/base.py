@@ -43,7 +43,7 @@ class Pending:
 class Response:
     """A response head (and, when buffered or local, its body) as middleware sees it."""
 
-    __slots__ = ("body", "drop_body", "filters", "headers", "reason", "status")
+    __slots__ = ("_headers", "_lnames", "body", "drop_body", "filters", "reason", "status")
 
     def __init__(
         self, status: int, headers: list[tuple[bytes, bytes]], body: bytes | None = None,
@@ -56,14 +56,34 @@ class Response:
         self.filters: list[BodyFilter] = []
         self.drop_body = False  # turned into a bodiless answer (304) while streaming
 
+    @property
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return self._headers
+
+    @headers.setter
+    def headers(self, value: list[tuple[bytes, bytes]]) -> None:
+        self._headers = value
+        self._lnames: list[bytes] = []
+
+    def _index(self) -> list[bytes]:
+        """Lowercase names parallel to ``headers``: every hook asks has()/get(), so the
+        names are lowered once per response, not once per question. Hooks may append to
+        ``headers`` directly; the index catches up with what was appended."""
+        lnames, headers = self._lnames, self._headers
+        if len(lnames) != len(headers):
+            if len(lnames) > len(headers):
+                lnames.clear()
+            lnames.extend(name.lower() for name, _ in headers[len(lnames):])
+        return lnames
+
     def get(self, lname: bytes) -> bytes | None:
-        for name, value in self.headers:
-            if name.lower() == lname:
-                return value
+        lnames = self._index()
+        if lname in lnames:
+            return self._headers[lnames.index(lname)][1]
         return None
 
     def has(self, lname: bytes) -> bool:
-        return any(name.lower() == lname for name, _ in self.headers)
+        return lname in self._index()
 
     def set(self, name: bytes, value: bytes) -> None:
         self.remove(name.lower())
@@ -73,7 +93,8 @@ class Response:
         self.headers.append((name, value))
 
     def remove(self, lname: bytes) -> None:
-        self.headers = [(n, v) for n, v in self.headers if n.lower() != lname]
+        if lname in self._index():
+            self.headers = [(n, v) for n, v in self._headers if n.lower() != lname]
 
     def add_vary(self, token: bytes) -> None:
         current = self.get(b"vary")
