@@ -13,6 +13,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxyd.config.models import Admin
+from proxyd.config.redact import redact_value
 
 if TYPE_CHECKING:
     from proxyd.master import Master
@@ -85,7 +86,10 @@ class AdminServer:
         return None
 
     async def status(self, request: web.Request) -> web.Response:
-        return self._read_refused(request) or web.json_response(self.master.status())
+        # Redacted as a safety net: nothing in it should quote a secret (a reload error names
+        # keys, not values), and nothing ever will.
+        return self._read_refused(request) or web.json_response(
+            redact_value(self.master.status(), self.master.config))
 
     async def reload(self, request: web.Request) -> web.Response:
         if not self._authorized(request):

@@ -53,6 +53,14 @@ def _when(ts: float | None) -> str:
     return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
 
 
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return f"{n:.1f}GiB"
+
+
 def format_status(data: dict[str, Any]) -> str:
     config = data.get("config", {})
     lines = [
@@ -72,10 +80,15 @@ def format_status(data: dict[str, Any]) -> str:
     lines.append(f"listeners  {', '.join(listeners) or '-'}")
     lines.append("")
     lines.append(f"{'SLOT':>4}  {'PID':>7}  {'GEN':>4}  {'STATE':<9} {'REQUESTS':>9}  "
-                 f"{'CONNS':>6}  UPTIME")
+                 f"{'CONNS':>6}  {'CACHE':>7}  {'CACHE SIZE':>10}  UPTIME")
     now = time.time()
     for w in data.get("workers", []):
         uptime = int(now - w.get("started_at", now))
+        cache = w.get("cache") or {}
+        entries = cache.get("entries")
+        size = cache.get("bytes")
         lines.append(f"{w['slot']:>4}  {w['pid']:>7}  {w['generation']:>4}  {w['state']:<9} "
-                     f"{w['requests']:>9}  {w.get('connections', 0):>6}  {uptime}s")
+                     f"{w['requests']:>9}  {w.get('connections', 0):>6}  "
+                     f"{'-' if entries is None else entries:>7}  "
+                     f"{'-' if size is None else _size(size):>10}  {uptime}s")
     return "\n".join(lines)

@@ -53,6 +53,17 @@ def _print_errors(exc: ConfigError) -> None:
         click.echo(str(issue), err=True)
 
 
+def _load_for_serving(config_path: str) -> tuple[GatewayConfig, list[ConfigIssue]]:
+    """The config as ``run`` and ``check-config`` need it: valid, and its TLS certificate and
+    key files loadable (the one check that reads other files)."""
+    from proxyd.tls import file_issues
+
+    config, warnings = load_config_with_warnings(config_path)
+    if issues := file_issues(config, config_path):
+        raise ConfigError(issues)
+    return config, warnings
+
+
 @main.command("check-config")
 @config_option
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text",
@@ -60,7 +71,7 @@ def _print_errors(exc: ConfigError) -> None:
 def check_config(config_path: str, fmt: str) -> None:
     """Validate a config file and summarise what it would run; exit 1 on any error."""
     try:
-        config, warnings = load_config_with_warnings(config_path)
+        config, warnings = _load_for_serving(config_path)
     except ConfigError as exc:
         if fmt == "json":
             click.echo(json.dumps({"ok": False, "errors": [_issue_json(i) for i in exc.issues],
@@ -91,7 +102,7 @@ def schema() -> None:
 def run(config_path: str, pid_file: str | None) -> None:
     """Load the config and serve traffic in the foreground (master + workers)."""
     try:
-        config, warnings = load_config_with_warnings(config_path)
+        config, warnings = _load_for_serving(config_path)
     except ConfigError as exc:
         _print_errors(exc)
         sys.exit(EXIT_CONFIG)
@@ -195,10 +206,13 @@ def reload(config_path: str, admin_url: str | None, token: str, wait: bool,
 @click.argument("method")
 @click.argument("url")
 @click.option("-H", "--header", "headers", multiple=True, help="'Name: value', repeatable.")
+@click.option("--client-ip", default="127.0.0.1", show_default=True,
+              help="The peer address (for rate-limit keys).")
 @click.option("--json", "as_json", is_flag=True)
 def explain(config_path: str, method: str, url: str, headers: tuple[str, ...],
-            as_json: bool) -> None:
-    """Show the route, chain and upstream a request would get (nothing is sent)."""
+            client_ip: str, as_json: bool) -> None:
+    """Show the route, chain, cache and rate-limit keys and upstream a request would get
+    (nothing is sent)."""
     from proxyd.explain import explain as run_explain
     from proxyd.explain import format_explain
 
@@ -213,6 +227,9 @@ def explain(config_path: str, method: str, url: str, headers: tuple[str, ...],
         if not sep:
             raise click.BadParameter(f"expected 'Name: value', got {header!r}", param_hint="-H")
         pairs.append((name.strip(), value.strip()))
-    ok, result = run_explain(config, method, url, pairs)
+    ok, result = run_explain(config, method, url, pairs, client_ip=client_ip)
+    from proxyd.config.redact import redact_value
+
+    result = redact_value(result, config)  # e.g. a URL password; never printed
     click.echo(json.dumps(result, indent=2) if as_json else format_explain(ok, result))
     sys.exit(EXIT_OK if ok else EXIT_CONFIG)

@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import difflib
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import urlsplit
 
+from proxyd.cache import policy
 from proxyd.config.models import GatewayConfig
 from proxyd.middleware import build_chain
+from proxyd.middleware.base import Context
+from proxyd.middleware.cache import UNSAFE, Cache
+from proxyd.middleware.chain import Chain
+from proxyd.middleware.rate_limit import RateLimit
+from proxyd.proxy.headers import TrustedProxies
 from proxyd.proxy.router import Router, normalize_host, remove_dot_segments
+
+EXPLAIN_CLIENT_IP = "127.0.0.1"  # the peer address assumed when none is given
 
 
 def explain(config: GatewayConfig, method: str, url: str,
-            headers: list[tuple[str, str]]) -> tuple[bool, dict[str, Any]]:
+            headers: list[tuple[str, str]],
+            client_ip: str = EXPLAIN_CLIENT_IP) -> tuple[bool, dict[str, Any]]:
     if "://" not in url:
         url = "http://localhost" + (url if url.startswith("/") else "/" + url)
     parts = urlsplit(url)
@@ -42,6 +52,15 @@ def explain(config: GatewayConfig, method: str, url: str,
     chain = build_chain(config, cfg)
     result["route"] = {"name": route.name, "match": cfg.match.model_dump(exclude_none=True)}
     result["chain"] = chain.names
+    # The Context the data plane would build for this request (downstream._dispatch): the
+    # request line's path and raw query, the Host as sent, every header in order.
+    sent = [(n.lower().encode(), n.encode(), v.encode()) for n, v in headers]
+    if host is not None and not any(lname == b"host" for lname, _, _ in sent):
+        sent.insert(0, (b"host", b"Host", host))
+    ctx = Context(method.upper().encode(), path, parts.query.encode(), host, sent,
+                  client_ip.encode(), route.name, lambda: "explain")
+    result["cache"] = _cache(config, cfg, chain, ctx)
+    result["rate_limit"] = _rate_limits(config, route.name, chain, ctx)
     if cfg.respond is not None:
         result["endpoint"] = {"respond": cfg.respond.status}
     else:
@@ -52,6 +71,65 @@ def explain(config: GatewayConfig, method: str, url: str,
             "forwarded_path": forwarded.decode() + (f"?{parts.query}" if parts.query else ""),
         }
     return True, result
+
+
+def _cache(config: GatewayConfig, route: Any, chain: Chain, ctx: Context) -> dict[str, Any]:
+    """What the cache middleware (proxyd/middleware/cache.py) would do with the request.
+
+    Whether a response is stored depends on that response too (status, Cache-Control, Vary,
+    Set-Cookie): for a request the cache would look up, the answer is "if the response allows".
+    """
+    mw = next((m for m in chain.middleware if isinstance(m, Cache)), None)
+    if mw is None:
+        return {"key": None, "decision": "off (no cache middleware on this route)"}
+    route_cache = route.cache
+    if route_cache is not None and not route_cache.enabled:
+        return {"key": None, "decision": "off (cache.enabled: false on this route)"}
+    key = mw.primary(ctx)
+    method = ctx.method
+    if method not in (b"GET", b"HEAD"):
+        decision = f"not cacheable (method {method.decode()})"
+        if method in UNSAFE:
+            decision += "; a 2xx/3xx answer invalidates the key"
+        return {"key": key, "decision": decision}
+    request_headers = mw.pairs(ctx)
+    if "no-store" in policy.cache_control(request_headers):
+        return {"key": key, "decision": "bypass (no-store)"}
+    ttl = (route_cache.force_ttl if route_cache is not None and route_cache.force_ttl is not None
+           else None)
+    default_ttl = (route_cache.ttl if route_cache is not None and route_cache.ttl is not None
+                   else config.cache.default_ttl)
+    statuses = ", ".join(str(s) for s in config.cache.statuses)
+    if method == b"HEAD":
+        decision = "lookup only: a HEAD is answered from a stored GET, never stored itself"
+    else:
+        decision = f"cacheable if the response allows (status {statuses}"
+        if policy.header(request_headers, b"authorization") is not None:
+            decision += "; with Authorization only if public, s-maxage or must-revalidate"
+        decision += (f"; ttl {ttl:g}s forced)" if ttl is not None
+                     else f"; ttl from the response, else {default_ttl:g}s)")
+    revalidate, _ = policy.request_wants_fresh(request_headers)
+    if revalidate:
+        decision += "; the client asks for revalidation (no-cache)"
+    return {"key": key, "decision": decision}
+
+
+def _rate_limits(config: GatewayConfig, route_name: str, chain: Chain, ctx: Context
+                 ) -> list[dict[str, Any]]:
+    """The key each rate_limit middleware would count the request under, and its limits."""
+    found = []
+    for mw in chain.middleware:
+        if not isinstance(mw, RateLimit):
+            continue
+        # What bind() sets without making limiters: the route name, and the trusted proxies
+        # that decide which X-Forwarded-For hop is the client.
+        mw.route_name = route_name
+        mw.pipeline = SimpleNamespace(  # type: ignore[assignment]
+            trusted=TrustedProxies(config.server.trusted_proxies))
+        found.append({"key": mw.key(ctx), "backend": mw.o.backend,
+                      "limits": [f"{limit.count}/{limit.period:g}s burst {limit.burst}"
+                                 for limit in mw.limits]})
+    return found
 
 
 def nearest_routes(config: GatewayConfig, path: str, n: int = 3) -> list[str]:
@@ -67,22 +145,33 @@ def nearest_routes(config: GatewayConfig, path: str, n: int = 3) -> list[str]:
 
 def format_explain(ok: bool, result: dict[str, Any]) -> str:
     req = result["request"]
-    lines = [f"request   {req['method']} {req['host'] or '-'} {req['path']}"
-             + (f"?{req['query']}" if req["query"] else "")]
+
+    def line(label: str, text: str) -> str:
+        return f"{label:<10} {text}"
+
+    lines = [line("request", f"{req['method']} {req['host'] or '-'} {req['path']}"
+                  + (f"?{req['query']}" if req["query"] else ""))]
     if not ok:
-        lines.append(f"result    {result['error']}")
-        lines.append("nearest   " + ", ".join(result["nearest_routes"]))
+        lines.append(line("result", result["error"]))
+        lines.append(line("nearest", ", ".join(result["nearest_routes"])))
         return "\n".join(lines)
-    lines.append(f"route     {result['route']['name']}  {result['route']['match']}")
-    lines.append("chain     " + (" → ".join(result["chain"]) or "(none)") + " → endpoint")
+    lines.append(line("route", f"{result['route']['name']}  {result['route']['match']}"))
+    lines.append(line("chain", (" → ".join(result["chain"]) or "(none)") + " → endpoint"))
     endpoint = result["endpoint"]
     if "respond" in endpoint:
-        lines.append(f"endpoint  respond {endpoint['respond']}")
+        lines.append(line("endpoint", f"respond {endpoint['respond']}"))
     else:
-        lines.append(f"endpoint  upstream {endpoint['upstream']} ({endpoint['balance']}): "
-                     + ", ".join(endpoint["targets"]))
-        lines.append(f"forwards  {endpoint['forwarded_path']}")
-    for key in ("cache", "rate_limit"):
-        if key in result:
-            lines.append(f"{key:<9} {result[key]}")
+        lines.append(line("endpoint", f"upstream {endpoint['upstream']} "
+                          f"({endpoint['balance']}): " + ", ".join(endpoint["targets"])))
+        lines.append(line("forwards", endpoint["forwarded_path"]))
+    if (cache := result.get("cache")) is not None:
+        if cache["key"] is not None:
+            # key_headers join the key on new lines: shown as \n, one line.
+            lines.append(line("cache key", cache["key"].replace("\n", "\\n")))
+        lines.append(line("cache", cache["decision"]))
+    for limit in result.get("rate_limit", []):
+        lines.append(line("rate_limit", f"key {limit['key']}  ({limit['backend']}: "
+                          + ", ".join(limit["limits"]) + ")"))
+    if result.get("rate_limit") == []:
+        lines.append(line("rate_limit", "none on this route"))
     return "\n".join(lines)

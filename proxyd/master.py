@@ -55,6 +55,7 @@ class WorkerHandle:
     requests: int = 0
     connections: int = 0
     cache: dict[str, Any] = field(default_factory=dict)
+    ejected: list[list[str]] = field(default_factory=list)  # [upstream, target] it ejected
     channel: Channel | None = None
     ready: asyncio.Future[bool] = field(default_factory=lambda: _future())
     exited: asyncio.Future[int] = field(default_factory=lambda: _future())
@@ -98,6 +99,7 @@ class Master:
         self.crashes: dict[int, list[float]] = {}
         self.exit_code = 0
         self.admin: Any = None
+        self.health: Any = None  # proxyd.proxy.health.HealthChecker, from start()
         self._reload_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopped = asyncio.Event()
@@ -141,7 +143,22 @@ class Master:
             "workers": [w.describe() for w in sorted(self.workers.values(),
                                                        key=lambda w: (w.slot, w.generation))],
             "listeners": self.sockets.describe(),
+            "upstreams": self._upstreams_status(),
         }
+
+    def _upstreams_status(self) -> dict[str, Any]:
+        """Active check results per target, and how many workers eject it passively."""
+        result = self.health.describe() if self.health is not None else {}
+        for handle in self.live():
+            for name, url in handle.ejected:
+                target = result.get(name, {}).get(url)
+                if target is not None:
+                    target["ejected_by_workers"] = target.get("ejected_by_workers", 0) + 1
+        return result
+
+    def push_health(self) -> None:
+        if self.health is not None:
+            self.broadcast(self.health.message())
 
     def is_ready(self) -> bool:
         if self.state != "running":
@@ -219,10 +236,13 @@ class Master:
                     handle.state = "ready"
                 if not handle.ready.done():
                     handle.ready.set_result(True)
+                if self.health is not None:
+                    channel.send(self.health.message())  # what the checks know so far
             elif kind == "stats":
                 handle.requests = int(message.get("requests", 0))
                 handle.connections = int(message.get("connections", 0))
                 handle.cache = message.get("cache", {})
+                handle.ejected = message.get("ejected", [])
                 if "metrics" in message:
                     self.metrics.update(handle.pid, message["metrics"])
             elif kind == "retire":
@@ -293,6 +313,10 @@ class Master:
 
         self.admin = AdminServer(self)
         await self.admin.start(self.config.admin)
+        from proxyd.proxy.health import HealthChecker
+
+        self.health = HealthChecker(self.push_health)  # active checks: once, here
+        self.health.configure(self.config)
         if self.state != "starting":
             return  # TERM, INT or QUIT while starting: already on the way out
         handles = [self.spawn(slot, self.config, self.generation)
@@ -397,6 +421,12 @@ class Master:
             return False, str(exc)
         except OSError as exc:
             return False, f"{self.config_path}: {exc.strerror or exc}"
+        from proxyd.tls import file_issues
+
+        # Certificates are loaded by the new workers; a file that cannot be is caught here,
+        # before any of them is forked, and the old ones keep serving.
+        if tls_issues := file_issues(config, self.config_path):
+            return False, "\n".join(str(issue) for issue in tls_issues)
         count = config.server.worker_count()
         try:
             self.sockets.ensure(config.server.listen, count, config.server.backlog)
@@ -414,6 +444,9 @@ class Master:
         self.worker_count, self.loaded_at = count, time.time()
         if self.admin is not None:
             await self.admin.reconfigure(config.admin)
+        if self.health is not None:
+            self.health.configure(config)
+            self.push_health()
         for handle in old:
             self.drain(handle)
         self._close_unused_sockets()
@@ -553,6 +586,8 @@ class Master:
         self._shutting_down = True
         if self.admin is not None:
             await self.admin.stop()
+        if self.health is not None:
+            await self.health.close()
         self.sockets.close_all()
         log.info("proxyd stopped")
         self._stopped.set()

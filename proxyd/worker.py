@@ -21,6 +21,7 @@ from proxyd.control import Channel
 from proxyd.proxy.downstream import DownstreamProtocol
 from proxyd.proxy.pipeline import Pipeline
 from proxyd.sockets import listen_socket
+from proxyd.tls import server_context
 
 log = logging.getLogger("proxyd.worker")
 STATS_INTERVAL = 1.0  # seconds between pushes to the master (DESIGN §5)
@@ -46,10 +47,23 @@ class Worker:
         def factory() -> DownstreamProtocol:
             return DownstreamProtocol(pipeline)
 
-        for sock in self.sockets:
+        def tls_factory() -> DownstreamProtocol:
+            return DownstreamProtocol(pipeline, tls=True)
+
+        listeners = self.config.server.listen  # in the order of the sockets (for_slot)
+        for index, sock in enumerate(self.sockets):
+            tls = getattr(listeners[index], "tls", None) if index < len(listeners) else None
+            # One context per TLS listener, loaded here after fork: a reload's new workers
+            # read the certificate files as they are now.
+            ctx = server_context(tls) if tls is not None else None
             # asyncio re-listens on a passed socket; without backlog it would shrink to 100.
+            # A TLS handshake counts against header_timeout: a client that never finishes it
+            # must not hold a connection (it is not in the pipeline's connections yet).
             server = await loop.create_server(
-                factory, sock=sock, backlog=self.config.server.backlog
+                tls_factory if ctx is not None else factory, sock=sock,
+                backlog=self.config.server.backlog, ssl=ctx,
+                ssl_handshake_timeout=(self.config.server.limits.header_timeout or None)
+                if ctx is not None else None,
             )
             self.servers.append(server)
 
@@ -181,6 +195,8 @@ async def _child(
         return {"type": "stats", "requests": pipeline.requests,
                 "connections": len(pipeline.connections),
                 "cache": {"entries": len(store), "bytes": store.bytes},
+                "ejected": [[name, t.url] for name, pool in pipeline.pools.items()
+                            for t in pool.targets if t.ejected_until > pipeline.deadlines.now],
                 "metrics": pipeline.metrics.snapshot(pipeline.gauges())}
 
     channel.send({"type": "ready", "pid": os.getpid(), "slot": slot, "generation": generation})
@@ -196,6 +212,8 @@ async def _child(
                 pipeline.access_log.reopen()
             elif kind == "purge":
                 pipeline.purge(message.get("key"), message.get("prefix"))
+            elif kind == "health":
+                pipeline.set_health(message.get("upstreams", {}))
 
     async def report() -> None:
         retired = False

@@ -20,6 +20,7 @@ from pydantic_core import ErrorDetails
 
 from proxyd.config import semantic
 from proxyd.config.models import GatewayConfig
+from proxyd.config.redact import SECRET_PATHS
 from proxyd.config.source import Path, Source, read_yaml
 from proxyd.errors import ConfigError, ConfigIssue
 
@@ -103,6 +104,11 @@ def _translate(exc: ValidationError, source: Source) -> list[ConfigIssue]:
             issues.append(pos.issue(path, "required key is missing", mark=mark))
         elif kind == "extra_forbidden":
             issues.append(pos.issue(path, _unknown_key(path), on_key=True))
+        elif path in SECRET_PATHS:
+            # The message would quote the value: say what is wrong without the secret.
+            message = _message(err).split(", got ")[0]
+            issues.append(pos.issue(path, f"{message} (the value is a secret: not shown; "
+                                          "quote it to make it a string)", on_key=on_key))
         else:
             issues.append(pos.issue(path, _message(err), on_key=on_key))
     return issues

@@ -14,7 +14,8 @@ import warnings
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from proxyd.config.models import GatewayConfig, Match, Route
+from proxyd.config.models import GatewayConfig, Match, Route, Upstream, UpstreamTLS
+from proxyd.config.redact import redact_url
 from proxyd.config.source import Path, format_path
 from proxyd.config.types import HostPort
 
@@ -157,13 +158,44 @@ def _check_upstreams(config: GatewayConfig, report: Report) -> None:
     for name, upstream in config.upstreams.items():
         for k, target in enumerate(upstream.targets):
             if problem := _url_problem(target.url):
+                # The message quotes the URL: never with the password it must not contain.
+                problem = problem.replace(target.url, redact_url(target.url))
                 report.error(("upstreams", name, "targets", k, "url"), problem)
         if upstream.health_check and not upstream.health_check.path.startswith("/"):
             report.error(("upstreams", name, "health_check", "path"),
                          "health check path must start with '/'")
+        _check_resilience(name, upstream, report)
         if name not in used:
             report.warn(("upstreams", name), f"upstream '{name}' is not used by any route",
                         on_key=True)
+
+
+def _check_resilience(name: str, upstream: Upstream, report: Report) -> None:
+    """Balancing, retries, outlier detection and TLS options that only make sense together."""
+    at: Path = ("upstreams", name)
+    if upstream.hash_key is not None and upstream.balance != "hash":
+        report.warn((*at, "hash_key"), f"hash_key has no effect with balance: {upstream.balance} "
+                    "(only with balance: hash)", on_key=True)
+    for k, method in enumerate(upstream.retries.methods):
+        if not _TOKEN.fullmatch(method):
+            report.error((*at, "retries", "methods", k), f"invalid HTTP method {method!r}")
+    if "POST" in upstream.retries.methods or "PATCH" in upstream.retries.methods:
+        report.warn((*at, "retries", "methods"),
+                    "POST/PATCH are not idempotent: a retry may apply the request twice")
+    outlier = upstream.outlier_detection
+    if outlier.max_ejection < outlier.base_ejection:
+        report.error((*at, "outlier_detection", "max_ejection"),
+                     "max_ejection must not be shorter than base_ejection")
+    tls = upstream.tls
+    https = any(t.url.lower().startswith("https://") for t in upstream.targets)
+    if tls != UpstreamTLS() and not https:
+        report.warn((*at, "tls"), "tls options have no effect: no target is https://",
+                    on_key=True)
+    if tls.client_key is not None and tls.client_cert is None:
+        report.error((*at, "tls", "client_key"), "client_key needs client_cert")
+    if https and not tls.verify:
+        report.warn((*at, "tls", "verify"),
+                    "upstream certificates are not verified (tls.verify: false)")
 
 
 # --- routes ---------------------------------------------------------------------------------------
@@ -222,7 +254,7 @@ def _check_target(config: GatewayConfig, route: Route, at: Path, report: Report)
                 else " (no upstreams are defined)")
         report.error((*at, "upstream"), f"unknown upstream '{route.upstream}'{hint}")
     if route.respond is not None:
-        for key in ("strip_prefix", "rewrite"):
+        for key in ("strip_prefix", "rewrite", "timeouts"):
             if getattr(route, key) is not None:
                 report.warn((*at, key), f"{key} has no effect on a route that uses 'respond'",
                             on_key=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from proxyd.config.models import GatewayConfig, Match, Route
+from proxyd.config.redact import redact_text, redact_url, redact_value
 from proxyd.errors import ConfigIssue
 
 
@@ -23,11 +24,29 @@ def _target(route: Route) -> dict[str, Any]:
     return {"upstream": route.upstream}
 
 
+def _uses_redis(config: GatewayConfig) -> bool:
+    return config.cache.backend == "redis" or any(
+        getattr(entry, "backend", None) == "redis" for entry in config.middleware)
+
+
+def _tls(config: GatewayConfig) -> dict[str, Any]:
+    return {str(a): tls.model_dump() for a in config.server.listen
+            if (tls := getattr(a, "tls", None)) is not None}
+
+
 def summarize(config: GatewayConfig) -> dict[str, Any]:
-    """A JSON-ready description of the config (``check-config --format json``)."""
+    """A JSON-ready description of the config (``check-config --format json``); secrets
+    (admin token, URL passwords) never appear in it."""
+    summary: dict[str, Any] = redact_value(_summary(config), config)
+    return summary
+
+
+def _summary(config: GatewayConfig) -> dict[str, Any]:
     server = config.server
     return {
         "listeners": [str(a) for a in server.listen],
+        "tls": _tls(config),
+        **({"redis": redact_url(config.redis.url)} if _uses_redis(config) else {}),
         "backlog": server.backlog,
         "workers": {"configured": server.workers, "effective": server.worker_count()},
         "admin": {"listen": str(config.admin.listen), "token_set": bool(config.admin.token)},
@@ -77,6 +96,11 @@ def _table(rows: list[tuple[str, str, str]], sep: str) -> list[str]:
     return [f"  {a:<{w0}}  {b:<{w1}}{sep}{c}".rstrip() for a, b, c in rows]
 
 
+def _listener(address: object) -> str:
+    tls = getattr(address, "tls", None)
+    return f"{address} (TLS {tls.min_version}+, cert {tls.cert})" if tls else str(address)
+
+
 def format_summary(config: GatewayConfig, filename: str, warnings: list[ConfigIssue]) -> str:
     server = config.server
     workers = (f"auto ({server.worker_count()} on this machine)" if server.workers == "auto"
@@ -84,9 +108,11 @@ def format_summary(config: GatewayConfig, filename: str, warnings: list[ConfigIs
     token = "token set" if config.admin.token else "no token"
     lines = [
         f"{filename}: configuration OK",
-        f"listeners:  {', '.join(str(a) for a in server.listen)} (backlog {server.backlog})",
+        f"listeners:  {', '.join(_listener(a) for a in server.listen)} "
+        f"(backlog {server.backlog})",
         f"workers:    {workers}",
         f"admin:      {config.admin.listen} ({token})",
+        *([f"redis:      {redact_url(config.redis.url)}"] if _uses_redis(config) else []),
         f"routes ({len(config.routes)}):",
         *_table([(r.name, _describe_match(r.match), _describe_target(r))
                  for r in config.routes], "->"),
@@ -100,4 +126,4 @@ def format_summary(config: GatewayConfig, filename: str, warnings: list[ConfigIs
     if warnings:
         lines.append(f"warnings ({len(warnings)}):")
         lines.extend(f"  {w}" for w in warnings)
-    return "\n".join(lines)
+    return redact_text("\n".join(lines), config)

@@ -30,10 +30,18 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "gateway_cache_hits_total": ("Responses served from the cache", ("route",)),
     "gateway_cache_misses_total": ("Cacheable requests not in the cache", ("route",)),
     "gateway_upstream_errors_total": ("Failed upstream exchanges", ("upstream", "kind")),
+    "gateway_upstream_retries_total": ("Upstream tries beyond the first", ("upstream",)),
+    "gateway_upstream_rejected_total": ("Requests refused with 503 before reaching a target "
+                                        "(breaker, queue, no target up)", ("upstream", "reason")),
+    "gateway_upstream_ejections_total": ("Targets ejected by outlier detection",
+                                         ("upstream", "target")),
     "gateway_rate_limited_total": ("Requests refused by rate limiting", ("route",)),
     "gateway_websocket_messages_total": ("WebSocket messages relayed", ("direction",)),
     "gateway_websocket_bytes_total": ("WebSocket bytes relayed", ("direction",)),
     "gateway_websocket_closes_total": ("WebSocket relays ended, by close code", ("code",)),
+    "gateway_client_limits_total": (
+        "Client connections refused or cut by a limit (max_connections, body_timeout, "
+        "send_timeout)", ("limit",)),
 }
 HISTOGRAMS: dict[str, tuple[str, tuple[str, ...]]] = {
     "gateway_request_duration_seconds": ("Time from request head to response end",
@@ -45,6 +53,14 @@ GAUGES: dict[str, tuple[str, tuple[str, ...]]] = {
     "gateway_active_connections": ("Open client connections", ()),
     "gateway_pool_connections_active": ("Upstream connections in use", ("upstream",)),
     "gateway_pool_connections_idle": ("Idle pooled upstream connections", ("upstream",)),
+    "gateway_upstream_target_connections_active": ("Upstream connections in use, per target",
+                                                   ("upstream", "target")),
+    "gateway_upstream_target_connections_idle": ("Idle pooled connections, per target",
+                                                 ("upstream", "target")),
+    "gateway_upstream_target_ejected": ("Workers that have ejected the target",
+                                        ("upstream", "target")),
+    "gateway_upstream_circuit_open": ("Workers whose circuit breaker for the upstream is open",
+                                      ("upstream",)),
     "gateway_websocket_connections_active": ("Relayed WebSocket connections", ()),
     "gateway_redis_fallback_active": ("Workers whose Redis rate limiter is on its fallback", ()),
 }

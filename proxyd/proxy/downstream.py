@@ -35,9 +35,47 @@ PAUSE_PIPELINE = 1  # a pipelined request waits for the one in flight
 PAUSE_UPSTREAM = 2  # the upstream socket's write buffer is full
 PAUSE_PENDING = 4  # body bytes piled up while the upstream connection is being opened
 
+class _Discard:
+    """The parser of a refused connection: whatever the client still sends is dropped."""
+
+    @staticmethod
+    def feed_data(data: bytes) -> None:
+        pass
+
+
+class SendWatch:
+    """The send timeout of one client, in the deadline sweep only while its writes are paused
+    (a full socket buffer): the common path pays nothing for it. Like nginx's send_timeout it
+    measures time without progress: a buffer that shrank since the last look buys another
+    period, so a slow but live reader is never cut off."""
+
+    __slots__ = ("buffered", "deadline", "ds")
+
+    def __init__(self, ds: DownstreamProtocol) -> None:
+        self.ds = ds
+        self.deadline = 0.0
+        self.buffered = 0
+
+    def arm(self, transport: asyncio.Transport | None, now: float, timeout: float) -> None:
+        self.buffered = transport.get_write_buffer_size() if transport is not None else 0
+        self.deadline = now + timeout
+
+    def on_deadline(self) -> None:
+        ds = self.ds
+        transport = ds.transport
+        if transport is not None and transport.get_write_buffer_size() < self.buffered:
+            self.arm(transport, ds.p.deadlines.now, ds.p.send_timeout)  # it reads: wait on
+        else:
+            ds.send_timed_out()
+
+
+REFUSED_LINGER = 1.0  # seconds a refused connection may take to read its 503 before the close
+
+
 class DownstreamProtocol(asyncio.Protocol):
-    def __init__(self, pipeline: Pipeline) -> None:
+    def __init__(self, pipeline: Pipeline, tls: bool = False) -> None:
         self.p = pipeline
+        self.scheme = b"https" if tls else b"http"  # of the listener: X-Forwarded-Proto
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.client_ip = b""
@@ -53,6 +91,8 @@ class DownstreamProtocol(asyncio.Protocol):
         self.tunnel: Tunnel | None = None  # a WebSocket relay owns the connection
         self.ws_early: list[bytes] | None = None  # set while an upgrade awaits the upstream
         self.parsing = False  # inside data_received: upstream writes wait for its final flush
+        self.reading_body = False  # a request body is arriving: the deadline is body_timeout
+        self.send_watch: SendWatch | None = None
         self._paused = 0
         self._out: list[bytes] = []
         self._advancing = False
@@ -64,9 +104,32 @@ class DownstreamProtocol(asyncio.Protocol):
         ip = peer[0] if peer else "127.0.0.1"
         self.client_ip = ip.encode()
         self.trusted_peer = ip in self.p.trusted
-        self.p.connections.add(self)
-        self.p.deadlines.add(self)
-        self.deadline = self.p.deadlines.now + self.p.header_timeout
+        p = self.p
+        if len(p.connections) >= p.max_connections:
+            self._refuse()
+            return
+        p.connections.add(self)
+        p.deadlines.add(self)
+        self.deadline = p.deadlines.now + p.header_timeout
+
+    def _refuse(self) -> None:
+        """Over max_connections: a 503 and a close, so the connections already open keep
+        their share of the worker. The refused one never counts as open."""
+        p, transport = self.p, self.transport
+        assert transport is not None
+        p.metrics.inc("gateway_client_limits_total", ("max_connections",))
+        self.closed = True
+        self.parser = _Discard()  # type: ignore[assignment]
+        transport.write(error_response(503, "too many connections", p.next_request_id(),
+                                       close=True, extra=b"Retry-After: 1\r\n"))
+        if transport.can_write_eof():
+            # Half-close and read what the client already sent: closing with unread bytes
+            # would reset the connection and could destroy the 503 before it is read.
+            transport.write_eof()
+            p.deadlines.add(self)
+            self.deadline = p.deadlines.now + REFUSED_LINGER
+        else:
+            transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -74,6 +137,8 @@ class DownstreamProtocol(asyncio.Protocol):
             self.tunnel.lost()
         self.p.connections.discard(self)
         self.p.deadlines.discard(self)
+        if self.send_watch is not None:
+            self.p.deadlines.discard(self.send_watch)
         for req in (self.active, *self.queue):
             if req is not None and req.exchange is not None:
                 req.exchange.client_gone()
@@ -89,9 +154,39 @@ class DownstreamProtocol(asyncio.Protocol):
         if self.tunnel is not None:
             self.tunnel.idle()
             return
+        if self.reading_body:
+            if not self._paused:  # a paused read is proxyd waiting, not the client; resuming
+                self._body_timed_out()  # re-arms the deadline
+            return
         # Header timeout or idle keep-alive: either way nobody is waiting for an answer.
         if self.active is None and self.transport is not None:
             self.transport.close()
+
+    def _body_timed_out(self) -> None:
+        """body_timeout: the client stopped sending the body it announced."""
+        self.p.metrics.inc("gateway_client_limits_total", ("body_timeout",))
+        self.reading_body = False
+        req = self.req
+        if req is None or req is not self.active or req.discard:
+            self.close()  # answered already (its body was being dropped), or nobody waits
+            return
+        ex = req.exchange
+        if ex is not None:
+            ex.client_gone()  # the upstream has part of a body: that exchange cannot finish
+            if ex.resp_started:
+                self.abort()  # the response is cut short: the client must see it truncated
+                return
+        self.send_error(req, 408, "request body timeout")  # and close: the body is unfinished
+
+    def send_timed_out(self) -> None:
+        """send_timeout: the client has read nothing for that long; its upstream connection
+        (paused while the client's buffer is full) goes with it."""
+        if self.send_watch is not None:
+            self.p.deadlines.discard(self.send_watch)
+        self.p.metrics.inc("gateway_client_limits_total", ("send_timeout",))
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()  # close() would wait for the buffer to drain: forever
 
     # -- writing ----------------------------------------------------------------------------
     def send(self, data: bytes) -> None:
@@ -120,6 +215,13 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        p = self.p
+        if p.send_timeout:
+            watch = self.send_watch
+            if watch is None:
+                watch = self.send_watch = SendWatch(self)
+            watch.arm(self.transport, p.deadlines.now, p.send_timeout)
+            p.deadlines.add(watch)
         if self.tunnel is not None:
             self.tunnel.conn.pause_reading()
             return
@@ -129,6 +231,8 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        if self.send_watch is not None:
+            self.p.deadlines.discard(self.send_watch)
         if self.tunnel is not None:
             self.tunnel.conn.resume_reading()
             return
@@ -146,6 +250,8 @@ class DownstreamProtocol(asyncio.Protocol):
             self._paused &= ~reason
             if not self._paused and self.transport is not None and not self.closed:
                 self.transport.resume_reading()
+                if self.reading_body:  # the client's turn again: body_timeout starts afresh
+                    self.deadline = self.p.deadlines.now + self.p.body_timeout
 
     def pause_reading_for_upstream(self) -> None:
         self._pause(PAUSE_UPSTREAM)
@@ -246,6 +352,10 @@ class DownstreamProtocol(asyncio.Protocol):
         req.keep_alive = parser.should_keep_alive()
         if req.http11 and req.host is None:
             raise Reject(400, "missing Host header")
+        if req.chunked and not req.http11:
+            # RFC 9112 §6.1: Transfer-Encoding in an HTTP/1.0 message is faulty framing (an
+            # HTTP/1.0 hop behind proxyd could read the body by other rules).
+            raise Reject(400, "Transfer-Encoding in an HTTP/1.0 request")
         if not req.url.startswith(b"/") and not (req.url == b"*" and req.method == b"OPTIONS"):
             raise Reject(400, "request target must be origin-form (this is not a forward proxy)")
         if req.content_length is not None and req.content_length > self.p.max_body_size:
@@ -253,7 +363,11 @@ class DownstreamProtocol(asyncio.Protocol):
         req.body_limit = self.p.max_body_size
         req.has_body = req.chunked or bool(req.content_length)
         req.body_done = not req.has_body
-        self.deadline = 0.0
+        if req.has_body:
+            self.reading_body = True
+            self.deadline = self.p.deadlines.now + self.p.body_timeout
+        else:
+            self.deadline = 0.0
         self.queue.append(req)
         if self.active is None:
             self._advance()
@@ -266,6 +380,7 @@ class DownstreamProtocol(asyncio.Protocol):
         req.body_size += len(chunk)
         if req.body_size > req.body_limit:
             raise Reject(413, "request body too large")
+        self.deadline = self.p.deadlines.now + self.p.body_timeout
         if req.discard:
             return
         if req.exchange is not None:
@@ -278,6 +393,9 @@ class DownstreamProtocol(asyncio.Protocol):
         assert req is not None
         self.req = None
         req.body_done = True
+        if self.reading_body:
+            self.reading_body = False
+            self.deadline = 0.0
         if req.exchange is not None:
             req.exchange.body_end()
         elif req.discard and self.active is req:
@@ -302,15 +420,17 @@ class DownstreamProtocol(asyncio.Protocol):
                 self.close()
             elif self.req is None:
                 self.deadline = self.p.deadlines.now + self.p.keepalive_timeout
-            else:
+            elif not self.reading_body:
                 # The next request's head began while this one was in flight (pipelined) and
                 # is still unfinished: it gets the header timeout, or it could idle forever.
                 self.deadline = self.p.deadlines.now + self.p.header_timeout
 
     def must_close(self, req: Request) -> bool:
         # An upgrade the upstream refused: what the client sent after it is not HTTP.
+        # The keep-alive cap: the last request a connection may carry says so.
         return (not req.keep_alive or req.close_requested or self.p.draining or self.close_after
-                or req.ws_upstream_key is not None)
+                or req.ws_upstream_key is not None
+                or self.requests >= self.p.max_keepalive_requests)
 
     def request_id(self, req: Request) -> str:
         if req.ctx is not None:
@@ -430,7 +550,8 @@ class DownstreamProtocol(asyncio.Protocol):
             for name, value in ctx.set_request:
                 parts += (name, b": ", value, CRLF)
         parts.append(forwarded_fields(
-            self.client_ip, self.trusted_peer, req.xff, req.xfp, req.xfh, req.host, req.via
+            self.client_ip, self.trusted_peer, req.xff, req.xfp, req.xfh, req.host, req.via,
+            self.scheme,
         ))
         if req.chunked:
             parts.append(b"Transfer-Encoding: chunked\r\n")

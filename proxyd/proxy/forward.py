@@ -19,26 +19,34 @@ from proxyd.proxy.websocket import Tunnel, accept_key
 
 if TYPE_CHECKING:
     from proxyd.proxy.downstream import DownstreamProtocol, Request
-    from proxyd.proxy.upstream import TargetPool, UpstreamConnection, UpstreamPool
+    from proxyd.proxy.upstream import TargetPool, Timeouts, UpstreamConnection, UpstreamPool
 
-IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 NO_BODY_STATUSES = frozenset({204, 304})
 PENDING_BODY_LIMIT = 256 * 1024  # buffered before the upstream connects; then reading pauses
 
 
+class Abandoned(Exception):
+    """Raised from a response-parser callback: this try's response is dropped (a retry on
+    another target has begun); the parser stops at once."""
+
+
 class Exchange:
     __slots__ = (
+        "admitted",
         "buffer",
         "bytes_out",
         "client_chunked",
         "close_client",
         "conn",
+        "deadline",
         "done",
         "drop",
         "ds",
         "filters",
         "head",
         "host_line",
+        "interim_sent",
+        "key",
         "parser",
         "pool",
         "read_to_close",
@@ -48,9 +56,14 @@ class Exchange:
         "resp_reason",
         "resp_started",
         "resp_status",
+        "sent_body",
         "started_at",
         "target",
+        "timed",
+        "timeouts",
+        "total_deadline",
         "tries",
+        "try_deadline",
         "upgrade_headers",
     )
 
@@ -79,17 +92,73 @@ class Exchange:
         self.bytes_out = 0
         self.started_at = 0.0
         self.upgrade_headers: list[tuple[bytes, bytes]] | None = None
+        self.timeouts: Timeouts = pool.timeouts
+        self.admitted = False  # holds one of the upstream's max_concurrent slots
+        self.timed = False  # a member of the worker's deadlines (per-try or total timeout)
+        # deadline, try_deadline, total_deadline: set by start() when timed, read only then
+        self.key = b""  # hash balancing
+        self.sent_body: list[bytes] | None = None  # body chunks kept for a replay
+        self.interim_sent = False  # a 1xx went to the client: no retry after that
 
     # -- request side ---------------------------------------------------------------------
     def start(self, head_without_host: bytes, host_line: bytes | None) -> None:
         """``host_line`` None means: send the target's own host (preserve_host: false)."""
         self.head = head_without_host
         self.host_line = host_line
-        self.req.exchange = self
+        req = self.req
+        req.exchange = self
         self.started_at = monotonic()
+        pool = self.pool
+        route = req.route
+        if route is not None and route.timeouts is not None:
+            self.timeouts = route.timeouts
+        t = self.timeouts
+        if t.timed:
+            self.deadline = self.total_deadline = (
+                pool.deadlines.now + t.total if t.total else 0.0)
+            self.try_deadline = 0.0
+            self.timed = True
+            pool.deadlines.add(self)
+        if pool.guarded:
+            if not pool.admit(self):
+                return  # refused, or queued until begin()
+            self.admitted = True
+        self.begin()
+
+    def begin(self) -> None:
+        """The first try: at once, or when the upstream's queue lets it through."""
+        pool, req = self.pool, self.req
+        pool.budget.requests += 1
+        if pool.ring is not None:
+            self.key = pool.hash_key(self.ds.client_ip, req.headers)
+        if req.has_body and pool.max_body and req.method in pool.retry_methods \
+                and (req.content_length or 0) <= pool.max_body:
+            self.sent_body = []  # small enough to replay: keep what is sent
+        target = pool.pick(self.key)
+        if target is None:
+            self.refuse("unavailable", "no healthy upstream target")
+            return
+        self.tries = 1
+        self.target = target
+        if self.timeouts.per_try:
+            self._per_try()
+        target.acquire(self)
+
+    def _try(self, target: TargetPool) -> None:
         self.tries += 1
-        self.target = self.pool.pick()
-        self.target.acquire(self)
+        self.target = target
+        if self.timeouts.per_try:
+            self._per_try()
+        target.acquire(self)
+
+    def _per_try(self) -> None:
+        self.try_deadline = self.pool.deadlines.now + self.timeouts.per_try
+        total = self.total_deadline
+        self.deadline = min(self.try_deadline, total) if total else self.try_deadline
+
+    def waiting_for(self, target: TargetPool) -> bool:
+        """Still waiting for a connection from ``target`` (not gone, timed out, or moved)."""
+        return not self.done and self.conn is None and self.target is target
 
     def attach(self, conn: UpstreamConnection) -> None:
         """Called by the pool with a connection, at once (idle hit) or after connecting."""
@@ -97,7 +166,7 @@ class Exchange:
         self.conn = conn
         conn.exchange = self
         self.parser = httptools.HttpResponseParser(self)
-        conn.deadline = target.deadlines.now + target.read_timeout
+        conn.deadline = target.deadlines.now + self.timeouts.read
         if self.ds.write_paused:
             conn.pause_reading()  # (which also holds the read timeout)
         host = self.host_line or b"Host: " + target.host_header + CRLF
@@ -105,6 +174,8 @@ class Exchange:
         req = self.req
         for chunk in req.pending:
             conn.send(self._frame(chunk))
+        if self.sent_body is not None:
+            self.sent_body += req.pending
         req.pending.clear()
         if req.body_done and req.chunked:
             conn.send(b"0\r\n\r\n")
@@ -119,11 +190,15 @@ class Exchange:
         if self.resp_started and self.close_client:
             return  # upstream already answered; the rest of the body is discarded
         conn = self.conn
+        if self.sent_body is not None and self.req.body_size > self.pool.max_body:
+            self.sent_body = None  # too big to replay: no retry once any of it went out
         if conn is not None:
             conn.send(self._frame(chunk))
+            if self.sent_body is not None:
+                self.sent_body.append(chunk)
             # The read timeout counts from the last byte either way: while the request is
             # still being sent, the upstream owes no answer yet.
-            conn.deadline = conn.pool.deadlines.now + conn.pool.read_timeout
+            conn.deadline = conn.pool.deadlines.now + self.timeouts.read
         else:
             pending = self.req.pending
             pending.append(chunk)
@@ -150,7 +225,7 @@ class Exchange:
             else:
                 self.upstream_failed(502, "upstream switched protocols on a plain HTTP route")
         except httptools.HttpParserError as exc:
-            if not self.done:
+            if not self.done and not isinstance(exc.__context__, Abandoned):
                 self.upstream_failed(502, f"invalid upstream response: {exc}")
         ds.flush()
 
@@ -175,7 +250,17 @@ class Exchange:
             # to HTTP/1.1 clients and are never the final response.
             if status != 100 and status != 101 and req.http11:
                 ds.send(status_line(status, reason) + self._filter(headers) + CRLF)
+                self.interim_sent = True
             return
+        pool = self.pool
+        if pool.watch_status:
+            pool.response(self.target, status)  # type: ignore[arg-type]
+        else:
+            self.target.failures = 0  # type: ignore[union-attr]  # an answer: not failing
+        if status in pool.retry_statuses and self._retry(sent=True, same_ok=False):
+            raise Abandoned  # decided before any byte of this response went to the client
+        if self.timed:
+            self.deadline = self.total_deadline  # the head is in: the per-try limit is over
         self.resp_status = status
         length: bytes | None = None
         chunked = False
@@ -344,6 +429,8 @@ class Exchange:
         ds.send(b"".join(lines))
         ds.flush()
         self.done = True
+        if self.admitted or self.timed:
+            self._leave()
         self.resp_status = 101
         self.conn = None
         conn.exchange = None
@@ -367,13 +454,93 @@ class Exchange:
             else:
                 conn.exchange = None
                 conn.close()
+        if self.admitted or self.timed:
+            self._leave()
         self.ds.exchange_done(self, close=self.close_client)
+
+    def _leave(self) -> None:
+        """Give back the concurrency slot and the deadline membership, once."""
+        if self.timed:
+            self.timed = False
+            self.pool.deadlines.discard(self)
+        if self.admitted:
+            self.admitted = False
+            self.pool.leave()
+
+    def refuse(self, reason: str, message: str) -> None:
+        """503 at once: the circuit breaker, a full queue, or no target up."""
+        if self.done:
+            return
+        self.done = True
+        self._leave()
+        self.ds.p.metrics.inc("gateway_upstream_rejected_total", (self.pool.name, reason))
+        self.ds.send_error(self.req, 503, message)
+
+    # -- retries ----------------------------------------------------------------------------
+    def _retry(self, *, sent: bool, same_ok: bool) -> bool:
+        """Start another try if this one may be repeated; False: the caller gives up.
+
+        ``sent``: the request (or part of it) may have reached the upstream, so only the
+        retry methods qualify, and a body only when it was kept whole. ``same_ok``: the same
+        target may take it again (a pooled connection that was stale, not a failing target).
+        """
+        pool, req = self.pool, self.req
+        if (self.done or self.resp_started or self.resp_status or self.interim_sent
+                or self.tries >= pool.retry_attempts):
+            return False
+        if sent and (req.method not in pool.retry_methods
+                     or (req.has_body and self.sent_body is None)):
+            return False
+        if not pool.budget.allow():
+            return False
+        target = pool.pick(self.key, self.target)  # another target, preferably
+        if target is None and same_ok:
+            target = pool.pick(self.key)
+        if target is None:
+            return False
+        pool.budget.spend()
+        self.ds.p.metrics.inc("gateway_upstream_retries_total", (pool.name,))
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.exchange = None
+            conn.close()
+        self.parser = None
+        self.resp_headers = []
+        self.resp_reason = b""
+        if self.sent_body:
+            req.pending[:0] = self.sent_body  # replayed ahead of what is still to come
+            self.sent_body = []
+        self._try(target)
+        return True
+
+    def connect_failed(self, status: int, message: str) -> None:
+        """The pool could not connect for this try: nothing was sent, any method may retry."""
+        if not self._retry(sent=False, same_ok=False):
+            self.upstream_failed(status, message)
+
+    def on_deadline(self) -> None:
+        """The exchange's own deadline (timed exchanges only): per-try or total timeout."""
+        now = self.pool.deadlines.now
+        total = self.total_deadline
+        if total and now >= total:
+            self.upstream_failed(504, "upstream total timeout")
+            return
+        if self.try_deadline and now >= self.try_deadline and not self.resp_status:
+            self.try_deadline = 0.0
+            if self.target is not None:
+                self.pool.try_failed(self.target)
+            if not self._retry(sent=self.conn is not None, same_ok=False):
+                self.upstream_failed(504, "upstream per-try timeout")
+            return
+        self.deadline = total
 
     def upstream_failed(self, status: int, message: str) -> None:
         """Connect error, bad response, timeout: an error answer if nothing was sent yet."""
         if self.done:
             return
         self.done = True
+        if self.admitted or self.timed:
+            self._leave()
         kind = ("timeout" if status == 504 else "connect" if "connect" in message
                 else "reset" if "closed" in message else "protocol")
         self.ds.p.metrics.inc("gateway_upstream_errors_total", (self.pool.name, kind))
@@ -392,22 +559,15 @@ class Exchange:
         if self.resp_started and self.read_to_close:
             self.on_body_end_at_close()
             return
-        req = self.req
-        if (
-            not self.resp_started
-            and conn.reused
-            and req.method in IDEMPOTENT
-            and not req.has_body
-            and self.tries < self.pool.retry_attempts  # attempts = tries in total
-        ):
-            # A pooled connection the upstream closed as we reused it: nothing was answered,
-            # nothing unrepeatable was sent, so one more try on a fresh connection is safe.
+        if not self.resp_started and not self.resp_status:
+            # Closed before any answer. A pooled connection the upstream closed as we reused
+            # it is a race, not a failing target: the same target may take the retry.
+            stale = conn.reused and self.conn is conn
+            if not stale and self.target is not None:
+                self.pool.try_failed(self.target)
             self.conn = None
-            self.parser = None
-            self.tries += 1
-            self.target = self.pool.pick()
-            self.target.acquire(self)
-            return
+            if self._retry(sent=True, same_ok=stale):
+                return
         self.upstream_failed(502, "upstream closed the connection")
 
     def on_body_end_at_close(self) -> None:
@@ -417,6 +577,11 @@ class Exchange:
         self.ds.flush()
 
     def upstream_timeout(self) -> None:
+        if not self.resp_started and not self.resp_status:
+            if self.target is not None:
+                self.pool.try_failed(self.target)
+            if self._retry(sent=True, same_ok=False):
+                return
         self.upstream_failed(504, "upstream read timeout")
 
     def client_gone(self) -> None:
@@ -424,6 +589,8 @@ class Exchange:
         if self.done:
             return
         self.done = True
+        if self.admitted or self.timed:
+            self._leave()
         conn, self.conn = self.conn, None
         if conn is not None:
             conn.exchange = None

@@ -84,10 +84,12 @@ def forwarded_fields(
     inbound_host: bytes | None,
     host: bytes | None,
     inbound_via: bytes | None,
+    scheme: bytes = b"http",
 ) -> bytes:
-    """X-Forwarded-For/-Proto/-Host and Via lines for the upstream request."""
+    """X-Forwarded-For/-Proto/-Host and Via lines for the upstream request; ``scheme`` is the
+    listener's (https where proxyd terminated TLS)."""
     xff = inbound_xff + b", " + client_ip if trusted and inbound_xff else client_ip
-    proto = inbound_proto if trusted and inbound_proto else b"http"
+    proto = inbound_proto if trusted and inbound_proto else scheme
     fwd_host = inbound_host if trusted and inbound_host else host
     via = inbound_via + b", " + VIA_TOKEN if inbound_via else VIA_TOKEN
     parts = [b"X-Forwarded-For: ", xff, b"\r\nX-Forwarded-Proto: ", proto, b"\r\n"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import os
 from collections.abc import Awaitable, Callable, Coroutine
 from time import monotonic
@@ -73,21 +74,31 @@ class Pipeline:
         # Request line + header section, raw: the URI and field limits plus the fixed parts.
         self.max_head_bytes = limits.max_uri_size + limits.max_header_size + 64
         self.header_timeout = limits.header_timeout
+        # 0 turns a timeout or cap off: infinity compares false against any time or count.
+        self.body_timeout = limits.body_timeout or math.inf
+        self.send_timeout = limits.send_timeout
+        self.max_connections = limits.max_connections or math.inf
+        self.max_keepalive_requests = limits.max_keepalive_requests or math.inf
         self.keepalive_timeout = server.keepalive_timeout
         self.trusted = TrustedProxies(server.trusted_proxies)
         pool_timeouts = [u.pool.read_timeout for u in config.upstreams.values()]
         self.deadlines = Deadlines(
             loop,
-            Deadlines.tick_for(self.header_timeout, self.keepalive_timeout, *pool_timeouts),
+            Deadlines.tick_for(self.header_timeout, self.keepalive_timeout, limits.body_timeout,
+                               self.send_timeout, *pool_timeouts),
         )
         resolver = Resolver()
+        self.metrics = WorkerMetrics()
         self.pools = {
-            name: UpstreamPool(name, cfg, self.deadlines, resolver)
+            name: UpstreamPool(name, cfg, self.deadlines, resolver, self.metrics)
             for name, cfg in config.upstreams.items()
         }
         self.draining = False
         for route in self.router.routes:
             assert route.config is not None
+            if route.config.timeouts is not None and route.upstream in self.pools:
+                route.timeouts = self.pools[route.upstream].timeouts.override(
+                    route.config.timeouts)
             route.chain = build_chain(config, route.config)  # disabled entries left out
             for mw in route.chain.middleware:
                 mw.bind(self, route)
@@ -104,7 +115,6 @@ class Pipeline:
         # or uuid4 per request.
         self._id_prefix = os.urandom(4).hex()
         self._ids = itertools.count(1)
-        self.metrics = WorkerMetrics()
         self.access_log: AccessLog | None = None
         if config.access_log.enabled:
             self.access_log = AccessLog(config.access_log, loop)
@@ -158,16 +168,20 @@ class Pipeline:
             return None
         if self._session is None:
             self._session = aiohttp.ClientSession(auto_decompress=False)
-        target = self.pools[route.upstream].pick()
+        pool = self.pools[route.upstream]
+        target = pool.pick()
+        if target is None:
+            return None
         url_path = route.rewrite_path(path) if route.strip_prefix or route.rewrite else path
-        url = f"http://{target.host}:{target.port}{url_path.decode('latin-1')}"
+        url = f"{target.scheme}://{target.host}:{target.port}{url_path.decode('latin-1')}"
         if query:
             url += "?" + query.decode("latin-1")
         try:
             async with self._session.get(
                 url, headers=[(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers],
                 timeout=aiohttp.ClientTimeout(total=target.read_timeout),
-                allow_redirects=False,
+                allow_redirects=False, ssl=pool.ssl if pool.ssl is not None else True,
+                server_hostname=target.server_hostname,
             ) as resp:
                 body = await resp.read()
                 return resp.status, [(k, v) for k, v in resp.raw_headers], body
@@ -177,16 +191,36 @@ class Pipeline:
     def gauges(self) -> dict[str, dict[tuple[str, ...], float]]:
         in_use: dict[tuple[str, ...], float] = {}
         idle: dict[tuple[str, ...], float] = {}
+        target_in_use: dict[tuple[str, ...], float] = {}
+        target_idle: dict[tuple[str, ...], float] = {}
+        ejected: dict[tuple[str, ...], float] = {}
+        breaker_open: dict[tuple[str, ...], float] = {}
         for name, pool in self.pools.items():
             in_use[(name,)] = sum(t.in_use for t in pool.targets)
             idle[(name,)] = sum(len(t.idle) for t in pool.targets)
+            breaker_open[(name,)] = float(pool.breaker.state != "closed")
+            for t in pool.targets:
+                target_in_use[(name, t.url)] = float(t.in_use)
+                target_idle[(name, t.url)] = float(len(t.idle))
+                ejected[(name, t.url)] = float(t.ejected_until > self.deadlines.now)
         return {
             "gateway_active_connections": {(): float(len(self.connections))},
             "gateway_pool_connections_active": in_use,
             "gateway_pool_connections_idle": idle,
+            "gateway_upstream_target_connections_active": target_in_use,
+            "gateway_upstream_target_connections_idle": target_idle,
+            "gateway_upstream_target_ejected": ejected,
+            "gateway_upstream_circuit_open": breaker_open,
             "gateway_redis_fallback_active": {(): self.redis_fallback},
             "gateway_websocket_connections_active": {(): float(len(self.tunnels))},
         }
+
+    def set_health(self, upstreams: dict[str, dict[str, bool]]) -> None:
+        """The master's active health check results (a ``health`` control message)."""
+        for name, states in upstreams.items():
+            pool = self.pools.get(name)
+            if pool is not None and isinstance(states, dict):
+                pool.set_health(states)
 
     def builtin(self, path: bytes) -> DirectResponse | None:
         if path == b"/health":

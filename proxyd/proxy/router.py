@@ -9,11 +9,15 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from proxyd.config.models import Respond, Route, WebSocket
 from proxyd.middleware.base import Response
 from proxyd.middleware.chain import Chain
 from proxyd.proxy.headers import CRLF, status_line
+
+if TYPE_CHECKING:
+    from proxyd.proxy.upstream import Timeouts
 
 
 @dataclass(eq=False)
@@ -34,6 +38,7 @@ class CompiledRoute:
     allow_header: bytes = b""
     config: Route | None = field(default=None, repr=False)
     chain: Chain = field(default_factory=lambda: Chain([]), repr=False)
+    timeouts: Timeouts | None = None  # route-level timeouts merged into its upstream's (pipeline)
 
     def matches_without_method(
         self, host: bytes | None, path: bytes, headers: dict[bytes, bytes]

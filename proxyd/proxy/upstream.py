@@ -11,17 +11,46 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 
-from proxyd.config.models import Pool, Upstream
-from proxyd.proxy.balance import make_balancer
+from proxyd.config.models import Pool, RouteTimeouts, Upstream
+from proxyd.proxy.balance import HashRing, make_balancer
+from proxyd.proxy.resilience import Breaker, RetryBudget
 from proxyd.proxy.resolver import Resolver
 from proxyd.proxy.timers import Deadlines
+from proxyd.proxy.tls import client_context
 
 if TYPE_CHECKING:
+    from proxyd.observe.metrics import WorkerMetrics
     from proxyd.proxy.forward import Exchange
     from proxyd.proxy.websocket import Tunnel
+
+INF = float("inf")
+HASH_CLIENT_IP, HASH_HEADER, HASH_COOKIE = 0, 1, 2
+
+
+class Timeouts:
+    """An exchange's time limits: the upstream's pool values, or a route's overrides of them."""
+
+    __slots__ = ("connect", "per_try", "read", "timed", "total")
+
+    def __init__(self, connect: float, read: float, total: float | None,
+                 per_try: float | None) -> None:
+        self.connect = connect
+        self.read = read
+        self.total = total or 0.0  # 0 = none
+        self.per_try = per_try or 0.0
+        self.timed = bool(self.total or self.per_try)  # the exchange keeps its own deadline
+
+    def override(self, route: RouteTimeouts) -> Timeouts:
+        return Timeouts(
+            route.connect if route.connect is not None else self.connect,
+            route.read if route.read is not None else self.read,
+            route.total if route.total is not None else self.total,
+            self.per_try,
+        )
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -76,7 +105,9 @@ class UpstreamConnection(asyncio.Protocol):
             self.read_paused = False
             self.transport.resume_reading()
             if self.tunnel is None:  # a relay's idle timeout runs on the client side
-                self.deadline = self.pool.deadlines.now + self.pool.read_timeout
+                ex = self.exchange
+                read = ex.timeouts.read if ex is not None else self.pool.read_timeout
+                self.deadline = self.pool.deadlines.now + read
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -92,7 +123,7 @@ class UpstreamConnection(asyncio.Protocol):
             # Bytes on an idle connection: the upstream is out of step; never reuse it.
             self.close()
             return
-        self.deadline = self.pool.deadlines.now + self.pool.read_timeout
+        self.deadline = self.pool.deadlines.now + exchange.timeouts.read
         exchange.feed_response(data)
 
     def eof_received(self) -> bool:
@@ -134,8 +165,19 @@ class TargetPool:
         parts = urlsplit(url)
         self.url = url
         self.weight = weight
+        self.scheme = parts.scheme.lower()
         self.host = parts.hostname or "127.0.0.1"
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.ssl = upstream.ssl if self.scheme == "https" else None
+        self.server_hostname = (upstream.server_name or self.host) if self.ssl else None
+        # Eligibility: ``healthy`` from the master's active checks, ``ejected_until`` from this
+        # worker's passive outlier detection; ``up`` is both, kept by UpstreamPool.refresh().
+        self.up = True
+        self.healthy = True
+        self.failures = 0  # consecutive
+        self.ejected_until = 0.0
+        self.ejections = 0  # in a row; the cool-down doubles with each
+        self.returned_at = 0.0
         default_port = self.port == (443 if parts.scheme == "https" else 80)
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.host_header = (host if default_port else f"{host}:{self.port}").encode()
@@ -166,41 +208,74 @@ class TargetPool:
             return
         if self.open < self.max_connections:
             self._connect_for(exchange)
+        elif (limit := self.upstream.max_pending) is not None and len(self.waiters) >= limit:
+            exchange.refuse("pending", "upstream connection pool is full")
         else:
             self.waiters.append(exchange)
 
     def _connect_for(self, exchange: Exchange) -> None:
         self.open += 1
-        task = asyncio.get_running_loop().create_task(self._connect(exchange))
+        task = asyncio.get_running_loop().create_task(self._connect(exchange, exchange.tries))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _connect(self, exchange: Exchange) -> None:
+    async def _connect(self, exchange: Exchange, attempt: int) -> None:
         loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(self.connect_timeout):
+            async with asyncio.timeout(exchange.timeouts.connect):
                 addr = await self.upstream.resolver.resolve(self.host, self.port)
-                _, conn = await loop.create_connection(
-                    lambda: UpstreamConnection(self), addr, self.port
-                )
+                if self.ssl is None:
+                    _, conn = await loop.create_connection(
+                        lambda: UpstreamConnection(self), addr, self.port
+                    )
+                else:
+                    _, conn = await loop.create_connection(
+                        lambda: UpstreamConnection(self), addr, self.port, ssl=self.ssl,
+                        server_hostname=self.server_hostname,
+                    )
         except TimeoutError:
-            self._connect_failed()
-            exchange.upstream_failed(504, "upstream connect timeout")
-        except OSError as exc:
-            self._connect_failed()
-            exchange.upstream_failed(502, f"upstream connect failed: {exc.strerror or exc}")
+            self._connect_failed(exchange, attempt, 504, "upstream connect timeout")
+        except OSError as exc:  # ssl.SSLError (e.g. verification) is one too
+            self._connect_failed(exchange, attempt, 502,
+                                 f"upstream connect failed: {exc.strerror or exc}")
         else:
             sock = conn.transport.get_extra_info("socket") if conn.transport else None
             if sock is not None:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if exchange.done:
-                self.release(conn)  # the client left while we connected: keep the socket
+            if exchange.tries != attempt or not exchange.waiting_for(self):
+                # The client left, or that try timed out and another one went elsewhere:
+                # keep the socket for the next request.
+                self.release(conn)
             else:
                 exchange.attach(conn)
 
-    def _connect_failed(self) -> None:
+    def _connect_failed(self, exchange: Exchange, attempt: int, status: int,
+                        message: str) -> None:
         self.open -= 1
+        self.upstream.try_failed(self)
+        if exchange.tries == attempt and exchange.waiting_for(self):
+            exchange.connect_failed(status, message)
         self._serve_waiter()
+
+    # -- passive outlier detection ------------------------------------------------------------
+    def failed(self) -> None:
+        """A try on this target failed (connect error, timeout, reset, failure status)."""
+        outlier = self.upstream.outlier
+        if outlier is None:
+            return
+        self.failures += 1
+        if self.failures >= outlier.consecutive_failures and self.ejected_until == 0.0:
+            now = self.deadlines.now
+            if now - self.returned_at > outlier.max_ejection:
+                self.ejections = 0  # long enough back in service: the next cool-down is short
+            self.ejections += 1
+            cool_down = min(outlier.base_ejection * 2 ** (self.ejections - 1),
+                            outlier.max_ejection)
+            self.ejected_until = now + cool_down
+            upstream = self.upstream
+            if upstream.metrics is not None:
+                upstream.metrics.inc("gateway_upstream_ejections_total", (upstream.name, self.url))
+            upstream.refresh()
 
     def release(self, conn: UpstreamConnection) -> None:
         """An exchange finished cleanly with ``conn``: hand it on or keep it idle."""
@@ -209,7 +284,7 @@ class TargetPool:
         conn.resume_reading()
         while self.waiters:
             waiter = self.waiters.popleft()
-            if not waiter.done:
+            if waiter.waiting_for(self):
                 conn.reused = True
                 waiter.attach(conn)
                 return
@@ -233,7 +308,7 @@ class TargetPool:
     def _serve_waiter(self) -> None:
         while self.waiters and self.open < self.max_connections:
             waiter = self.waiters.popleft()
-            if not waiter.done:
+            if waiter.waiting_for(self):
                 self._connect_for(waiter)
                 return
 
@@ -246,19 +321,186 @@ class UpstreamPool:
     """All targets of one named upstream, and the balancer that picks between them."""
 
     def __init__(
-        self, name: str, cfg: Upstream, deadlines: Deadlines, resolver: Resolver
+        self, name: str, cfg: Upstream, deadlines: Deadlines, resolver: Resolver,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.name = name
         self.deadlines = deadlines
         self.resolver = resolver
+        self.metrics = metrics
         self.closed = False
-        self.retry_attempts = cfg.retries.attempts
         self.preserve_host = cfg.preserve_host
+        self.ssl = client_context(cfg)  # once per upstream, shared by its https targets
+        self.server_name = cfg.tls.server_name
+        pool = cfg.pool
+        self.timeouts = Timeouts(pool.connect_timeout, pool.read_timeout, pool.total_timeout,
+                                 cfg.retries.per_try_timeout)
+        # retries
+        retries = cfg.retries
+        self.retry_attempts = retries.attempts
+        self.retry_methods = frozenset(m.encode() for m in retries.methods)
+        can_retry = retries.attempts > 1
+        self.retry_statuses = frozenset(retries.on_statuses if can_retry else ())
+        self.max_body = retries.max_body if can_retry else 0
+        self.budget = RetryBudget(retries, deadlines)
+        # outlier detection and the circuit breaker
+        self.outlier = cfg.outlier_detection if cfg.outlier_detection.enabled else None
+        self.failure_statuses = frozenset(self.outlier.failure_statuses if self.outlier else ())
+        self.panic = cfg.panic_mode
+        breaker = cfg.circuit_breaker
+        self.breaker = Breaker(breaker, deadlines)
+        self.max_concurrent = breaker.max_concurrent
+        self.max_pending = breaker.max_pending
+        # Exchanges go through admit() only when something can refuse or queue them.
+        self.guarded = self.breaker.enabled or breaker.max_concurrent is not None
+        # on_headers_complete reports statuses only when something counts them.
+        self.watch_status = bool(self.failure_statuses) or self.breaker.enabled
+        self.active = 0  # exchanges admitted and not finished
+        self.queue: deque[Exchange] = deque()  # waiting for one of max_concurrent
+        self._dequeuing = False
+        # balancing
+        self.kind = cfg.balance
         self.targets = [
             TargetPool(t.url, t.weight, cfg.pool, self) for t in cfg.targets
         ]
-        self.pick = make_balancer(cfg.balance, self.targets)
+        self.ring = HashRing(self.targets) if cfg.balance == "hash" else None
+        key = cfg.hash_key or "client_ip"
+        kind, _, field = key.partition(":")
+        self.hash_kind = {"header": HASH_HEADER, "cookie": HASH_COOKIE}.get(kind, HASH_CLIENT_IP)
+        self.hash_name = field.lower().encode() if kind == "header" else field.encode()
+        self.available = list(self.targets)
+        self._pick: Callable[[], TargetPool] = make_balancer(cfg.balance, self.available)
+        self._eject_recheck = INF  # when the next ejection ends
+        self._recheck = self.budget.next_roll  # ... or the retry budget's slot, if sooner
 
+    # -- choosing a target ------------------------------------------------------------------
+    def pick(self, key: bytes = b"", skip: TargetPool | None = None) -> TargetPool | None:
+        """A target that is up, other than ``skip`` (the one a retry moves away from); None
+        when there is none (the caller answers 503), unless panic_mode picks the least bad."""
+        if self.deadlines.now >= self._recheck:
+            self._periodic()
+        available = self.available
+        if not available:
+            return self._least_bad() if self.panic and skip is None else None
+        if skip is not None and len(available) == 1:
+            return None if available[0] is skip else available[0]
+        if self.ring is not None:
+            return self.ring.get(key, skip)
+        target = self._pick()
+        if target is skip:
+            target = self._pick()  # round robin moves on; the others may pick it again
+            if target is skip:
+                target = next(t for t in available if t is not skip)
+        return target
+
+    def _least_bad(self) -> TargetPool:
+        return min(self.targets, key=lambda t: (not t.healthy, t.ejected_until, t.failures))
+
+    def hash_key(self, client_ip: bytes, headers: list[tuple[bytes, bytes, bytes]]) -> bytes:
+        """The request's key on the ring; the client ip when the header or cookie is absent."""
+        kind, name = self.hash_kind, self.hash_name
+        if kind == HASH_HEADER:
+            for lname, _, value in headers:
+                if lname == name:
+                    return value
+        elif kind == HASH_COOKIE:
+            for lname, _, value in headers:
+                if lname == b"cookie":
+                    for part in value.split(b";"):
+                        k, _, v = part.strip().partition(b"=")
+                        if k == name:
+                            return v
+        return client_ip
+
+    def _periodic(self) -> None:
+        """Due now and then from pick(): roll the retry budget, end ejections."""
+        self.budget.roll()
+        if self.deadlines.now >= self._eject_recheck:
+            self.refresh()
+        self._recheck = min(self._eject_recheck, self.budget.next_roll)
+
+    def refresh(self) -> None:
+        """Recompute which targets are up; rebuild the balancer when that changed."""
+        now = self.deadlines.now
+        recheck = INF
+        available = []
+        threshold = self.outlier.consecutive_failures if self.outlier else 1
+        for t in self.targets:
+            if t.ejected_until > now:
+                recheck = min(recheck, t.ejected_until)
+                t.up = False
+                continue
+            if t.ejected_until:
+                # Back from a cool-down on probation: one more failure ejects it again.
+                t.ejected_until = 0.0
+                t.returned_at = now
+                t.failures = threshold - 1
+            t.up = t.healthy
+            if t.up:
+                available.append(t)
+        self._eject_recheck = recheck
+        self._recheck = min(recheck, self.budget.next_roll)
+        if available != self.available:
+            self.available = available
+            if available:
+                self._pick = make_balancer(self.kind, available)
+
+    def set_health(self, states: dict[str, bool]) -> None:
+        """Results of the master's active checks (the targets it knows of)."""
+        for t in self.targets:
+            healthy = states.get(t.url)
+            if healthy is not None:
+                t.healthy = bool(healthy)
+        self.refresh()
+
+    # -- outcomes ---------------------------------------------------------------------------
+    def try_failed(self, target: TargetPool) -> None:
+        target.failed()
+        self.breaker.record(False)
+
+    def response(self, target: TargetPool, status: int) -> None:
+        """A final response head from ``target``: success or failure for outlier detection
+        and the breaker."""
+        if status in self.failure_statuses:
+            target.failed()
+        else:
+            target.failures = 0
+        if self.breaker.enabled:
+            self.breaker.record(status < 500)
+
+    # -- admission (circuit breaking) ---------------------------------------------------------
+    def admit(self, exchange: Exchange) -> bool:
+        """True: go ahead now. False: refused with a 503, or queued for a slot."""
+        if not self.breaker.allow():
+            exchange.refuse("open", "upstream circuit breaker is open")
+            return False
+        limit = self.max_concurrent
+        if limit is not None and self.active >= limit:
+            pending = self.max_pending
+            if pending is not None and len(self.queue) >= pending:
+                exchange.refuse("concurrency", "too many concurrent requests to the upstream")
+            else:
+                self.queue.append(exchange)
+            return False
+        self.active += 1
+        return True
+
+    def leave(self) -> None:
+        """An admitted exchange ended: its slot goes to the first queued one still waiting."""
+        self.active -= 1
+        if not self.queue or self._dequeuing:
+            return
+        self._dequeuing = True  # iterative: a dequeued exchange that fails at once re-enters
+        try:
+            limit = self.max_concurrent or 0
+            while self.queue and self.active < limit:
+                exchange = self.queue.popleft()
+                if not exchange.done:
+                    self.active += 1
+                    exchange.admitted = True
+                    exchange.begin()
+        finally:
+            self._dequeuing = False
     def close(self) -> None:
         self.closed = True
         for target in self.targets:

@@ -46,23 +46,23 @@ ratios to nginx measured in the same pass mean anything, never absolute numbers 
 Close what else runs; take ``--passes 3`` at least; keep the JSON with the table.
 
 Latest run (functional check only: 2 shared CPUs with other test suites running, load average
-about 6, so latencies and ratios are noise-dominated):
+about 3, so latencies and ratios are noise-dominated; nginx itself swung 12k-33k req/s):
 
-2026-11-27 04:16 UTC, vm (2 CPUs), proxyd 2d098db+dirty, nginx/1.22.1,
+2026-11-27 04:28 UTC, vm (2 CPUs), proxyd 246e618+dirty, nginx/1.22.1,
 ``--duration 5 --passes 1``; latencies in ms at 2000 req/s:
 
 | scenario | target | req/s | ratio | p50 | p95 | p99 | p95 added | err | RSS MiB |
 |---|---|---:|---:|---:|---:|---:|---:|---:|---|
-| plain | nginx | 23,723 | 1.00x | 4.53 | 17.56 | 23.44 | +9.53 | 0 | 22 (8/8) |
-| plain | proxyd | 10,442 | 0.44x | 12.86 | 24.37 | 29.17 | +16.34 | 0 | 164 (52/52) |
-| big | nginx | 5,356 | 1.00x | 0.22 | 6.18 | 15.65 | +3.26 | 0 | 22 (8/8) |
-| big | proxyd | 5,489 | 1.02x | 6.60 | 15.72 | 21.20 | +12.80 | 0 | 164 (52/52) |
-| chain | nginx | 18,956 | 1.00x | 0.19 | 7.41 | 10.97 | -0.63 | 0 | 22 (8/8) |
-| chain | proxyd | 3,564 | 0.19x | 172.28 | 1047.14 | 1161.86 | +1039.11 | 0 | 168 (54/54) |
-| cache | nginx | 14,981 | 1.00x | 0.16 | 1.62 | 4.53 | -0.56 | 0 | 22 (8/8) |
-| cache | proxyd | 9,017 | 0.60x | 0.19 | 4.93 | 7.94 | +2.74 | 0 | 163 (51/51) |
-| recycle | nginx | 16,392 | 1.00x | 0.16 | 4.95 | 8.80 | -3.09 | 0 | 22 (8/8) |
-| recycle | proxyd | 7,699 | 0.47x | 2.12 | 11.69 | 18.60 | +3.66 | 0 | 164 (52/52) |
+| plain | nginx | 12,160 | 1.00x | 1.43 | 9.08 | 12.71 | +3.39 | 0 | 22 (8/8) |
+| plain | proxyd | 5,350 | 0.44x | 0.84 | 9.00 | 13.40 | +3.31 | 0 | 167 (53/52) |
+| big | nginx | 13,615 | 1.00x | 0.25 | 2.38 | 5.39 | +0.96 | 0 | 22 (8/8) |
+| big | proxyd | 6,884 | 0.51x | 0.53 | 4.98 | 8.09 | +3.55 | 0 | 167 (53/52) |
+| chain | nginx | 32,907 | 1.00x | 0.19 | 1.47 | 4.17 | -5.46 | 0 | 22 (8/8) |
+| chain | proxyd | 5,342 | 0.16x | 4.73 | 36.94 | 52.56 | +30.02 | 0 | 170 (55/54) |
+| cache | nginx | 16,860 | 1.00x | 0.15 | 0.20 | 1.10 | +0.05 | 0 | 22 (8/8) |
+| cache | proxyd | 16,387 | 0.97x | 0.19 | 0.27 | 0.49 | +0.12 | 0 | 166 (52/52) |
+| recycle | nginx | 30,625 | 1.00x | 0.19 | 6.57 | 10.06 | -0.41 | 0 | 22 (8/8) |
+| recycle | proxyd | 4,800 | 0.16x | 1.50 | 10.93 | 43.65 | +3.95 | 0 | 166 (52/53) |
 """
 
 from __future__ import annotations
