@@ -82,6 +82,12 @@ class Pipeline:
         self.keepalive_timeout = server.keepalive_timeout
         self.trusted = TrustedProxies(server.trusted_proxies)
         pool_timeouts = [u.pool.read_timeout for u in config.upstreams.values()]
+        # Per-try and total timeouts, and the circuit breaker's open time, run on this clock too.
+        pool_timeouts += [t for u in config.upstreams.values() for t in (
+            u.pool.total_timeout, u.retries.per_try_timeout,
+            u.circuit_breaker.open_for if u.circuit_breaker.error_rate else None) if t]
+        pool_timeouts += [t for r in config.routes if r.timeouts is not None
+                          for t in (r.timeouts.read, r.timeouts.total) if t]
         self.deadlines = Deadlines(
             loop,
             Deadlines.tick_for(self.header_timeout, self.keepalive_timeout, limits.body_timeout,

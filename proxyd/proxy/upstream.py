@@ -501,6 +501,7 @@ class UpstreamPool:
                     exchange.begin()
         finally:
             self._dequeuing = False
+
     def close(self) -> None:
         self.closed = True
         for target in self.targets:
