@@ -100,6 +100,19 @@ def check_middleware(config: GatewayConfig) -> tuple[list[Problem], list[Problem
         warnings.append((("middleware", seen["etag"], "type"),
                          "etag after compression: ETags are computed before compressing, so "
                          "compressed responses only get weak ETags; put etag before compression"))
+    if "rate_limit" in seen:
+        entry = config.middleware[seen["rate_limit"]]
+        workers = config.server.worker_count()
+        if getattr(entry, "backend", "memory") == "memory" and workers > 1:
+            warnings.append((("middleware", seen["rate_limit"], "backend"),
+                             f"rate_limit backend memory: each of the {workers} workers enforces "
+                             f"1/{workers} of the limit on its own connections; use backend redis "
+                             "for an exact shared limit"))
+    if "cache" in seen and "compression" in seen and seen["cache"] < seen["compression"]:
+        warnings.append((("middleware", seen["cache"], "type"),
+                         "cache before compression: entries are stored compressed, one variant "
+                         "per Accept-Encoding (fine); responses refreshed in the background by "
+                         "stale-while-revalidate are stored uncompressed"))
     for r, route in enumerate(config.routes):
         entries, problems = route_entries(config, route, r)
         errors += problems

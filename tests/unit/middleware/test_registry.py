@@ -204,3 +204,24 @@ def test_option_defaults_are_parsed_like_configured_values() -> None:
 
 def make_options(name: str) -> Any:
     return REGISTRY[name].options_model.model_validate({"type": name})
+
+
+def test_memory_rate_limit_with_several_workers_says_each_gets_a_share() -> None:
+    cfg = GatewayConfig.model_validate({
+        "server": {"workers": 4},
+        "middleware": [{"type": "rate_limit", "rate": "100/s"}],
+    })
+    errors, warnings = check_middleware(cfg)
+    assert errors == []
+    [(path, message)] = warnings
+    assert path == ("middleware", 0, "backend")
+    assert "each of the 4 workers enforces 1/4" in message
+
+
+def test_redis_rate_limit_or_one_worker_does_not_warn() -> None:
+    for server, backend in (({"workers": 4}, "redis"), ({"workers": 1}, "memory")):
+        cfg = GatewayConfig.model_validate({
+            "server": server,
+            "middleware": [{"type": "rate_limit", "rate": "100/s", "backend": backend}],
+        })
+        assert check_middleware(cfg) == ([], [])
