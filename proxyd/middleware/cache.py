@@ -5,6 +5,8 @@ RFC 9111 shared-cache rules come from proxyd/cache/policy.py; the store is the w
 the others wait (bounded) for its entry. Stale entries are revalidated with a conditional
 request, served while revalidating in the background (stale-while-revalidate), or served when
 the upstream fails (stale-if-error). Every response carries RFC 9211 Cache-Status and X-Cache.
+This module decides (keys, lookups, coalescing, what to store or serve); the entries themselves
+are made and matched in cache_entry.py.
 """
 
 from __future__ import annotations
@@ -19,15 +21,13 @@ from proxyd.cache import policy
 from proxyd.cache.store import Entry
 from proxyd.config.types import Duration
 from proxyd.middleware.base import Context, Middleware, Options, Pending, Response
-from proxyd.proxy.headers import HOP_BY_HOP
+from proxyd.middleware.cache_entry import NOT_STORED, Tee, new_entry, not_modified, refreshed
 
 if TYPE_CHECKING:
     from proxyd.proxy.pipeline import Pipeline
     from proxyd.proxy.router import CompiledRoute
 
 UNSAFE = frozenset({b"POST", b"PUT", b"PATCH", b"DELETE"})
-# Fields never stored: per-hop, framing (re-made on every answer), and what the cache adds.
-_NOT_STORED = HOP_BY_HOP | {b"age", b"content-length", b"cache-status", b"x-cache"}
 
 
 class CacheOptions(Options):
@@ -40,29 +40,6 @@ class CacheOptions(Options):
     key_headers: list[str] = Field(default_factory=list,
                                    description="Request headers added to every key.")
     allow_set_cookie: bool = False
-
-
-class _Tee:
-    """A pass-through body filter that keeps a copy for the store, up to a size."""
-
-    def __init__(self, done: Any, limit: int) -> None:
-        self.parts: list[bytes] = []
-        self.size = 0
-        self.limit = limit
-        self.done = done
-
-    def feed(self, chunk: bytes) -> bytes:
-        if self.parts is not None and chunk:
-            self.size += len(chunk)
-            if self.size > self.limit:
-                self.parts = None  # type: ignore[assignment]
-            else:
-                self.parts.append(chunk)
-        return chunk
-
-    def finish(self) -> bytes:
-        self.done(b"".join(self.parts) if self.parts is not None else None)
-        return b""
 
 
 class Cache(Middleware):
@@ -189,26 +166,11 @@ class Cache(Middleware):
 
     def _hit(self, ctx: Context, entry: Entry, now: float, status: bytes) -> Response:
         resp = self._from_entry(entry, now, status, b"HIT")
-        if self._not_modified(ctx, entry):
+        if not_modified(ctx, entry):
             # The client's own validator matches: 304 (RFC 9111 §4.3.2), no body.
             resp.status, resp.body = 304, None
             resp.remove(b"content-length")
         return resp
-
-    @staticmethod
-    def _not_modified(ctx: Context, entry: Entry) -> bool:
-        inm = ctx.header(b"if-none-match")
-        if inm is not None:
-            etag = entry.header(b"etag")
-            if etag is None:
-                return False
-            if inm.strip() == b"*":
-                return True
-            wanted = etag.strip().removeprefix(b"W/")
-            return any(t.strip().removeprefix(b"W/") == wanted for t in inm.split(b","))
-        ims = policy.http_date(ctx.header(b"if-modified-since"))
-        modified = policy.http_date(entry.header(b"last-modified"))
-        return ims is not None and modified is not None and modified <= ims
 
     def _remote_lookup(self, ctx: Context, key: str, request_headers: list[tuple[bytes, bytes]]
                        ) -> asyncio.Future[Response | None]:
@@ -318,7 +280,7 @@ class Cache(Middleware):
             self._status(resp, fwd + b"; detail=" + reason.replace(" ", "-").encode(), b"MISS")
             self._release(ctx, False)
             return
-        stored_headers = [(n, v) for n, v in resp.headers if n.lower() not in _NOT_STORED]
+        stored_headers = [(n, v) for n, v in resp.headers if n.lower() not in NOT_STORED]
         received = time.time()
         age = policy.initial_age(resp.headers, received)  # Age itself is not stored
 
@@ -333,48 +295,18 @@ class Cache(Middleware):
         elif length is not None and int(length) > self.store.max_object_size:
             self._release(ctx, False)
         else:
-            resp.filters.append(_Tee(store, self.store.max_object_size))
+            resp.filters.append(Tee(store, self.store.max_object_size))
         self._status(resp, fwd + b"; stored", b"MISS")
 
     def _put(self, key: str, request_headers: list[tuple[bytes, bytes]], status: int,
              headers: list[tuple[bytes, bytes]], body: bytes, received: float,
              initial_age: float) -> bool:
-        swr, sie = self._stale_windows(headers)
-        entry = Entry(
-            status=status, headers=headers, body=body, stored_at=received,
-            initial_age=initial_age,
-            lifetime=policy.freshness_lifetime(headers, self.default_ttl, self.force_ttl,
-                                               received),
-            stale_while_revalidate=swr, stale_if_error=sie,
-            vary=policy.vary_names(headers),
-        )
+        entry = new_entry(status, headers, body, received, initial_age, self.default_ttl,
+                          self.force_ttl)
         return bool(self.store.put(key, request_headers, entry))
 
-    @staticmethod
-    def _stale_windows(headers: policy.Headers) -> tuple[float, float]:
-        """(stale-while-revalidate, stale-if-error); none when the origin forbids stale use."""
-        cc = policy.cache_control(headers)
-        if "must-revalidate" in cc or "proxy-revalidate" in cc:
-            return 0.0, 0.0  # RFC 9111 §5.2.2.2: never served stale, not even on errors
-        return (float(policy.seconds(cc, "stale-while-revalidate") or 0),
-                float(policy.seconds(cc, "stale-if-error") or 0))
-
-    def _refreshed(self, stale: Entry, headers: policy.Headers) -> Entry:
-        """A stored entry with the header fields of a 304 merged in (RFC 9111 §4.3.4)."""
-        fresh = {n.lower() for n, _ in headers if n.lower() not in _NOT_STORED}
-        merged = [(n, v) for n, v in stale.headers if n.lower() not in fresh]
-        merged += [(n, v) for n, v in headers if n.lower() not in _NOT_STORED]
-        now = time.time()
-        swr, sie = self._stale_windows(merged)
-        return Entry(
-            status=stale.status, headers=merged, body=stale.body, stored_at=now,
-            initial_age=policy.initial_age(headers, now),
-            lifetime=policy.freshness_lifetime(merged, self.default_ttl, self.force_ttl, now),
-            stale_while_revalidate=swr, stale_if_error=sie, vary=stale.vary,
-        )
-
     def _revalidated(self, ctx: Context, key: str, stale: Entry, resp: Response) -> None:
-        entry = self._refreshed(stale, resp.headers)
+        entry = refreshed(stale, resp.headers, self.default_ttl, self.force_ttl)
         self.store.put(key, self.pairs(ctx), entry)
         self._release(ctx, True)
         ctx.state["cache"] = "revalidated"
@@ -430,10 +362,11 @@ class Cache(Middleware):
                     return
                 status, resp_headers, body = result
                 if status == 304:
-                    self.store.put(key, request_headers, self._refreshed(entry, resp_headers))
+                    self.store.put(key, request_headers,
+                                   refreshed(entry, resp_headers, self.default_ttl, self.force_ttl))
                 elif policy.storable(b"GET", status, request_headers, resp_headers,
                                      self.statuses, self.o.allow_set_cookie)[0]:
-                    kept = [(n, v) for n, v in resp_headers if n.lower() not in _NOT_STORED]
+                    kept = [(n, v) for n, v in resp_headers if n.lower() not in NOT_STORED]
                     now = time.time()
                     self._put(key, request_headers, status, kept, body, now,
                               policy.initial_age(resp_headers, now))

@@ -1,9 +1,12 @@
 """One proxied exchange: a client request relayed to an upstream and its response relayed back.
 
-The exchange is the response parser's protocol object, so llhttp calls straight into it. Both
-bodies stream chunk by chunk; back-pressure runs both ways through pause/resume_reading. Every
-message is re-framed by proxyd: Content-Length passes through, chunked is re-chunked, and a
-close-delimited upstream body becomes chunked for HTTP/1.1 clients.
+Both bodies stream chunk by chunk; back-pressure runs both ways through pause/resume_reading.
+Every message is re-framed by proxyd: Content-Length passes through, chunked is re-chunked, and
+a close-delimited upstream body becomes chunked for HTTP/1.1 clients.
+
+Exchange owns the state of one exchange, the request side, its tries (retries, timeouts,
+failures) and its endings; the response side, which the response parser calls into, is the
+ResponseRelay mixin (relay.py).
 """
 
 from __future__ import annotations
@@ -14,23 +17,19 @@ from typing import TYPE_CHECKING
 import httptools
 
 from proxyd.middleware.base import BodyFilter, Response
-from proxyd.proxy.headers import CRLF, HOP_BY_HOP, RESPONSE_DROP, status_line
-from proxyd.proxy.websocket import Tunnel, accept_key
+from proxyd.proxy.headers import CRLF
+from proxyd.proxy.relay import NO_BODY_STATUSES, Abandoned, ResponseRelay
 
 if TYPE_CHECKING:
     from proxyd.proxy.downstream import DownstreamProtocol, Request
     from proxyd.proxy.upstream import TargetPool, Timeouts, UpstreamConnection, UpstreamPool
 
-NO_BODY_STATUSES = frozenset({204, 304})
+__all__ = ["NO_BODY_STATUSES", "PENDING_BODY_LIMIT", "Abandoned", "Exchange"]
+
 PENDING_BODY_LIMIT = 256 * 1024  # buffered before the upstream connects; then reading pauses
 
 
-class Abandoned(Exception):
-    """Raised from a response-parser callback: this try's response is dropped (a retry on
-    another target has begun); the parser stops at once."""
-
-
-class Exchange:
+class Exchange(ResponseRelay):
     __slots__ = (
         "admitted",
         "buffer",
@@ -213,236 +212,6 @@ class Exchange:
         if self.req.chunked:
             return b"%x\r\n%b\r\n" % (len(chunk), chunk)
         return chunk
-
-    # -- response side: llhttp callbacks ----------------------------------------------------
-    def feed_response(self, data: bytes) -> None:
-        ds = self.ds
-        try:
-            self.parser.feed_data(data)  # type: ignore[union-attr]
-        except httptools.HttpParserUpgrade as exc:
-            if self.upgrade_headers is not None and self.req.ws_upstream_key is not None:
-                self._start_tunnel(data[exc.args[0]:] if exc.args else b"")
-            else:
-                self.upstream_failed(502, "upstream switched protocols on a plain HTTP route")
-        except httptools.HttpParserError as exc:
-            if not self.done and not isinstance(exc.__context__, Abandoned):
-                self.upstream_failed(502, f"invalid upstream response: {exc}")
-        ds.flush()
-
-    def on_status(self, reason: bytes) -> None:
-        self.resp_reason += reason
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.resp_headers.append((name, value))
-
-    def on_headers_complete(self) -> None:
-        if self.done:
-            return
-        status = self.parser.get_status_code()  # type: ignore[union-attr]
-        headers, self.resp_headers = self.resp_headers, []
-        reason, self.resp_reason = self.resp_reason, b""
-        ds, req = self.ds, self.req
-        if status == 101:
-            self.upgrade_headers = headers  # llhttp raises HttpParserUpgrade right after this
-            return
-        if status < 200:
-            # 100 was answered by proxyd itself; other 1xx (103 Early Hints) are relayed
-            # to HTTP/1.1 clients and are never the final response.
-            if status != 100 and status != 101 and req.http11:
-                ds.send(status_line(status, reason) + self._filter(headers) + CRLF)
-                self.interim_sent = True
-            return
-        pool = self.pool
-        if pool.watch_status:
-            pool.response(self.target, status)  # type: ignore[arg-type]
-        else:
-            self.target.failures = 0  # type: ignore[union-attr]  # an answer: not failing
-        if status in pool.retry_statuses and self._retry(sent=True, same_ok=False):
-            raise Abandoned  # decided before any byte of this response went to the client
-        if self.timed:
-            self.deadline = self.total_deadline  # the head is in: the per-try limit is over
-        self.resp_status = status
-        length: bytes | None = None
-        chunked = False
-        for name, value in headers:
-            lname = name.lower()
-            if lname == b"content-length":
-                length = value.strip()  # llhttp already refused duplicates and non-digits
-            elif lname == b"transfer-encoding":
-                chunked = True
-        no_body = req.method == b"HEAD" or status in NO_BODY_STATUSES
-        self.read_to_close = length is None and not chunked and not no_body
-        ctx = req.ctx
-        if ctx is None:
-            fields = self._filter(headers)
-            if length is not None:
-                fields += b"Content-Length: " + length + CRLF
-            self._send_head(status, reason, fields, length is not None, no_body)
-        else:
-            chain = req.chain
-            resp = Response(status, self._filter_list(headers), None, reason)
-            if not no_body and chain.wants_body(ctx, resp):
-                self.resp = resp
-                self.buffer = []  # the head waits for the body (etag); CL ≤ its max_size
-                return
-            chain.response(ctx, resp)
-            self._send_middleware_head(resp, no_body)
-        if req.method == b"HEAD":
-            # llhttp cannot be told "no body"; the exchange owns this parser, so finish now
-            # and let the connection get a fresh parser with its next exchange.
-            self._finish(reusable=self.parser.should_keep_alive())  # type: ignore[union-attr]
-
-    def _send_head(self, status: int, reason: bytes, fields: bytes, has_length: bool,
-                   no_body: bool) -> None:
-        """Write the final response head with the framing and Connection the client needs."""
-        ds, req = self.ds, self.req
-        # Answered before the request body ended: the body's remainder is discarded and
-        # neither connection can carry another message.
-        close = ds.must_close(req) or not req.body_done
-        if has_length or no_body:
-            extra = b""
-        elif req.http11:
-            self.client_chunked = True
-            extra = b"Transfer-Encoding: chunked\r\n"
-        else:
-            extra = b""
-            close = True  # HTTP/1.0 client: the end of the body is the end of the connection
-        self.close_client = close
-        if close:
-            extra += b"Connection: close\r\n"
-        elif not req.http11:
-            extra += b"Connection: keep-alive\r\n"
-        ds.send(status_line(status, reason) + fields + extra + CRLF)
-        self.resp_status = status  # what the client got (middleware may have changed it)
-        self.resp_started = True
-
-    def _send_middleware_head(self, resp: Response, no_body: bool) -> None:
-        if resp.body is not None and not resp.drop_body and resp.status not in NO_BODY_STATUSES:
-            # A hook supplied the body (a cache entry revalidated by a 304, or served stale on
-            # an error): it wins over the upstream's, which is read and dropped.
-            self.drop = True
-            no_body = self.req.method == b"HEAD"
-            resp.set(b"Content-Length", str(len(resp.body)).encode())
-        elif resp.drop_body or no_body:
-            self.drop = True  # e.g. a 304 made from a 200: the upstream body is read, not sent
-            no_body = True
-        elif resp.filters:
-            self.filters = resp.filters
-            resp.remove(b"content-length")
-        fields = b"".join(name + b": " + value + CRLF for name, value in resp.headers)
-        self._send_head(resp.status, resp.reason, fields, resp.has(b"content-length"), no_body)
-        if resp.body is not None and not no_body and self.req.method != b"HEAD":
-            self.ds.send(resp.body)
-            self.bytes_out += len(resp.body)
-
-    @staticmethod
-    def _filter(headers: list[tuple[bytes, bytes]]) -> bytes:
-        drop: set[bytes] | frozenset[bytes] = RESPONSE_DROP
-        for name, value in headers:
-            if name.lower() == b"connection":
-                drop = RESPONSE_DROP | {t.strip().lower() for t in value.split(b",")}
-        return b"".join(
-            name + b": " + value + CRLF for name, value in headers if name.lower() not in drop
-        )
-
-    @staticmethod
-    def _filter_list(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-        """Like _filter, for middleware: a list, and Content-Length kept for them to read."""
-        drop: set[bytes] | frozenset[bytes] = HOP_BY_HOP
-        for name, value in headers:
-            if name.lower() == b"connection":
-                drop = HOP_BY_HOP | {t.strip().lower() for t in value.split(b",")}
-        return [(name, value) for name, value in headers if name.lower() not in drop]
-
-    def on_body(self, data: bytes) -> None:
-        if self.done:
-            return
-        if self.buffer is not None:
-            self.buffer.append(data)
-            return
-        if self.drop:
-            return
-        if self.filters:
-            for body_filter in self.filters:
-                data = body_filter.feed(data)
-            if not data:
-                return
-        self.bytes_out += len(data)
-        if self.client_chunked:
-            self.ds.send(b"%x\r\n%b\r\n" % (len(data), data))
-        else:
-            self.ds.send(data)
-
-    def on_message_complete(self) -> None:
-        if self.done:
-            return
-        if self.buffer is not None:
-            self._send_buffered()
-        elif not self.resp_started:
-            return  # a 1xx interim response ended
-        self._end_body()
-        keep = self.parser.should_keep_alive() and self.req.body_done  # type: ignore[union-attr]
-        self._finish(reusable=keep and not self.read_to_close)
-
-    def _send_buffered(self) -> None:
-        resp, body = self.resp, b"".join(self.buffer or ())
-        self.buffer = None
-        assert resp is not None and self.req.ctx is not None
-        resp.body = body
-        self.req.chain.response(self.req.ctx, resp)
-        body = resp.body or b""
-        no_body = resp.drop_body or resp.status in NO_BODY_STATUSES
-        if not no_body:
-            resp.set(b"Content-Length", str(len(body)).encode())
-        fields = b"".join(name + b": " + value + CRLF for name, value in resp.headers)
-        self._send_head(resp.status, resp.reason, fields, True, no_body)
-        if not no_body:
-            self.ds.send(body)
-            self.bytes_out += len(body)
-
-    def _end_body(self) -> None:
-        if self.filters and not self.drop:
-            tail = b""
-            for body_filter in self.filters:  # each filter's tail goes through the next one
-                tail = (body_filter.feed(tail) if tail else b"") + body_filter.finish()
-            if tail:
-                self.bytes_out += len(tail)
-                self.ds.send(b"%x\r\n%b\r\n" % (len(tail), tail) if self.client_chunked else tail)
-        if self.client_chunked:
-            self.ds.send(b"0\r\n\r\n")
-
-    def _start_tunnel(self, rest: bytes) -> None:
-        """The upstream's 101: answer the client's handshake, then relay bytes both ways."""
-        headers = self.upgrade_headers or []
-        req, ds, conn = self.req, self.ds, self.conn
-        assert req.ws_key is not None and req.ws_upstream_key is not None and conn is not None
-        got = next((v.strip() for n, v in headers if n.lower() == b"sec-websocket-accept"), b"")
-        if got != accept_key(req.ws_upstream_key):
-            self.upstream_failed(502, "upstream sent a wrong Sec-WebSocket-Accept")
-            return
-        lines = [b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                 b"Connection: Upgrade\r\nSec-WebSocket-Accept: ", accept_key(req.ws_key), CRLF]
-        for name, value in headers:
-            if name.lower() in (b"sec-websocket-protocol", b"sec-websocket-extensions"):
-                lines += (name, b": ", value, CRLF)
-        lines.append(CRLF)
-        ds.send(b"".join(lines))
-        ds.flush()
-        self.done = True
-        if self.admitted or self.timed:
-            self._leave()
-        self.resp_status = 101
-        self.conn = None
-        conn.exchange = None
-        conn.deadline = 0.0  # the relay's idle timeout runs on the client side
-        route = req.route
-        assert route is not None and route.websocket is not None
-        tunnel = Tunnel(ds, conn, ds.p, route.websocket)
-        conn.tunnel = tunnel
-        conn.pool.detach(conn)  # relays are long-lived: they must not starve the pool
-        ds.start_tunnel(tunnel, self)
-        if rest:
-            tunnel.from_upstream(rest)
 
     # -- endings ----------------------------------------------------------------------------
     def _finish(self, *, reusable: bool) -> None:

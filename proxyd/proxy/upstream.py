@@ -1,9 +1,10 @@
-"""Pooled upstream connections: one asyncio.Protocol per TCP connection, one pool per target.
+"""Pooled upstream connections: one pool per target, and the upstream over its targets.
 
 The hot path takes an idle keep-alive connection synchronously (LIFO, so the warmest socket is
 reused and surplus ones age out); only a pool miss pays for a coroutine (DNS + connect).
-A connection's response parser belongs to the exchange using it (see forward.py), so parser
-state never leaks from one exchange to the next.
+UpstreamPool picks the target (balancing, health, passive outlier detection), admits or refuses
+exchanges (circuit breaker, max_concurrent) and holds the retry settings; the connection itself,
+one asyncio.Protocol per TCP connection, is in upstream_conn.py.
 """
 
 from __future__ import annotations
@@ -12,150 +13,25 @@ import asyncio
 import socket
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from proxyd.config.models import Pool, RouteTimeouts, Upstream
+from proxyd.config.models import Pool, Upstream
 from proxyd.proxy.balance import HashRing, make_balancer
 from proxyd.proxy.resilience import Breaker, RetryBudget
 from proxyd.proxy.resolver import Resolver
 from proxyd.proxy.timers import Deadlines
 from proxyd.proxy.tls import client_context
+from proxyd.proxy.upstream_conn import Timeouts, UpstreamConnection
 
 if TYPE_CHECKING:
     from proxyd.observe.metrics import WorkerMetrics
     from proxyd.proxy.forward import Exchange
-    from proxyd.proxy.websocket import Tunnel
+
+__all__ = ["TargetPool", "Timeouts", "UpstreamConnection", "UpstreamPool"]
 
 INF = float("inf")
 HASH_CLIENT_IP, HASH_HEADER, HASH_COOKIE = 0, 1, 2
-
-
-class Timeouts:
-    """An exchange's time limits: the upstream's pool values, or a route's overrides of them."""
-
-    __slots__ = ("connect", "per_try", "read", "timed", "total")
-
-    def __init__(self, connect: float, read: float, total: float | None,
-                 per_try: float | None) -> None:
-        self.connect = connect
-        self.read = read
-        self.total = total or 0.0  # 0 = none
-        self.per_try = per_try or 0.0
-        self.timed = bool(self.total or self.per_try)  # the exchange keeps its own deadline
-
-    def override(self, route: RouteTimeouts) -> Timeouts:
-        return Timeouts(
-            route.connect if route.connect is not None else self.connect,
-            route.read if route.read is not None else self.read,
-            route.total if route.total is not None else self.total,
-            self.per_try,
-        )
-
-
-class UpstreamConnection(asyncio.Protocol):
-    __slots__ = (
-        "_out",
-        "deadline",
-        "exchange",
-        "parser",
-        "pool",
-        "read_paused",
-        "reused",
-        "transport",
-        "tunnel",
-    )
-
-    def __init__(self, pool: TargetPool) -> None:
-        self.pool = pool
-        self.transport: asyncio.Transport | None = None
-        self.exchange: Exchange | None = None
-        self.parser: Any = None  # httptools.HttpResponseParser bound to the exchange
-        self.deadline = 0.0
-        self.reused = False
-        self.tunnel: Tunnel | None = None
-        self.read_paused = False
-        self._out: list[bytes] = []
-
-    # -- writing: callers queue with send() and flush() once per event, so a request head and
-    # the body bytes that arrived with it leave in one syscall.
-    def send(self, data: bytes) -> None:
-        self._out.append(data)
-
-    def flush(self) -> None:
-        out = self._out
-        if out and self.transport is not None:
-            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
-        out.clear()
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-    def pause_reading(self) -> None:
-        """The client is not keeping up: stop reading, and stop the read timeout with it —
-        the upstream is not the one we are waiting for."""
-        if not self.read_paused and self.transport is not None:
-            self.read_paused = True
-            self.transport.pause_reading()
-            self.deadline = 0.0
-
-    def resume_reading(self) -> None:
-        if self.read_paused and self.transport is not None:
-            self.read_paused = False
-            self.transport.resume_reading()
-            if self.tunnel is None:  # a relay's idle timeout runs on the client side
-                ex = self.exchange
-                read = ex.timeouts.read if ex is not None else self.pool.read_timeout
-                self.deadline = self.pool.deadlines.now + read
-
-    # -- asyncio.Protocol
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        self.pool.deadlines.add(self)
-
-    def data_received(self, data: bytes) -> None:
-        exchange = self.exchange
-        if exchange is None:
-            if self.tunnel is not None:
-                self.tunnel.from_upstream(data)
-                return
-            # Bytes on an idle connection: the upstream is out of step; never reuse it.
-            self.close()
-            return
-        self.deadline = self.pool.deadlines.now + exchange.timeouts.read
-        exchange.feed_response(data)
-
-    def eof_received(self) -> bool:
-        return False  # close our side too; connection_lost does the bookkeeping
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.tunnel is None:
-            self.pool.lost(self)  # a relay was handed back to the pool's count at upgrade
-        self.pool.deadlines.discard(self)
-        exchange, self.exchange = self.exchange, None
-        if exchange is not None:
-            exchange.upstream_lost(self, exc)
-        if self.tunnel is not None:
-            self.tunnel.lost()
-
-    def pause_writing(self) -> None:
-        if self.tunnel is not None:
-            self.tunnel.ds.pause_reading_for_upstream()
-        elif self.exchange is not None:
-            self.exchange.ds.pause_reading_for_upstream()
-
-    def resume_writing(self) -> None:
-        if self.tunnel is not None:
-            self.tunnel.ds.resume_reading_for_upstream()
-        elif self.exchange is not None:
-            self.exchange.ds.resume_reading_for_upstream()
-
-    def on_deadline(self) -> None:
-        if self.exchange is not None:
-            self.exchange.upstream_timeout()
-        else:
-            self.close()  # idle past keepalive_expiry
 
 
 class TargetPool:

@@ -1,0 +1,87 @@
+"""The routes section of the contract (DESIGN §3): which requests a route takes, and how.
+
+The match; the answer (an upstream, or a direct response); the path rewrite; and per-route
+caching, WebSocket relaying and timeouts.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from proxyd.config.models_server import Model
+from proxyd.config.types import ByteSize, Duration
+
+
+class Match(Model):
+    host: str | None = Field(None, description="Host header, exact or *.example.com.")
+    path: str | None = Field(None, description="Exact path.")
+    path_prefix: str | None = None
+    path_regex: str | None = None
+    methods: list[str] | None = None
+    headers: dict[str, str] | None = Field(None, description="Required header values (exact).")
+
+    @field_validator("methods")
+    @classmethod
+    def _upper(cls, v: list[str] | None) -> list[str] | None:
+        return [m.upper() for m in v] if v is not None else None
+
+
+class Rewrite(Model):
+    regex: str
+    replacement: str
+
+
+class Respond(Model):
+    status: int = Field(200, ge=200, le=599)
+    body: str = ""
+    headers: dict[str, str] = Field(default_factory=dict)
+
+
+class RouteCache(Model):
+    ttl: Duration | None = Field(None, description="Freshness when the upstream gives none.")
+    force_ttl: Duration | None = Field(None, description="Freshness, whatever the upstream says.")
+    enabled: bool = True
+
+
+class WebSocket(Model):
+    enabled: bool = True
+    on_reload: Literal["keep", "close"] = Field(
+        "keep", description="keep: live until they end or drain_timeout; close: 1001 at once."
+    )
+    idle_timeout: Duration = Field("300s", description="Close a relay idle this long.")
+    max_message_size: ByteSize = Field("16MiB", description="Larger messages close with 1009.")
+
+
+class RouteTimeouts(Model):
+    """Per-route overrides of the upstream's pool timeouts."""
+
+    connect: Duration | None = Field(None, description="Overrides pool.connect_timeout.")
+    read: Duration | None = Field(None, description="Overrides pool.read_timeout.")
+    total: Duration | None = Field(None, description="Overrides pool.total_timeout.")
+
+
+class Route(Model):
+    name: str = Field(min_length=1)
+    match: Match = Field(default_factory=Match)
+    upstream: str | None = None
+    respond: Respond | None = None
+    strip_prefix: str | None = None
+    rewrite: Rewrite | None = None
+    cache: RouteCache | None = None
+    middleware: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Per-route overrides of middleware entries, by type."
+    )
+    websocket: WebSocket = Field(
+        default_factory=lambda: WebSocket(enabled=False),
+        description="true, or options: relay WebSocket upgrades on this route.",
+    )
+    timeouts: RouteTimeouts | None = Field(
+        None, description="connect, read, total: override the upstream's timeouts."
+    )
+
+    @field_validator("websocket", mode="before")
+    @classmethod
+    def _websocket_flag(cls, v: Any) -> Any:
+        return {"enabled": v} if isinstance(v, bool) else v

@@ -1,0 +1,214 @@
+"""The server and admin sections of the contract (DESIGN §3), and Model, every model's base.
+
+Server: the traffic listeners (TLS terminated there when configured), workers and their
+recycling, and the client-side limits and timeouts. Admin: the admin listener and its token.
+Every model forbids unknown keys and is frozen: a loaded config is a value that a reload swaps
+whole, never edits. Each field carries its description here, next to its code; ``proxyd schema``
+and the docs are generated from these models.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+)
+
+from proxyd.config.types import ByteSize, Duration, HostPort, HostPortValue, parse_host_port
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class Limits(Model):
+    max_body_size: ByteSize = Field("10MiB", description="Largest request body; larger → 413.")
+    max_header_size: ByteSize = Field("8KiB", description="Largest request header section → 431.")
+    max_uri_size: ByteSize = Field("8KiB", description="Longest request target → 414.")
+    max_headers: int = Field(100, ge=1, description="Most header fields in one request → 431.")
+    header_timeout: Duration = Field(
+        "10s", description="Time a client has to send a complete header section (slowloris)."
+    )
+    body_timeout: Duration = Field(
+        "60s", description="Longest wait between request body bytes from a client; then the "
+        "connection closes (408 if nothing was answered yet) and its upstream exchange ends.",
+    )
+    send_timeout: Duration = Field(
+        "60s", description="A client that reads nothing of a response for this long (its socket "
+        "buffer full) is disconnected, and its upstream connection with it.",
+    )
+    max_connections: int = Field(
+        10000, ge=0, description="Open client connections per worker; one more is answered 503 "
+        "and closed. 0 = no cap.",
+    )
+    max_keepalive_requests: int = Field(
+        1000, ge=0, description="Requests served on one client connection; the last response "
+        "carries Connection: close. 0 = no cap.",
+    )
+
+
+class TLS(Model):
+    cert: str = Field(min_length=1, description="PEM certificate chain file (leaf first).")
+    key: str = Field(min_length=1, description="PEM private key file.")
+    min_version: Literal["1.2", "1.3"] = Field("1.2", description="Oldest TLS version accepted.")
+
+    @field_validator("min_version", mode="before")
+    @classmethod
+    def _version_number(cls, v: Any) -> Any:
+        return str(v) if isinstance(v, float) else v  # YAML reads 1.2 as a number
+
+
+class ListenSpec(Model):
+    """The mapping form of a listener: ``{address: host:port, tls: {cert, key}}``."""
+
+    address: HostPortValue
+    tls: TLS | None = None
+
+
+class Listener(HostPort):
+    """A traffic listener: its address (equal to and hashed as that HostPort, so sockets stay
+    keyed by address across a reload that adds or drops TLS) plus its TLS settings, if any."""
+
+    tls: TLS | None = None
+
+    @classmethod
+    def of(cls, address: HostPort, tls: TLS | None = None) -> Listener:
+        listener = cls(address.host, address.port)
+        listener.tls = tls
+        return listener
+
+
+def _problems(exc: ValidationError) -> str:
+    out = []
+    for err in exc.errors(include_url=False):
+        where = ".".join(str(el) for el in err["loc"])
+        if err["type"] == "missing":
+            message = "required key is missing"
+        elif err["type"] == "extra_forbidden":
+            message = "unknown key"
+        else:
+            message = err["msg"].removeprefix("Value error, ")
+        out.append(f"{where}: {message}" if where else message)
+    return "; ".join(out)
+
+
+def parse_listener(value: Any) -> Listener:
+    """``"host:port"`` (the contract), or ``{address: "host:port", tls: {...}}``."""
+    if isinstance(value, Listener):
+        return value
+    if isinstance(value, dict):
+        try:
+            spec = ListenSpec.model_validate(value)
+        except ValidationError as exc:
+            raise ValueError(_problems(exc)) from None
+        return Listener.of(spec.address, spec.tls)
+    return Listener.of(parse_host_port(value))
+
+
+def _dump_listener(listener: HostPort) -> str | dict[str, Any]:
+    tls = getattr(listener, "tls", None)
+    if tls is None:
+        return str(listener)
+    return {"address": str(listener), "tls": tls.model_dump()}
+
+
+ListenerValue = Annotated[
+    HostPort,
+    PlainValidator(parse_listener),
+    PlainSerializer(_dump_listener),
+    WithJsonSchema({
+        "description": 'address: "host:port", or {address: "host:port", tls: {cert, key, '
+                       'min_version}} for a TLS listener',
+        "oneOf": [
+            {"type": "string"},
+            {"type": "object", "additionalProperties": False, "required": ["address"],
+             "properties": {
+                 "address": {"type": "string"},
+                 "tls": {"type": "object", "additionalProperties": False,
+                         "required": ["cert", "key"],
+                         "properties": {"cert": {"type": "string"}, "key": {"type": "string"},
+                                        "min_version": {"enum": ["1.2", "1.3"]}}},
+             }},
+        ],
+    }),
+]
+
+
+class Server(Model):
+    listen: list[ListenerValue] = Field(
+        default_factory=lambda: ["127.0.0.1:8080"], min_length=1,
+        description='Traffic listeners: "host:port", or {address, tls: {cert, key, '
+                    'min_version}} to terminate TLS there.',
+    )
+    workers: int | Literal["auto"] = Field(
+        "auto", description="Worker processes; auto = usable CPUs (sched_getaffinity)."
+    )
+    backlog: int = Field(4096, ge=1, description="listen() backlog of every traffic socket.")
+    keepalive_timeout: Duration = Field("5s", description="Idle keep-alive connection lifetime.")
+    max_requests: int = Field(
+        10000, ge=0, description="Recycle a worker after N requests; 0 = never."
+    )
+    max_requests_jitter: int = Field(1000, ge=0, description="Random extra requests per worker.")
+    drain_timeout: Duration = Field(
+        "30s", description="Time in-flight requests get on reload/stop."
+    )
+    limits: Limits = Field(default_factory=Limits)
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="CIDRs whose X-Forwarded-* headers are trusted and extended, not replaced.",
+    )
+    watch_config: bool = Field(
+        False,
+        description="Poll the config file about once a second and reload (the SIGHUP path) "
+        "when its content changes; follows Kubernetes ConfigMap symlink swaps. Read at start.",
+    )
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers_form(cls, v: Any) -> Any:
+        # One clear message instead of pydantic's two (one per branch of the union).
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool)):
+            return v
+        if isinstance(v, str) and v.strip().isdigit():
+            return int(v)
+        raise ValueError(f"workers must be auto or a positive integer, got {v!r}")
+
+    @field_validator("workers")
+    @classmethod
+    def _workers_positive(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("workers must be at least 1 (or auto)")
+        return v
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _cidrs(cls, v: list[str]) -> list[str]:
+        for cidr in v:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"invalid CIDR {cidr!r}") from None
+        return v
+
+    def worker_count(self) -> int:
+        if self.workers == "auto":
+            return max(1, len(os.sched_getaffinity(0)))
+        return int(self.workers)
+
+
+class Admin(Model):
+    listen: HostPortValue = Field("127.0.0.1:9901", description="Admin HTTP server address.")
+    token: str = Field("", description="Bearer token required by mutating endpoints when set.")
+    protect_reads: bool = Field(
+        False, description="With a token set, also require it for /status and /metrics."
+    )
