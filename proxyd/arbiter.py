@@ -30,6 +30,10 @@ from proxyd.errors import EXIT_RUNTIME
 from proxyd.observe.metrics import MasterMetrics
 from proxyd.sockets import SocketSet
 
+# Imported by the master, before any fork: every worker runs the code the master loaded (an
+# edit on disk cannot reach a new generation halfway), and forked workers share these pages.
+from proxyd.worker import child_main, prepare_child
+
 log = logging.getLogger("proxyd.master")
 
 READY_TIMEOUT = 30.0  # a new worker that is not READY by then is a failed reload
@@ -189,8 +193,6 @@ class Arbiter:
                 for sig in SIGNALS:
                     signal.signal(sig, signal.SIG_DFL)
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-                from proxyd.worker import child_main, prepare_child
-
                 prepare_child({theirs.fileno(), *(s.fileno() for s in socks)})
                 code = child_main(config, socks, theirs, slot=slot, generation=generation,
                                   max_requests=max_requests)

@@ -95,6 +95,7 @@ class Pipeline:
         )
         resolver = Resolver()
         self.metrics = WorkerMetrics()
+        self.metrics_enabled = config.metrics.enabled  # off: no per-request counting at all
         self.pools = {
             name: UpstreamPool(name, cfg, self.deadlines, resolver, self.metrics)
             for name, cfg in config.upstreams.items()
@@ -136,9 +137,10 @@ class Pipeline:
         duration = now - req.started
         method = self._methods.get(req.method, "OTHER")  # bounded label values
         route = req.route_name or "none"
-        self.metrics.request(route, method, req.status, duration)
+        if self.metrics_enabled:
+            self.metrics.request(route, method, req.status, duration)
         cache = req.ctx.state.get("cache", "") if req.ctx is not None else ""
-        if cache:
+        if cache and self.metrics_enabled:
             if cache == "hit":
                 self.metrics.inc("gateway_cache_hits_total", (route,))
             elif cache in ("miss", "revalidated", "stale"):
