@@ -13,7 +13,7 @@ import base64
 import hashlib
 import os
 import struct
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from proxyd.config.models import WebSocket
@@ -174,34 +174,22 @@ class Tunnel:
 
     def from_client(self, data: bytes) -> None:
         self.bytes_up += len(data)
-        up = self.up
-        boundary = up.at_boundary
-        up.feed(data)
-        if up.too_big:
-            up.at_boundary = boundary  # this read is not forwarded: the stream stops before it
-            self.close(TOO_BIG)
-            return
-        if self.code is None and up.close_code is not None:
-            self.code = up.close_code  # the client began the closing handshake
-        transport = self.conn.transport
-        if transport is not None:
-            transport.write(data)
-        self.touch()
-        if self.closing_after_boundary:
-            self.close(GOING_AWAY)
+        self._relay(self.up, data, self.conn.transport)
 
     def from_upstream(self, data: bytes) -> None:
         self.bytes_down += len(data)
-        down = self.down
-        boundary = down.at_boundary
-        down.feed(data)
-        if down.too_big:
-            down.at_boundary = boundary  # this read is not forwarded: the stream stops before it
+        self._relay(self.down, data, self.ds.transport)
+
+    def _relay(self, tracker: FrameTracker, data: bytes, transport: Any) -> None:
+        """One read, one direction: watch the frame headers, then pass the bytes on as read."""
+        boundary = tracker.at_boundary
+        tracker.feed(data)
+        if tracker.too_big:
+            tracker.at_boundary = boundary  # this read is not forwarded: the stream stops before it
             self.close(TOO_BIG)
             return
-        if self.code is None and down.close_code is not None:
-            self.code = down.close_code  # the upstream began the closing handshake
-        transport = self.ds.transport
+        if self.code is None and tracker.close_code is not None:
+            self.code = tracker.close_code  # this side began the closing handshake
         if transport is not None:
             transport.write(data)
         self.touch()
