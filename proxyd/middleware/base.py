@@ -66,15 +66,21 @@ class Response:
         self._lnames: list[bytes] = []
 
     def _index(self) -> list[bytes]:
-        """Lowercase names parallel to ``headers``: every hook asks has()/get(), so the
-        names are lowered once per response, not once per question. Hooks may append to
-        ``headers`` directly; the index catches up with what was appended."""
+        """Lowercase names parallel to ``headers``: every hook asks has()/get(), so a name is
+        lowered once per response, not once per question. The methods below keep the index
+        in step; a hook that appends to ``headers`` directly is caught up here."""
         lnames, headers = self._lnames, self._headers
-        if len(lnames) != len(headers):
-            if len(lnames) > len(headers):
+        n = len(lnames)
+        if n != len(headers):
+            if n > len(headers):
                 lnames.clear()
-            lnames.extend(name.lower() for name, _ in headers[len(lnames):])
+                n = 0
+            lnames.extend([name.lower() for name, _ in headers[n:]])
         return lnames
+
+    def seed_index(self, lnames: list[bytes]) -> None:
+        """The lowercase names of ``headers``, in order, where the caller has them already."""
+        self._lnames = lnames
 
     def get(self, lname: bytes) -> bytes | None:
         lnames = self._index()
@@ -86,15 +92,33 @@ class Response:
         return lname in self._index()
 
     def set(self, name: bytes, value: bytes) -> None:
-        self.remove(name.lower())
-        self.headers.append((name, value))
+        """Replace every field of that name by one (in the first one's place), or append."""
+        lname = name.lower()
+        lnames = self._index()
+        if lname in lnames:
+            i = lnames.index(lname)
+            self._headers[i] = (name, value)
+            if lname in lnames[i + 1:]:
+                self._drop(lname, i + 1)
+        else:
+            self._headers.append((name, value))
+            lnames.append(lname)
 
     def add(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
+        self._index().append(name.lower())
+        self._headers.append((name, value))
 
     def remove(self, lname: bytes) -> None:
         if lname in self._index():
-            self.headers = [(n, v) for n, v in self._headers if n.lower() != lname]
+            self._drop(lname, 0)
+
+    def _drop(self, lname: bytes, start: int) -> None:
+        """Remove the fields named ``lname`` from index ``start`` on, in place (hooks may
+        hold the list)."""
+        lnames, headers = self._lnames, self._headers
+        keep = [i for i in range(start, len(lnames)) if lnames[i] != lname]
+        headers[start:] = [headers[i] for i in keep]
+        lnames[start:] = [lnames[i] for i in keep]
 
     def add_vary(self, token: bytes) -> None:
         current = self.get(b"vary")

@@ -97,10 +97,14 @@ class Cache(Middleware):
             resp.set(b"X-Cache", x_cache)
 
     def _from_entry(self, entry: Entry, now: float, status: bytes, x_cache: bytes) -> Response:
-        resp = Response(entry.status, list(entry.headers), entry.body)
-        resp.add(b"Age", str(int(entry.age(now))).encode())
-        self._status(resp, status, x_cache)
-        return resp
+        # Stored entries never hold Age, Cache-Status or X-Cache (NOT_STORED): appending
+        # needs no search of the header list on the hit path.
+        headers = list(entry.headers)
+        headers.append((b"Age", b"%d" % entry.age(now)))
+        headers.append((b"Cache-Status", b"proxyd; " + status))
+        if self.o.x_cache:
+            headers.append((b"X-Cache", x_cache))
+        return Response(entry.status, headers, entry.body)
 
     # -- request ------------------------------------------------------------------------------
     def on_request(self, ctx: Context) -> Response | Pending | None:
@@ -112,7 +116,12 @@ class Cache(Middleware):
                 ctx.state["cache_invalidate"] = True
             return None
         request_headers = self.pairs(ctx)
-        if "no-store" in policy.cache_control(request_headers):
+        directives = False  # most requests carry neither field: no directive parsing at all
+        for lname, _ in request_headers:
+            if lname == b"cache-control" or lname == b"pragma":
+                directives = True
+                break
+        if directives and "no-store" in policy.cache_control(request_headers):
             ctx.state["cache"] = "bypass"
             return None
         key = self.primary(ctx)
@@ -122,15 +131,16 @@ class Cache(Middleware):
             # A miss in L1 asks Redis; only this request waits. (A miss already in flight
             # here needs no round trip: this request will follow it.)
             return Pending(self._remote_lookup(ctx, key, request_headers))
-        return self.decide(ctx, key, request_headers, entry)
+        return self.decide(ctx, key, request_headers, entry, directives)
 
     def decide(self, ctx: Context, key: str, request_headers: list[tuple[bytes, bytes]],
-               entry: Entry | None) -> Response | Pending | None:
+               entry: Entry | None, directives: bool = True) -> Response | Pending | None:
         """What the lookup's result means for this request: a hit, a miss to lead, or one to
         follow. One decision for both the synchronous (memory) and the Redis lookup."""
         now = time.time()
         if entry is not None:
-            revalidate, max_age = policy.request_wants_fresh(request_headers)
+            revalidate, max_age = (policy.request_wants_fresh(request_headers) if directives
+                                   else (False, None))
             age = entry.age(now)
             if not revalidate and age < entry.lifetime and (max_age is None or age <= max_age):
                 ctx.state["cache"] = "hit"

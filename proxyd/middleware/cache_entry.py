@@ -92,6 +92,9 @@ def not_modified(ctx: Context, entry: Entry) -> bool:
             return True
         wanted = etag.strip().removeprefix(b"W/")
         return any(t.strip().removeprefix(b"W/") == wanted for t in inm.split(b","))
-    ims = policy.http_date(ctx.header(b"if-modified-since"))
+    ims_value = ctx.header(b"if-modified-since")
+    if ims_value is None:
+        return False  # the common hit: no date parsing at all
+    ims = policy.http_date(ims_value)
     modified = policy.http_date(entry.header(b"last-modified"))
     return ims is not None and modified is not None and modified <= ims

@@ -295,6 +295,7 @@ class Answering:
         req.status = exchange.resp_status
         req.bytes_out = exchange.bytes_out
         self.p.observe(req, self.client_ip, exchange)
+        req.exchange = None  # the Request <-> Exchange cycle: freed by refcount, not the GC
         self.active = None
         if close or self.close_after:
             self.close()

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from proxyd.proxy.upstream import TargetPool, UpstreamConnection, UpstreamPool
 
 NO_BODY_STATUSES = frozenset({204, 304})
+# Connection options that name no other field: nothing more to drop for them.
+CONNECTION_OPTIONS = HOP_BY_HOP | {b"close", b""}
 
 
 class Abandoned(Exception):
@@ -53,6 +55,7 @@ class ResponseRelay:
     client_chunked: bool
     read_to_close: bool
     close_client: bool
+    body_cut: bool
     resp: Response | None
     buffer: list[bytes] | None
     filters: list[BodyFilter]
@@ -119,25 +122,48 @@ class ResponseRelay:
         if self.timed:
             self.deadline = self.total_deadline  # the head is in: the per-try limit is over
         self.resp_status = status
+        # One pass over the upstream's fields: the framing, and what goes on to the client
+        # (as bytes when no middleware looks at them; else pairs, and their lowercase names).
+        ctx = req.ctx
         length: bytes | None = None
         chunked = False
+        named: set[bytes] | None = None  # fields a Connection header names (rare)
+        keep: list[bytes] = []  # name, ": ", value, CRLF, ...
+        pairs: list[tuple[bytes, bytes]] = []
+        lnames: list[bytes] = []
         for name, value in headers:
             lname = name.lower()
-            if lname == b"content-length":
-                length = value.strip()  # llhttp already refused duplicates and non-digits
-            elif lname == b"transfer-encoding":
-                chunked = True
+            if lname in RESPONSE_DROP:
+                if lname == b"content-length":
+                    length = value.strip()  # llhttp already refused duplicates and non-digits
+                elif lname == b"transfer-encoding":
+                    chunked = True
+                elif lname == b"connection":
+                    tokens = {t.strip().lower() for t in value.split(b",")} - CONNECTION_OPTIONS
+                    if tokens:
+                        named = tokens if named is None else named | tokens
+                continue
+            if ctx is None:
+                keep += (name, b": ", value, CRLF)
+            else:
+                pairs.append((name, value))
+                lnames.append(lname)
         no_body = req.method == b"HEAD" or status in NO_BODY_STATUSES
         self.read_to_close = length is None and not chunked and not no_body
-        ctx = req.ctx
         if ctx is None:
-            fields = self._filter(headers)
+            fields = self._filter(headers) if named else b"".join(keep)
             if length is not None:
                 fields += b"Content-Length: " + length + CRLF
             self._send_head(status, reason, fields, length is not None, no_body)
         else:
             chain = req.chain
-            resp = Response(status, self._filter_list(headers), None, reason)
+            if named:
+                resp = Response(status, self._filter_list(headers), None, reason)
+            else:
+                resp = Response(status, pairs, None, reason)
+                resp.seed_index(lnames)  # made here once, not again by the first hook asking
+                if length is not None:
+                    resp.add(b"Content-Length", length)  # middleware read it
             if not no_body and chain.wants_body(ctx, resp):
                 self.resp = resp
                 self.buffer = []  # the head waits for the body (etag); CL ≤ its max_size
@@ -165,6 +191,7 @@ class ResponseRelay:
             extra = b""
             close = True  # HTTP/1.0 client: the end of the body is the end of the connection
         self.close_client = close
+        self.body_cut = not req.body_done
         if close:
             extra += b"Connection: close\r\n"
         elif not req.http11:

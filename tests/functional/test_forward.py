@@ -637,3 +637,49 @@ async def test_upload_flow_control(upstreams: Upstreams, proxy: StartProxy) -> N
         finally:
             task.cancel()
     assert received == BIG and got.hexdigest() == digest.hexdigest()
+
+
+# -- memory -------------------------------------------------------------------------------------
+
+SEED_CHAIN = [
+    {"type": "cors", "allow_origins": ["https://app.example.com"]},
+    {"type": "security_headers"},
+    {"type": "validation"},
+    {"type": "trace_id"},
+    {"type": "rate_limit", "backend": "memory", "rate": "1000/s", "burst": 1000},
+    {"type": "etag"},
+    {"type": "compression", "min_size": "16B"},
+    {"type": "cache"},
+]
+
+
+@pytest.mark.parametrize("chain", [None, SEED_CHAIN], ids=["plain", "chain"])
+async def test_answered_requests_leave_no_reference_cycles(
+    upstreams: Upstreams, proxy: StartProxy, chain: list[dict[str, object]] | None
+) -> None:
+    """Per-request objects are freed by reference counting as the answer goes out. Cycles
+    (an exchange and its parser, a request and its exchange) would leave them to the cyclic
+    collector, which then ran often enough to cost ~10% of a loaded worker's CPU."""
+    import gc
+
+    up = await upstreams.aiohttp()
+    p = await proxy(CATCH_ALL, {"backend": up.url}, middleware=chain)
+    requests = [get(f"/{i}", extra="Accept-Encoding: gzip\r\n") for i in range(20)]
+    requests += [get("/cached")] * 5
+    requests += [get("/cors", extra="Origin: https://app.example.com\r\n")]
+    async with await RawClient.connect(p.port) as c:
+        assert (await c.request(get("/warm"))).status == 200
+        gc.collect()
+        gc.disable()
+        try:
+            for raw in requests:
+                assert (await c.request(raw)).status == 200
+            gc.set_debug(gc.DEBUG_SAVEALL)
+            gc.collect()
+            left = sorted({type(o).__qualname__ for o in gc.garbage
+                           if type(o).__module__.startswith("proxyd.")})
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
+    assert left == []

@@ -31,6 +31,69 @@ async def test_pool_reuses_connection_across_clients(
     assert p.target().open == 1 and len(p.target().idle) == 1
 
 
+async def test_client_connection_close_keeps_the_upstream_connection(
+    upstreams: Upstreams, proxy: StartProxy
+) -> None:
+    """A client that closes after each request (Connection: close, HTTP/1.0, the keep-alive
+    cap) must not cost an upstream connection per request: the upstream's is still good."""
+    up = await upstreams.aiohttp()
+    p = await proxy(CATCH_ALL, {"backend": up.url}, limits={"max_keepalive_requests": 2})
+    for i in range(3):
+        async with await RawClient.connect(p.port) as c:
+            resp = await c.request(b"GET /%d HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n" % i)
+            assert resp.status == 200 and resp.header("Connection") == "close"
+    async with await RawClient.connect(p.port) as c:  # two on one, the second is the cap's
+        for i in range(2):
+            assert (await c.request(get(f"/cap{i}"))).status == 200
+        assert await c.read_to_eof() == b""
+    assert len(up.seen) == 5 and len({s.peer_port for s in up.seen}) == 1
+    assert p.target().open == 1 and len(p.target().idle) == 1
+
+
+async def test_answer_before_body_end_drops_the_upstream_connection(
+    upstreams: Upstreams, proxy: StartProxy
+) -> None:
+    """An upstream that answers before the request body is in gets no more of it, so its
+    connection is out of step and never reused: not even when the client sends the rest
+    before the response ends."""
+    body_sent = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      conn: RawConn) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        if b"/early" in head:
+            writer.write(b"HTTP/1.1 413 Too Large\r\nContent-Length: 4\r\n\r\nno")
+            await writer.drain()
+            await body_sent.wait()
+            writer.write(b"pe")  # the response ends after the request did
+            await reader.read()
+            return
+        writer.write(OK)
+        await reader.read()
+
+    up = await upstreams.raw(handler)
+    p = await proxy(CATCH_ALL, {"backend": up.url})
+    async with await RawClient.connect(p.port) as c:
+        await c.send(b"POST /early HTTP/1.1\r\nHost: t\r\nContent-Length: 20\r\n\r\n" + b"x" * 10)
+        await wait_for(lambda: any(getattr(ds, "active", None) is not None and ds.active.status
+                                   == 0 and ds.active.exchange is not None
+                                   and ds.active.exchange.resp_started
+                                   for ds in p.pipeline.connections), what="the early head")
+        await c.send(b"y" * 10)  # the rest of the body, after the head, before the end
+        await wait_for(lambda: all(getattr(ds, "req", None) is None
+                                   for ds in p.pipeline.connections), what="the body read")
+        body_sent.set()
+        resp = await c.response()
+        assert resp.status == 413 and resp.body == b"nope"
+        assert resp.header("Connection") == "close"
+        assert await c.read_to_eof() == b""
+    await asyncio.wait_for(up.conns[0].done.wait(), 5)
+    assert p.target().idle == []
+    async with await RawClient.connect(p.port) as c:
+        assert (await c.request(get("/next"))).body == b"ok"
+    assert len(up.conns) == 2
+
+
 async def stale_after_first(
     upstreams: Upstreams, proxy: StartProxy, **kw: object
 ) -> tuple[Proxy, RawUpstream]:

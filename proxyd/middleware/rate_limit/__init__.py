@@ -126,6 +126,8 @@ class RateLimit(Middleware):
         return hops[0] if hops else ip
 
     def key(self, ctx: Context) -> str:
+        if self.key_parts == ["client_ip"]:  # the default key: no list to join
+            return self.route_name + "|" + self.client_ip(ctx).decode("latin-1")
         parts = []
         for part in self.key_parts:
             if part == "client_ip":
@@ -188,10 +190,14 @@ class RateLimit(Middleware):
         return self._decide(ctx, self.fallback.check(key))
 
     def _decide(self, ctx: Context, decisions: list[Decision]) -> Response | None:
-        tightest = min(decisions, key=lambda d: (d.allowed, d.remaining))
-        ctx.state["rate_limit"] = tightest
-        if all(d.allowed for d in decisions):
-            return None
+        if len(decisions) == 1:
+            ctx.state["rate_limit"] = decisions[0]
+            if decisions[0].allowed:
+                return None
+        else:
+            ctx.state["rate_limit"] = min(decisions, key=lambda d: (d.allowed, d.remaining))
+            if all(d.allowed for d in decisions):
+                return None
         retry = max(d.retry_after for d in decisions)
         if self.pipeline is not None:
             self.pipeline.metrics.inc("gateway_rate_limited_total", (self.route_name,))
@@ -205,6 +211,6 @@ class RateLimit(Middleware):
         if decision is None or not self.o.headers:
             return
         resp.set(b"RateLimit-Policy", self.policy)
-        resp.set(b"RateLimit-Limit", str(decision.limit.count).encode())
-        resp.set(b"RateLimit-Remaining", str(decision.remaining).encode())
-        resp.set(b"RateLimit-Reset", str(max(0, math.ceil(decision.reset))).encode())
+        resp.set(b"RateLimit-Limit", decision.limit.count_bytes)
+        resp.set(b"RateLimit-Remaining", b"%d" % decision.remaining)
+        resp.set(b"RateLimit-Reset", b"%d" % max(0, math.ceil(decision.reset)))
