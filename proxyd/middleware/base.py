@@ -104,8 +104,9 @@ class Response:
             self._headers.append((name, value))
             lnames.append(lname)
 
-    def add(self, name: bytes, value: bytes) -> None:
-        self._index().append(name.lower())
+    def add(self, name: bytes, value: bytes, lname: bytes | None = None) -> None:
+        """Append a field; ``lname``, its lowercase name, where the caller has it at hand."""
+        self._index().append(lname if lname is not None else name.lower())
         self._headers.append((name, value))
 
     def remove(self, lname: bytes) -> None:

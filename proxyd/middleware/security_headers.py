@@ -48,9 +48,8 @@ class SecurityHeaders(Middleware):
                 self.fields.append((lname, name, value.encode(), lname.decode() in override))
 
     def on_response(self, ctx: Context, resp: Response) -> None:
-        present = {name.lower() for name, _ in resp.headers}
         for lname, name, value, override in self.fields:
-            if lname not in present:
-                resp.headers.append((name, value))
+            if not resp.has(lname):
+                resp.add(name, value, lname)
             elif override:
                 resp.set(name, value)

@@ -120,6 +120,14 @@ def error_response(
     return head if head_only else head + body
 
 
+def render_fields(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """"Name: value\r\n" lines; parts joined once (faster than a line per field)."""
+    parts: list[bytes] = []
+    for name, value in headers:
+        parts += (name, b": ", value, CRLF)
+    return b"".join(parts)
+
+
 def body_length(response: bytes) -> int:
     """Bytes after the head of a complete response made here (bytes_out of an error)."""
     return len(response) - response.index(b"\r\n\r\n") - 4
@@ -140,8 +148,9 @@ def render_response(resp: Response, *, close: bool, head: bool) -> tuple[bytes, 
     body = resp.body or b""
     no_body = resp.status in (204, 304) or resp.status < 200
     lines = [status_line(resp.status, resp.reason or None)]
-    lines += [name + b": " + value + CRLF for name, value in resp.headers
-              if name.lower() != b"content-length"]
+    for name, value in resp.headers:
+        if name.lower() != b"content-length":
+            lines += (name, b": ", value, CRLF)
     if not no_body:
         lines.append(b"Content-Length: %d\r\n" % len(body))
     if close:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import httptools
 
 from proxyd.middleware.base import BodyFilter, Response
-from proxyd.proxy.headers import CRLF, HOP_BY_HOP, RESPONSE_DROP, status_line
+from proxyd.proxy.headers import CRLF, HOP_BY_HOP, RESPONSE_DROP, render_fields, status_line
 from proxyd.proxy.websocket import Tunnel, accept_key
 
 if TYPE_CHECKING:
@@ -213,7 +213,7 @@ class ResponseRelay:
         elif resp.filters:
             self.filters = resp.filters
             resp.remove(b"content-length")
-        fields = b"".join(name + b": " + value + CRLF for name, value in resp.headers)
+        fields = render_fields(resp.headers)
         self._send_head(resp.status, resp.reason, fields, resp.has(b"content-length"), no_body)
         if resp.body is not None and not no_body and self.req.method != b"HEAD":
             self.ds.send(resp.body)
@@ -278,7 +278,7 @@ class ResponseRelay:
         no_body = resp.drop_body or resp.status in NO_BODY_STATUSES
         if not no_body:
             resp.set(b"Content-Length", str(len(body)).encode())
-        fields = b"".join(name + b": " + value + CRLF for name, value in resp.headers)
+        fields = render_fields(resp.headers)
         self._send_head(resp.status, resp.reason, fields, True, no_body)
         if not no_body:
             self.ds.send(body)
