@@ -88,6 +88,7 @@ class Driver:
     def __init__(self, scenario: str, tmp: Path) -> None:
         rate_limit, _ = bench.rate_limit_entry()
         raw = bench.proxyd_config(scenario, 18999, 18998, 18997, 1, tmp, rate_limit)
+        raw["server"]["limits"] = {"max_keepalive_requests": 0}  # one client connection
         path = tmp / f"{scenario}.yaml"
         path.write_text(yaml.safe_dump(raw, sort_keys=False))
         self.config = load_config(path)
