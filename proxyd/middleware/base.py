@@ -97,9 +97,11 @@ class Response:
             lnames = self._index()
         return lname in lnames
 
-    def set(self, name: bytes, value: bytes) -> None:
-        """Replace every field of that name by one (in the first one's place), or append."""
-        lname = name.lower()
+    def set(self, name: bytes, value: bytes, lname: bytes | None = None) -> None:
+        """Replace every field of that name by one (in the first one's place), or append;
+        ``lname``, the lowercase name, where the caller has it at hand."""
+        if lname is None:
+            lname = name.lower()
         lnames = self._lnames
         if len(lnames) != len(self._headers):
             lnames = self._index()

@@ -41,9 +41,10 @@ class TraceId(Middleware):
             # The server may have taken an inbound X-Request-ID already; this middleware's
             # own rules (header name, trust_incoming) decide instead.
             ctx.request_id = ctx.make_request_id()
-        rid = ctx.request_id
+        rid = ctx.request_id.encode()
+        ctx.state["trace_id_bytes"] = rid  # for the echo: encoded once
         ctx.remove_request.add(self.lname)
-        ctx.set_request.append((self.name, rid.encode()))
+        ctx.set_request.append((self.name, rid))
         if self.traceparent:
             parent = ctx.header(b"traceparent")
             m = _TRACEPARENT.match(parent.strip().lower()) if parent else None
@@ -60,4 +61,5 @@ class TraceId(Middleware):
 
     def on_response(self, ctx: Context, resp: Response) -> None:
         if self.echo and not resp.has(self.lname):
-            resp.add(self.name, ctx.id().encode())
+            rid = ctx.state.get("trace_id_bytes")
+            resp.add(self.name, rid if rid is not None else ctx.id().encode(), self.lname)

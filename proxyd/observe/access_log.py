@@ -39,6 +39,7 @@ class AccessLog:
         self._fd = -1
         self._handle: asyncio.TimerHandle | None = None
         self.written = 0  # lines, for tests and status
+        self._escaped: dict[tuple[bytes, bytes | None, str, str, str], tuple[str, str, str]] = {}
         self.open()
 
     def open(self) -> None:
@@ -66,17 +67,27 @@ class AccessLog:
         path, _, query = target.partition(b"?")
         if self.format == "json":
             up_ms = "null" if upstream_time is None else f"{upstream_time * 1000:.3f}"
+            # Fields with few distinct values (method, host, route, upstream, cache) are
+            # escaped once and remembered; the table is bounded, hosts are client-chosen.
+            known = self._escaped
+            fixed = known.get((method, host, upstream, cache, route))
+            if fixed is None:
+                fixed = (
+                    f'"method":{esc(method.decode("latin-1"))},'
+                    f'"host":{esc((host or b"").decode("latin-1"))},',
+                    f'"upstream":{esc(upstream)},',
+                    f'"cache":{esc(cache)},"route":{esc(route)},"pid":{self.pid}}}\n',
+                )
+                if len(known) < 1024:
+                    known[(method, host, upstream, cache, route)] = fixed
             line = (
                 f'{{"ts":{now:.3f},"request_id":{esc(request_id)},'
-                f'"client_ip":"{client_ip.decode("latin-1")}",'
-                f'"method":{esc(method.decode("latin-1"))},'
-                f'"host":{esc((host or b"").decode("latin-1"))},'
+                f'"client_ip":"{client_ip.decode("latin-1")}",{fixed[0]}'
                 f'"path":{esc(path.decode("latin-1"))},'
                 f'"query":{esc(query.decode("latin-1"))},"status":{status},'
                 f'"bytes_in":{bytes_in},"bytes_out":{bytes_out},'
-                f'"duration_ms":{duration * 1000:.3f},"upstream":{esc(upstream)},'
-                f'"upstream_ms":{up_ms},'
-                f'"cache":{esc(cache)},"route":{esc(route)},"pid":{self.pid}}}\n'
+                f'"duration_ms":{duration * 1000:.3f},{fixed[1]}'
+                f'"upstream_ms":{up_ms},{fixed[2]}'
             )
         else:  # combined, without referer/agent lookups on the hot path: "-"
             line = (

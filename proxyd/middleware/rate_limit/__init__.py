@@ -210,7 +210,8 @@ class RateLimit(Middleware):
         decision: Any = ctx.state.get("rate_limit")
         if decision is None or not self.o.headers:
             return
-        resp.set(b"RateLimit-Policy", self.policy)
-        resp.set(b"RateLimit-Limit", decision.limit.count_bytes)
-        resp.set(b"RateLimit-Remaining", b"%d" % decision.remaining)
-        resp.set(b"RateLimit-Reset", b"%d" % max(0, math.ceil(decision.reset)))
+        resp.set(b"RateLimit-Policy", self.policy, b"ratelimit-policy")
+        resp.set(b"RateLimit-Limit", decision.limit.count_bytes, b"ratelimit-limit")
+        resp.set(b"RateLimit-Remaining", b"%d" % decision.remaining, b"ratelimit-remaining")
+        resp.set(b"RateLimit-Reset", b"%d" % max(0, math.ceil(decision.reset)),
+                 b"ratelimit-reset")
