@@ -327,7 +327,9 @@ async def test_many_websockets_two_workers_and_a_reload_that_keeps_them(
     old_fds = {pid: fd_count(pid) for pid in old_pids}
     fresh, errors = await open_many(ports.traffic, 100, "fresh")
     assert not errors, errors[:5]
-    assert sum(fd_count(pid) for pid in new_pids) - sum(new_fds.values()) >= 200
+    # Both sides of each relay: 200, less the one idle upstream connection the marker
+    # request may have left in a new worker's pool, which an upgrade may reuse.
+    assert sum(fd_count(pid) for pid in new_pids) - sum(new_fds.values()) >= 199
     assert all(fd_count(pid) <= old_fds[pid] for pid in old_pids)
 
     # The old workers exit once their last relay ends (well before drain_timeout).
