@@ -41,7 +41,12 @@ class Pending:
 
 
 class Response:
-    """A response head (and, when buffered or local, its body) as middleware sees it."""
+    """A response head (and, when buffered or local, its body) as middleware sees it.
+
+    Hooks change fields with set/add/remove, append to ``headers``, or assign a new list to
+    ``headers``; they never replace or delete items of the list in place: the index of
+    lowercase names follows the list by its length only.
+    """
 
     __slots__ = ("_headers", "_lnames", "body", "drop_body", "filters", "reason", "status")
 

@@ -294,8 +294,10 @@ class Cache(Middleware):
         received = time.time()
         age = policy.initial_age(resp.headers, received)  # Age itself is not stored
 
+        status = resp.status  # not resp itself: resp -> its Tee -> store would be a cycle
+
         def store(body: bytes | None) -> None:
-            stored = body is not None and self._put(key, request_headers, resp.status,
+            stored = body is not None and self._put(key, request_headers, status,
                                                     stored_headers, body, received, age)
             self._release(ctx, stored)
 

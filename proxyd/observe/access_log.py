@@ -68,17 +68,20 @@ class AccessLog:
         if self.format == "json":
             up_ms = "null" if upstream_time is None else f"{upstream_time * 1000:.3f}"
             # Fields with few distinct values (method, host, route, upstream, cache) are
-            # escaped once and remembered; the table is bounded, hosts are client-chosen.
+            # escaped once and remembered. Hosts are client-chosen: only short ones are kept,
+            # and a full table starts over (a scan must not pin memory or the slow path).
             known = self._escaped
             fixed = known.get((method, host, upstream, cache, route))
             if fixed is None:
+                if len(known) >= 1024:
+                    known.clear()
                 fixed = (
                     f'"method":{esc(method.decode("latin-1"))},'
                     f'"host":{esc((host or b"").decode("latin-1"))},',
                     f'"upstream":{esc(upstream)},',
                     f'"cache":{esc(cache)},"route":{esc(route)},"pid":{self.pid}}}\n',
                 )
-                if len(known) < 1024:
+                if host is None or len(host) <= 128:
                     known[(method, host, upstream, cache, route)] = fixed
             line = (
                 f'{{"ts":{now:.3f},"request_id":{esc(request_id)},'

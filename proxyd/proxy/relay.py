@@ -220,22 +220,23 @@ class ResponseRelay:
             self.bytes_out += len(resp.body)
 
     @staticmethod
-    def _filter(headers: list[tuple[bytes, bytes]]) -> bytes:
-        drop: set[bytes] | frozenset[bytes] = RESPONSE_DROP
+    def _named(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
+        """The fields named by every Connection header, however many there are."""
+        named: set[bytes] = set()
         for name, value in headers:
             if name.lower() == b"connection":
-                drop = RESPONSE_DROP | {t.strip().lower() for t in value.split(b",")}
-        return b"".join(
-            name + b": " + value + CRLF for name, value in headers if name.lower() not in drop
-        )
+                named.update(t.strip().lower() for t in value.split(b","))
+        return named
 
-    @staticmethod
-    def _filter_list(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    @classmethod
+    def _filter(cls, headers: list[tuple[bytes, bytes]]) -> bytes:
+        drop = RESPONSE_DROP | cls._named(headers)
+        return render_fields([(n, v) for n, v in headers if n.lower() not in drop])
+
+    @classmethod
+    def _filter_list(cls, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
         """Like _filter, for middleware: a list, and Content-Length kept for them to read."""
-        drop: set[bytes] | frozenset[bytes] = HOP_BY_HOP
-        for name, value in headers:
-            if name.lower() == b"connection":
-                drop = HOP_BY_HOP | {t.strip().lower() for t in value.split(b",")}
+        drop = HOP_BY_HOP | cls._named(headers)
         return [(name, value) for name, value in headers if name.lower() not in drop]
 
     def on_body(self, data: bytes) -> None:

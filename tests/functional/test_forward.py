@@ -121,6 +121,28 @@ async def test_response_hop_by_hop_fields_are_stripped(
         assert (await c.request(get("/"))).body == b"ok"  # still keep-alive
 
 
+@pytest.mark.parametrize("middleware", [None, [{"type": "security_headers"}]],
+                         ids=["plain", "chain"])
+async def test_fields_named_by_any_connection_header_are_stripped(
+    upstreams: Upstreams, proxy: StartProxy, middleware: list[dict[str, object]] | None
+) -> None:
+    """Several Connection header lines: the fields each of them names are all hop-by-hop
+    (RFC 9110 §7.6.1), not just those of the last line."""
+    response = (
+        b"HTTP/1.1 200 OK\r\n"
+        b"Connection: X-Secret\r\n"
+        b"Connection: keep-alive\r\n"
+        b"X-Secret: s3cret\r\n"
+        b"X-Keep: yes\r\n"
+        b"Content-Length: 2\r\n\r\nok"
+    )
+    p, _ = await raw_proxy(upstreams, proxy, lambda req, conn: response, middleware=middleware)
+    async with await RawClient.connect(p.port) as c:
+        resp = await c.request(get("/"))
+        assert resp.status == 200 and resp.body == b"ok"
+        assert resp.header("X-Secret") is None and resp.header("X-Keep") == "yes"
+
+
 FWD_IN = (
     "X-Forwarded-For: 1.2.3.4\r\n"
     "X-Forwarded-For: 5.6.7.8\r\n"
@@ -653,7 +675,8 @@ SEED_CHAIN = [
 ]
 
 
-@pytest.mark.parametrize("chain", [None, SEED_CHAIN], ids=["plain", "chain"])
+@pytest.mark.parametrize("chain", [None, SEED_CHAIN, [{"type": "cache"}]],
+                         ids=["plain", "chain", "cache-streamed"])
 async def test_answered_requests_leave_no_reference_cycles(
     upstreams: Upstreams, proxy: StartProxy, chain: list[dict[str, object]] | None
 ) -> None:

@@ -1,0 +1,56 @@
+"""The access log's line formatting and its table of escaped constant fields."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxyd.config.models import AccessLog as AccessLogConfig
+from proxyd.observe.access_log import AccessLog
+
+FIELDS: dict[str, Any] = {
+    "request_id": "ab-1", "client_ip": b"127.0.0.1", "method": b"GET", "host": b"example.com",
+    "target": b"/p?q=1", "status": 200, "bytes_in": 0, "bytes_out": 5, "duration": 0.001,
+    "upstream": "backend", "upstream_time": 0.0005, "cache": "", "route": "api",
+}
+
+
+@pytest.fixture
+def log(tmp_path: Path) -> Any:
+    loop = asyncio.new_event_loop()
+    access = AccessLog(AccessLogConfig(format="json", path=str(tmp_path / "a.log")), loop)
+    yield access, tmp_path / "a.log"
+    access.close()
+    loop.close()
+
+
+def lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_lines_are_json_with_every_field_whether_escaped_fresh_or_remembered(log: Any) -> None:
+    access, path = log
+    for host in (b"example.com", b"example.com", b'q"uote\xe9.example'):
+        access.record(**{**FIELDS, "host": host})
+    access.flush()
+    got = lines(path)
+    assert [g["host"] for g in got] == ["example.com", "example.com", 'q"uote\u00e9.example']
+    assert got[0] == {**got[0], "method": "GET", "path": "/p", "query": "q=1", "status": 200,
+                      "route": "api", "upstream": "backend", "cache": "", "request_id": "ab-1"}
+    assert got[0]["upstream_ms"] == 0.5 and got[0]["duration_ms"] == 1.0
+
+
+def test_client_chosen_hosts_cannot_grow_the_table_without_bound(log: Any) -> None:
+    access, path = log
+    for i in range(3000):  # a scan: every request a new Host, some of them huge
+        access.record(**{**FIELDS, "host": b"h%d." % i + (b"\xe9" * 8192 if i % 2 else b"")})
+    assert len(access._escaped) <= 1024
+    assert all(len(key[1] or b"") <= 128 for key in access._escaped)
+    access.record(**FIELDS)  # a table that filled up starts over: common hosts are cached again
+    assert (b"GET", b"example.com", "backend", "", "api") in access._escaped
+    access.flush()
+    assert len(lines(path)) == 3001
