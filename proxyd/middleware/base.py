@@ -127,6 +127,15 @@ class Response:
         lnames.append(lname if lname is not None else name.lower())
         self._headers.append((name, value))
 
+    def lnames(self) -> list[bytes]:
+        """The lowercase names, in step with ``headers`` (read-only for callers)."""
+        return self._index()
+
+    def extend(self, fields: list[tuple[bytes, bytes]], lnames: list[bytes]) -> None:
+        """Append ``fields``, whose lowercase names are ``lnames`` (a precomputed block)."""
+        self._index().extend(lnames)
+        self._headers.extend(fields)
+
     def remove(self, lname: bytes) -> None:
         if lname in self._index():
             self._drop(lname, 0)
@@ -142,9 +151,9 @@ class Response:
     def add_vary(self, token: bytes) -> None:
         current = self.get(b"vary")
         if current is None:
-            self.headers.append((b"Vary", token))
+            self.add(b"Vary", token, b"vary")
         elif token.lower() not in {t.strip().lower() for t in current.split(b",")}:
-            self.set(b"Vary", current + b", " + token)
+            self.set(b"Vary", current + b", " + token, b"vary")
 
 
 class Context:

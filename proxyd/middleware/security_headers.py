@@ -47,7 +47,15 @@ class SecurityHeaders(Middleware):
                 lname = name.lower()
                 self.fields.append((lname, name, value.encode(), lname.decode() in override))
 
+        # The usual case, none of the fields sent by the upstream: added as one block.
+        self.lnames = frozenset(lname for lname, _, _, _ in self.fields)
+        self.block = [(name, value) for _, name, value, _ in self.fields]
+        self.block_lnames = [lname for lname, _, _, _ in self.fields]
+
     def on_response(self, ctx: Context, resp: Response) -> None:
+        if self.lnames.isdisjoint(resp.lnames()):
+            resp.extend(self.block, self.block_lnames)
+            return
         for lname, name, value, override in self.fields:
             if not resp.has(lname):
                 resp.add(name, value, lname)
