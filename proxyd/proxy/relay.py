@@ -151,14 +151,14 @@ class ResponseRelay:
         no_body = req.method == b"HEAD" or status in NO_BODY_STATUSES
         self.read_to_close = length is None and not chunked and not no_body
         if ctx is None:
-            fields = self._filter(headers) if named else b"".join(keep)
+            fields = self._filter(headers, named) if named else b"".join(keep)
             if length is not None:
                 fields += b"Content-Length: " + length + CRLF
             self._send_head(status, reason, fields, length is not None, no_body)
         else:
             chain = req.chain
             if named:
-                resp = Response(status, self._filter_list(headers), None, reason)
+                resp = Response(status, self._filter_list(headers, named), None, reason)
             else:
                 resp = Response(status, pairs, None, reason)
                 resp.seed_index(lnames)  # made here once, not again by the first hook asking
@@ -229,14 +229,17 @@ class ResponseRelay:
         return named
 
     @classmethod
-    def _filter(cls, headers: list[tuple[bytes, bytes]]) -> bytes:
-        drop = RESPONSE_DROP | cls._named(headers)
+    def _filter(cls, headers: list[tuple[bytes, bytes]], named: set[bytes] | None = None
+                ) -> bytes:
+        """The fields to relay, rendered; ``named``: the Connection-named ones, if known."""
+        drop = RESPONSE_DROP | (named if named is not None else cls._named(headers))
         return render_fields([(n, v) for n, v in headers if n.lower() not in drop])
 
     @classmethod
-    def _filter_list(cls, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    def _filter_list(cls, headers: list[tuple[bytes, bytes]], named: set[bytes]
+                     ) -> list[tuple[bytes, bytes]]:
         """Like _filter, for middleware: a list, and Content-Length kept for them to read."""
-        drop = HOP_BY_HOP | cls._named(headers)
+        drop = HOP_BY_HOP | named
         return [(name, value) for name, value in headers if name.lower() not in drop]
 
     def on_body(self, data: bytes) -> None:

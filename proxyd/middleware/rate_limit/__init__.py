@@ -86,6 +86,7 @@ class RateLimit(Middleware):
         self.key_parts = [p.split(":", 1)[1].lower().encode() if p.startswith("header:") else p
                           for p in parts]
         self.policy = ", ".join(limit.policy() for limit in self.limits).encode()
+        self.ip_key = self.key_parts == ["client_ip"]
         self.memory: MemoryLimiter | None = None
         self.fallback: MemoryLimiter | None = None
         self.redis: RedisLimiter | None = None
@@ -126,7 +127,7 @@ class RateLimit(Middleware):
         return hops[0] if hops else ip
 
     def key(self, ctx: Context) -> str:
-        if self.key_parts == ["client_ip"]:  # the default key: no list to join
+        if self.ip_key:  # the default key: no list to join
             return self.route_name + "|" + self.client_ip(ctx).decode("latin-1")
         parts = []
         for part in self.key_parts:
