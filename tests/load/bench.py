@@ -76,6 +76,7 @@ import http.client
 import json
 import os
 import platform
+import pwd
 import shutil
 import signal
 import socket
@@ -268,8 +269,16 @@ def nginx_conf(tmp: Path, name: str, workers: int, server: str) -> Path:
     temps = "\n".join(f"  {kind}_temp_path {temp}/{kind};"
                       for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
     conf = tmp / f"{name}.conf"
+    # As root, nginx's workers switch to "nobody"; a bare image may lack that user.
+    user = ""
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam("nobody")
+        except KeyError:
+            user = "user root;"
     conf.write_text(f"""
 daemon off;
+{user}
 worker_processes {workers};
 pid {tmp}/{name}.pid;
 error_log {tmp}/{name}-error.log warn;
@@ -407,9 +416,9 @@ def start_proxyd(tmp: Path, scenario: str, workers: int, origin: int,
 # -- load generators -------------------------------------------------------------------------------
 
 
-def run_wrk(wrk: str, lua: Path, port: int, path: str, duration: float, conns: int
-            ) -> dict[str, Any]:
-    argv = [wrk, "-t1", f"-c{conns}", f"-d{max(1, round(duration))}s", "-s", str(lua),
+def run_wrk(wrk: str, lua: Path, port: int, path: str, duration: float, conns: int,
+            threads: int = 1) -> dict[str, Any]:
+    argv = [wrk, f"-t{threads}", f"-c{conns}", f"-d{max(1, round(duration))}s", "-s", str(lua),
             f"http://127.0.0.1:{port}{path}"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True, text=True)
@@ -650,9 +659,10 @@ def one_scenario(env: Env, args: argparse.Namespace, scenario: str, pass_no: int
         for name, tport, pid in targets:
             row: dict[str, Any] = {}
             if env.wrk:
-                run_wrk(env.wrk, env.lua, tport, path, 1.0, args.connections)  # warm-up
+                run_wrk(env.wrk, env.lua, tport, path, 1.0, args.connections,
+                        args.wrk_threads)  # warm-up
                 row["wrk"] = run_wrk(env.wrk, env.lua, tport, path, args.duration,
-                                     args.connections)
+                                     args.connections, args.wrk_threads)
             row["rss"] = rss_tree(pid) if pid else None
             results[name] = row
         results["origin"] = {"probe": run_probe(env.origin_port, path, args.rate,
@@ -695,6 +705,7 @@ def summarize(passes: list[dict[str, dict[str, dict[str, Any]]]], scenarios: lis
                 "scenario": scenario, "target": target,
                 "rps": median([r["wrk"]["rps"] for r in runs if "wrk" in r]),
                 "ratio": median([r["ratio"] for r in runs if "ratio" in r]),
+                "wrk_p95": median([r["wrk"]["p95_us"] / 1000 for r in runs if "wrk" in r]),
                 "p50": median([r["probe"]["p50"] for r in runs]),
                 "p95": median([r["probe"]["p95"] for r in runs]),
                 "p99": median([r["probe"]["p99"] for r in runs]),
@@ -712,15 +723,16 @@ def table(rows: list[dict[str, Any]], rate: float) -> str:
     def num(v: float, fmt: str) -> str:
         return "—" if v != v else format(v, fmt)
 
-    out = [f"| scenario | target | req/s | ratio to nginx | p50 ms | p95 ms | p99 ms "
-           f"| p95 added @{rate:g} | errors | RSS MiB total (per worker) |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    out = [f"| scenario | target | req/s | ratio to nginx | wrk p95 ms | p50 ms | p95 ms "
+           f"| p99 ms | p95 added @{rate:g} | errors | RSS MiB total (per worker) |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         workers = "/".join(f"{w:.0f}" for w in r["rss_workers"])
         ratio = num(r["ratio"], ".2f") + ("x" if r["ratio"] == r["ratio"] else "")
         errors = str(r["errors"]) + (f" ({r['retried']} retried)" if r["retried"] else "")
         out.append(
             f"| {r['scenario']} | {r['target']} | {num(r['rps'], ',.0f')} | {ratio} "
+            f"| {num(r['wrk_p95'], '.2f')} "
             f"| {num(r['p50'], '.2f')} | {num(r['p95'], '.2f')} | {num(r['p99'], '.2f')} "
             f"| {num(r['p95_added'], '+.2f')} "
             f"| {errors} "
@@ -782,7 +794,7 @@ def environment(args: argparse.Namespace) -> Iterator[Env]:
             wait_ready(env.origin_port, "/", env.procs[0], "origin")
             if nginx:
                 env.proxy_port = free_port()
-                env.procs.append(start_nginx(nginx, tmp, "nginx-proxy", 2,
+                env.procs.append(start_nginx(nginx, tmp, "nginx-proxy", args.nginx_workers,
                                              proxy_server(env.proxy_port, env.origin_port)))
                 wait_ready(env.proxy_port, "/", env.procs[-1], "nginx proxy")
             yield env
@@ -798,8 +810,12 @@ def main() -> int:
                         help="fixed-rate probe seconds (default: --duration)")
     parser.add_argument("--passes", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2, help="proxyd workers (2)")
+    parser.add_argument("--nginx-workers", type=int, default=2,
+                        help="workers of the nginx reference proxy (2)")
     parser.add_argument("--origin-workers", type=int, default=2)
     parser.add_argument("--connections", type=int, default=64, help="wrk -c (64)")
+    parser.add_argument("--wrk-threads", type=int, default=1,
+                        help="wrk -t (1); raise it where one wrk thread cannot saturate")
     parser.add_argument("--rate", type=float, default=2000.0, help="probe req/s (2000)")
     parser.add_argument("--probe-conns", type=int, default=64,
                         help="probe connections, one request in flight each (64)")
@@ -844,11 +860,14 @@ def main() -> int:
     cpus = len(os.sched_getaffinity(0))
     reference = tool_version([nginx, "-v"]) if nginx else "no nginx"
     print(f"\nproxyd {git_rev()} vs {reference}; "
-          f"{started:%Y-%m-%d %H:%M} UTC; {platform.node()}, {cpus} CPUs; wrk -t1 "
-          f"-c{args.connections} -d{args.duration:g}s; median of {args.passes} pass(es); "
-          f"proxyd workers {args.workers}, nginx workers 2\n")
+          f"{started:%Y-%m-%d %H:%M} UTC; {platform.node()}, {cpus} CPUs; "
+          f"wrk -t{args.wrk_threads} -c{args.connections} -d{args.duration:g}s; "
+          f"median of {args.passes} pass(es); "
+          f"proxyd workers {args.workers}, nginx workers {args.nginx_workers}, origin "
+          f"workers {args.origin_workers}\n")
     print(table(rows, args.rate))
-    print(f"\np50/p95/p99: open loop at {args.rate:g} req/s, {args.probe_conns} connections, "
+    print(f"\nwrk p95: closed loop at saturation ({args.connections} connections); "
+          f"p50/p95/p99: open loop at {args.rate:g} req/s, {args.probe_conns} connections, "
           f"{args.probe_duration:g}s; origin direct p95 (just before the proxies'): "
           + ", ".join(f"{s} ({PATHS[s]}) {v:.2f} ms" for s, v in origin_p95.items()))
     if any(r["retried"] for r in rows):

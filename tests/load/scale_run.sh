@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The scale benchmark (issue 7): bench.py on a many-core machine with no network, from what
+# tests/load/scale_prepare.sh put in .scale/. Runs as one command (device time is scarce):
+#
+#   tests/load/scale_run.sh [WORKERS] [extra bench.py args...]
+#
+# Writes bench.log and bench.json under $OUT (or ./scale-out).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+workers=${1:-16}; shift || true
+out=${OUT:-scale-out}; mkdir -p "$out"
+py=${PYTHON:-python3}
+site=/tmp/proxyd-site
+"$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target "$site" .scale/whl/*.whl || exit 1
+export PYTHONPATH=$site PATH=$PWD/.scale/bin:$PATH PYTHONUNBUFFERED=1
+echo "== $(nproc) CPUs, $("$py" -V), $(uname -r)"
+wrk -v 2>&1 | head -1; nginx -v 2>&1
+"$py" -c 'import proxyd, aiohttp, uvloop, httptools, pydantic; print("proxyd", proxyd.__version__,
+"aiohttp", aiohttp.__version__, "uvloop", uvloop.__version__)' || exit 1
+ulimit -n 65536 2>/dev/null || true
+"$py" tests/load/bench.py --workers "$workers" --nginx-workers "$workers" \
+  --origin-workers 4 --wrk-threads 4 --connections 256 --json "$out/bench.json" "$@" 2>&1 |
+  tee "$out/bench.log"
