@@ -30,9 +30,10 @@ def _free_port() -> int:
 class RedisServer:
     """``start()``/``stop()``/``restart()`` one redis-server; the same port across restarts."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, args: tuple[str, ...] = ()) -> None:
         self.port = _free_port()
         self.workdir = workdir
+        self.args = args  # more redis-server options, e.g. ("--requirepass", "secret")
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -43,7 +44,7 @@ class RedisServer:
         assert BINARY is not None and self.proc is None
         self.proc = subprocess.Popen(
             [BINARY, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
+             "--appendonly", "no", "--dir", str(self.workdir), *self.args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + timeout
@@ -51,7 +52,7 @@ class RedisServer:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
                     s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
+                    if s.recv(64).startswith((b"+PONG", b"-NOAUTH")):  # up (with a password)
                         return
             except OSError:
                 pass

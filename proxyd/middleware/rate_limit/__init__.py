@@ -148,14 +148,12 @@ class RateLimit(Middleware):
         assert redis is not None and self.pipeline is not None
         if not redis.breaker.allow():
             return self._fallback(ctx, key)
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Response | None] = loop.create_future()
+        future: asyncio.Future[Response | None] = asyncio.get_running_loop().create_future()
 
-        async def ask() -> None:
-            try:
-                decisions = await redis.check(key)
-            except Exception as exc:  # any Redis trouble: the fallback answers
-                redis.breaker.failure(exc)
+        def answered(decisions: list[Decision] | BaseException) -> None:
+            # Called from the Redis connection's data_received: no task per request.
+            if isinstance(decisions, BaseException):  # any Redis trouble: the fallback answers
+                redis.breaker.failure(decisions)
                 self._set_fallback_gauge(1.0)
                 result = self._fallback(ctx, key)
             else:
@@ -166,7 +164,7 @@ class RateLimit(Middleware):
             if not future.done():
                 future.set_result(result)
 
-        self.pipeline.spawn(ask())
+        redis.request(key, answered)
         return Pending(future)
 
     def _set_fallback_gauge(self, value: float) -> None:

@@ -1,21 +1,21 @@
 """GCRA in Redis: one Lua script per request checks every limit atomically, on Redis's clock.
 
-EVALSHA with a NOSCRIPT fallback (redis-py's Script does both); keys expire when their bucket
-is full again. A circuit breaker stops asking a Redis that fails: while open, the caller's
-fallback decides, and no request pays a timeout.
+EVALSHA with an EVAL fallback on NOSCRIPT, over the limiter's own pipelined RESP connection
+(resp.py); keys expire when their bucket is full again. A circuit breaker stops asking a
+Redis that fails: while open, the caller's fallback decides, and no request pays a timeout.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-
 from proxyd.middleware.rate_limit.gcra import Decision, Limit
+from proxyd.middleware.rate_limit.resp import RespClient, RespError, command
 
 log = logging.getLogger("proxyd.rate_limit")
 
@@ -58,7 +58,6 @@ return out
 """
 
 KEY_PREFIX = "proxyd:rl:"
-POOL_SIZE = 16  # connections per limiter per worker; a check holds one for one round trip
 
 
 class Breaker:
@@ -111,70 +110,79 @@ class Breaker:
         self.cooldown = self.first
 
 
-def _no_client_setinfo() -> dict[str, Any]:
-    """Connection options that skip CLIENT SETINFO, in this redis-py's spelling."""
-    import inspect
-
-    from redis.asyncio.connection import AbstractConnection
-
-    if "driver_info" in inspect.signature(AbstractConnection.__init__).parameters:
-        return {"driver_info": None}  # redis-py >= 7.1 (lib_name is deprecated there)
-    return {"lib_name": None, "lib_version": None}
-
-
 class RedisLimiter:
+    """Every limit of one request in one EVALSHA, on this worker's pipelined connection."""
+
     def __init__(self, url: str, limits: list[Limit], timeout: float) -> None:
         self.url = url
         self.limits = limits
         self.timeout = timeout
         self.breaker = Breaker()
-        self._client: Any = None
-        self._script: Any = None
+        self._client: RespClient | None = None
         self._args = [max(1, round(x * 1e6)) for limit in limits
                       for x in (limit.interval, limit.tolerance)]
+        # The request's constant parts, encoded once: only the keys change per request.
+        count = len(limits)
+        sha = hashlib.sha1(GCRA_LUA.encode()).hexdigest().encode()
+        size = b"*%d\r\n" % (3 + count + len(self._args))
+        numkeys = b"$%d\r\n%d\r\n" % (len(str(count)), count)
+        self._evalsha = size + command(b"EVALSHA", sha)[4:] + numkeys
+        self._eval = size + command(b"EVAL", GCRA_LUA.encode())[4:] + numkeys
+        self._argv = b"".join(b"$%d\r\n%d\r\n" % (len(str(a)), a) for a in self._args)
+        self._suffixes = [b":%d" % i for i in range(count)]
 
-    def _ensure(self) -> None:
-        if self._client is None:
-            import redis.asyncio as aioredis
-
-            # Created inside the worker's loop, after fork; tight timeouts: a slow Redis must
-            # cost milliseconds, then the breaker takes over. A blocking pool: past its size a
-            # check waits (up to the timeout) for a connection instead of failing at once,
-            # which would trip the breaker on a burst. No CLIENT SETINFO: two more round
-            # trips per new connection, enough to miss the connect timeout on a cold burst.
-            pool = aioredis.BlockingConnectionPool.from_url(
-                self.url, socket_timeout=self.timeout, socket_connect_timeout=self.timeout,
-                max_connections=POOL_SIZE, timeout=self.timeout, **_no_client_setinfo(),
-            )
-            self._client = aioredis.Redis(connection_pool=pool)
-            self._script = self._client.register_script(GCRA_LUA)
-
-    async def check(self, key: str) -> list[Decision]:
-        """Raises on Redis failure; the caller falls back."""
-        self._ensure()
+    def request(self, key: str, callback: Callable[[list[Decision] | BaseException], None]
+                ) -> None:
+        """Ask Redis; ``callback`` gets the decisions, or the exception on any failure."""
+        client = self._client
+        if client is None:
+            # Created in the worker's loop, after fork. The connect timeout is the check's:
+            # a slow Redis must cost milliseconds, then the breaker takes over.
+            client = self._client = RespClient(self.url, self.timeout)
         # One hash tag for all of a request's keys: the script touches them together, which
         # Redis Cluster allows only within one slot.
-        keys = [f"{KEY_PREFIX}{{{key}}}:{i}" for i in range(len(self.limits))]
-        try:
-            reply = await self._script(keys=keys, args=self._args)
-        except (RedisConnectionError, RedisTimeoutError):
-            # The idle connections are as dead as this one (Redis restarted or went away):
-            # drop them all, or each would fail once later and trip the breaker again after
-            # Redis is back.
-            await self._client.connection_pool.disconnect(inuse_connections=False)
-            raise
-        allowed = bool(int(reply[0]))
+        base = f"{KEY_PREFIX}{{{key}}}".encode()
+        keys = b"".join(b"$%d\r\n%s%s\r\n" % (len(base) + len(suffix), base, suffix)
+                        for suffix in self._suffixes)
+
+        def on_reply(reply: Any) -> None:
+            if isinstance(reply, RespError) and str(reply).startswith("NOSCRIPT"):
+                # Not cached in this Redis (restarted, SCRIPT FLUSH): EVAL loads it again.
+                client.call(self._eval + keys + self._argv, on_eval, self.timeout)
+                return
+            on_eval(reply)
+
+        def on_eval(reply: Any) -> None:
+            callback(self._decisions(reply))
+
+        client.call(self._evalsha + keys + self._argv, on_reply, self.timeout)
+
+    def _decisions(self, reply: Any) -> list[Decision] | BaseException:
+        if isinstance(reply, BaseException):
+            return reply
+        limits = self.limits
+        if not isinstance(reply, list) or len(reply) != 1 + 3 * len(limits):
+            return RespError(f"unexpected reply to the rate limit script: {reply!r:.200}")
+        allowed = reply[0] == 1
         decisions = []
-        for i, limit in enumerate(self.limits):
-            remaining, reset_us, retry_us = (int(x) for x in reply[1 + 3 * i: 4 + 3 * i])
+        for i, limit in enumerate(limits):
+            remaining, reset_us, retry_us = reply[1 + 3 * i: 4 + 3 * i]
             ok = allowed or retry_us == 0
             decisions.append(Decision(allowed and ok, limit, remaining if allowed else 0,
                                       reset_us / 1e6, retry_us / 1e6))
         return decisions
 
+    async def check(self, key: str) -> list[Decision]:
+        """``request`` for a coroutine: raises on Redis failure."""
+        future: asyncio.Future[list[Decision] | BaseException] = (
+            asyncio.get_running_loop().create_future())
+        self.request(key, future.set_result)
+        result = await future
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
     async def close(self) -> None:
         if self._client is not None:
             client, self._client = self._client, None
-            await client.aclose()
-            # A client given its pool leaves the pool open: close its connections too.
-            await client.connection_pool.disconnect()
+            await client.close()

@@ -509,12 +509,12 @@ async def test_redis_failure_uses_the_local_share_and_sets_the_gauge() -> None:
     assert pipeline.closers == [mw.redis.close]
     calls = 0
 
-    async def down(key: str) -> Any:
+    def down(key: str, callback: Any) -> None:
         nonlocal calls
         calls += 1
-        raise ConnectionError("refused")
+        callback(ConnectionError("refused"))
 
-    mw.redis.check = down  # type: ignore[method-assign]
+    mw.redis.request = down  # type: ignore[method-assign]
     assert await settle(mw.on_request(make_ctx())) is None
     assert calls == 1 and pipeline.redis_fallback == 1.0
     # Breaker open: answered at once from the fallback, Redis not asked.
@@ -523,10 +523,10 @@ async def test_redis_failure_uses_the_local_share_and_sets_the_gauge() -> None:
     assert answers[:4] == [None] * 4
     assert all(isinstance(a, Response) and a.status == 429 for a in answers[4:])
 
-    async def up(key: str) -> list[Decision]:
-        return [Decision(True, mw.limits[0], 19, 3.0, 0.0)]
+    def up(key: str, callback: Any) -> None:
+        callback([Decision(True, mw.limits[0], 19, 3.0, 0.0)])
 
-    mw.redis.check = up  # type: ignore[method-assign]
+    mw.redis.request = up  # type: ignore[method-assign]
     clock.advance(0.5)
     ctx = make_ctx()
     assert await settle(mw.on_request(ctx)) is None
@@ -541,10 +541,10 @@ async def test_redis_failure_allow_or_deny(mode: str, status: int | None) -> Non
     mw, _, _ = redis_bound(rate="1/m", on_backend_error=mode)
     assert mw.redis is not None
 
-    async def down(key: str) -> Any:
-        raise TimeoutError
+    def down(key: str, callback: Any) -> None:
+        callback(TimeoutError())
 
-    mw.redis.check = down  # type: ignore[method-assign]
+    mw.redis.request = down  # type: ignore[method-assign]
     for answer in [await settle(mw.on_request(make_ctx()))] + [
             mw.on_request(make_ctx()) for _ in range(3)]:
         if status is None:
@@ -573,21 +573,21 @@ async def test_the_gauge_stays_up_while_any_route_is_on_the_fallback() -> None:
     assert one.redis is not None and two.redis is not None
     two.redis.breaker.clock = clock
 
-    async def down(key: str) -> Any:
-        raise ConnectionError
+    def down(key: str, callback: Any) -> None:
+        callback(ConnectionError())
 
-    async def up(key: str) -> list[Decision]:
-        return [Decision(True, Limit(1, 60.0, 1), 0, 60.0, 0.0)]
+    def up(key: str, callback: Any) -> None:
+        callback([Decision(True, Limit(1, 60.0, 1), 0, 60.0, 0.0)])
 
-    one.redis.check = down  # type: ignore[method-assign]
-    two.redis.check = down  # type: ignore[method-assign]
+    one.redis.request = down  # type: ignore[method-assign]
+    two.redis.request = down  # type: ignore[method-assign]
     await settle(one.on_request(make_ctx()))
     await settle(two.on_request(make_ctx(route="other")))
     assert pipeline.redis_fallback == 1.0
     clock.advance(0.5)
-    one.redis.check = up  # type: ignore[method-assign]
+    one.redis.request = up  # type: ignore[method-assign]
     await settle(one.on_request(make_ctx()))
     assert pipeline.redis_fallback == 1.0  # "other" is still on its fallback
-    two.redis.check = up  # type: ignore[method-assign]
+    two.redis.request = up  # type: ignore[method-assign]
     await settle(two.on_request(make_ctx(route="other")))
     assert pipeline.redis_fallback == 0.0

@@ -1,0 +1,292 @@
+"""The rate limiter's pipelined RESP client: the parser, URLs, and a real redis-server.
+
+A server that speaks broken RESP cannot be a real Redis: those two tests use a tiny asyncio
+server on 127.0.0.1 that answers garbage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import ssl
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxyd.middleware.rate_limit.gcra import Limit
+from proxyd.middleware.rate_limit.redis import KEY_PREFIX, RedisLimiter
+from proxyd.middleware.rate_limit.resp import (
+    INCOMPLETE,
+    ProtocolError,
+    RespClient,
+    RespError,
+    Target,
+    command,
+    parse,
+)
+from tests.redis_server import RedisServer, needs_redis, redis_server  # noqa: F401
+
+# -- the parser -----------------------------------------------------------------------------------
+
+REPLY = b"*5\r\n:1\r\n:-42\r\n$3\r\nabc\r\n*2\r\n+OK\r\n$-1\r\n-ERR boom\r\n"
+
+
+def test_parse_every_reply_type() -> None:
+    value, end = parse(bytearray(REPLY), 0)
+    assert end == len(REPLY)
+    assert value[:4] == [1, -42, b"abc", [b"OK", None]]
+    assert isinstance(value[4], RespError) and str(value[4]) == "ERR boom"
+    assert parse(bytearray(b"*-1\r\n"), 0) == (None, 5)
+    assert parse(bytearray(b"$0\r\n\r\n"), 0) == (b"", 6)
+
+
+def test_parse_waits_for_the_whole_reply_at_every_split() -> None:
+    for cut in range(len(REPLY)):
+        assert parse(bytearray(REPLY[:cut]), 0) is INCOMPLETE, cut
+
+
+def test_parse_rejects_what_is_not_resp() -> None:
+    with pytest.raises(ProtocolError):
+        parse(bytearray(b"?what\r\n"), 0)
+
+
+def test_command_encoding() -> None:
+    assert command(b"GET", b"k\r\n") == b"*2\r\n$3\r\nGET\r\n$3\r\nk\r\n\r\n"
+
+
+# -- URLs -----------------------------------------------------------------------------------------
+
+
+def test_target_reads_redis_urls_as_redis_py_does() -> None:
+    t = Target("redis://127.0.0.1:6390/3")
+    assert (t.host, t.port, t.db, t.password, t.ssl) == ("127.0.0.1", 6390, 3, None, None)
+    assert t.handshake() == [command(b"SELECT", b"3")]
+    t = Target("redis://us%40er:p%3Ass@redis.internal?db=2")
+    assert (t.host, t.port, t.db) == ("redis.internal", 6379, 2)
+    assert t.handshake() == [command(b"AUTH", b"us@er", b"p:ss"), command(b"SELECT", b"2")]
+    assert Target("redis://:secret@h/0").handshake() == [command(b"AUTH", b"secret")]
+    t = Target("unix:///run/redis/redis.sock?db=1")
+    assert (t.scheme, t.path, t.db) == ("unix", "/run/redis/redis.sock", 1)
+    tls = Target("rediss://h:6380/0")
+    assert tls.ssl is not None and tls.ssl.verify_mode == ssl.CERT_REQUIRED
+    loose = Target("rediss://h/0?ssl_cert_reqs=none")
+    assert loose.ssl is not None and loose.ssl.verify_mode == ssl.CERT_NONE
+    with pytest.raises(ValueError, match="scheme"):
+        Target("http://h/0")
+
+
+# -- against a real redis-server ------------------------------------------------------------------
+
+
+class Replies:
+    """Callbacks that record what they got, and a way to wait for all of them."""
+
+    def __init__(self) -> None:
+        self.got: dict[int, Any] = {}
+        self.event = asyncio.Event()
+        self.expected = 0
+
+    def callback(self, i: int) -> Any:
+        self.expected += 1
+
+        def done(reply: Any) -> None:
+            assert i not in self.got, f"reply {i} delivered twice"
+            self.got[i] = reply
+            if len(self.got) == self.expected:
+                self.event.set()
+
+        return done
+
+    async def wait(self, timeout: float = 5.0) -> dict[int, Any]:
+        await asyncio.wait_for(self.event.wait(), timeout)
+        return self.got
+
+
+@needs_redis
+async def test_pipelined_replies_reach_their_callers_in_order(redis_server: RedisServer) -> None:  # noqa: F811
+    client = RespClient(redis_server.url, 1.0)
+    replies = Replies()
+    try:
+        # All written before any reply arrives: one connection, matched by order.
+        for i in range(300):
+            client.call(command(b"ECHO", b"%d" % i), replies.callback(i), 2.0)
+        got = await replies.wait()
+        assert got == {i: b"%d" % i for i in range(300)}
+        assert client._conn is not None and not client._conn.waiting
+    finally:
+        await client.close()
+
+
+@needs_redis
+async def test_error_replies_leave_the_connection_usable(redis_server: RedisServer) -> None:  # noqa: F811
+    client = RespClient(redis_server.url, 1.0)
+    replies = Replies()
+    try:
+        client.call(command(b"NOSUCHCOMMAND"), replies.callback(0), 2.0)
+        client.call(command(b"PING"), replies.callback(1), 2.0)
+        got = await replies.wait()
+        assert isinstance(got[0], RespError) and "unknown command" in str(got[0]).lower()
+        assert got[1] == b"PONG"
+    finally:
+        await client.close()
+
+
+@needs_redis
+async def test_password_and_database_from_the_url(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path, ("--requirepass", "s3cr:t"))
+    server.start()
+    try:
+        good = RespClient(f"redis://:s3cr%3At@127.0.0.1:{server.port}/5", 1.0)
+        replies = Replies()
+        good.call(command(b"SET", b"where", b"db5"), replies.callback(0), 2.0)
+        good.call(command(b"CLIENT", b"INFO"), replies.callback(1), 2.0)
+        got = await replies.wait()
+        assert got[0] == b"OK" and b" db=5 " in got[1]
+        await good.close()
+
+        bad = RespClient(f"redis://:wrong@127.0.0.1:{server.port}/0", 1.0)
+        replies = Replies()
+        bad.call(command(b"PING"), replies.callback(0), 2.0)
+        got = await replies.wait()
+        assert isinstance(got[0], ConnectionError) and "handshake" in str(got[0])
+        await bad.close()
+    finally:
+        server.stop()
+
+
+@needs_redis
+async def test_a_paused_redis_fails_every_waiting_call_at_its_deadline(
+    redis_server: RedisServer,  # noqa: F811
+) -> None:
+    client = RespClient(redis_server.url, 0.5)
+    replies = Replies()
+    assert redis_server.proc is not None
+    try:
+        client.call(command(b"PING"), replies.callback(0), 1.0)
+        await replies.wait()  # connected
+        os.kill(redis_server.proc.pid, signal.SIGSTOP)
+        replies = Replies()
+        started = time.monotonic()
+        for i in range(5):
+            client.call(command(b"PING"), replies.callback(i), 0.2)
+        got = await replies.wait(3.0)
+        took = time.monotonic() - started
+        assert all(isinstance(r, TimeoutError) for r in got.values()), got
+        assert 0.15 < took < 1.5
+        assert client._conn is None  # dropped: the next call connects afresh
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+    replies = Replies()
+    try:
+        client.call(command(b"PING"), replies.callback(0), 2.0)
+        assert (await replies.wait())[0] == b"PONG"
+    finally:
+        await client.close()
+
+
+@needs_redis
+async def test_a_killed_redis_fails_the_calls_then_a_restarted_one_serves(
+    redis_server: RedisServer,  # noqa: F811
+) -> None:
+    client = RespClient(redis_server.url, 0.5)
+    try:
+        replies = Replies()
+        client.call(command(b"PING"), replies.callback(0), 1.0)
+        await replies.wait()
+        redis_server.stop()
+        replies = Replies()
+        client.call(command(b"PING"), replies.callback(0), 1.0)
+        got = await replies.wait()
+        assert isinstance(got[0], ConnectionError), got
+        # Nothing listens now: connecting fails fast, not at the deadline.
+        replies = Replies()
+        started = time.monotonic()
+        client.call(command(b"PING"), replies.callback(0), 5.0)
+        got = await replies.wait()
+        assert isinstance(got[0], ConnectionError) and time.monotonic() - started < 1.0
+        redis_server.start()
+        replies = Replies()
+        client.call(command(b"PING"), replies.callback(0), 1.0)
+        assert (await replies.wait())[0] == b"PONG"
+    finally:
+        await client.close()
+
+
+@needs_redis
+async def test_close_fails_what_waits_and_what_comes_later(redis_server: RedisServer) -> None:  # noqa: F811
+    client = RespClient(redis_server.url, 1.0)
+    replies = Replies()
+    client.call(command(b"BLPOP", b"nothing", b"5"), replies.callback(0), 5.0)
+    await asyncio.sleep(0)  # the connect task runs
+    for _ in range(100):
+        if client._conn is not None and client._conn.waiting:
+            break
+        await asyncio.sleep(0.01)
+    await client.close()
+    client.call(command(b"PING"), replies.callback(1), 1.0)
+    got = await replies.wait()
+    assert all(isinstance(r, ConnectionError) for r in got.values()), got
+
+
+@needs_redis
+async def test_a_script_error_reaches_the_limiter_as_an_exception(
+    redis_server: RedisServer,  # noqa: F811
+) -> None:
+    """A key of the wrong type makes the script fail: the caller sees RespError (and the
+    middleware then answers from its fallback), and the connection stays usable."""
+    limiter = RedisLimiter(redis_server.url, [Limit(10, 1.0, 10)], 0.5)
+    helper = RespClient(redis_server.url, 1.0)
+    replies = Replies()
+    helper.call(command(b"LPUSH", f"{KEY_PREFIX}{{bad}}:0".encode(), b"x"), replies.callback(0),
+                2.0)
+    await replies.wait()
+    try:
+        with pytest.raises(RespError, match="WRONGTYPE"):
+            await limiter.check("bad")
+        decisions = await limiter.check("good")
+        assert decisions[0].allowed and decisions[0].remaining == 9
+    finally:
+        await limiter.close()
+        await helper.close()
+
+
+# -- a server that is not Redis -------------------------------------------------------------------
+
+
+async def garbage_server(answer: bytes) -> tuple[asyncio.Server, str]:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(100)
+        writer.write(answer)
+        await writer.drain()
+        await reader.read(100)  # until the client hangs up
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    return server, f"redis://127.0.0.1:{port}/0"
+
+
+@pytest.mark.parametrize("answer", [b"HTTP/1.1 400 Bad Request\r\n\r\n", b"+PONG\r\n+PONG\r\n"])
+async def test_a_server_that_breaks_resp_fails_the_connection(answer: bytes) -> None:
+    server, url = await garbage_server(answer)
+    client = RespClient(url, 1.0)
+    replies = Replies()
+    try:
+        client.call(command(b"PING"), replies.callback(0), 2.0)
+        got = await replies.wait()
+        if answer.startswith(b"+PONG"):
+            assert got[0] == b"PONG"  # the first reply was asked for; the second was not
+            for _ in range(100):
+                if client._conn is None:
+                    break
+                await asyncio.sleep(0.01)
+            assert client._conn is None
+        else:
+            assert isinstance(got[0], ProtocolError), got
+    finally:
+        await client.close()
+        server.close()
+        await server.wait_closed()
