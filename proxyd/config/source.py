@@ -15,7 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+from yaml.composer import Composer
+from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from yaml.resolver import Resolver
 
 from proxyd.config.interpolate import interpolate
 from proxyd.errors import ConfigError, ConfigIssue
@@ -87,19 +90,53 @@ class Source:
         return any(path[: len(t)] == t for t in self.tainted)
 
 
-class _Loader(yaml.SafeLoader):
+class _Explicit:
     """Remembers which scalars carried an explicit tag: ``!!str ${PORT}`` must stay a string."""
 
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
-        self.explicit: set[int] = set()
+    explicit: set[int]
 
     def compose_scalar_node(self, anchor: Any) -> ScalarNode:
-        tagged = self.peek_event().tag is not None  # type: ignore[no-untyped-call]
-        node: ScalarNode = super().compose_scalar_node(anchor)
+        tagged = self.peek_event().tag is not None  # type: ignore[attr-defined]
+        node: ScalarNode = super().compose_scalar_node(anchor)  # type: ignore[misc]
+        if node.style == "":
+            node.style = None  # libyaml's events say "" for a plain scalar, PyYAML's None
         if tagged:
             self.explicit.add(id(node))
         return node
+
+
+class _PyLoader(_Explicit, yaml.SafeLoader):
+    """PyYAML's pure-Python loader: slower, but its syntax errors say more than libyaml's."""
+
+    def __init__(self, stream: str) -> None:
+        yaml.SafeLoader.__init__(self, stream)
+        self.explicit = set()
+
+
+if getattr(yaml, "__with_libyaml__", False):
+    from yaml._yaml import CParser
+
+    class _Loader(_Explicit, Composer, CParser, SafeConstructor, Resolver):
+        """libyaml scans and parses (a reload parses the file in the master, which is then
+        busy; this is ~4x faster than PyYAML's scanner); composing stays in Python, for the
+        explicit tags and the marks."""
+
+        def __init__(self, stream: str) -> None:
+            CParser.__init__(self, stream)
+            Composer.__init__(self)
+            SafeConstructor.__init__(self)
+            Resolver.__init__(self)
+            self.explicit = set()
+
+else:  # PyYAML built without libyaml
+    _Loader = _PyLoader  # type: ignore[misc,assignment]
+
+
+def _compose(loader: Any) -> Any:
+    try:
+        return loader.get_single_node()
+    finally:
+        loader.dispose()
 
 
 def _mark(m: Any) -> Mark:
@@ -108,21 +145,26 @@ def _mark(m: Any) -> Mark:
 
 def read_yaml(text: str, filename: str, env: Mapping[str, str]) -> Source:
     """Parse ``text``; a syntax error raises ConfigError at once, everything else is collected."""
-    loader = _Loader(text)
+    loader: Any = _Loader(text)
     try:
-        root = loader.get_single_node()
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark else None
-        column = mark.column + 1 if mark else None
-        problem = exc.problem or exc.context or "invalid YAML"
-        raise ConfigError([ConfigIssue(filename, line, column, "",
-                                       f"YAML syntax error: {problem}")]) from None
-    except yaml.YAMLError as exc:  # reader errors: control characters, bad encoding
+        root = _compose(loader)
+    except yaml.YAMLError as first:
+        exc = first
+        if _Loader is not _PyLoader:  # type: ignore[comparison-overlap]
+            try:  # the same file through PyYAML, for its clearer message
+                _compose(_PyLoader(text))
+            except yaml.YAMLError as detailed:
+                exc = detailed
+        if isinstance(exc, yaml.MarkedYAMLError):
+            mark = exc.problem_mark or exc.context_mark
+            line = mark.line + 1 if mark else None
+            column = mark.column + 1 if mark else None
+            problem = exc.problem or exc.context or "invalid YAML"
+            raise ConfigError([ConfigIssue(filename, line, column, "",
+                                           f"YAML syntax error: {problem}")]) from None
+        # Reader errors: control characters, bad encoding.
         raise ConfigError([ConfigIssue(filename, None, None, "",
                                        f"YAML syntax error: {exc}")]) from None
-    finally:
-        loader.dispose()
 
     walker = _Walker(loader, filename, env)
     if root is None or (isinstance(root, ScalarNode) and root.tag == _NULL_TAG):
@@ -136,7 +178,7 @@ def read_yaml(text: str, filename: str, env: Mapping[str, str]) -> Source:
 
 
 class _Walker:
-    def __init__(self, loader: _Loader, filename: str, env: Mapping[str, str]) -> None:
+    def __init__(self, loader: Any, filename: str, env: Mapping[str, str]) -> None:
         self.loader = loader
         self.env = env
         self.positions = Positions(filename)
@@ -223,7 +265,7 @@ class _Walker:
                 if text == "":
                     # `token: ${TOKEN:-}` means "empty", not YAML's null.
                     return ""
-                tag = self.loader.resolve(  # type: ignore[no-untyped-call]
+                tag = self.loader.resolve(
                     ScalarNode, text, (True, False))
         try:
             return self.loader.construct_object(
