@@ -794,7 +794,8 @@ def environment(args: argparse.Namespace) -> Iterator[Env]:
             wait_ready(env.origin_port, "/", env.procs[0], "origin")
             if nginx:
                 env.proxy_port = free_port()
-                env.procs.append(start_nginx(nginx, tmp, "nginx-proxy", args.nginx_workers,
+                workers = getattr(args, "nginx_workers", 2)  # soak.py etc. pass their own args
+                env.procs.append(start_nginx(nginx, tmp, "nginx-proxy", workers,
                                              proxy_server(env.proxy_port, env.origin_port)))
                 wait_ready(env.proxy_port, "/", env.procs[-1], "nginx proxy")
             yield env

@@ -131,6 +131,17 @@ class Proxyd:
                 raise RuntimeError("reload did not finish in 30s")
             await asyncio.sleep(0.002)
 
+    async def settled(self, session: aiohttp.ClientSession, generation: int) -> None:
+        """After the signals: every one became a generation, and none failed."""
+        deadline = time.monotonic() + 30
+        while (st := await self.status(session))["generation"] < generation:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"generation {st['generation']}, expected {generation}")
+            await asyncio.sleep(0.05)
+        if st["generation"] != generation or st["last_reload"]["ok"] is False:
+            raise RuntimeError(f"reloads went wrong: {st['generation']} {st['last_reload']}")
+        self.generation = generation
+
     def stop(self) -> None:
         for proc in (self.proc, self.origin):
             if proc.poll() is None:
@@ -190,11 +201,15 @@ async def open_loop(url: str, rate: float, duration: float, run: Run,
                 run.errors[name] = run.errors.get(name, 0) + 1
 
         async def reloader() -> None:
+            # Only the signal, at a fixed cadence: rewriting the file or polling /status here
+            # would cost this process (the load generator) CPU during each reload, and the
+            # requests it delays would be blamed on proxyd. The master reloads the same file
+            # into a new generation each time; main() checks afterwards that every one landed.
             assert reload_every is not None
             began = time.monotonic()
-            for tick in itertools.count(1):  # a fixed cadence, whatever each reload takes
+            for tick in itertools.count(1):
                 await asyncio.sleep(max(0.0, began + tick * reload_every - time.monotonic()))
-                await proxyd.reload(admin)
+                os.kill(proxyd.proc.pid, signal.SIGHUP)
                 run.reloads += 1
 
         reloads = asyncio.create_task(reloader()) if reload_every else None
@@ -239,8 +254,10 @@ async def main(args: argparse.Namespace) -> None:
                 quiet = Run("no reloads")
                 await open_loop(url, args.rate, args.duration, quiet, None, proxyd, admin)
                 busy = Run(f"reload every {args.reload_every:g}s")
+                before = await proxyd.status(admin)
                 await open_loop(url, args.rate, args.duration, busy, args.reload_every,
                                 proxyd, admin)
+                await proxyd.settled(admin, before["generation"] + busy.reloads)
                 print(f"open-loop GET at {args.rate:g} req/s for {args.duration:g}s "
                       f"(latency from the scheduled send time):")
                 print("  " + quiet.line())
