@@ -24,6 +24,9 @@ class Entry:
     stale_if_error: float = 0.0
     vary: tuple[bytes, ...] = ()
     size: int = field(default=0)
+    # The stored fields as "Name: value\r\n" lines, made at the first hit: every later hit
+    # sends them as they are (never persisted; an entry's headers do not change).
+    lines: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.size = (len(self.body) + sum(len(n) + len(v) + 4 for n, v in self.headers)
@@ -34,6 +37,12 @@ class Entry:
 
     def fresh(self, now: float) -> bool:
         return self.age(now) < self.lifetime
+
+    def rendered(self) -> bytes:
+        lines = self.lines
+        if lines is None:
+            lines = self.lines = b"".join(b"%s: %s\r\n" % pair for pair in self.headers)
+        return lines
 
     def header(self, lname: bytes) -> bytes | None:
         for name, value in self.headers:

@@ -48,7 +48,8 @@ class Response:
     lowercase names follows the list by its length only.
     """
 
-    __slots__ = ("_headers", "_lnames", "body", "drop_body", "filters", "reason", "status")
+    __slots__ = ("_headers", "_lnames", "body", "drop_body", "filters", "reason", "rendered",
+                 "status")
 
     def __init__(
         self, status: int, headers: list[tuple[bytes, bytes]], body: bytes | None = None,
@@ -69,6 +70,9 @@ class Response:
     def headers(self, value: list[tuple[bytes, bytes]]) -> None:
         self._headers = value
         self._lnames: list[bytes] = []
+        # (the first n fields already rendered as lines, n): set by whoever has them (a cache
+        # hit); any change to those n fields drops it, appended fields do not.
+        self.rendered: tuple[bytes, int] | None = None
 
     def _index(self) -> list[bytes]:
         """Lowercase names parallel to ``headers``: every hook asks has()/get(), so a name is
@@ -113,6 +117,7 @@ class Response:
         if lname in lnames:
             i = lnames.index(lname)
             self._headers[i] = (name, value)
+            self.rendered = None
             if lname in lnames[i + 1:]:
                 self._drop(lname, i + 1)
         else:
@@ -144,6 +149,7 @@ class Response:
         """Remove the fields named ``lname`` from index ``start`` on, in place (hooks may
         hold the list)."""
         lnames, headers = self._lnames, self._headers
+        self.rendered = None
         keep = [i for i in range(start, len(lnames)) if lnames[i] != lname]
         headers[start:] = [headers[i] for i in keep]
         lnames[start:] = [lnames[i] for i in keep]

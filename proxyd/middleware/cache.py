@@ -104,7 +104,9 @@ class Cache(Middleware):
         headers.append((b"Cache-Status", b"proxyd; " + status))
         if self.o.x_cache:
             headers.append((b"X-Cache", x_cache))
-        return Response(entry.status, headers, entry.body)
+        resp = Response(entry.status, headers, entry.body)
+        resp.rendered = (entry.rendered(), len(entry.headers))
+        return resp
 
     # -- request ------------------------------------------------------------------------------
     def on_request(self, ctx: Context) -> Response | Pending | None:

@@ -148,7 +148,12 @@ def render_response(resp: Response, *, close: bool, head: bool) -> tuple[bytes, 
     body = resp.body or b""
     no_body = resp.status in (204, 304) or resp.status < 200
     lines = [status_line(resp.status, resp.reason or None)]
-    for name, value in resp.headers:
+    headers = resp.headers
+    rendered = resp.rendered
+    if rendered is not None:  # a cache hit's stored fields (never a Content-Length among them)
+        lines.append(rendered[0])
+        headers = headers[rendered[1]:]
+    for name, value in headers:
         if name.lower() != b"content-length":
             lines += (name, b": ", value, CRLF)
     if not no_body:

@@ -1,0 +1,55 @@
+"""render_response: a cache hit's stored fields go out as the lines rendered once for the entry;
+any change to those fields through the Response API must show in the bytes sent."""
+
+from __future__ import annotations
+
+from proxyd.cache.store import Entry
+from proxyd.middleware.base import Response
+from proxyd.proxy.headers import render_response
+
+STORED = [(b"Content-Type", b"text/plain"), (b"ETag", b'"v1"'), (b"Cache-Control", b"max-age=60")]
+
+
+def hit() -> Response:
+    entry = Entry(200, list(STORED), b"hello", 0.0, 0.0, 60.0)
+    resp = Response(200, [*entry.headers, (b"Age", b"3")], entry.body)
+    resp.rendered = (entry.rendered(), len(entry.headers))
+    return resp
+
+
+def plain(resp: Response) -> bytes:
+    """The same response without the pre-rendered lines."""
+    copy = Response(resp.status, list(resp.headers), resp.body)
+    return render_response(copy, close=False, head=False)[0]
+
+
+def test_prerendered_lines_give_the_same_bytes() -> None:
+    resp = hit()
+    data, sent = render_response(resp, close=True, head=False)
+    assert data == plain(resp).replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1)
+    assert data.startswith(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nETag: \"v1\"\r\n")
+    assert b"Age: 3\r\nContent-Length: 5\r\n" in data and sent == 5
+
+
+def test_appended_fields_keep_the_lines() -> None:
+    resp = hit()
+    resp.add(b"X-Frame-Options", b"DENY")
+    resp.headers.append((b"X-Direct", b"1"))
+    assert resp.rendered is not None
+    data = render_response(resp, close=False, head=False)[0]
+    assert data == plain(resp) and b"X-Frame-Options: DENY\r\nX-Direct: 1\r\n" in data
+
+
+def test_changing_a_stored_field_drops_the_lines() -> None:
+    resp = hit()
+    resp.set(b"Cache-Control", b"no-cache")
+    assert resp.rendered is None
+    assert b"Cache-Control: no-cache\r\n" in render_response(resp, close=False, head=False)[0]
+    resp = hit()
+    resp.remove(b"etag")
+    assert resp.rendered is None
+    assert b"ETag" not in render_response(resp, close=False, head=False)[0]
+    resp = hit()
+    resp.headers = [(b"Content-Type", b"text/html")]
+    data = render_response(resp, close=False, head=False)[0]
+    assert b"text/plain" not in data and b"Content-Type: text/html\r\n" in data
