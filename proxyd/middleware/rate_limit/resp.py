@@ -215,6 +215,9 @@ class RespClient:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         conn = self._conn
+        if conn is not None and conn.transport is not None and conn.transport.is_closing():
+            # Redis sent EOF and connection_lost has not run yet: do not write into it.
+            self._conn = conn = None
         if conn is not None:
             conn.send(payload, callback, deadline)
         elif self.closed:

@@ -290,3 +290,28 @@ async def test_a_server_that_breaks_resp_fails_the_connection(answer: bytes) -> 
         await client.close()
         server.close()
         await server.wait_closed()
+
+
+@needs_redis
+async def test_a_connection_redis_closes_is_replaced(redis_server: RedisServer) -> None:  # noqa: F811
+    client = RespClient(redis_server.url, 1.0)
+    helper = RespClient(redis_server.url, 1.0)
+    try:
+        replies = Replies()
+        client.call(command(b"CLIENT", b"ID"), replies.callback(0), 2.0)
+        first_id = (await replies.wait())[0]
+        replies = Replies()
+        helper.call(command(b"CLIENT", b"KILL", b"ID", b"%d" % first_id), replies.callback(0),
+                    2.0)
+        assert (await replies.wait())[0] == 1  # one connection killed: the client's
+        # A call made while the EOF is on its way may fail; the next ones get a new connection.
+        results = []
+        for _ in range(3):
+            replies = Replies()
+            client.call(command(b"CLIENT", b"ID"), replies.callback(0), 2.0)
+            results.append((await replies.wait())[0])
+            await asyncio.sleep(0.05)
+        assert isinstance(results[-1], int) and results[-1] != first_id, results
+    finally:
+        await client.close()
+        await helper.close()
