@@ -107,8 +107,9 @@ def _translate(exc: ValidationError, source: Source) -> list[ConfigIssue]:
         elif path in SECRET_PATHS:
             # The message would quote the value: say what is wrong without the secret.
             message = _message(err).split(", got ")[0]
-            issues.append(pos.issue(path, f"{message} (the value is a secret: not shown; "
-                                          "quote it to make it a string)", on_key=on_key))
+            hint = "; quote it to make it a string" if kind == "string_type" else ""
+            issues.append(pos.issue(path, f"{message} (the value is a secret: not shown{hint})",
+                                    on_key=on_key))
         else:
             issues.append(pos.issue(path, _message(err), on_key=on_key))
     return issues

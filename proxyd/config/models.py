@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from proxyd.config.models_route import (
     Match,
@@ -74,6 +74,16 @@ class Cache(Model):
 
 class Redis(Model):
     url: str = "redis://127.0.0.1:6379/0"
+
+    @field_validator("url")
+    @classmethod
+    def _readable(cls, v: str) -> str:
+        # Read as the rate limiter's client will read it (and as redis-py does, for the
+        # cache): a URL that cannot work fails here, with file:line, not on each request.
+        from proxyd.middleware.rate_limit.resp import Target
+
+        Target(v)
+        return v
 
 
 class AccessLog(Model):

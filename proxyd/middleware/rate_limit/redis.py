@@ -138,7 +138,13 @@ class RedisLimiter:
         if client is None:
             # Created in the worker's loop, after fork. The connect timeout is the check's:
             # a slow Redis must cost milliseconds, then the breaker takes over.
-            client = self._client = RespClient(self.url, self.timeout)
+            try:
+                client = self._client = RespClient(self.url, self.timeout)
+            except (ValueError, OSError) as exc:  # config checks catch these; never raise
+                callback(ConnectionError(f"bad redis.url: {exc}"))
+                return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
         # One hash tag for all of a request's keys: the script touches them together, which
         # Redis Cluster allows only within one slot.
         base = f"{KEY_PREFIX}{{{key}}}".encode()
@@ -147,8 +153,10 @@ class RedisLimiter:
 
         def on_reply(reply: Any) -> None:
             if isinstance(reply, RespError) and str(reply).startswith("NOSCRIPT"):
-                # Not cached in this Redis (restarted, SCRIPT FLUSH): EVAL loads it again.
-                client.call(self._eval + keys + self._argv, on_eval, self.timeout)
+                # Not cached in this Redis (restarted, SCRIPT FLUSH): EVAL loads it again,
+                # within what is left of this check's time.
+                left = max(0.001, deadline - loop.time())
+                client.call(self._eval + keys + self._argv, on_eval, left)
                 return
             on_eval(reply)
 
@@ -176,7 +184,7 @@ class RedisLimiter:
         """``request`` for a coroutine: raises on Redis failure."""
         future: asyncio.Future[list[Decision] | BaseException] = (
             asyncio.get_running_loop().create_future())
-        self.request(key, future.set_result)
+        self.request(key, lambda result: future.done() or future.set_result(result))
         result = await future
         if isinstance(result, BaseException):
             raise result

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import functools
 import logging
 import ssl
 from collections.abc import Callable
@@ -81,39 +83,77 @@ def command(*args: bytes) -> bytes:
     return b"".join(parts)
 
 
+_TRUE = {"1", "true", "yes", "on", "y"}
+
+
 class Target:
-    """Where and how to connect, from a redis://, rediss:// or unix:// URL (as redis-py reads
-    them: user and password, the database as the path or ``?db=``, and for rediss
-    ``ssl_cert_reqs`` and ``ssl_ca_certs``)."""
+    """Where and how to connect, from a redis://, rediss:// or unix:// URL, read as redis-py's
+    ``from_url`` reads it (the response cache hands the same URL to redis-py): user and
+    password from the URL or ``?username=``/``?password=``, the database from ``?db=`` or a
+    numeric path, and for rediss ``ssl_cert_reqs``, ``ssl_ca_certs``, ``ssl_certfile``,
+    ``ssl_keyfile`` and ``ssl_check_hostname``. Raises ValueError on what cannot work (a missing
+    certificate file too): config checks call it."""
 
     def __init__(self, url: str) -> None:
         parts = urlsplit(url)
-        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        # parse_qs decodes; the first of repeated values wins, as in redis-py.
+        query = {k: v[0] for k, v in parse_qs(parts.query).items() if v}
         self.scheme = parts.scheme
         if self.scheme not in ("redis", "rediss", "unix"):
-            raise ValueError(f"unsupported Redis URL scheme {self.scheme!r}")
-        self.host = parts.hostname or "127.0.0.1"
-        self.port = parts.port or 6379
+            # (Never the URL itself in a message: it may hold a password.)
+            raise ValueError("a Redis URL must start with redis://, rediss:// or unix://")
+        try:
+            port = parts.port
+        except ValueError:
+            raise ValueError("the port of the Redis URL is not a number from 0 to 65535") \
+                from None
+        self.host = unquote(parts.hostname) if parts.hostname else "127.0.0.1"
+        self.port = port or 6379
         self.path = unquote(parts.path) if self.scheme == "unix" else ""
-        db = query.get("db") or (parts.path.strip("/") if self.scheme != "unix" else "")
-        self.db = int(db or 0)
-        self.username = unquote(parts.username) if parts.username else None
-        self.password = unquote(parts.password) if parts.password is not None else None
+        if self.scheme == "unix" and not self.path:
+            raise ValueError("a unix:// Redis URL needs the socket's path")
+        self.db = 0
+        if "db" in query:
+            try:
+                self.db = int(query["db"])
+            except ValueError:
+                raise ValueError("the db of the Redis URL is not a number") from None
+        elif self.scheme != "unix" and parts.path:
+            with contextlib.suppress(ValueError):  # redis-py ignores a non-numeric path
+                self.db = int(unquote(parts.path).replace("/", ""))
+        self.username = unquote(parts.username) if parts.username else query.get("username")
+        self.password = unquote(parts.password) if parts.password else query.get("password")
         self.ssl: ssl.SSLContext | None = None
         if self.scheme == "rediss":
-            self.ssl = ssl.create_default_context(cafile=query.get("ssl_ca_certs"))
+            try:
+                self.ssl = ssl.create_default_context(cafile=query.get("ssl_ca_certs"))
+            except (OSError, ssl.SSLError) as exc:
+                raise ValueError(f"ssl_ca_certs {query.get('ssl_ca_certs')}: "
+                                 f"{getattr(exc, 'strerror', None) or exc}") from None
             reqs = query.get("ssl_cert_reqs", "required").lower()
+            if reqs not in ("none", "cert_none", "optional", "cert_optional", "required",
+                            "cert_required"):
+                raise ValueError("ssl_cert_reqs in the Redis URL must be none, optional or "
+                                 "required")
+            check = query.get("ssl_check_hostname", "true").lower() in _TRUE
             if reqs in ("none", "cert_none"):
                 self.ssl.check_hostname = False
                 self.ssl.verify_mode = ssl.CERT_NONE
-            elif reqs in ("optional", "cert_optional"):
-                self.ssl.check_hostname = False
-                self.ssl.verify_mode = ssl.CERT_OPTIONAL
+            else:
+                self.ssl.check_hostname = check
+                if reqs in ("optional", "cert_optional"):
+                    self.ssl.verify_mode = ssl.CERT_OPTIONAL
+            if "ssl_certfile" in query:  # a client certificate (Redis's tls-auth-clients)
+                try:
+                    self.ssl.load_cert_chain(query["ssl_certfile"], query.get("ssl_keyfile"))
+                except (OSError, ssl.SSLError) as exc:
+                    raise ValueError(f"ssl_certfile {query['ssl_certfile']}: "
+                                     f"{getattr(exc, 'strerror', None) or exc}") from None
 
     def handshake(self) -> list[bytes]:
         """Commands sent first on every connection (their replies must be OK)."""
         out = []
-        if self.password is not None:
+        if self.password:
             auth = (self.username.encode(),) if self.username else ()
             out.append(command(b"AUTH", *auth, self.password.encode()))
         if self.db:
@@ -137,9 +177,15 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def send(self, payload: bytes, callback: Callback, deadline: float) -> None:
-        assert self.transport is not None
+        if self.dead is not None or self.transport is None:
+            deliver(callback, self.dead or ConnectionError("redis connection not open"))
+            return
         self.waiting.append((callback, deadline))
-        self.transport.write(payload)
+        try:
+            self.transport.write(payload)
+        except Exception as exc:  # uvloop raises on a handle already closed
+            self.fail(ConnectionError(f"redis connection unusable: {exc!r}"))
+            return
         if self.watchdog is None:
             self.watchdog = self.loop.call_at(deadline, self._check_deadline)
 
@@ -207,7 +253,8 @@ class RespClient:
         self.target = Target(url)
         self.connect_timeout = connect_timeout
         self._conn: _Connection | None = None
-        self._connecting: list[tuple[bytes, Callback, float]] | None = None
+        # Calls made while connecting: (payload, callback, deadline, timeout).
+        self._connecting: list[tuple[bytes, Callback, float, float]] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.closed = False
 
@@ -215,7 +262,8 @@ class RespClient:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         conn = self._conn
-        if conn is not None and conn.transport is not None and conn.transport.is_closing():
+        if conn is not None and (conn.dead is not None or conn.transport is None
+                                 or conn.transport.is_closing()):
             # Redis sent EOF and connection_lost has not run yet: do not write into it.
             self._conn = conn = None
         if conn is not None:
@@ -223,46 +271,59 @@ class RespClient:
         elif self.closed:
             deliver(callback, ConnectionError("redis client closed"))
         elif self._connecting is not None:
-            self._connecting.append((payload, callback, deadline))
+            self._connecting.append((payload, callback, deadline, timeout))
         else:
-            self._connecting = [(payload, callback, deadline)]
+            self._connecting = [(payload, callback, deadline, timeout)]
             task = loop.create_task(self._connect())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def _fail_connecting(self, exc: BaseException) -> None:
+        queued, self._connecting = self._connecting or [], None
+        for _, callback, _, _ in queued:
+            deliver(callback, exc)
 
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
         t = self.target
         try:
-            if t.scheme == "unix":
-                opening = loop.create_unix_connection(lambda: _Connection(self._lost), t.path)
-            else:
-                opening = loop.create_connection(lambda: _Connection(self._lost), t.host,
-                                                 t.port, ssl=t.ssl)
-            _, conn = await asyncio.wait_for(opening, self.connect_timeout)
-        except (OSError, TimeoutError, ssl.SSLError) as exc:
+            try:
+                if t.scheme == "unix":
+                    opening = loop.create_unix_connection(lambda: _Connection(self._lost),
+                                                          t.path)
+                else:
+                    opening = loop.create_connection(lambda: _Connection(self._lost), t.host,
+                                                     t.port, ssl=t.ssl)
+                _, conn = await asyncio.wait_for(opening, self.connect_timeout)
+            except (OSError, TimeoutError, ssl.SSLError, ValueError) as exc:
+                self._fail_connecting(ConnectionError(f"redis connect failed: {exc!r}"))
+                return
+            if self.closed or conn.dead is not None or conn.transport is None \
+                    or conn.transport.is_closing():
+                # Closed meanwhile, or Redis hung up at once (maxclients, protected mode).
+                reason = ConnectionError("redis client closed" if self.closed else
+                                         f"redis closed the new connection: {conn.dead!r}")
+                conn.fail(reason)
+                self._fail_connecting(reason)
+                return
             queued, self._connecting = self._connecting or [], None
-            for _, callback, _ in queued:
-                deliver(callback, ConnectionError(f"redis connect failed: {exc!r}"))
-            return
-        queued, self._connecting = self._connecting or [], None
-        if self.closed:
-            conn.fail(ConnectionError("redis client closed"))
-            for _, callback, _ in queued:
-                deliver(callback, ConnectionError("redis client closed"))
-            return
-        self._conn = conn
-        first = queued[0][2] if queued else loop.time() + self.connect_timeout
-        for payload in t.handshake():
-            conn.send(payload, self._handshake_reply, first)
-        for payload, callback, deadline in queued:
-            conn.send(payload, callback, deadline)
+            self._conn = conn
+            now = loop.time()
+            for payload in t.handshake():
+                conn.send(payload, functools.partial(self._handshake_reply, conn),
+                          now + self.connect_timeout)
+            for payload, callback, deadline, timeout in queued:
+                # The wait for the connection does not eat into the command's own time: a
+                # slow connect (TLS) must not fail every first batch, and so every probe.
+                conn.send(payload, callback, max(deadline, now + timeout))
+        finally:
+            if self._connecting is not None:  # cancelled (close) or an unexpected error
+                self._fail_connecting(ConnectionError("redis connect abandoned"))
 
-    def _handshake_reply(self, reply: Any) -> None:
-        if isinstance(reply, BaseException):
-            if isinstance(reply, RespError) and self._conn is not None:
-                self._conn.fail(ConnectionError(f"redis refused the handshake: {reply}"))
-            return
+    @staticmethod
+    def _handshake_reply(conn: _Connection, reply: Any) -> None:
+        if isinstance(reply, RespError):
+            conn.fail(ConnectionError(f"redis refused the handshake: {reply}"))
 
     def _lost(self, conn: _Connection) -> None:
         if self._conn is conn:
@@ -274,3 +335,4 @@ class RespClient:
             self._conn.fail(ConnectionError("redis client closed"))
         for task in list(self._tasks):
             task.cancel()
+        self._fail_connecting(ConnectionError("redis client closed"))

@@ -68,14 +68,51 @@ def test_target_reads_redis_urls_as_redis_py_does() -> None:
     assert (t.host, t.port, t.db) == ("redis.internal", 6379, 2)
     assert t.handshake() == [command(b"AUTH", b"us@er", b"p:ss"), command(b"SELECT", b"2")]
     assert Target("redis://:secret@h/0").handshake() == [command(b"AUTH", b"secret")]
-    t = Target("unix:///run/redis/redis.sock?db=1")
-    assert (t.scheme, t.path, t.db) == ("unix", "/run/redis/redis.sock", 1)
+    assert Target("redis://user:@h/0").handshake() == []  # an empty password: no AUTH
+    assert Target("redis://h/not-a-number").db == 0  # ignored, as redis-py does
+    t = Target("unix:///run/redis/redis.sock?db=1&password=pw&username=u&db=7")
+    assert (t.scheme, t.path, t.db) == ("unix", "/run/redis/redis.sock", 1)  # first db wins
+    assert t.handshake() == [command(b"AUTH", b"u", b"pw"), command(b"SELECT", b"1")]
     tls = Target("rediss://h:6380/0")
     assert tls.ssl is not None and tls.ssl.verify_mode == ssl.CERT_REQUIRED
+    assert tls.ssl.check_hostname
     loose = Target("rediss://h/0?ssl_cert_reqs=none")
     assert loose.ssl is not None and loose.ssl.verify_mode == ssl.CERT_NONE
-    with pytest.raises(ValueError, match="scheme"):
-        Target("http://h/0")
+    by_ip = Target("rediss://10.0.0.5/0?ssl_check_hostname=false")
+    assert by_ip.ssl is not None and not by_ip.ssl.check_hostname
+    assert by_ip.ssl.verify_mode == ssl.CERT_REQUIRED
+
+
+@pytest.mark.parametrize(("url", "message"), [
+    ("http://:pw@h/0", "must start with redis://"),
+    ("redis://:pw@h:port/0", "port of the Redis URL"),
+    ("redis://h/0?db=x", "db of the Redis URL"),
+    ("unix://", "socket's path"),
+    ("rediss://h/0?ssl_cert_reqs=maybe", "ssl_cert_reqs"),
+    ("rediss://h/0?ssl_ca_certs=/nonexistent/ca.pem", "/nonexistent/ca.pem"),
+])
+def test_target_rejects_what_cannot_work_without_showing_the_url(url: str, message: str
+                                                                 ) -> None:
+    with pytest.raises(ValueError, match=message) as info:
+        Target(url)
+    assert "pw" not in str(info.value)
+
+
+def test_a_bad_url_fails_check_config_and_never_raises_at_request_time() -> None:
+    from proxyd.config import ConfigError, load_config_text
+
+    with pytest.raises(ConfigError) as info:
+        load_config_text('redis:\n  url: "redis://:hunter2@h:port/0"\n', "g.yaml")
+    text = str(info.value)
+    assert "g.yaml:2:8: redis.url: the port of the Redis URL" in text and "hunter2" not in text
+    limiter = RedisLimiter("redis://h:port/0", [Limit(1, 1.0, 1)], 0.05)
+    got: list[Any] = []
+
+    async def ask() -> None:
+        limiter.request("k", got.append)
+
+    asyncio.run(ask())
+    assert len(got) == 1 and isinstance(got[0], ConnectionError)
 
 
 # -- against a real redis-server ------------------------------------------------------------------
@@ -315,3 +352,64 @@ async def test_a_connection_redis_closes_is_replaced(redis_server: RedisServer) 
     finally:
         await client.close()
         await helper.close()
+
+
+# -- failures that once left callers waiting forever (both event loops) ---------------------------
+
+
+def on_both_loops(make: Any) -> None:
+    """Run ``make()`` (a coroutine) on asyncio's loop and on uvloop's: they differ in how a
+    write into a closed handle fails."""
+    import uvloop
+
+    for new_loop in (asyncio.new_event_loop, uvloop.new_event_loop):
+        loop = new_loop()
+        try:
+            loop.run_until_complete(asyncio.wait_for(make(), 10))
+        finally:
+            loop.close()
+
+
+@needs_redis
+def test_redis_hanging_up_on_a_new_connection_answers_every_caller(tmp_path: Path) -> None:
+    """A full Redis (maxclients) answers -ERR and closes at once: the calls queued while
+    connecting fail quickly, on both loops, and a later call reconnects."""
+    import socket
+
+    server = RedisServer(tmp_path, ("--maxclients", "1"))
+    server.start()
+    hog = socket.create_connection(("127.0.0.1", server.port))  # takes the one slot
+    try:
+        async def calls() -> None:
+            client = RespClient(server.url, 0.5)
+            try:
+                for _ in range(2):
+                    replies = Replies()
+                    for i in range(3):
+                        client.call(command(b"PING"), replies.callback(i), 1.0)
+                    got = await replies.wait(3.0)
+                    # The -ERR reply itself, or the connection's end: a failure for each.
+                    assert all(isinstance(r, (RespError, ConnectionError))
+                               for r in got.values()), got
+            finally:
+                await client.close()
+
+        on_both_loops(calls)
+    finally:
+        hog.close()
+        server.stop()
+
+
+@needs_redis
+def test_close_while_connecting_answers_the_queued_calls(
+    redis_server: RedisServer,  # noqa: F811
+) -> None:
+    async def close_at_once() -> None:
+        client = RespClient(redis_server.url, 1.0)
+        replies = Replies()
+        client.call(command(b"PING"), replies.callback(0), 2.0)  # connect task not yet run
+        await client.close()
+        got = await replies.wait(2.0)
+        assert isinstance(got[0], ConnectionError)
+
+    on_both_loops(close_at_once)
