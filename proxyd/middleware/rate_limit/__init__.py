@@ -70,6 +70,10 @@ class RateLimitOptions(Options):
         return [Limit(s.rate.count, s.rate.period, s.burst or s.rate.count) for s in specs]
 
 
+HEADER_LNAMES = [b"ratelimit-policy", b"ratelimit-limit", b"ratelimit-remaining",
+                 b"ratelimit-reset"]
+HEADER_NAMES = frozenset(HEADER_LNAMES)
+
 # Per worker pipeline: the limiters (one per route) now answering from their fallback.
 _ON_FALLBACK: weakref.WeakKeyDictionary[Any, set[RateLimit]] = weakref.WeakKeyDictionary()
 
@@ -209,8 +213,15 @@ class RateLimit(Middleware):
         decision: Any = ctx.state.get("rate_limit")
         if decision is None or not self.o.headers:
             return
+        remaining = b"%d" % decision.remaining
+        reset = b"%d" % max(0, math.ceil(decision.reset))
+        if HEADER_NAMES.isdisjoint(resp.lnames()):  # the upstream sent none: one block
+            resp.extend([(b"RateLimit-Policy", self.policy),
+                         (b"RateLimit-Limit", decision.limit.count_bytes),
+                         (b"RateLimit-Remaining", remaining), (b"RateLimit-Reset", reset)],
+                        HEADER_LNAMES)
+            return
         resp.set(b"RateLimit-Policy", self.policy, b"ratelimit-policy")
         resp.set(b"RateLimit-Limit", decision.limit.count_bytes, b"ratelimit-limit")
-        resp.set(b"RateLimit-Remaining", b"%d" % decision.remaining, b"ratelimit-remaining")
-        resp.set(b"RateLimit-Reset", b"%d" % max(0, math.ceil(decision.reset)),
-                 b"ratelimit-reset")
+        resp.set(b"RateLimit-Remaining", remaining, b"ratelimit-remaining")
+        resp.set(b"RateLimit-Reset", reset, b"ratelimit-reset")
