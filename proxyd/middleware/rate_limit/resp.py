@@ -170,6 +170,7 @@ class _Connection(asyncio.Protocol):
         self.buf = bytearray()
         self.waiting: collections.deque[tuple[Callback, float]] = collections.deque()
         self.watchdog: asyncio.TimerHandle | None = None
+        self.watch_at = 0.0
         self.on_lost = on_lost
         self.dead: BaseException | None = None
 
@@ -186,18 +187,25 @@ class _Connection(asyncio.Protocol):
         except Exception as exc:  # uvloop raises on a handle already closed
             self.fail(ConnectionError(f"redis connection unusable: {exc!r}"))
             return
-        if self.watchdog is None:
+        if self.watchdog is None or deadline < self.watch_at:
+            # Limiters on different routes may have different timeouts: the watchdog keeps
+            # the soonest deadline of all that wait, not just the oldest command's.
+            if self.watchdog is not None:
+                self.watchdog.cancel()
+            self.watch_at = deadline
             self.watchdog = self.loop.call_at(deadline, self._check_deadline)
 
     def _check_deadline(self) -> None:
         self.watchdog = None
         if not self.waiting:
             return
-        oldest = self.waiting[0][1]
-        if oldest <= self.loop.time():
+        soonest = min(deadline for _, deadline in self.waiting)
+        if soonest <= self.loop.time():
+            # Replies come in order: a command past its time holds up every later one.
             self.fail(TimeoutError("redis did not answer in time"))
         else:
-            self.watchdog = self.loop.call_at(oldest, self._check_deadline)
+            self.watch_at = soonest
+            self.watchdog = self.loop.call_at(soonest, self._check_deadline)
 
     def data_received(self, data: bytes) -> None:
         buf = self.buf

@@ -413,3 +413,28 @@ def test_close_while_connecting_answers_the_queued_calls(
         assert isinstance(got[0], ConnectionError)
 
     on_both_loops(close_at_once)
+
+
+@needs_redis
+async def test_a_short_deadline_behind_a_long_one_is_kept(
+    redis_server: RedisServer,  # noqa: F811
+) -> None:
+    """Routes may set different redis_timeout values on one connection: a command with a
+    short timeout queued behind one with a long timeout still fails at its own deadline."""
+    client = RespClient(redis_server.url, 1.0)
+    assert redis_server.proc is not None
+    try:
+        replies = Replies()
+        client.call(command(b"PING"), replies.callback(0), 1.0)
+        await replies.wait()  # connected
+        os.kill(redis_server.proc.pid, signal.SIGSTOP)
+        replies = Replies()
+        started = time.monotonic()
+        client.call(command(b"PING"), replies.callback(0), 5.0)
+        client.call(command(b"PING"), replies.callback(1), 0.2)
+        got = await replies.wait(3.0)
+        assert all(isinstance(r, TimeoutError) for r in got.values()), got
+        assert time.monotonic() - started < 1.0
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+        await client.close()
