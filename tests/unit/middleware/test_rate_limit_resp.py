@@ -108,10 +108,10 @@ def test_a_bad_url_fails_check_config_and_never_raises_at_request_time() -> None
     limiter = RedisLimiter("redis://h:port/0", [Limit(1, 1.0, 1)], 0.05)
     got: list[Any] = []
 
-    async def ask() -> None:
+    async def request_once() -> None:
         limiter.request("k", got.append)
 
-    asyncio.run(ask())
+    asyncio.run(request_once())
     assert len(got) == 1 and isinstance(got[0], ConnectionError)
 
 
@@ -140,6 +140,23 @@ class Replies:
     async def wait(self, timeout: float = 5.0) -> dict[int, Any]:
         await asyncio.wait_for(self.event.wait(), timeout)
         return self.got
+
+
+async def ask(client: RespClient, *args: bytes, timeout: float = 2.0) -> Any:
+    """One command: its reply, or the exception delivered for it."""
+    replies = Replies()
+    client.call(command(*args), replies.callback(0), timeout)
+    return (await replies.wait())[0]
+
+
+async def until(condition: Any, timeout: float = 2.0) -> bool:
+    """Wait for ``condition()`` to hold, up to ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
 
 
 @needs_redis
@@ -185,10 +202,8 @@ async def test_password_and_database_from_the_url(tmp_path: Path) -> None:
         await good.close()
 
         bad = RespClient(f"redis://:wrong@127.0.0.1:{server.port}/0", 1.0)
-        replies = Replies()
-        bad.call(command(b"PING"), replies.callback(0), 2.0)
-        got = await replies.wait()
-        assert isinstance(got[0], ConnectionError) and "handshake" in str(got[0])
+        refused = await ask(bad, b"PING")
+        assert isinstance(refused, ConnectionError) and "handshake" in str(refused)
         await bad.close()
     finally:
         server.stop()
@@ -199,11 +214,9 @@ async def test_a_paused_redis_fails_every_waiting_call_at_its_deadline(
     redis_server: RedisServer,  # noqa: F811
 ) -> None:
     client = RespClient(redis_server.url, 0.5)
-    replies = Replies()
     assert redis_server.proc is not None
     try:
-        client.call(command(b"PING"), replies.callback(0), 1.0)
-        await replies.wait()  # connected
+        await ask(client, b"PING", timeout=1.0)  # connected
         os.kill(redis_server.proc.pid, signal.SIGSTOP)
         replies = Replies()
         started = time.monotonic()
@@ -216,10 +229,8 @@ async def test_a_paused_redis_fails_every_waiting_call_at_its_deadline(
         assert client._conn is None  # dropped: the next call connects afresh
     finally:
         os.kill(redis_server.proc.pid, signal.SIGCONT)
-    replies = Replies()
     try:
-        client.call(command(b"PING"), replies.callback(0), 2.0)
-        assert (await replies.wait())[0] == b"PONG"
+        assert await ask(client, b"PING") == b"PONG"
     finally:
         await client.close()
 
@@ -230,24 +241,16 @@ async def test_a_killed_redis_fails_the_calls_then_a_restarted_one_serves(
 ) -> None:
     client = RespClient(redis_server.url, 0.5)
     try:
-        replies = Replies()
-        client.call(command(b"PING"), replies.callback(0), 1.0)
-        await replies.wait()
+        await ask(client, b"PING", timeout=1.0)
         redis_server.stop()
-        replies = Replies()
-        client.call(command(b"PING"), replies.callback(0), 1.0)
-        got = await replies.wait()
-        assert isinstance(got[0], ConnectionError), got
+        got = await ask(client, b"PING", timeout=1.0)
+        assert isinstance(got, ConnectionError), got
         # Nothing listens now: connecting fails fast, not at the deadline.
-        replies = Replies()
         started = time.monotonic()
-        client.call(command(b"PING"), replies.callback(0), 5.0)
-        got = await replies.wait()
-        assert isinstance(got[0], ConnectionError) and time.monotonic() - started < 1.0
+        got = await ask(client, b"PING", timeout=5.0)
+        assert isinstance(got, ConnectionError) and time.monotonic() - started < 1.0
         redis_server.start()
-        replies = Replies()
-        client.call(command(b"PING"), replies.callback(0), 1.0)
-        assert (await replies.wait())[0] == b"PONG"
+        assert await ask(client, b"PING", timeout=1.0) == b"PONG"
     finally:
         await client.close()
 
@@ -257,11 +260,7 @@ async def test_close_fails_what_waits_and_what_comes_later(redis_server: RedisSe
     client = RespClient(redis_server.url, 1.0)
     replies = Replies()
     client.call(command(b"BLPOP", b"nothing", b"5"), replies.callback(0), 5.0)
-    await asyncio.sleep(0)  # the connect task runs
-    for _ in range(100):
-        if client._conn is not None and client._conn.waiting:
-            break
-        await asyncio.sleep(0.01)
+    assert await until(lambda: client._conn is not None and client._conn.waiting)
     await client.close()
     client.call(command(b"PING"), replies.callback(1), 1.0)
     got = await replies.wait()
@@ -276,10 +275,7 @@ async def test_a_script_error_reaches_the_limiter_as_an_exception(
     middleware then answers from its fallback), and the connection stays usable."""
     limiter = RedisLimiter(redis_server.url, [Limit(10, 1.0, 10)], 0.5)
     helper = RespClient(redis_server.url, 1.0)
-    replies = Replies()
-    helper.call(command(b"LPUSH", f"{KEY_PREFIX}{{bad}}:0".encode(), b"x"), replies.callback(0),
-                2.0)
-    await replies.wait()
+    await ask(helper, b"LPUSH", f"{KEY_PREFIX}{{bad}}:0".encode(), b"x")
     try:
         with pytest.raises(RespError, match="WRONGTYPE"):
             await limiter.check("bad")
@@ -310,19 +306,13 @@ async def garbage_server(answer: bytes) -> tuple[asyncio.Server, str]:
 async def test_a_server_that_breaks_resp_fails_the_connection(answer: bytes) -> None:
     server, url = await garbage_server(answer)
     client = RespClient(url, 1.0)
-    replies = Replies()
     try:
-        client.call(command(b"PING"), replies.callback(0), 2.0)
-        got = await replies.wait()
+        got = await ask(client, b"PING")
         if answer.startswith(b"+PONG"):
-            assert got[0] == b"PONG"  # the first reply was asked for; the second was not
-            for _ in range(100):
-                if client._conn is None:
-                    break
-                await asyncio.sleep(0.01)
-            assert client._conn is None
+            assert got == b"PONG"  # the first reply was asked for; the second was not
+            assert await until(lambda: client._conn is None)
         else:
-            assert isinstance(got[0], ProtocolError), got
+            assert isinstance(got, ProtocolError), got
     finally:
         await client.close()
         server.close()
@@ -334,21 +324,13 @@ async def test_a_connection_redis_closes_is_replaced(redis_server: RedisServer) 
     client = RespClient(redis_server.url, 1.0)
     helper = RespClient(redis_server.url, 1.0)
     try:
-        replies = Replies()
-        client.call(command(b"CLIENT", b"ID"), replies.callback(0), 2.0)
-        first_id = (await replies.wait())[0]
-        replies = Replies()
-        helper.call(command(b"CLIENT", b"KILL", b"ID", b"%d" % first_id), replies.callback(0),
-                    2.0)
-        assert (await replies.wait())[0] == 1  # one connection killed: the client's
-        # A call made while the EOF is on its way may fail; the next ones get a new connection.
-        results = []
-        for _ in range(3):
-            replies = Replies()
-            client.call(command(b"CLIENT", b"ID"), replies.callback(0), 2.0)
-            results.append((await replies.wait())[0])
-            await asyncio.sleep(0.05)
-        assert isinstance(results[-1], int) and results[-1] != first_id, results
+        first_id = await ask(client, b"CLIENT", b"ID")
+        killed = await ask(helper, b"CLIENT", b"KILL", b"ID", b"%d" % first_id)
+        assert killed == 1  # one connection killed: the client's
+        # Once the EOF has arrived the dead connection is dropped; the next call gets a new one.
+        assert await until(lambda: client._conn is None)
+        new_id = await ask(client, b"CLIENT", b"ID")
+        assert isinstance(new_id, int) and new_id != first_id, new_id
     finally:
         await client.close()
         await helper.close()
@@ -424,9 +406,7 @@ async def test_a_short_deadline_behind_a_long_one_is_kept(
     client = RespClient(redis_server.url, 1.0)
     assert redis_server.proc is not None
     try:
-        replies = Replies()
-        client.call(command(b"PING"), replies.callback(0), 1.0)
-        await replies.wait()  # connected
+        await ask(client, b"PING", timeout=1.0)  # connected
         os.kill(redis_server.proc.pid, signal.SIGSTOP)
         replies = Replies()
         started = time.monotonic()
