@@ -118,8 +118,9 @@ class Response:
             i = lnames.index(lname)
             self._headers[i] = (name, value)
             self.rendered = None
-            if lname in lnames[i + 1:]:
-                self._drop(lname, i + 1)
+            extra = lnames.count(lname) - 1  # i is the first: the rest come after it
+            if extra:
+                self._drop(lname, i + 1, extra)
         else:
             self._headers.append((name, value))
             lnames.append(lname)
@@ -142,17 +143,19 @@ class Response:
         self._headers.extend(fields)
 
     def remove(self, lname: bytes) -> None:
-        if lname in self._index():
-            self._drop(lname, 0)
+        count = self._index().count(lname)
+        if count:
+            self._drop(lname, 0, count)
 
-    def _drop(self, lname: bytes, start: int) -> None:
-        """Remove the fields named ``lname`` from index ``start`` on, in place (hooks may
-        hold the list)."""
+    def _drop(self, lname: bytes, start: int, count: int) -> None:
+        """Remove the ``count`` fields named ``lname`` found from index ``start`` on, in place
+        (hooks may hold the list); usually one, so no rebuilt lists."""
         lnames, headers = self._lnames, self._headers
         self.rendered = None
-        keep = [i for i in range(start, len(lnames)) if lnames[i] != lname]
-        headers[start:] = [headers[i] for i in keep]
-        lnames[start:] = [lnames[i] for i in keep]
+        for _ in range(count):
+            start = lnames.index(lname, start)
+            del lnames[start]
+            del headers[start]
 
     def add_vary(self, token: bytes) -> None:
         current = self.get(b"vary")

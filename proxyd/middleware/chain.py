@@ -14,7 +14,7 @@ class Chain:
         self._request = [(i, m) for i, m in enumerate(self.middleware) if m.hooks()[0]]
         self._response = [(i, m) for i, m in enumerate(self.middleware) if m.hooks()[1]]
         self._response.reverse()  # innermost first on the way out
-        self._buffering = [(i, m) for i, m in enumerate(self.middleware) if m.buffers_body]
+        self._buffering = [m for m in self.middleware if m.buffers_body]
 
     def __bool__(self) -> bool:
         return self.size > 0
@@ -46,7 +46,10 @@ class Chain:
         return self.request(ctx, index + 1)
 
     def wants_body(self, ctx: Context, resp: Response) -> bool:
-        return any(mw.wants_body(ctx, resp) for _, mw in self._buffering)
+        for mw in self._buffering:  # noqa: SIM110  (any(genexpr) costs more: every response)
+            if mw.wants_body(ctx, resp):
+                return True
+        return False
 
     def response(self, ctx: Context, resp: Response, upto: int | None = None) -> None:
         """Response hooks, innermost first, of the middleware standing before ``upto``."""

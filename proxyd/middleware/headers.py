@@ -77,9 +77,13 @@ class CompiledOps:
         self.set = [
             (k.encode(), k.lower().encode(), compile_template(v)) for k, v in ops.set.items()
         ]
-        self.add = [(k.encode(), compile_template(v)) for k, v in ops.add.items()]
+        self.add = [
+            (k.encode(), k.lower().encode(), compile_template(v)) for k, v in ops.add.items()
+        ]
         self.remove = {k.lower().encode() for k in ops.remove} | {lk for _, lk, _ in self.set}
         self.empty = not (self.set or self.add or self.remove)
+        # set, then add, in one list: their order on the wire is the config's.
+        self.append = self.set + self.add
 
 
 class Headers(Middleware):
@@ -95,9 +99,7 @@ class Headers(Middleware):
         ops = self.request
         if not ops.empty:
             ctx.remove_request |= ops.remove
-            for name, _, template in ops.set:
-                ctx.set_request.append((name, render(template, ctx)))
-            for name, template in ops.add:
+            for name, _, template in ops.append:
                 ctx.set_request.append((name, render(template, ctx)))
         return None
 
@@ -105,9 +107,10 @@ class Headers(Middleware):
         ops = self.response
         if ops.empty:
             return
-        if ops.remove:
-            resp.headers = [(n, v) for n, v in resp.headers if n.lower() not in ops.remove]
-        for name, _, template in ops.set:
-            resp.headers.append((name, render(template, ctx)))
-        for name, template in ops.add:
-            resp.headers.append((name, render(template, ctx)))
+        # In place through the response's index of lowercase names: a new list would make
+        # every later hook lower all the names again.
+        if ops.remove and not ops.remove.isdisjoint(resp.lnames()):
+            for lname in ops.remove:
+                resp.remove(lname)
+        for name, lname, template in ops.append:
+            resp.add(name, render(template, ctx), lname)

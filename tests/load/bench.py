@@ -1,7 +1,7 @@
 """proxyd against nginx, in the same pass: throughput, latency at a fixed rate, errors, RSS.
 
     python tests/load/bench.py [--duration 10] [--passes 3] [--workers 2]
-                               [--scenarios plain big chain cache recycle] [--json out.json]
+                               [--scenarios plain big chain mw cache recycle] [--json out.json]
 
 What it starts (all on free 127.0.0.1 ports, all stopped by process group when it ends):
 
@@ -21,6 +21,10 @@ big        no middleware, GET /big (64 KiB)
 chain      the seed's chain: cors, security_headers, validation, trace_id,
            [rate_limit memory, only if proxyd has it; its rate set so high it never limits],
            etag, compression (min_size 1KiB), JSON access log to a file, metrics; GET /
+mw         issue 4's chain, nothing else: cors, security_headers, validation, trace_id,
+           headers (one request field set, upstream Server removed, one response field
+           with {route}), etag, compression on a body below its min_size (2KiB); no
+           access log, metrics default; GET /
 cache      the cache middleware, GET /cacheable (cache hits); nginx proxies without a cache
 recycle    plain with ``max_requests: 10000`` (default jitter)
 =========  ==========================================================================
@@ -98,8 +102,20 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-SCENARIOS = ("plain", "big", "chain", "cache", "recycle")
-PATHS = {"plain": "/", "big": "/big", "chain": "/", "cache": "/cacheable", "recycle": "/"}
+SCENARIOS = ("plain", "big", "chain", "mw", "cache", "recycle")
+PATHS = {"plain": "/", "big": "/big", "chain": "/", "mw": "/", "cache": "/cacheable",
+         "recycle": "/"}
+# Issue 4's benchmark chain: the middleware alone (no rate limit, access log or extra metrics).
+MW_CHAIN: list[dict[str, Any]] = [
+    {"type": "cors", "allow_origins": ["https://app.example.com"]},
+    {"type": "security_headers"},
+    {"type": "validation"},
+    {"type": "trace_id", "header": "X-Request-ID"},
+    {"type": "headers", "request": {"set": {"X-Gateway": "proxyd"}},
+     "response": {"remove": ["Server"], "set": {"X-Route": "{route}"}}},
+    {"type": "etag"},
+    {"type": "compression", "min_size": "2KiB"},
+]
 # 1 KiB of compressible text, and 64 KiB of it.
 LINE = b"proxyd benchmark body: the quick brown fox jumps over the lazy dog 0123456789.\n"
 SMALL = (LINE * 16)[:1023] + b"\n"
@@ -388,6 +404,8 @@ def proxyd_config(scenario: str, port: int, admin: int, origin: int, workers: in
         config["middleware"] = chain
         config["access_log"] = {"format": "json", "path": str(tmp / "access.log")}
         config["metrics"] = {"enabled": True}
+    elif scenario == "mw":
+        config["middleware"] = [dict(entry) for entry in MW_CHAIN]
     elif scenario == "cache":
         config["middleware"] = [{"type": "cache"}]
         config["cache"] = {"backend": "memory"}

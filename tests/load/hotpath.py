@@ -6,7 +6,7 @@ worker's DownstreamProtocol and a pooled UpstreamConnection with in-memory trans
 it times is proxyd's own work per request (parsers, routing, middleware, relay, metrics): the
 syscalls the real path adds are the same for every version of that work.
 
-    python tests/load/hotpath.py [--scenarios plain chain cache] [--requests 50000] [--profile]
+    python tests/load/hotpath.py [--scenarios plain chain mw cache] [--requests 50000] [--profile]
 
 Scenarios use bench.py's configs (the seed's chain with the JSON access log, metrics, and the
 memory rate limit; a cache hit). Prints microseconds of Python per request, best of 5 rounds.
@@ -44,7 +44,7 @@ RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Fri, 27 Nov 2026 
             b"Last-Modified: Fri, 27 Nov 2026 05:38:16 GMT\r\nConnection: keep-alive\r\n"
             b"Accept-Ranges: bytes\r\n\r\n" + BODY)
 CACHEABLE = RESPONSE.replace(b"Accept-Ranges", b"Cache-Control: max-age=300\r\nAccept-Ranges")
-PATHS = {"plain": b"/", "chain": b"/", "cache": b"/cacheable"}
+PATHS = {"plain": b"/", "chain": b"/", "mw": b"/", "cache": b"/cacheable"}
 
 
 class Transport:
@@ -138,7 +138,7 @@ class Driver:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scenarios", nargs="+", default=["plain", "chain", "cache"],
+    parser.add_argument("--scenarios", nargs="+", default=["plain", "chain", "mw", "cache"],
                         choices=list(PATHS))
     parser.add_argument("--requests", type=int, default=50000)
     parser.add_argument("--rounds", type=int, default=5)
