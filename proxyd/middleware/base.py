@@ -143,8 +143,13 @@ class Response:
         self._headers.extend(fields)
 
     def remove(self, lname: bytes) -> None:
-        count = self._index().count(lname)
-        if count:
+        lnames = self._index()
+        count = lnames.count(lname)
+        if count == 1:  # the usual case, inline
+            i = lnames.index(lname)
+            del lnames[i], self._headers[i]
+            self.rendered = None
+        elif count:
             self._drop(lname, 0, count)
 
     def _drop(self, lname: bytes, start: int, count: int) -> None:
@@ -158,10 +163,15 @@ class Response:
             del headers[start]
 
     def add_vary(self, token: bytes) -> None:
-        current = self.get(b"vary")
-        if current is None:
-            self.add(b"Vary", token, b"vary")
-        elif token.lower() not in {t.strip().lower() for t in current.split(b",")}:
+        lnames = self._lnames
+        if len(lnames) != len(self._headers):
+            lnames = self._index()
+        if b"vary" not in lnames:  # the usual case: one Vary field, made here
+            self._headers.append((b"Vary", token))
+            lnames.append(b"vary")
+            return
+        current = self._headers[lnames.index(b"vary")][1]
+        if token.lower() not in {t.strip().lower() for t in current.split(b",")}:
             self.set(b"Vary", current + b", " + token, b"vary")
 
 

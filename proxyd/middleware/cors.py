@@ -57,6 +57,8 @@ class Cors(Middleware):
         self.headers = {h.lower().encode() for h in options.allow_headers}
         self.expose = ", ".join(options.expose_headers).encode()
         self.max_age = str(int(options.max_age)).encode()
+        # The answer depends on Origin unless it is a literal "*" for everyone.
+        self.vary = not (self.any_origin and not self.credentials)
 
     def allowed(self, origin: bytes) -> bool:
         if self.any_origin:
@@ -101,7 +103,7 @@ class Cors(Middleware):
         return Response(204, headers, b"")
 
     def on_response(self, ctx: Context, resp: Response) -> None:
-        if not (self.any_origin and not self.credentials):
+        if self.vary:
             resp.add_vary(b"Origin")
         origin = ctx.header(b"origin")
         if origin is None or not self.allowed(origin):

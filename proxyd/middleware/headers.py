@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -66,6 +66,17 @@ def compile_template(template: str) -> Template:
     return parts
 
 
+def resolve_route(template: Template, route: bytes) -> Template:
+    """``{route}`` is the same for every request of a route's chain: filled in at bind."""
+    if isinstance(template, bytes):
+        return template
+    route_part = PLACEHOLDERS["route"]
+    parts = [route if part is route_part else part for part in template]
+    if all(isinstance(p, bytes) for p in parts):
+        return b"".join(p for p in parts if isinstance(p, bytes))
+    return parts
+
+
 def render(template: Template, ctx: Context) -> bytes:
     if isinstance(template, bytes):
         return template
@@ -85,6 +96,10 @@ class CompiledOps:
         # set, then add, in one list: their order on the wire is the config's.
         self.append = self.set + self.add
 
+    def bind_route(self, route: str) -> None:
+        name = route.encode()
+        self.append = [(n, ln, resolve_route(t, name)) for n, ln, t in self.append]
+
 
 class Headers(Middleware):
     type = "headers"
@@ -94,6 +109,10 @@ class Headers(Middleware):
         super().__init__(options)
         self.request = CompiledOps(options.request)
         self.response = CompiledOps(options.response)
+
+    def bind(self, pipeline: Any, route: Any) -> None:
+        self.request.bind_route(route.name)
+        self.response.bind_route(route.name)
 
     def on_request(self, ctx: Context) -> Response | None:
         ops = self.request
@@ -109,8 +128,10 @@ class Headers(Middleware):
             return
         # In place through the response's index of lowercase names: a new list would make
         # every later hook lower all the names again.
-        if ops.remove and not ops.remove.isdisjoint(resp.lnames()):
-            for lname in ops.remove:
-                resp.remove(lname)
+        if ops.remove:
+            lnames = resp.lnames()
+            for lname in ops.remove:  # a few names: list scans beat building a set
+                if lname in lnames:
+                    resp.remove(lname)
         for name, lname, template in ops.append:
             resp.add(name, render(template, ctx), lname)

@@ -56,8 +56,8 @@ class AccessLog:
             os.close(self._fd)
         self.open()
 
-    def record(
-        self, *, request_id: str, client_ip: bytes, method: bytes, host: bytes | None,
+    def record(  # positional from the hot path: 13 keywords cost ~0.25 µs a call
+        self, request_id: str, client_ip: bytes, method: bytes, host: bytes | None,
         target: bytes, status: int, bytes_in: int, bytes_out: int, duration: float,
         upstream: str, upstream_time: float | None, cache: str, route: str,
     ) -> None:

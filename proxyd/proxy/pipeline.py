@@ -152,13 +152,11 @@ class Pipeline:
             upstream_time = now - exchange.started_at
             self.metrics.observe(self._upstream_hist, (upstream,), upstream_time)
         if self.access_log is not None:
-            self.access_log.record(
-                request_id=req.ctx.id() if req.ctx is not None else req_id(req, self),
-                client_ip=client_ip, method=req.method, host=req.host, target=req.url,
-                status=req.status, bytes_in=req.body_size, bytes_out=req.bytes_out,
-                duration=duration, upstream=upstream, upstream_time=upstream_time,
-                cache=cache,
-                route=route,
+            self.access_log.record(  # request_id, client_ip, method, host, target, status,
+                # bytes_in, bytes_out, duration, upstream, upstream_time, cache, route
+                req.ctx.id() if req.ctx is not None else req_id(req, self), client_ip,
+                req.method, req.host, req.url, req.status, req.body_size, req.bytes_out,
+                duration, upstream, upstream_time, cache, route,
             )
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:

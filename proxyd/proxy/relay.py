@@ -278,9 +278,10 @@ class ResponseRelay:
         assert resp is not None and self.req.ctx is not None
         resp.body = body
         self.req.chain.response(self.req.ctx, resp)
+        same = resp.body is body  # no hook replaced it: the upstream's Content-Length holds
         body = resp.body or b""
         no_body = resp.drop_body or resp.status in NO_BODY_STATUSES
-        if not no_body:
+        if not no_body and not (same and resp.has(b"content-length")):
             resp.set(b"Content-Length", str(len(body)).encode())
         fields = render_fields(resp.headers)
         self._send_head(resp.status, resp.reason, fields, True, no_body)

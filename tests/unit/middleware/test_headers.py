@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 from pydantic import ValidationError
 
@@ -71,6 +73,20 @@ def test_placeholders_are_rendered_per_request() -> None:
     other = make_ctx(b"GET", b"/other", host=None, route="r2", request_id="rid-78")
     mw.on_request(other)
     assert other.set_request == [(b"X-Info", b"192.0.2.7|rid-78|r2|GET|/other|")]
+
+
+def test_route_placeholder_is_filled_in_at_bind() -> None:
+    mw = headers_mw(request={"set": {"X-R": "{route}", "X-M": "{route}:{method}"}},
+                    response={"set": {"X-Route": "r={route}"}})
+    mw.bind(None, SimpleNamespace(name="orders"))
+    assert mw.request.append[0][2] == b"orders"  # static now: no per-request rendering
+    assert mw.response.append[0][2] == b"r=orders"
+    ctx = make_ctx(b"PUT", route="orders")
+    mw.on_request(ctx)
+    assert ctx.set_request == [(b"X-R", b"orders"), (b"X-M", b"orders:PUT")]
+    resp = response(200, [(b"Server", b"x")])
+    mw.on_response(ctx, resp)
+    assert resp.headers == [(b"Server", b"x"), (b"X-Route", b"r=orders")]
 
 
 def test_request_id_placeholder_uses_the_context_id() -> None:

@@ -1,0 +1,44 @@
+"""WorkerMetrics → snapshot → MasterMetrics: what one worker counts reaches the export intact."""
+
+from __future__ import annotations
+
+import json
+
+from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import CollectorRegistry
+
+from proxyd.observe.metrics import BUCKETS, MasterMetrics, WorkerMetrics
+
+
+def test_request_counts_and_durations_survive_the_trip_to_the_master() -> None:
+    worker = WorkerMetrics()
+    for status, duration in ((200, 0.0004), (200, 0.003), (404, 0.2), (200, 20.0)):
+        worker.request("api", "GET", status, duration)
+    worker.request("api", "POST", 201, 0.001)
+    # Through JSON, as over the control channel.
+    snapshot = json.loads(json.dumps(worker.snapshot({})))
+    master = MasterMetrics()
+    master.update(4242, snapshot)
+    assert master.counter_totals("gateway_requests_total") == {
+        ("api", "GET", "200"): 3.0, ("api", "GET", "404"): 1.0, ("api", "POST", "201"): 1.0,
+    }
+    rows = master.histogram_totals("gateway_request_duration_seconds")
+    get = rows[("api", "GET")]
+    assert sum(get[:-1]) == 4  # every observation in exactly one bucket (or +Inf)
+    assert get[0] == 1 and get[BUCKETS.index(0.005)] == 1 and get[len(BUCKETS)] == 1
+    assert abs(get[-1] - 20.2034) < 1e-9
+    registry = CollectorRegistry()
+    registry.register(master)
+    text = generate_latest(registry).decode()
+    assert 'gateway_requests_total{method="GET",route="api",status="200"} 3.0' in text
+    assert 'gateway_request_duration_seconds_count{method="GET",route="api"} 4.0' in text
+
+
+def test_a_dead_workers_counts_are_kept() -> None:
+    master = MasterMetrics()
+    for pid in (1, 2):
+        worker = WorkerMetrics()
+        worker.request("api", "GET", 200, 0.01)
+        master.update(pid, json.loads(json.dumps(worker.snapshot({}))))
+    master.worker_exited(1)
+    assert master.counter_totals("gateway_requests_total") == {("api", "GET", "200"): 2.0}
