@@ -187,7 +187,7 @@ async def test_metrics_after_relay_ends(upstreams: Upstreams, proxy: StartProxy,
     # Payloads (1006 bytes) plus headers; the client's frames carry a 4-byte mask each.
     assert 1006 + 4 * 2 + 4 < down < up < 1100
     assert counters["gateway_websocket_closes_total"] == {("4001",): 1.0}
-    assert counters["gateway_requests_total"][("ws", "GET", "101")] == 1.0
+    assert counters["gateway_requests_total"][("ws", "GET", 101)] == 1.0  # int in the worker
     assert p.pipeline.gauges()["gateway_websocket_connections_active"] == {(): 0.0}
 
 
