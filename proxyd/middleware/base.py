@@ -171,7 +171,11 @@ class Response:
             lnames.append(b"vary")
             return
         current = self._headers[lnames.index(b"vary")][1]
-        if token.lower() not in {t.strip().lower() for t in current.split(b",")}:
+        ltoken = token.lower()
+        # Not even a substring: certainly absent, no need to split the list.
+        if ltoken not in current.lower() or ltoken not in {
+            t.strip().lower() for t in current.split(b",")
+        }:
             self.set(b"Vary", current + b", " + token, b"vary")
 
 

@@ -138,7 +138,8 @@ class ResponseRelay:
                     length = value.strip()  # llhttp already refused duplicates and non-digits
                 elif lname == b"transfer-encoding":
                     chunked = True
-                elif lname == b"connection":
+                elif lname == b"connection" and value.lower() not in CONNECTION_OPTIONS:
+                    # (The usual single keep-alive or close names no field: no parsing.)
                     tokens = {t.strip().lower() for t in value.split(b",")} - CONNECTION_OPTIONS
                     if tokens:
                         named = tokens if named is None else named | tokens
