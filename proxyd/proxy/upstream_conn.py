@@ -12,6 +12,7 @@ import asyncio
 from typing import TYPE_CHECKING, Any, cast
 
 from proxyd.config.models import RouteTimeouts
+from proxyd.proxy.headers import LARGE_WRITE
 
 if TYPE_CHECKING:
     from proxyd.proxy.forward import Exchange
@@ -73,7 +74,12 @@ class UpstreamConnection(asyncio.Protocol):
     def flush(self) -> None:
         out = self._out
         if out and self.transport is not None:
-            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            if len(out) == 1:
+                self.transport.write(out[0])
+            elif len(out[-1]) < LARGE_WRITE:
+                self.transport.write(b"".join(out))
+            else:  # a large body after its head: no copy into one buffer (uvloop: one writev)
+                self.transport.writelines(out)
         out.clear()
 
     def close(self) -> None:

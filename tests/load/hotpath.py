@@ -60,6 +60,9 @@ class Transport:
         if self.on_write is not None:
             self.on_write(data)
 
+    def writelines(self, data: list[bytes]) -> None:
+        self.write(b"".join(data))
+
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return ("127.0.0.1", 40000) if name == "peername" else default
 
