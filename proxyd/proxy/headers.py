@@ -64,6 +64,10 @@ class TrustedProxies:
         self._networks = [ipaddress.ip_network(c, strict=False) for c in cidrs]
         self._cache: dict[str, bool] = {}
 
+    def __bool__(self) -> bool:
+        """Whether any network is trusted (when none is, no address needs decoding)."""
+        return bool(self._networks)
+
     def __contains__(self, ip: str) -> bool:
         if not self._networks:
             return False

@@ -119,7 +119,7 @@ class RateLimit(Middleware):
         """
         pipeline = self.pipeline
         ip = ctx.client_ip
-        if pipeline is None or ip.decode("latin-1") not in pipeline.trusted:
+        if pipeline is None or not pipeline.trusted or ip.decode("latin-1") not in pipeline.trusted:
             return ip
         forwarded = ctx.header(b"x-forwarded-for")
         if not forwarded:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from proxyd.cache.store import Entry
 from proxyd.middleware.base import Response
-from proxyd.proxy.headers import render_response
+from proxyd.proxy.headers import TrustedProxies, render_response
 
 STORED = [(b"Content-Type", b"text/plain"), (b"ETag", b'"v1"'), (b"Cache-Control", b"max-age=60")]
 
@@ -53,3 +53,12 @@ def test_changing_a_stored_field_drops_the_lines() -> None:
     resp.headers = [(b"Content-Type", b"text/html")]
     data = render_response(resp, close=False, head=False)[0]
     assert b"text/plain" not in data and b"Content-Type: text/html\r\n" in data
+
+
+def test_trusted_proxies_membership_and_truth() -> None:
+    none = TrustedProxies([])
+    assert not none and "10.1.2.3" not in none  # nothing trusted: callers skip the lookup
+    some = TrustedProxies(["10.0.0.0/8", "2001:db8::/32"])
+    assert some
+    assert "10.1.2.3" in some and "2001:db8::1" in some
+    assert "192.0.2.1" not in some and "not an address" not in some
