@@ -84,13 +84,14 @@ class WorkerMetrics:
         series[labels] = series.get(labels, 0.0) + amount
 
     @staticmethod
-    def observe(series: dict[tuple[str, ...], list[float]], labels: tuple[str, ...],
-                value: float) -> None:
+    def row(series: dict[tuple[str, ...], list[float]], labels: tuple[str, ...]) -> list[float]:
+        """The mutable row of one histogram series (made on first use): bucket counts
+        (non-cumulative here; summed on export), +Inf count, sum. Callers may keep it: rows
+        are never replaced."""
         row = series.get(labels)
         if row is None:
             row = series[labels] = [0.0] * (len(BUCKETS) + 2)
-        row[bisect_left(BUCKETS, value)] += 1  # non-cumulative here; summed on export
-        row[-1] += value
+        return row
 
     def request(self, route: str, method: str, status: int, duration: float) -> None:
         # The status stays an int here (str() per request is not free): made a label in

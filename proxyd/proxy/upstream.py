@@ -204,6 +204,9 @@ class UpstreamPool:
         self.deadlines = deadlines
         self.resolver = resolver
         self.metrics = metrics
+        # This upstream's row of gateway_upstream_request_duration_seconds, once it has one:
+        # the per-request update then needs no label tuple or dict lookup.
+        self.duration_row: list[float] | None = None
         self.closed = False
         self.preserve_host = cfg.preserve_host
         self.ssl = client_context(cfg)  # once per upstream, shared by its https targets

@@ -134,6 +134,14 @@ async def test_access_log_and_metrics_one_record_per_request(
     assert {k: int(row[-2] + sum(row[:-2])) for k, row in durations.items()} == {
         ("api", "GET"): 3, ("none", "GET"): 1, ("dead", "GET"): 1, ("upload", "POST"): 1,
     }
+    # The upstream histogram: one observation per request that got an upstream time.
+    timed: dict[str, int] = {}
+    for record in records:
+        if record["upstream_ms"] is not None:
+            timed[record["upstream"]] = timed.get(record["upstream"], 0) + 1
+    assert timed
+    upstream_rows = p.pipeline.metrics.upstream_durations
+    assert {k[0]: int(sum(row[:-1])) for k, row in upstream_rows.items()} == timed
 
 
 async def test_access_log_flushes_on_its_own(
