@@ -1,9 +1,11 @@
-"""The access log: one line per request, formatted on the hot path, written in batches.
+"""The access log: one line per request, formatted and written in batches.
 
-Lines are built with C-level string escaping (no dict, no json.dumps per request) into a list
-that is flushed with one os.write about ten times a second, when it passes 64 KiB, on reopen
-(SIGUSR1, for logrotate) and at exit — so no line is lost on a graceful stop or reload. A write
-to a full pipe blocks the worker briefly; a file (the production case) does not.
+A request only appends a tuple of its fields; the lines are built at the flush, in one loop,
+with C-level string escaping (no dict, no json.dumps per request) — about half the cost of
+formatting each line in its own call — and written with one os.write about ten times a
+second, every 256 records, on reopen (SIGUSR1, for logrotate) and at exit, so no line is lost
+on a graceful stop or reload. A write to a full pipe blocks the worker briefly; a file (the
+production case) does not.
 """
 
 from __future__ import annotations
@@ -17,7 +19,11 @@ from json.encoder import encode_basestring_ascii as esc  # type: ignore[attr-def
 from proxyd.config.models import AccessLog as AccessLogConfig
 
 FLUSH_INTERVAL = 0.1
-FLUSH_BYTES = 64 * 1024
+FLUSH_RECORDS = 256  # ~64 KiB of JSON lines
+
+# What record() keeps per request, formatted at the flush.
+Record = tuple[float, str, bytes, bytes, bytes | None, bytes, int, int, int, float, str,
+               float | None, str, str]
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
@@ -34,8 +40,7 @@ class AccessLog:
         self.sample_2xx = config.sample_2xx
         self.pid = os.getpid()
         self._loop = loop
-        self._lines: list[str] = []
-        self._size = 0
+        self._pending: list[Record] = []
         self._fd = -1
         self._handle: asyncio.TimerHandle | None = None
         self.written = 0  # lines, for tests and status
@@ -63,14 +68,23 @@ class AccessLog:
     ) -> None:
         if self.sample_2xx < 1.0 and 200 <= status < 300 and random.random() >= self.sample_2xx:
             return
-        now = time.time()
-        path, _, query = target.partition(b"?")
-        if self.format == "json":
-            up_ms = "null" if upstream_time is None else f"{upstream_time * 1000:.3f}"
-            # Fields with few distinct values (method, host, route, upstream, cache) are
-            # escaped once and remembered. Hosts are client-chosen: only short ones are kept,
-            # and a full table starts over (a scan must not pin memory or the slow path).
-            known = self._escaped
+        pending = self._pending
+        pending.append((time.time(), request_id, client_ip, method, host, target, status,
+                        bytes_in, bytes_out, duration, upstream, upstream_time, cache, route))
+        if len(pending) >= FLUSH_RECORDS:
+            self.flush()
+        elif self._handle is None:
+            self._handle = self._loop.call_later(FLUSH_INTERVAL, self.flush)
+
+    def _json(self, records: list[Record]) -> list[str]:
+        # Fields with few distinct values (method, host, route, upstream, cache) are escaped
+        # once and remembered. Hosts are client-chosen: only short ones are kept, and a full
+        # table starts over (a scan must not pin memory or the slow path).
+        known = self._escaped
+        pid = self.pid
+        lines = []
+        for (now, request_id, client_ip, method, host, target, status, bytes_in, bytes_out,
+             duration, upstream, upstream_time, cache, route) in records:
             fixed = known.get((method, host, upstream, cache, route))
             if fixed is None:
                 if len(known) >= 1024:
@@ -79,11 +93,13 @@ class AccessLog:
                     f'"method":{esc(method.decode("latin-1"))},'
                     f'"host":{esc((host or b"").decode("latin-1"))},',
                     f'"upstream":{esc(upstream)},',
-                    f'"cache":{esc(cache)},"route":{esc(route)},"pid":{self.pid}}}\n',
+                    f'"cache":{esc(cache)},"route":{esc(route)},"pid":{pid}}}\n',
                 )
                 if host is None or len(host) <= 128:
                     known[(method, host, upstream, cache, route)] = fixed
-            line = (
+            path, _, query = target.partition(b"?")
+            up_ms = "null" if upstream_time is None else f"{upstream_time * 1000:.3f}"
+            lines.append(
                 f'{{"ts":{now:.3f},"request_id":{esc(request_id)},'
                 f'"client_ip":"{client_ip.decode("latin-1")}",{fixed[0]}'
                 f'"path":{esc(path.decode("latin-1"))},'
@@ -92,29 +108,29 @@ class AccessLog:
                 f'"duration_ms":{duration * 1000:.3f},{fixed[1]}'
                 f'"upstream_ms":{up_ms},{fixed[2]}'
             )
-        else:  # combined, without referer/agent lookups on the hot path: "-"
-            line = (
-                f'{client_ip.decode("latin-1")} - - [{_clf_time(now)}] '
-                f'{esc(method.decode("latin-1") + " " + target.decode("latin-1"))} '
-                f'{status} {bytes_out} "-" "-" {request_id}\n'
-            )
-        self._lines.append(line)
-        self._size += len(line)
-        if self._size >= FLUSH_BYTES:
-            self.flush()
-        elif self._handle is None:
-            self._handle = self._loop.call_later(FLUSH_INTERVAL, self.flush)
+        return lines
+
+    @staticmethod
+    def _combined(records: list[Record]) -> list[str]:
+        # Without referer/agent lookups on the hot path: "-".
+        return [
+            f'{client_ip.decode("latin-1")} - - [{_clf_time(now)}] '
+            f'{esc(method.decode("latin-1") + " " + target.decode("latin-1"))} '
+            f'{status} {bytes_out} "-" "-" {request_id}\n'
+            for (now, request_id, client_ip, method, _host, target, status, _in, bytes_out,
+                 *_rest) in records
+        ]
 
     def flush(self) -> None:
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
-        if not self._lines:
+        records = self._pending
+        if not records:
             return
-        data = "".join(self._lines).encode("utf-8", "replace")
-        count = len(self._lines)
-        self._lines.clear()
-        self._size = 0
+        self._pending = []
+        lines = self._json(records) if self.format == "json" else self._combined(records)
+        data = "".join(lines).encode("utf-8", "replace")
         view = memoryview(data)
         while view:
             try:
@@ -124,7 +140,7 @@ class AccessLog:
             except OSError:
                 return  # a closed stdout must not take the worker down
             view = view[n:]
-        self.written += count
+        self.written += len(lines)
 
     def close(self) -> None:
         self.flush()

@@ -137,7 +137,8 @@ def observe_cost(variant: str, tmp: Path, n: int = 200_000) -> float:
     loop = asyncio.new_event_loop()
     cfg = GatewayConfig.model_validate(config(variant, free_port(), free_port(), 9, 1, tmp))
     pipeline = Pipeline(cfg, loop)
-    exchange: Any = SimpleNamespace(pool=SimpleNamespace(name="origin"), started_at=0.0)
+    exchange: Any = SimpleNamespace(pool=SimpleNamespace(name="origin", duration_row=None),
+                                    started_at=0.0)
     requests = []
     for i in range(n):
         req = Request()
