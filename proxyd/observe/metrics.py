@@ -70,7 +70,8 @@ class WorkerMetrics:
     """The per-worker side: cheap increments, and a JSON-able cumulative snapshot."""
 
     def __init__(self) -> None:
-        self.counters: dict[str, dict[tuple[str, ...], float]] = {n: {} for n in COUNTERS}
+        # Label tuples: strings, except the request status, an int until snapshot().
+        self.counters: dict[str, dict[tuple[Any, ...], float]] = {n: {} for n in COUNTERS}
         # histogram name → labels → [bucket counts..., +Inf count, sum]
         self.histograms: dict[str, dict[tuple[str, ...], list[float]]] = {
             n: {} for n in HISTOGRAMS
@@ -98,7 +99,7 @@ class WorkerMetrics:
         # snapshot(). The histogram update is observe()'s, inlined: once per request.
         key = (route, method, status)
         requests = self.requests
-        requests[key] = requests.get(key, 0.0) + 1  # type: ignore[index]
+        requests[key] = requests.get(key, 0.0) + 1
         durations = self.durations
         row = durations.get((route, method))
         if row is None:
