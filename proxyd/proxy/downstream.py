@@ -16,7 +16,7 @@ from typing import cast
 import httptools
 
 from proxyd.proxy.answer import PAUSE_PENDING, PAUSE_PIPELINE, PAUSE_UPSTREAM, Answering
-from proxyd.proxy.headers import LARGE_WRITE, error_response
+from proxyd.proxy.headers import error_response, write_pieces
 from proxyd.proxy.pipeline import Pipeline
 from proxyd.proxy.request import SPECIAL, Reject, Request, special_header
 from proxyd.proxy.websocket import Tunnel
@@ -185,12 +185,7 @@ class DownstreamProtocol(Answering, asyncio.Protocol):
     def flush(self) -> None:
         out = self._out
         if out and self.transport is not None and not self.closed:
-            if len(out) == 1:
-                self.transport.write(out[0])
-            elif len(out[-1]) < LARGE_WRITE:
-                self.transport.write(b"".join(out))
-            else:  # a large body after its head: no copy into one buffer (uvloop: one writev)
-                self.transport.writelines(out)
+            write_pieces(self.transport, out)
         out.clear()
 
     def close(self) -> None:

@@ -13,6 +13,8 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import asyncio
+
     from proxyd.middleware.base import Response
 
 # Fields that describe one connection, never forwarded (RFC 9110 §7.6.1), plus the framing
@@ -133,6 +135,16 @@ def render_fields(headers: list[tuple[bytes, bytes]]) -> bytes:
     for name, value in headers:
         parts += (name, b": ", value, CRLF)
     return b"".join(parts)
+
+
+def write_pieces(transport: asyncio.WriteTransport, out: list[bytes]) -> None:
+    """What a protocol queued during one callback, in one transport call."""
+    if len(out) == 1:
+        transport.write(out[0])
+    elif len(out[-1]) < LARGE_WRITE:
+        transport.write(b"".join(out))
+    else:  # a large body after its head: no copy into one buffer (uvloop: one writev)
+        transport.writelines(out)
 
 
 def body_length(response: bytes) -> int:

@@ -12,7 +12,7 @@ import asyncio
 from typing import TYPE_CHECKING, Any, cast
 
 from proxyd.config.models import RouteTimeouts
-from proxyd.proxy.headers import LARGE_WRITE
+from proxyd.proxy.headers import write_pieces
 
 if TYPE_CHECKING:
     from proxyd.proxy.forward import Exchange
@@ -74,12 +74,7 @@ class UpstreamConnection(asyncio.Protocol):
     def flush(self) -> None:
         out = self._out
         if out and self.transport is not None:
-            if len(out) == 1:
-                self.transport.write(out[0])
-            elif len(out[-1]) < LARGE_WRITE:
-                self.transport.write(b"".join(out))
-            else:  # a large body after its head: no copy into one buffer (uvloop: one writev)
-                self.transport.writelines(out)
+            write_pieces(self.transport, out)
         out.clear()
 
     def close(self) -> None:
