@@ -183,6 +183,7 @@ class Context:
     """Per-request state shared by the chain; created only for routes that have a chain."""
 
     __slots__ = (
+        "_by_name",
         "client_ip",
         "headers",
         "host",
@@ -216,12 +217,16 @@ class Context:
         self.remove_request: set[bytes] = set()  # lowercase names not forwarded
         self.state: dict[str, Any] = {}
         self.max_body_size: int | None = None
+        self._by_name: dict[bytes, bytes] | None = None
 
     def header(self, lname: bytes) -> bytes | None:
-        for key, _, value in self.headers:
-            if key == lname:
-                return value
-        return None
+        """The first field of that lowercase name. A chain asks ~6 times per request: the
+        fields are indexed by name once, at the first question, instead of scanned each time."""
+        by_name = self._by_name
+        if by_name is None:
+            # reversed: where a name repeats, the first field is the one that stays.
+            by_name = self._by_name = {key: value for key, _, value in reversed(self.headers)}
+        return by_name.get(lname)
 
     def id(self) -> str:
         if self.request_id is None:

@@ -76,8 +76,10 @@ class Cors(Middleware):
         return b"*" if self.any_origin and not self.credentials else origin
 
     def on_request(self, ctx: Context) -> Response | None:
+        if ctx.method != b"OPTIONS":  # only a preflight is answered here
+            return None
         origin = ctx.header(b"origin")
-        if origin is None or ctx.method != b"OPTIONS":
+        if origin is None:
             return None
         requested = ctx.header(b"access-control-request-method")
         if requested is None:

@@ -107,3 +107,12 @@ def test_empty_chain_is_falsy_and_names_follow_order() -> None:
     chain = Chain([make("trace_id"), make("cors"), make("compression")])
     assert chain
     assert chain.names == ["trace_id", "cors", "compression"]
+
+
+def test_context_header_is_the_first_field_of_that_name() -> None:
+    ctx = make_ctx(headers=[(b"Origin", b"https://a.example"), (b"X-Id", b"1"),
+                            (b"origin", b"https://b.example")])
+    assert ctx.header(b"origin") == b"https://a.example"  # as a scan from the start finds it
+    assert ctx.header(b"x-id") == b"1"
+    assert ctx.header(b"accept-encoding") is None
+    assert make_ctx().header(b"origin") is None  # no fields at all
