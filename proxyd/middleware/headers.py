@@ -85,16 +85,12 @@ def render(template: Template, ctx: Context) -> bytes:
 
 class CompiledOps:
     def __init__(self, ops: HeaderOps) -> None:
-        self.set = [
-            (k.encode(), k.lower().encode(), compile_template(v)) for k, v in ops.set.items()
-        ]
-        self.add = [
-            (k.encode(), k.lower().encode(), compile_template(v)) for k, v in ops.add.items()
-        ]
-        self.remove = {k.lower().encode() for k in ops.remove} | {lk for _, lk, _ in self.set}
-        self.empty = not (self.set or self.add or self.remove)
-        # set, then add, in one list: their order on the wire is the config's.
-        self.append = self.set + self.add
+        # "set" is remove-then-append, "add" is append: one list of fields to append, set's
+        # first (their order on the wire is the config's), and one set of names to remove.
+        self.append = [(k.encode(), k.lower().encode(), compile_template(v))
+                       for k, v in (*ops.set.items(), *ops.add.items())]
+        self.remove = {k.lower().encode() for k in (*ops.remove, *ops.set)}
+        self.empty = not (self.append or self.remove)
 
     def bind_route(self, route: str) -> None:
         name = route.encode()
