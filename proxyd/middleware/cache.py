@@ -100,7 +100,7 @@ class Cache(Middleware):
         # Stored entries never hold Age, Cache-Status or X-Cache (NOT_STORED): appending
         # needs no search of the header list on the hit path.
         headers = list(entry.headers)
-        headers.append((b"Age", b"%d" % entry.age(now)))
+        headers.append((b"Age", b"%d" % int(entry.age(now))))
         headers.append((b"Cache-Status", b"proxyd; " + status))
         if self.o.x_cache:
             headers.append((b"X-Cache", x_cache))

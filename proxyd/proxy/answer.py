@@ -44,6 +44,7 @@ class Answering:
     transport: asyncio.Transport | None
     client_ip: bytes
     trusted_peer: bool
+    forwarded_memo: tuple[bytes | None, bytes] | None
     req: Request | None
     active: Request | None
     queue: deque[Request]
@@ -214,10 +215,19 @@ class Answering:
         if ctx is not None:
             for name, value in ctx.set_request:
                 parts += (name, b": ", value, CRLF)
-        parts.append(forwarded_fields(
-            self.client_ip, self.trusted_peer, req.xff, req.xfp, req.xfh, req.host, req.via,
-            self.scheme,
-        ))
+        memo = self.forwarded_memo
+        if memo is not None and memo[0] == req.host and req.via is None:
+            parts.append(memo[1])
+        else:
+            forwarded = forwarded_fields(
+                self.client_ip, self.trusted_peer, req.xff, req.xfp, req.xfh, req.host,
+                req.via, self.scheme,
+            )
+            parts.append(forwarded)
+            if not self.trusted_peer and req.via is None:
+                # From an untrusted peer, without Via, the lines depend on the Host alone
+                # (address and scheme are the connection's): kept for its next request.
+                self.forwarded_memo = (req.host, forwarded)
         if req.chunked:
             parts.append(b"Transfer-Encoding: chunked\r\n")
         elif req.content_length is not None:

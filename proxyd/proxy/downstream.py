@@ -70,6 +70,7 @@ class DownstreamProtocol(Answering, asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.client_ip = b""
         self.trusted_peer = False
+        self.forwarded_memo: tuple[bytes | None, bytes] | None = None  # (Host, X-Forwarded-*)
         self.req: Request | None = None  # the request being parsed
         self.active: Request | None = None  # the request being answered
         self.queue: deque[Request] = deque()

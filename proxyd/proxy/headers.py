@@ -44,9 +44,20 @@ STATUS_LINES: dict[int, bytes] = {
 }
 
 
+# Status lines with the upstream's own reason phrase, made once: formatting one costs ~0.3 µs,
+# and an upstream uses a handful ("200 OK" every time). Bounded: reasons are the upstream's.
+_REASON_LINES: dict[tuple[int, bytes], bytes] = {}
+REASON_LINES_MAX = 256
+
+
 def status_line(status: int, reason: bytes | None = None) -> bytes:
     if reason:
-        return b"HTTP/1.1 %d %s\r\n" % (status, reason)
+        line = _REASON_LINES.get((status, reason))
+        if line is None:
+            line = b"HTTP/1.1 %d %s\r\n" % (status, reason)
+            if len(_REASON_LINES) < REASON_LINES_MAX:
+                _REASON_LINES[(status, reason)] = line
+        return line
     return STATUS_LINES.get(status) or b"HTTP/1.1 %d Unknown\r\n" % status
 
 

@@ -168,6 +168,24 @@ async def test_forwarded_fields_untrusted_peer(upstreams: Upstreams, proxy: Star
     assert plain.header_all("Via") == ["1.1 proxyd"]
 
 
+async def test_forwarded_fields_follow_each_request_on_one_connection(
+    upstreams: Upstreams, proxy: StartProxy
+) -> None:
+    """The connection keeps its last X-Forwarded-* lines for the next request with the same
+    Host: a new Host or an inbound Via must still be seen."""
+    up = await upstreams.aiohttp()
+    p = await proxy(CATCH_ALL, {"backend": up.url})
+    async with await RawClient.connect(p.port) as c:
+        for host, extra in (("a.test", ""), ("a.test", ""), ("b.test", ""),
+                            ("b.test", "Via: 1.0 fred\r\n"), ("b.test", "")):
+            assert (await c.request(get("/", host=host, extra=extra))).status == 200
+    assert [s.header_all("X-Forwarded-Host") for s in up.seen] == [
+        ["a.test"], ["a.test"], ["b.test"], ["b.test"], ["b.test"]]
+    assert [s.header_all("Via") for s in up.seen] == [
+        ["1.1 proxyd"], ["1.1 proxyd"], ["1.1 proxyd"], ["1.0 fred, 1.1 proxyd"], ["1.1 proxyd"]]
+    assert all(s.header_all("X-Forwarded-For") == ["127.0.0.1"] for s in up.seen)
+
+
 async def test_forwarded_fields_trusted_peer(upstreams: Upstreams, proxy: StartProxy) -> None:
     up = await upstreams.aiohttp()
     p = await proxy(

@@ -1,11 +1,13 @@
 """render_response: a cache hit's stored fields go out as the lines rendered once for the entry;
-any change to those fields through the Response API must show in the bytes sent."""
+any change to those fields through the Response API must show in the bytes sent. Status lines,
+TrustedProxies."""
 
 from __future__ import annotations
 
 from proxyd.cache.store import Entry
 from proxyd.middleware.base import Response
-from proxyd.proxy.headers import TrustedProxies, render_response
+from proxyd.proxy import headers as headers_module
+from proxyd.proxy.headers import REASON_LINES_MAX, TrustedProxies, render_response, status_line
 
 STORED = [(b"Content-Type", b"text/plain"), (b"ETag", b'"v1"'), (b"Cache-Control", b"max-age=60")]
 
@@ -62,3 +64,13 @@ def test_trusted_proxies_membership_and_truth() -> None:
     assert some
     assert "10.1.2.3" in some and "2001:db8::1" in some
     assert "192.0.2.1" not in some and "not an address" not in some
+
+
+def test_status_line_keeps_the_upstream_reason_and_memo_stays_bounded() -> None:
+    assert status_line(200) == b"HTTP/1.1 200 OK\r\n"
+    assert status_line(200, b"Fine") == b"HTTP/1.1 200 Fine\r\n"
+    assert status_line(200, b"Fine") == b"HTTP/1.1 200 Fine\r\n"  # from the memo now
+    assert status_line(599) == b"HTTP/1.1 599 Unknown\r\n"
+    for i in range(REASON_LINES_MAX + 50):  # an upstream inventing reasons
+        assert status_line(200, b"R%d" % i) == b"HTTP/1.1 200 R%d\r\n" % i
+    assert len(headers_module._REASON_LINES) <= REASON_LINES_MAX
