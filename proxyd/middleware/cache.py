@@ -118,11 +118,14 @@ class Cache(Middleware):
                 ctx.state["cache_invalidate"] = True
             return None
         request_headers = self.pairs(ctx)
-        directives = False  # most requests carry neither field: no directive parsing at all
+        # Most requests carry none of these fields: then no directive parsing, and a hit
+        # needs no validator comparison.
+        directives = conditional = False
         for lname, _ in request_headers:
             if lname == b"cache-control" or lname == b"pragma":
                 directives = True
-                break
+            elif lname == b"if-none-match" or lname == b"if-modified-since":
+                conditional = True
         if directives and "no-store" in policy.cache_control(request_headers):
             ctx.state["cache"] = "bypass"
             return None
@@ -133,10 +136,11 @@ class Cache(Middleware):
             # A miss in L1 asks Redis; only this request waits. (A miss already in flight
             # here needs no round trip: this request will follow it.)
             return Pending(self._remote_lookup(ctx, key, request_headers))
-        return self.decide(ctx, key, request_headers, entry, directives)
+        return self.decide(ctx, key, request_headers, entry, directives, conditional)
 
     def decide(self, ctx: Context, key: str, request_headers: list[tuple[bytes, bytes]],
-               entry: Entry | None, directives: bool = True) -> Response | Pending | None:
+               entry: Entry | None, directives: bool = True, conditional: bool = True
+               ) -> Response | Pending | None:
         """What the lookup's result means for this request: a hit, a miss to lead, or one to
         follow. One decision for both the synchronous (memory) and the Redis lookup."""
         now = time.time()
@@ -146,13 +150,13 @@ class Cache(Middleware):
             age = entry.age(now)
             if not revalidate and age < entry.lifetime and (max_age is None or age <= max_age):
                 ctx.state["cache"] = "hit"
-                return self._hit(ctx, entry, now, b"hit")
+                return self._hit(ctx, entry, now, b"hit", conditional)
             if (not revalidate and max_age is None
                     and age < entry.lifetime + entry.stale_while_revalidate):
                 # Stale, within stale-while-revalidate (not for a client that set max-age).
                 ctx.state["cache"] = "hit"
                 self._refresh_in_background(ctx, key, entry)
-                return self._hit(ctx, entry, now, b"hit; fwd=stale")
+                return self._hit(ctx, entry, now, b"hit; fwd=stale", conditional)
             ctx.state["stale"] = entry
             ctx.state["forced"] = revalidate  # the client asked (no-cache): fwd=request
             if ctx.header(b"if-none-match") is None and ctx.header(b"if-modified-since") is None:
@@ -176,9 +180,11 @@ class Cache(Middleware):
             return None
         return Pending(self._follow(ctx, key, leader))
 
-    def _hit(self, ctx: Context, entry: Entry, now: float, status: bytes) -> Response:
+    def _hit(self, ctx: Context, entry: Entry, now: float, status: bytes,
+             conditional: bool = True) -> Response:
+        """``conditional``: the request may carry If-None-Match or If-Modified-Since."""
         resp = self._from_entry(entry, now, status, b"HIT")
-        if not_modified(ctx, entry):
+        if conditional and not_modified(ctx, entry):
             # The client's own validator matches: 304 (RFC 9111 §4.3.2), no body.
             resp.status, resp.body = 304, None
             resp.remove(b"content-length")
