@@ -125,7 +125,7 @@ class Pipeline:
         self._ids = itertools.count(1)
         self.access_log: AccessLog | None = None
         if config.access_log.enabled:
-            self.access_log = AccessLog(config.access_log, loop)
+            self.access_log = AccessLog(config.access_log, loop, self._id_prefix)
         self._upstream_hist = self.metrics.upstream_durations
         self._methods: dict[bytes, str] = {m: m.decode() for m in KNOWN_METHODS}
 
@@ -158,9 +158,15 @@ class Pipeline:
             row[bisect_left(BUCKETS, upstream_time)] += 1  # WorkerMetrics.observe, inlined
             row[-1] += upstream_time
         if self.access_log is not None:
+            if req.ctx is not None:
+                rid: str | int = req.ctx.id()
+            elif req._id is not None or req.inbound_id:
+                rid = req_id(req, self)
+            else:
+                rid = next(self._ids)  # the log makes the id of it, at its flush
             self.access_log.record(  # request_id, client_ip, method, host, target, status,
                 # bytes_in, bytes_out, duration, upstream, upstream_time, cache, route
-                req.ctx.id() if req.ctx is not None else req_id(req, self), client_ip,
+                rid, client_ip,
                 req.method, req.host, req.url, req.status, req.body_size, req.bytes_out,
                 duration, upstream, upstream_time, cache, route,
             )

@@ -55,3 +55,24 @@ def test_client_chosen_hosts_cannot_grow_the_table_without_bound(log: Any) -> No
     access.flush()
     assert (b"GET", b"example.com", "backend", "", "api") in access._escaped
     assert len(lines(path)) == 3001
+
+
+@pytest.mark.parametrize("fmt", ["json", "combined"])
+def test_counter_request_ids_are_made_at_the_flush_with_the_worker_prefix(
+    tmp_path: Path, fmt: str
+) -> None:
+    loop = asyncio.new_event_loop()
+    path = tmp_path / "a.log"
+    access = AccessLog(AccessLogConfig(format=fmt, path=str(path)), loop, "cafe0001")
+    try:
+        access.record(**{**FIELDS, "request_id": 255})
+        access.record(**{**FIELDS, "request_id": 'in"bound'})  # a client's: escaped in JSON
+        access.flush()
+    finally:
+        access.close()
+        loop.close()
+    text = path.read_text().splitlines()
+    if fmt == "json":
+        assert [json.loads(line)["request_id"] for line in text] == ["cafe0001-ff", 'in"bound']
+    else:
+        assert text[0].endswith(" cafe0001-ff") and text[1].endswith(' in"bound')
