@@ -45,6 +45,7 @@ class Answering:
     client_ip: bytes
     trusted_peer: bool
     forwarded_memo: tuple[bytes | None, bytes] | None
+    host_memo: tuple[bytes | None, bytes | None] | None
     req: Request | None
     active: Request | None
     queue: deque[Request]
@@ -115,7 +116,14 @@ class Answering:
             self._send_direct(req, builtin)
             return
         hdrs = {k: v for k, _, v in req.headers} if p.router.needs_headers else {}
-        route, wrong_method = p.router.match(req.method, normalize_host(req.host), path, hdrs)
+        host = req.host
+        memo = self.host_memo  # a connection's requests nearly always name the same Host
+        if memo is not None and memo[0] == host:
+            matched_host = memo[1]
+        else:
+            matched_host = normalize_host(host)
+            self.host_memo = (host, matched_host)
+        route, wrong_method = p.router.match(req.method, matched_host, path, hdrs)
         if route is None:
             if wrong_method is not None:
                 req.route_name = wrong_method.name

@@ -71,6 +71,7 @@ class DownstreamProtocol(Answering, asyncio.Protocol):
         self.client_ip = b""
         self.trusted_peer = False
         self.forwarded_memo: tuple[bytes | None, bytes] | None = None  # (Host, X-Forwarded-*)
+        self.host_memo: tuple[bytes | None, bytes | None] | None = None  # (Host, for matching)
         self.req: Request | None = None  # the request being parsed
         self.active: Request | None = None  # the request being answered
         self.queue: deque[Request] = deque()

@@ -163,6 +163,18 @@ async def test_direct_respond(gw: Gateway) -> None:
     assert gw.a.seen == [] and gw.b.seen == []
 
 
+async def test_each_request_on_a_connection_is_routed_by_its_own_host(gw: Gateway) -> None:
+    """The connection remembers its last Host's matching form: a changed Host is not missed."""
+    hosts = ["api.example.com", "API.example.com:81", "x.wild.test", "x.wild.test",
+             "api.example.com", "other.test"]
+    async with await RawClient.connect(gw.proxy.port) as c:
+        got = []
+        for host in hosts:
+            resp = await c.request(get("/anything", host=host))
+            got.append(json.loads(resp.body)["upstream"] if resp.status == 200 else resp.status)
+    assert got == ["a", "a", "b", "b", "a", 404]
+
+
 async def test_direct_respond_head_has_no_body(gw: Gateway) -> None:
     async with await RawClient.connect(gw.proxy.port) as c:
         resp = await c.request(get("/teapot", method="HEAD"), head=True)
