@@ -37,7 +37,7 @@ def _clf_time(ts: float) -> str:
 
 class AccessLog:
     def __init__(self, config: AccessLogConfig, loop: asyncio.AbstractEventLoop,
-                 id_prefix: str = "") -> None:
+                 id_prefix: str) -> None:
         self.path = config.path
         self.id_prefix = id_prefix  # of request ids recorded as counter values
         self.format = config.format

@@ -176,6 +176,24 @@ async def test_conditional_request_on_a_hit_gets_304(upstreams: Upstreams,
     assert len(up.seen) == 1
 
 
+async def test_validators_on_a_hit_are_seen_wherever_they_stand(
+    upstreams: Upstreams, proxy: StartProxy
+) -> None:
+    """A hit looks for If-None-Match/If-Modified-Since in the same scan as for Cache-Control:
+    after a Cache-Control field, or alone as If-Modified-Since, they still get a 304."""
+    modified = "Tue, 01 Jul 2025 12:00:00 GMT"
+    origin = Origin(lambda r: ok(r, etag='"e1"', last_modified=modified))
+    p, up = await start(upstreams, proxy, origin)
+    await fetch(p)
+    after_cc = await fetch(p, extra='Cache-Control: max-age=60\r\nIf-None-Match: "e1"\r\n')
+    assert after_cc.status == 304 and after_cc.header("X-Cache") == "HIT"
+    since = await fetch(p, extra=f"If-Modified-Since: {modified}\r\n")
+    assert since.status == 304 and since.body == b""
+    earlier = await fetch(p, extra="If-Modified-Since: Mon, 30 Jun 2025 12:00:00 GMT\r\n")
+    assert earlier.status == 200 and earlier.body == b"v1"
+    assert len(up.seen) == 1
+
+
 # -- never served from the cache ------------------------------------------------------------------
 
 

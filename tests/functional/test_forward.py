@@ -193,11 +193,17 @@ async def test_forwarded_fields_trusted_peer(upstreams: Upstreams, proxy: StartP
     )
     async with await RawClient.connect(p.port) as c:
         assert (await c.request(get("/", host="site.test", extra=FWD_IN))).status == 200
-    (seen,) = up.seen
+        # Same Host, other forwarded fields, on the same connection: never a kept copy.
+        assert (await c.request(get("/", host="site.test",
+                                    extra="X-Forwarded-For: 9.9.9.9\r\n"))).status == 200
+    seen, second = up.seen
     assert seen.header_all("X-Forwarded-For") == ["1.2.3.4, 5.6.7.8, 127.0.0.1"]
     assert seen.header_all("X-Forwarded-Proto") == ["https"]
     assert seen.header_all("X-Forwarded-Host") == ["evil.test"]
     assert seen.header_all("Via") == ["1.0 fred, 1.1 proxyd"]
+    assert second.header_all("X-Forwarded-For") == ["9.9.9.9, 127.0.0.1"]
+    assert second.header_all("X-Forwarded-Host") == ["site.test"]
+    assert second.header_all("Via") == ["1.1 proxyd"]
 
 
 async def test_preserve_host_false_sends_target_host(

@@ -144,6 +144,32 @@ async def test_access_log_and_metrics_one_record_per_request(
     assert {k[0]: int(sum(row[:-1])) for k, row in upstream_rows.items()} == timed
 
 
+async def test_access_log_ids_on_routes_without_middleware(
+    upstreams: Upstreams, proxy: StartProxy, tmp_path: Path
+) -> None:
+    """Without trace_id a proxied 200 carries no id: the log makes one from the worker's
+    counter at its flush. An error's logged id is the one its X-Request-ID showed."""
+    log = tmp_path / "access.log"
+    up = await upstreams.aiohttp()
+    p = await proxy(
+        [route("api", path_prefix="/api"), route("dead", "dead", path_prefix="/dead")],
+        {"backend": up.url, "dead": f"http://127.0.0.1:{free_port()}"},
+        access_log={"path": str(log)},
+    )
+    async with await RawClient.connect(p.port) as c:
+        answers = [await c.request(get(path))
+                   for path in ("/api/a", "/nowhere", "/api/b", "/dead/x", "/api/c")]
+    assert [a.status for a in answers] == [200, 404, 200, 502, 200]
+    assert answers[0].header("X-Request-ID") is None
+    assert p.pipeline.access_log is not None
+    p.pipeline.access_log.flush()
+    ids = [json.loads(line)["request_id"] for line in lines(log)]
+    assert len(ids) == 5 and len(set(ids)) == 5, ids
+    assert all(re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]+", i) for i in ids), ids
+    assert ids[1] == answers[1].header("X-Request-ID")
+    assert ids[3] == answers[3].header("X-Request-ID")
+
+
 async def test_access_log_flushes_on_its_own(
     upstreams: Upstreams, proxy: StartProxy, tmp_path: Path
 ) -> None:

@@ -22,7 +22,7 @@ FIELDS: dict[str, Any] = {
 @pytest.fixture
 def log(tmp_path: Path) -> Any:
     loop = asyncio.new_event_loop()
-    access = AccessLog(AccessLogConfig(format="json", path=str(tmp_path / "a.log")), loop)
+    access = AccessLog(AccessLogConfig(format="json", path=str(tmp_path / "a.log")), loop, "ab")
     yield access, tmp_path / "a.log"
     access.close()
     loop.close()
