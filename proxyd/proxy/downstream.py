@@ -336,12 +336,19 @@ class DownstreamProtocol(Answering, asyncio.Protocol):
         req = self.req
         assert req is not None
         parser = self.parser
-        version = parser.get_http_version()
-        if version not in ("1.1", "1.0"):
-            raise Reject(400, f"unsupported HTTP version {version}")
+        keep_alive = parser.should_keep_alive()
+        if keep_alive and req.conn_tokens is None:
+            # With neither Connection nor Proxy-Connection, llhttp keeps only HTTP/1.1 alive
+            # (it accepts 0.9, 1.0, 1.1 and 2.0): the version without get_http_version(),
+            # which formats a string — the costliest line of a request head (~0.3 µs).
+            req.http11 = True
+        else:
+            version = parser.get_http_version()
+            if version not in ("1.1", "1.0"):
+                raise Reject(400, f"unsupported HTTP version {version}")
+            req.http11 = version == "1.1"
         req.method = parser.get_method()
-        req.http11 = version == "1.1"
-        req.keep_alive = parser.should_keep_alive()
+        req.keep_alive = keep_alive
         if req.http11 and req.host is None:
             raise Reject(400, "missing Host header")
         if req.chunked and not req.http11:

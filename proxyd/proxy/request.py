@@ -18,7 +18,7 @@ NO_CHAIN = Chain([])
 SPECIAL = frozenset({
     b"host", b"content-length", b"transfer-encoding", b"connection", b"expect",
     b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"via", b"x-request-id",
-    b"upgrade", b"sec-websocket-key",
+    b"upgrade", b"sec-websocket-key", b"proxy-connection",
 })
 
 
@@ -92,7 +92,7 @@ class Request:
         self.keep_alive = True
         self.close_requested = False
         self.expect: bytes | None = None
-        self.conn_tokens: set[bytes] | None = None
+        self.conn_tokens: set[bytes] | None = None  # None: no Connection/Proxy-Connection
         self.xff: bytes | None = None
         self.xfp: bytes | None = None
         self.xfh: bytes | None = None
@@ -135,6 +135,11 @@ def special_header(req: Request, lname: bytes, value: bytes) -> None:
         req.conn_tokens = (req.conn_tokens or set()) | tokens
         if b"close" in tokens:
             req.close_requested = True
+    elif lname == b"proxy-connection":
+        # Never forwarded (hop-by-hop) and names no field, but llhttp reads its keep-alive and
+        # close like Connection's: on_headers_complete must not infer the version without it.
+        if req.conn_tokens is None:
+            req.conn_tokens = set()
     elif lname == b"expect":
         req.expect = value.strip().lower()
     elif lname == b"x-forwarded-for":

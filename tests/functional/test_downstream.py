@@ -173,6 +173,9 @@ async def test_http10_client(upstreams: Upstreams, proxy: StartProxy) -> None:
         resp = await c.request(b"GET /ka HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
         assert resp.status == 200 and resp.header("Connection") == "keep-alive"
         assert resp.start.startswith("HTTP/1.1 200")
+        # Kept alive by Proxy-Connection (as llhttp reads it), still HTTP/1.0: no Host needed.
+        resp = await c.request(b"GET /pk HTTP/1.0\r\nProxy-Connection: keep-alive\r\n\r\n")
+        assert resp.status == 200 and resp.header("Connection") == "keep-alive"
         resp = await c.request(b"GET /plain HTTP/1.0\r\n\r\n")  # no Host needed in 1.0
         assert resp.status == 200 and resp.json()["path"] == "/plain"
         assert resp.header("Connection") == "close"
@@ -388,6 +391,10 @@ EARLY = [  # rejected before the request is routed
     ("ctl-in-name", b"GET / HTTP/1.1\r\nHost: t\r\nX\x01A: b\r\n\r\n"),
     ("http09", b"GET /\r\n\r\n"),
     ("http2-version", b"GET / HTTP/2.0\r\nHost: t\r\n\r\n"),
+    # llhttp keeps these alive by Proxy-Connection alone: never taken for HTTP/1.1.
+    ("http2-version-proxy-keep-alive",
+     b"GET / HTTP/2.0\r\nHost: t\r\nProxy-Connection: keep-alive\r\n\r\n"),
+    ("http2-version-keep-alive", b"GET / HTTP/2.0\r\nHost: t\r\nConnection: keep-alive\r\n\r\n"),
     ("http12-version", b"GET / HTTP/1.2\r\nHost: t\r\n\r\n"),
     ("absolute-form", b"GET http://evil.test/ HTTP/1.1\r\nHost: evil.test\r\n\r\n"),
     ("authority-form", b"CONNECT evil.test:443 HTTP/1.1\r\nHost: evil.test:443\r\n\r\n"),
