@@ -170,6 +170,15 @@ class RedisStore:
         # Invalidations made while Redis was unreachable: (primary or prefix, is_prefix).
         self._deferred: dict[tuple[str, bool], None] = {}
 
+    # What this worker holds (its L1), as MemoryStore reports it: the worker's stats push
+    # and /status read these of whichever store the config chose.
+    def __len__(self) -> int:
+        return len(self.l1)
+
+    @property
+    def bytes(self) -> int:
+        return self.l1.bytes
+
     # -- client and breaker -----------------------------------------------------------------
     def client(self) -> Any:
         """The client, created on first use so it belongs to the worker's loop (after fork)."""

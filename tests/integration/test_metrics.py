@@ -32,6 +32,7 @@ from tests.integration.conftest import (
     wait_until,
     write_config,
 )
+from tests.redis_server import RedisServer, needs_redis, redis_server  # noqa: F401
 
 REQUESTS = "gateway_requests_total"
 DURATION_COUNT = "gateway_request_duration_seconds_count"
@@ -195,6 +196,39 @@ async def test_requests_total_exact_across_reload_and_recycle(
     assert exits_in_log(p) >= 4, "two recycled workers and two reloaded ones at least"
     assert len(recycled(p) & first) == 2, "both original workers served and were recycled"
     assert not set(pids_by_slot(st).values()) & first
+
+
+@needs_redis
+async def test_workers_push_with_the_redis_cache_backend(
+    origin: Origin, proxyd: StartProxyd, redis_server: RedisServer,  # noqa: F811
+) -> None:
+    """The stats push reads the cache store's size: with the Redis store too (its L1), so
+    counts, retirement and the final push work whichever backend the config chose."""
+    n = 200
+    ports = Ports()
+    config = make_config(ports, origin.url, server={"max_requests": 60,
+                                                    "max_requests_jitter": 0})
+    config.update(middleware=[{"type": "cache"}], cache={"backend": "redis"},
+                  redis={"url": redis_server.url})
+    p = await proxyd(config, ports=ports)
+    first = set(pids_by_slot(await p.status()).values())
+    load = Exact(p.url)
+    await load.run(n)
+    assert load.statuses == {200: n}, load.statuses
+    samples = await settled_total(p, n)
+    assert total(samples, REQUESTS) == n, p.log()
+
+    async def pushed_sizes() -> bool:  # every live worker has pushed (a fresh one: {})
+        workers = (await p.status())["workers"]
+        return all(w["cache"] for w in workers) and all(
+            isinstance(w["cache"]["entries"], int) and isinstance(w["cache"]["bytes"], int)
+            for w in workers)
+
+    await wait_until(pushed_sizes, 5.0, "every worker to push its cache size")
+    # max_requests: the workers asked to retire at a push, and left with their final one.
+    await wait_until(lambda: len(recycled(p)) >= 1, 10.0, "a worker recycled")
+    assert recycled(p) <= first
+    assert total(await settled_total(p, n), REQUESTS) == n
 
 
 async def _keepalive(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
