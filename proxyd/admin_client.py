@@ -64,8 +64,8 @@ def _size(n: float) -> str:
 def format_status(data: dict[str, Any]) -> str:
     config = data.get("config", {})
     lines = [
-        f"proxyd {data.get('version')}  pid {data.get('pid')}  state {data.get('state')}  "
-        f"generation {data.get('generation')}",
+        f"proxyd {data.get('version')} ({data.get('build', '?')} build)  pid {data.get('pid')}  "
+        f"state {data.get('state')}  generation {data.get('generation')}",
         f"config  {config.get('path')}  sha256 {str(config.get('sha256'))[:12]}  "
         f"loaded {_when(data.get('loaded_at'))}",
     ]

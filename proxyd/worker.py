@@ -59,8 +59,8 @@ class Worker:
             # asyncio re-listens on a passed socket; without backlog it would shrink to 100.
             # A TLS handshake counts against header_timeout: a client that never finishes it
             # must not hold a connection (it is not in the pipeline's connections yet).
-            server = await loop.create_server(
-                tls_factory if ctx is not None else factory, sock=sock,
+            server = await loop.create_server(  # duck-typed protocol
+                tls_factory if ctx is not None else factory, sock=sock,  # type: ignore[arg-type]
                 backlog=self.config.server.backlog, ssl=ctx,
                 ssl_handshake_timeout=(self.config.server.limits.header_timeout or None)
                 if ctx is not None else None,

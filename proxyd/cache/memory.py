@@ -8,10 +8,14 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+from mypy_extensions import mypyc_attr
+
 from proxyd.cache.policy import Headers
 from proxyd.cache.store import Entry, full_key
 
 
+# The Redis store's L1 (cache/redis.py, not compiled) is a subclass.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class MemoryStore:
     def __init__(self, max_entries: int, max_bytes: int, max_object_size: int) -> None:
         self.max_entries = max_entries

@@ -23,6 +23,7 @@ logs once more when Redis is back.
 
 from __future__ import annotations
 
+import builtins
 import json
 import logging
 import os
@@ -176,7 +177,7 @@ class RedisStore:
         return len(self.l1)
 
     @property
-    def bytes(self) -> int:
+    def bytes(self) -> int:  # hides the builtin in this class body: builtins.bytes below
         return self.l1.bytes
 
     # -- client and breaker -----------------------------------------------------------------
@@ -255,12 +256,12 @@ class RedisStore:
 
     # -- keys ---------------------------------------------------------------------------------
     @staticmethod
-    def primary_key(primary: str) -> bytes:
+    def primary_key(primary: str) -> builtins.bytes:
         return NAMESPACE + primary.encode("latin-1")
 
     @staticmethod
-    def variant_key(primary: str, generation: str, names: tuple[bytes, ...],
-                    request_headers: Headers) -> bytes:
+    def variant_key(primary: str, generation: str, names: tuple[builtins.bytes, ...],
+                    request_headers: Headers) -> builtins.bytes:
         return (NAMESPACE + primary.encode("latin-1") + b"\0" + generation.encode() + b"\0"
                 + variant_key(names, request_headers))
 

@@ -66,9 +66,9 @@ class MiddlewareEntry(BaseModel):
 class Cache(Model):
     backend: Literal["memory", "redis"] = "memory"
     max_entries: int = Field(10000, ge=1)
-    max_bytes: ByteSize = "256MiB"
-    max_object_size: ByteSize = "1MiB"
-    default_ttl: Duration = "300s"
+    max_bytes: ByteSize = "256MiB"  # type: ignore[assignment]
+    max_object_size: ByteSize = "1MiB"  # type: ignore[assignment]
+    default_ttl: Duration = "300s"  # type: ignore[assignment]
     statuses: list[int] = Field(default_factory=lambda: [200, 301, 302])
 
 

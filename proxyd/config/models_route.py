@@ -50,8 +50,8 @@ class WebSocket(Model):
     on_reload: Literal["keep", "close"] = Field(
         "keep", description="keep: live until they end or drain_timeout; close: 1001 at once."
     )
-    idle_timeout: Duration = Field("300s", description="Close a relay idle this long.")
-    max_message_size: ByteSize = Field("16MiB", description="Larger messages close with 1009.")
+    idle_timeout: Duration = Field("300s", description="Close a relay idle this long.")  # type: ignore[assignment]
+    max_message_size: ByteSize = Field("16MiB", description="Larger messages close with 1009.")  # type: ignore[assignment]
 
 
 class RouteTimeouts(Model):

@@ -32,18 +32,18 @@ class Model(BaseModel):
 
 
 class Limits(Model):
-    max_body_size: ByteSize = Field("10MiB", description="Largest request body; larger → 413.")
-    max_header_size: ByteSize = Field("8KiB", description="Largest request header section → 431.")
-    max_uri_size: ByteSize = Field("8KiB", description="Longest request target → 414.")
+    max_body_size: ByteSize = Field("10MiB", description="Largest request body; larger → 413.")  # type: ignore[assignment]
+    max_header_size: ByteSize = Field("8KiB", description="Largest request header section → 431.")  # type: ignore[assignment]
+    max_uri_size: ByteSize = Field("8KiB", description="Longest request target → 414.")  # type: ignore[assignment]
     max_headers: int = Field(100, ge=1, description="Most header fields in one request → 431.")
-    header_timeout: Duration = Field(
+    header_timeout: Duration = Field(  # type: ignore[assignment]
         "10s", description="Time a client has to send a complete header section (slowloris)."
     )
-    body_timeout: Duration = Field(
+    body_timeout: Duration = Field(  # type: ignore[assignment]
         "60s", description="Longest wait between request body bytes from a client; then the "
         "connection closes (408 if nothing was answered yet) and its upstream exchange ends.",
     )
-    send_timeout: Duration = Field(
+    send_timeout: Duration = Field(  # type: ignore[assignment]
         "60s", description="A client that reads nothing of a response for this long (its socket "
         "buffer full) is disconnected, and its upstream connection with it.",
     )
@@ -146,7 +146,7 @@ ListenerValue = Annotated[
 
 class Server(Model):
     listen: list[ListenerValue] = Field(
-        default_factory=lambda: ["127.0.0.1:8080"], min_length=1,
+        default_factory=lambda: ["127.0.0.1:8080"], min_length=1,  # type: ignore[arg-type]
         description='Traffic listeners: "host:port", or {address, tls: {cert, key, '
                     'min_version}} to terminate TLS there.',
     )
@@ -154,12 +154,12 @@ class Server(Model):
         "auto", description="Worker processes; auto = usable CPUs (sched_getaffinity)."
     )
     backlog: int = Field(4096, ge=1, description="listen() backlog of every traffic socket.")
-    keepalive_timeout: Duration = Field("5s", description="Idle keep-alive connection lifetime.")
+    keepalive_timeout: Duration = Field("5s", description="Idle keep-alive connection lifetime.")  # type: ignore[assignment]
     max_requests: int = Field(
         10000, ge=0, description="Recycle a worker after N requests; 0 = never."
     )
     max_requests_jitter: int = Field(1000, ge=0, description="Random extra requests per worker.")
-    drain_timeout: Duration = Field(
+    drain_timeout: Duration = Field(  # type: ignore[assignment]
         "30s", description="Time in-flight requests get on reload/stop."
     )
     limits: Limits = Field(default_factory=Limits)
@@ -207,7 +207,7 @@ class Server(Model):
 
 
 class Admin(Model):
-    listen: HostPortValue = Field("127.0.0.1:9901", description="Admin HTTP server address.")
+    listen: HostPortValue = Field("127.0.0.1:9901", description="Admin HTTP server address.")  # type: ignore[assignment]
     token: str = Field("", description="Bearer token required by mutating endpoints when set.")
     protect_reads: bool = Field(
         False, description="With a token set, also require it for /status and /metrics."

@@ -25,9 +25,9 @@ class Pool(Model):
     max_keepalive: int = Field(
         500, ge=0, description="Idle connections kept per target per worker."
     )
-    keepalive_expiry: Duration = Field("30s", description="Idle pooled connection lifetime.")
-    connect_timeout: Duration = Field("5s", description="TCP (and TLS) connect time limit.")
-    read_timeout: Duration = Field("30s", description="Longest wait between upstream bytes.")
+    keepalive_expiry: Duration = Field("30s", description="Idle pooled connection lifetime.")  # type: ignore[assignment]
+    connect_timeout: Duration = Field("5s", description="TCP (and TLS) connect time limit.")  # type: ignore[assignment]
+    read_timeout: Duration = Field("30s", description="Longest wait between upstream bytes.")  # type: ignore[assignment]
     total_timeout: Duration | None = Field(
         None, description="Longest whole exchange, all tries included; none by default."
     )
@@ -40,8 +40,8 @@ class HealthCheck(Model):
     """Active checks, run by the master once per instance; results pushed to the workers."""
 
     path: str = Field("/health", description="GET this path on every target.")
-    interval: Duration = Field("5s", description="Time between checks of one target.")
-    timeout: Duration = Field("2s", description="A check slower than this fails.")
+    interval: Duration = Field("5s", description="Time between checks of one target.")  # type: ignore[assignment]
+    timeout: Duration = Field("2s", description="A check slower than this fails.")  # type: ignore[assignment]
     expected_statuses: list[Status] = Field(
         default_factory=list, description="Statuses that pass; empty = any 2xx or 3xx."
     )
@@ -65,10 +65,10 @@ class OutlierDetection(Model):
         default_factory=list,
         description="Upstream statuses that count as failures, e.g. [502, 503, 504].",
     )
-    base_ejection: Duration = Field(
+    base_ejection: Duration = Field(  # type: ignore[assignment]
         "5s", description="First cool-down; doubles on each repeat ejection."
     )
-    max_ejection: Duration = Field("60s", description="Longest cool-down.")
+    max_ejection: Duration = Field("60s", description="Longest cool-down.")  # type: ignore[assignment]
 
 
 DEFAULT_RETRY_METHODS = ["GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"]
@@ -93,7 +93,7 @@ class Retries(Model):
         0.2, ge=0.0, le=10.0,
         description="Retries at most this fraction of requests (per worker, sliding window).",
     )
-    budget_window: Duration = Field("10s", description="The budget's sliding window.")
+    budget_window: Duration = Field("10s", description="The budget's sliding window.")  # type: ignore[assignment]
     min_retries: int = Field(
         10, ge=0, description="Retries allowed per window whatever the budget (low traffic)."
     )
@@ -122,8 +122,8 @@ class CircuitBreaker(Model):
         description="Open the circuit when this fraction of tries fail within the window.",
     )
     min_requests: int = Field(20, ge=1, description="Tries in the window before it can trip.")
-    window: Duration = Field("10s", description="Sliding window of the error rate.")
-    open_for: Duration = Field("5s", description="Time open (503 at once) before probing.")
+    window: Duration = Field("10s", description="Sliding window of the error rate.")  # type: ignore[assignment]
+    open_for: Duration = Field("5s", description="Time open (503 at once) before probing.")  # type: ignore[assignment]
     half_open_requests: int = Field(
         1, ge=1, description="Probe requests that must succeed to close the circuit."
     )

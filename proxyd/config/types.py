@@ -71,7 +71,7 @@ def parse_byte_size(value: Any) -> int:
 class Rate(NamedTuple):
     """``count`` events per ``period`` seconds."""
 
-    count: int
+    count: int  # type: ignore[assignment]  # hides tuple.count, unused here
     period: float
 
     @property

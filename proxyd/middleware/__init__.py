@@ -11,13 +11,14 @@ from typing import Any
 from pydantic import ValidationError
 
 from proxyd.config.models import GatewayConfig, Route
-from proxyd.middleware.base import Middleware, Options
+from proxyd.middleware.base import Middleware
 from proxyd.middleware.cache import Cache
 from proxyd.middleware.chain import Chain
 from proxyd.middleware.compression import Compression
 from proxyd.middleware.cors import Cors
 from proxyd.middleware.etag import Etag
 from proxyd.middleware.headers import Headers
+from proxyd.middleware.options import Options
 from proxyd.middleware.rate_limit import RateLimit
 from proxyd.middleware.security_headers import SecurityHeaders
 from proxyd.middleware.trace_id import TraceId

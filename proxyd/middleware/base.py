@@ -10,17 +10,13 @@ protocol callbacks of the data plane.
 from __future__ import annotations
 
 import asyncio
+import builtins
 from collections.abc import Callable
 from typing import Any, ClassVar, Protocol
 
-from pydantic import BaseModel, ConfigDict
+from mypy_extensions import mypyc_attr
 
-
-class Options(BaseModel):
-    # validate_default: defaults such as max_age "600s" or min_size "1KiB" must be parsed too.
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
-    type: str
-    enabled: bool = True
+from proxyd.middleware.options import Options
 
 
 class BodyFilter(Protocol):
@@ -234,9 +230,12 @@ class Context:
         return self.request_id
 
 
+# An extension point: types outside the compiled group (rate_limit, tests) subclass it.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Middleware:
     type: ClassVar[str]
-    options_model: ClassVar[type[Options]]
+    # builtins.type: the class attribute ``type`` above hides the builtin in this body.
+    options_model: ClassVar[builtins.type[Options]]
     # Whether the response hook wants the whole body before the head is sent (etag).
     buffers_body: ClassVar[bool] = False
 

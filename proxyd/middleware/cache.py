@@ -13,33 +13,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any, Literal
-
-from pydantic import Field
+from typing import TYPE_CHECKING, Any
 
 from proxyd.cache import policy
 from proxyd.cache.store import Entry
-from proxyd.config.types import Duration
-from proxyd.middleware.base import Context, Middleware, Options, Pending, Response
+from proxyd.middleware.base import Context, Middleware, Pending, Response
 from proxyd.middleware.cache_entry import NOT_STORED, Tee, new_entry, not_modified, refreshed
+from proxyd.middleware.options import CacheOptions
 
 if TYPE_CHECKING:
     from proxyd.proxy.pipeline import Pipeline
     from proxyd.proxy.router import CompiledRoute
 
 UNSAFE = frozenset({b"POST", b"PUT", b"PATCH", b"DELETE"})
-
-
-class CacheOptions(Options):
-    type: Literal["cache"] = "cache"
-    coalesce: bool = True
-    coalesce_timeout: Duration = Field("5s", description="Longest wait for a coalesced miss.")
-    x_cache: bool = Field(True, description="Also send X-Cache: HIT|MISS.")
-    sort_query: bool = True
-    ignore_query_params: list[str] = Field(default_factory=list)
-    key_headers: list[str] = Field(default_factory=list,
-                                   description="Request headers added to every key.")
-    allow_set_cookie: bool = False
 
 
 class Cache(Middleware):

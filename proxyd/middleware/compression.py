@@ -10,48 +10,17 @@ compress, already encoded, or marked ``no-transform`` pass untouched.
 from __future__ import annotations
 
 import zlib
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field, field_validator
+import brotli
 
-from proxyd.config.types import ByteSize
-from proxyd.middleware.base import Context, Middleware, Options, Response
+from proxyd.middleware.base import Context, Middleware, Response
+from proxyd.middleware.options import CompressionOptions
 
 try:  # optional: only offered when installed
     import zstandard
 except ImportError:  # pragma: no cover - depends on the environment
     zstandard = None
-
-import brotli
-
-DEFAULT_TYPES = [
-    "text/", "application/json", "application/javascript", "application/xml",
-    "application/xhtml+xml", "application/rss+xml", "application/atom+xml",
-    "application/problem+json", "application/ld+json", "image/svg+xml",
-    "application/wasm", "application/x-ndjson",
-]
-
-
-class CompressionOptions(Options):
-    type: Literal["compression"] = "compression"
-    min_size: ByteSize = "1KiB"
-    algorithms: list[Literal["br", "gzip", "zstd"]] = Field(
-        default_factory=lambda: ["br", "gzip"], description="Server preference order."
-    )
-    types: list[str] = Field(default_factory=lambda: list(DEFAULT_TYPES),
-                             description="Content-Type prefixes that are compressed.")
-    gzip_level: int = Field(6, ge=1, le=9)
-    brotli_quality: int = Field(4, ge=0, le=11)
-    zstd_level: int = Field(3, ge=1, le=19)
-
-    @field_validator("algorithms")
-    @classmethod
-    def _available(cls, v: list[str]) -> list[str]:
-        if "zstd" in v and zstandard is None:
-            raise ValueError("zstd needs the 'zstandard' package, which is not installed")
-        if not v:
-            raise ValueError("at least one algorithm is required")
-        return v
 
 
 class _Gzip:
@@ -123,7 +92,7 @@ class Compression(Middleware):
     type = "compression"
     options_model = CompressionOptions
 
-    def __init__(self, options: CompressionOptions) -> None:  # type: ignore[override]
+    def __init__(self, options: CompressionOptions) -> None:
         super().__init__(options)
         self.min_size = options.min_size
         self.order = [a.encode() for a in options.algorithms]

@@ -6,42 +6,15 @@ Origin lookup (a set hit, or a suffix test for ``https://*.example.com`` pattern
 
 from __future__ import annotations
 
-import re
-from typing import Literal
-
-from pydantic import Field, model_validator
-
-from proxyd.config.types import Duration
-from proxyd.middleware.base import Context, Middleware, Options, Response, json_response
-
-
-class CorsOptions(Options):
-    type: Literal["cors"] = "cors"
-    allow_origins: list[str] = Field(default_factory=list,
-                                     description='Exact origins, "*", or https://*.example.com')
-    allow_methods: list[str] = Field(
-        default_factory=lambda: ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
-    )
-    allow_headers: list[str] = Field(default_factory=list, description='Names, or ["*"].')
-    expose_headers: list[str] = Field(default_factory=list)
-    allow_credentials: bool = False
-    max_age: Duration = "600s"
-
-    @model_validator(mode="after")
-    def _no_wildcard_with_credentials(self) -> CorsOptions:
-        if self.allow_credentials and ("*" in self.allow_origins or "*" in self.allow_headers):
-            raise ValueError('"*" cannot be combined with allow_credentials (browsers refuse it)')
-        for origin in self.allow_origins:
-            if origin != "*" and not re.fullmatch(r"https?://(\*\.)?[A-Za-z0-9.-]+(:\d+)?", origin):
-                raise ValueError(f"invalid origin {origin!r}: expected scheme://host[:port]")
-        return self
+from proxyd.middleware.base import Context, Middleware, Response, json_response
+from proxyd.middleware.options import CorsOptions
 
 
 class Cors(Middleware):
     type = "cors"
     options_model = CorsOptions
 
-    def __init__(self, options: CorsOptions) -> None:  # type: ignore[override]
+    def __init__(self, options: CorsOptions) -> None:
         super().__init__(options)
         self.any_origin = "*" in options.allow_origins
         self.exact = {o.lower().encode() for o in options.allow_origins if "*" not in o}

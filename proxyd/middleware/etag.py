@@ -6,23 +6,16 @@ anything larger streams untouched. A 304 carries the validators but never a body
 
 from __future__ import annotations
 
-from typing import Literal
-
 from xxhash import xxh3_128_hexdigest
 
-from proxyd.config.types import ByteSize
-from proxyd.middleware.base import Context, Middleware, Options, Response
+from proxyd.middleware.base import Context, Middleware, Response
+from proxyd.middleware.options import EtagOptions
 
 # Fields a 304 keeps (RFC 9110 §15.4.5); the rest describe a body that is not sent.
 _KEEP_ON_304 = frozenset({
     b"etag", b"cache-control", b"content-location", b"date", b"expires", b"vary",
     b"last-modified",
 })
-
-
-class EtagOptions(Options):
-    type: Literal["etag"] = "etag"
-    max_size: ByteSize = "1MiB"
 
 
 def body_tag(body: bytes) -> bytes:
@@ -53,7 +46,7 @@ class Etag(Middleware):
     options_model = EtagOptions
     buffers_body = True
 
-    def __init__(self, options: EtagOptions) -> None:  # type: ignore[override]
+    def __init__(self, options: EtagOptions) -> None:
         super().__init__(options)
         self.max_size = options.max_size
 

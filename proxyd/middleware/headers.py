@@ -6,15 +6,12 @@ without placeholders costs nothing per request beyond appending it.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from proxyd.middleware.base import Context, Middleware, Response
+from proxyd.middleware.options import PLACEHOLDER, PLACEHOLDER_NAMES, HeaderOps, HeadersOptions
 
-from proxyd.middleware.base import Context, Middleware, Options, Response
-
-_PLACEHOLDER = re.compile(r"\{(\w+)\}")
 PLACEHOLDERS: dict[str, Callable[[Context], bytes]] = {
     "client_ip": lambda c: c.client_ip,
     "request_id": lambda c: c.id().encode(),
@@ -23,29 +20,8 @@ PLACEHOLDERS: dict[str, Callable[[Context], bytes]] = {
     "path": lambda c: c.path,
     "host": lambda c: c.host or b"",
 }
-
-
-class HeaderOps(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    set: dict[str, str] = Field(default_factory=dict)
-    add: dict[str, str] = Field(default_factory=dict)
-    remove: list[str] = Field(default_factory=list)
-
-    @field_validator("set", "add")
-    @classmethod
-    def _known_placeholders(cls, v: dict[str, str]) -> dict[str, str]:
-        for template in v.values():
-            for name in _PLACEHOLDER.findall(template):
-                if name not in PLACEHOLDERS:
-                    raise ValueError(f"unknown placeholder {{{name}}}; known: "
-                                     + ", ".join(sorted(PLACEHOLDERS)))
-        return v
-
-
-class HeadersOptions(Options):
-    type: Literal["headers"] = "headers"
-    request: HeaderOps = Field(default_factory=HeaderOps)
-    response: HeaderOps = Field(default_factory=HeaderOps)
+# The options accept exactly these names (they are validated before this module runs).
+assert tuple(PLACEHOLDERS) == PLACEHOLDER_NAMES
 
 
 Template = bytes | list[bytes | Callable[[Context], bytes]]
@@ -54,7 +30,7 @@ Template = bytes | list[bytes | Callable[[Context], bytes]]
 def compile_template(template: str) -> Template:
     parts: list[bytes | Callable[[Context], bytes]] = []
     pos = 0
-    for m in _PLACEHOLDER.finditer(template):
+    for m in PLACEHOLDER.finditer(template):
         if m.start() > pos:
             parts.append(template[pos:m.start()].encode())
         parts.append(PLACEHOLDERS[m.group(1)])
@@ -101,7 +77,7 @@ class Headers(Middleware):
     type = "headers"
     options_model = HeadersOptions
 
-    def __init__(self, options: HeadersOptions) -> None:  # type: ignore[override]
+    def __init__(self, options: HeadersOptions) -> None:
         super().__init__(options)
         self.request = CompiledOps(options.request)
         self.response = CompiledOps(options.response)

@@ -2,26 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
-from pydantic import Field
-
-from proxyd.middleware.base import Context, Middleware, Options, Response
-
-
-class SecurityHeadersOptions(Options):
-    type: Literal["security_headers"] = "security_headers"
-    strict_transport_security: str | None = "max-age=31536000; includeSubDomains"
-    x_content_type_options: str | None = "nosniff"
-    x_frame_options: str | None = "DENY"
-    referrer_policy: str | None = "strict-origin-when-cross-origin"
-    content_security_policy: str | None = None
-    permissions_policy: str | None = None
-    override: list[str] = Field(
-        default_factory=list,
-        description="Header names whose upstream value is replaced; others are kept.",
-    )
-
+from proxyd.middleware.base import Context, Middleware, Response
+from proxyd.middleware.options import SecurityHeadersOptions
 
 _NAMES = {
     "strict_transport_security": b"Strict-Transport-Security",
@@ -37,7 +19,7 @@ class SecurityHeaders(Middleware):
     type = "security_headers"
     options_model = SecurityHeadersOptions
 
-    def __init__(self, options: SecurityHeadersOptions) -> None:  # type: ignore[override]
+    def __init__(self, options: SecurityHeadersOptions) -> None:
         super().__init__(options)
         override = {h.lower() for h in options.override}
         self.fields: list[tuple[bytes, bytes, bytes, bool]] = []  # lname, name, value, override

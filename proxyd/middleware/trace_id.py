@@ -4,28 +4,20 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Literal
 
-from proxyd.middleware.base import Context, Middleware, Options, Response
+from proxyd.middleware.base import Context, Middleware, Response
+from proxyd.middleware.options import TraceIdOptions
 
 _TRACEPARENT = re.compile(rb"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 # Visible ASCII only: safe to echo and to log. Used with fullmatch ("$" would let a "\n" in).
 _SAFE_ID = re.compile(rb"[\x21-\x7e]{1,200}")
 
 
-class TraceIdOptions(Options):
-    type: Literal["trace_id"] = "trace_id"
-    header: str = "X-Request-ID"
-    trust_incoming: bool = True
-    echo: bool = True
-    traceparent: bool = True
-
-
 class TraceId(Middleware):
     type = "trace_id"
     options_model = TraceIdOptions
 
-    def __init__(self, options: TraceIdOptions) -> None:  # type: ignore[override]
+    def __init__(self, options: TraceIdOptions) -> None:
         super().__init__(options)
         self.name = options.header.encode()
         self.lname = self.name.lower()

@@ -8,10 +8,9 @@ refused because an upstream that decodes after proxyd routed would see a differe
 from __future__ import annotations
 
 import re
-from typing import Literal
 
-from proxyd.config.types import ByteSize
-from proxyd.middleware.base import Context, Middleware, Options, Response, json_response
+from proxyd.middleware.base import Context, Middleware, Response, json_response
+from proxyd.middleware.options import ValidationOptions
 
 # A "." or ".." segment once decoded: dots plain or %2e, separators plain or %2f / %5c (so
 # "..%2f" and "%2e%2e%2f" count). Only searched when the path holds a "%".
@@ -21,22 +20,11 @@ _ENCODED_NUL = re.compile(rb"%00")
 _ENCODED_SLASH = re.compile(rb"%2f|%5c", re.IGNORECASE)
 
 
-class ValidationOptions(Options):
-    type: Literal["validation"] = "validation"
-    methods: list[str] | None = None
-    max_body_size: ByteSize | None = None
-    max_headers: int | None = None
-    max_header_size: ByteSize | None = None
-    max_uri_length: int | None = None
-    reject_encoded_traversal: bool = True
-    reject_encoded_slash: bool = False
-
-
 class Validation(Middleware):
     type = "validation"
     options_model = ValidationOptions
 
-    def __init__(self, options: ValidationOptions) -> None:  # type: ignore[override]
+    def __init__(self, options: ValidationOptions) -> None:
         super().__init__(options)
         self.methods = {m.upper().encode() for m in options.methods} if options.methods else None
         if self.methods and b"GET" in self.methods:

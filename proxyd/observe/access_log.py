@@ -14,7 +14,7 @@ import asyncio
 import os
 import random
 import time
-from json.encoder import encode_basestring_ascii as esc  # type: ignore[attr-defined]
+from json.encoder import encode_basestring_ascii as esc
 
 from proxyd.config.models import AccessLog as AccessLogConfig
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from time import monotonic
-from typing import TYPE_CHECKING
 
 from proxyd.middleware.base import Context, Pending, Response, json_response
 from proxyd.proxy.forward import Exchange
@@ -36,7 +35,11 @@ PAUSE_PENDING = 4  # body bytes piled up while the upstream connection is being 
 
 
 class Answering:
-    """Dispatch, local answers and errors of DownstreamProtocol; no state of its own."""
+    """Dispatch, local answers and errors of DownstreamProtocol; no state of its own.
+
+    The I/O methods below stand for DownstreamProtocol's, which override them: a base class,
+    not a mixin of declarations only, because the compiled build needs every method defined.
+    """
 
     # The connection's state, kept by DownstreamProtocol (declared for the type checker).
     p: Pipeline
@@ -59,13 +62,23 @@ class Answering:
     _paused: int
     _advancing: bool
 
-    if TYPE_CHECKING:
-        def send(self, data: bytes) -> None: ...
-        def flush(self) -> None: ...
-        def close(self) -> None: ...
-        def abort(self) -> None: ...
-        def _pause(self, reason: int) -> None: ...
-        def _resume(self, reason: int) -> None: ...
+    def send(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def _pause(self, reason: int) -> None:
+        raise NotImplementedError
+
+    def _resume(self, reason: int) -> None:
+        raise NotImplementedError
 
     # -- answering --------------------------------------------------------------------------
     def _advance(self) -> None:
@@ -160,7 +173,10 @@ class Answering:
 
     def _chain_resumed(self, req: Request, future: asyncio.Future[Response | None],
                        index: int) -> None:
-        if self.closed or self.active is not req or req.ctx is None:
+        # Compared through a local: narrowing self.active here would let the compiled build
+        # assume it still holds a Request below, after _chain_answer may have cleared it.
+        active = self.active
+        if self.closed or active is not req or req.ctx is None:
             return
         if future.cancelled() or future.exception() is not None:
             self.send_error(req, 500, "middleware failed")

@@ -62,7 +62,8 @@ class SendWatch:
 REFUSED_LINGER = 1.0  # seconds a refused connection may take to read its 503 before the close
 
 
-class DownstreamProtocol(Answering, asyncio.Protocol):
+# Not an asyncio.Protocol subclass, for the same reason as UpstreamConnection.
+class DownstreamProtocol(Answering):
     def __init__(self, pipeline: Pipeline, tls: bool = False) -> None:
         self.p = pipeline
         self.scheme = b"https" if tls else b"http"  # of the listener: X-Forwarded-Proto
@@ -122,6 +123,11 @@ class DownstreamProtocol(Answering, asyncio.Protocol):
             self.deadline = p.deadlines.now + REFUSED_LINGER
         else:
             transport.close()
+
+    def eof_received(self) -> bool:
+        """The client half-closed: the transport closes (asyncio.Protocol's default, written
+        out because this class does not inherit it); what is in flight ends in connection_lost."""
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

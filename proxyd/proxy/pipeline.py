@@ -10,7 +10,7 @@ import itertools
 import math
 import os
 from bisect import bisect_left
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from time import monotonic
 from typing import TYPE_CHECKING, Any
 
@@ -65,8 +65,10 @@ class Pipeline:
         self.cache_refreshing: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._session: Any = None  # aiohttp ClientSession for background fetches, lazily
-        self.closers: list[Callable[[], Awaitable[None]]] = []  # middleware resources (Redis)
+        # middleware resources (Redis)
+        self.closers: list[Callable[[], Coroutine[Any, Any, None]]] = []
         self.redis_fallback = 0.0  # gauge: a Redis-backed limiter is on its fallback
+        self.limiters_on_fallback: set[Any] = set()  # rate limiters on their fallback
         self.tunnels: set[Tunnel] = set()  # live WebSocket relays
         self.max_body_size = limits.max_body_size
         self.max_header_size = limits.max_header_size

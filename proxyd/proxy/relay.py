@@ -35,10 +35,9 @@ class Abandoned(Exception):
 class ResponseRelay:
     """The response-parser callbacks of Exchange and the relay of the response to the client."""
 
-    # Exchange holds the slots; empty ones here keep its instances free of a __dict__. Hidden
-    # from mypy, which would read them as "no attribute may be set on self".
-    if not TYPE_CHECKING:
-        __slots__ = ()
+    # Exchange holds the state (its __slots__; in the compiled build, fixed fields). The
+    # methods below stand for Exchange's, which override them: a base class, not a mixin of
+    # declarations only, because the compiled build needs every method it calls defined.
 
     # The exchange's state, kept by Exchange (declared for the type checker).
     ds: DownstreamProtocol
@@ -68,11 +67,17 @@ class ResponseRelay:
     total_deadline: float
     interim_sent: bool
 
-    if TYPE_CHECKING:
-        def _retry(self, *, sent: bool, same_ok: bool) -> bool: ...
-        def _finish(self, *, reusable: bool) -> None: ...
-        def _leave(self) -> None: ...
-        def upstream_failed(self, status: int, message: str) -> None: ...
+    def _retry(self, *, sent: bool, same_ok: bool) -> bool:
+        raise NotImplementedError
+
+    def _finish(self, *, reusable: bool) -> None:
+        raise NotImplementedError
+
+    def _leave(self) -> None:
+        raise NotImplementedError
+
+    def upstream_failed(self, status: int, message: str) -> None:
+        raise NotImplementedError
 
     # -- response side: llhttp callbacks ----------------------------------------------------
     def feed_response(self, data: bytes) -> None:

@@ -101,11 +101,11 @@ class TargetPool:
             async with asyncio.timeout(exchange.timeouts.connect):
                 addr = await self.upstream.resolver.resolve(self.host, self.port)
                 if self.ssl is None:
-                    _, conn = await loop.create_connection(
+                    _, conn = await loop.create_connection(  # type: ignore[type-var]
                         lambda: UpstreamConnection(self), addr, self.port
                     )
                 else:
-                    _, conn = await loop.create_connection(
+                    _, conn = await loop.create_connection(  # type: ignore[type-var]
                         lambda: UpstreamConnection(self), addr, self.port, ssl=self.ssl,
                         server_hostname=self.server_hostname,
                     )

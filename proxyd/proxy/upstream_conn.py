@@ -42,7 +42,9 @@ class Timeouts:
         )
 
 
-class UpstreamConnection(asyncio.Protocol):
+# Not an asyncio.Protocol subclass: the event loop only calls these methods, and a class with
+# a non-native base would lose the compiled build's fixed attribute layout (README: "Build").
+class UpstreamConnection:
     __slots__ = (
         "_out",
         "deadline",

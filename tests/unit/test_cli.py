@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from proxyd import __version__
+from proxyd import __version__, compiled
 from proxyd.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,6 +33,7 @@ def test_version(runner: CliRunner) -> None:
     result = runner.invoke(main, ["--version"])
     assert result.exit_code == 0
     assert __version__ in result.output
+    assert ("(compiled build)" if compiled() else "(pure-Python build)") in result.output
 
 
 def test_check_config_default_file_passes(runner: CliRunner) -> None:

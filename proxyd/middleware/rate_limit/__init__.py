@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import math
-import weakref
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from proxyd.config.types import Duration, RateValue
-from proxyd.middleware.base import Context, Middleware, Options, Pending, Response, json_response
+from proxyd.middleware.base import Context, Middleware, Pending, Response, json_response
+from proxyd.middleware.options import Options
 from proxyd.middleware.rate_limit.gcra import Decision, Limit
 from proxyd.middleware.rate_limit.memory import MemoryLimiter
 from proxyd.middleware.rate_limit.redis import RedisLimiter
@@ -44,7 +44,7 @@ class RateLimitOptions(Options):
                                  description="client_ip, header:NAME, route, or a list of them.")
     on_backend_error: Literal["allow", "deny", "local"] = "local"
     instances_hint: int = Field(1, ge=1, description="proxyd instances sharing the limit.")
-    redis_timeout: Duration = "50ms"
+    redis_timeout: Duration = "50ms"  # type: ignore[assignment]
     headers: bool = True
 
     @field_validator("key")
@@ -73,10 +73,6 @@ class RateLimitOptions(Options):
 HEADER_LNAMES = [b"ratelimit-policy", b"ratelimit-limit", b"ratelimit-remaining",
                  b"ratelimit-reset"]
 HEADER_NAMES = frozenset(HEADER_LNAMES)
-
-# Per worker pipeline: the limiters (one per route) now answering from their fallback.
-_ON_FALLBACK: weakref.WeakKeyDictionary[Any, set[RateLimit]] = weakref.WeakKeyDictionary()
-
 
 class RateLimit(Middleware):
     type = "rate_limit"
@@ -176,7 +172,7 @@ class RateLimit(Middleware):
         pipeline = self.pipeline
         if pipeline is None:
             return
-        on_fallback = _ON_FALLBACK.setdefault(pipeline, set())
+        on_fallback = pipeline.limiters_on_fallback
         if value:
             on_fallback.add(self)
         else:

@@ -184,7 +184,12 @@ class RedisLimiter:
         """``request`` for a coroutine: raises on Redis failure."""
         future: asyncio.Future[list[Decision] | BaseException] = (
             asyncio.get_running_loop().create_future())
-        self.request(key, lambda result: future.done() or future.set_result(result))
+
+        def settle(result: list[Decision] | BaseException) -> None:
+            if not future.done():
+                future.set_result(result)
+
+        self.request(key, settle)
         result = await future
         if isinstance(result, BaseException):
             raise result

@@ -52,6 +52,7 @@ class FakePipeline:
         self.metrics = FakeMetrics()
         self.closers: list[Any] = []
         self.redis_fallback = 0.0
+        self.limiters_on_fallback: set[Any] = set()
         self.tasks: list[asyncio.Task[None]] = []
 
     def spawn(self, coro: Any) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 from proxyd.config.models import CircuitBreaker, GatewayConfig, Retries, Upstream
 from proxyd.config.semantic import check
 from proxyd.proxy.resilience import Breaker, RetryBudget
 from proxyd.proxy.resolver import Resolver
+from proxyd.proxy.timers import Deadlines
 from proxyd.proxy.upstream import UpstreamPool
 
 
@@ -78,11 +80,13 @@ def test_breaker_lost_probes_expire() -> None:
     assert breaker.allow()
 
 
-def pool(**options: Any) -> tuple[UpstreamPool, Clock]:
-    clock = Clock()
+def pool(**options: Any) -> tuple[UpstreamPool, Deadlines]:
+    # The pool's clock is the worker's Deadlines (a compiled class in the compiled build, so
+    # the real one), never started: its ``now`` is moved by hand.
+    clock = Deadlines(SimpleNamespace(time=lambda: 1000.0), 1.0)  # type: ignore[arg-type]
     cfg = Upstream.model_validate({"targets": ["http://10.0.0.1:80", "http://10.0.0.2:80"],
                                    **options})
-    return UpstreamPool("up", cfg, clock, Resolver()), clock  # type: ignore[arg-type]
+    return UpstreamPool("up", cfg, clock, Resolver()), clock
 
 
 def test_ejection_cool_down_grows_and_probation() -> None:

@@ -1,0 +1,93 @@
+"""Build: the data plane compiled to C with mypyc where a C compiler is at hand.
+
+Everything else about the package is in pyproject.toml. The modules below are the per-request
+path (parsers' callbacks, routing, the middleware chain, the relay, metrics, the access log);
+compiled, their classes get fixed attribute layouts and their calls to each other become C
+calls, which is most of what a request costs in Python (README "Build"). They must be compiled
+together, as one group: a compiled module uses its group's classes directly.
+
+PROXYD_PURE=1 at build time skips the compilation; a failed compilation (no compiler, no
+Python headers) installs the pure-Python package with a warning. The same variable at run
+time makes an installed compiled package load its source instead (proxyd/__init__.py).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from setuptools import setup
+from setuptools.command.build_ext import build_ext
+
+COMPILED = [
+    "proxyd/cache/memory.py",
+    "proxyd/cache/policy.py",
+    "proxyd/cache/store.py",
+    "proxyd/middleware/base.py",
+    "proxyd/middleware/cache.py",
+    "proxyd/middleware/cache_entry.py",
+    "proxyd/middleware/chain.py",
+    "proxyd/middleware/compression.py",
+    "proxyd/middleware/cors.py",
+    "proxyd/middleware/etag.py",
+    "proxyd/middleware/headers.py",
+    "proxyd/middleware/rate_limit/gcra.py",
+    "proxyd/middleware/rate_limit/memory.py",
+    "proxyd/middleware/security_headers.py",
+    "proxyd/middleware/trace_id.py",
+    "proxyd/middleware/validation.py",
+    "proxyd/observe/access_log.py",
+    "proxyd/observe/metrics.py",
+    "proxyd/proxy/answer.py",
+    "proxyd/proxy/downstream.py",
+    "proxyd/proxy/forward.py",
+    "proxyd/proxy/headers.py",
+    "proxyd/proxy/pipeline.py",
+    "proxyd/proxy/relay.py",
+    "proxyd/proxy/request.py",
+    "proxyd/proxy/router.py",
+    "proxyd/proxy/timers.py",
+    "proxyd/proxy/upstream.py",
+    "proxyd/proxy/upstream_conn.py",
+]
+
+
+class OptionalBuildExt(build_ext):
+    """A compilation that fails leaves the pure-Python package, which works the same, slower.
+
+    All or nothing: the modules are one group, so what was built before the failure goes too.
+    """
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except Exception as exc:  # noqa: BLE001  (compiler and distutils errors vary)
+            for path in self.get_outputs():
+                if os.path.exists(path):
+                    os.remove(path)
+            print(f"WARNING: proxyd's compiled data plane was not built ({exc}); "
+                  "installing the pure-Python package", file=sys.stderr)
+            self.extensions = []
+
+    def get_outputs(self) -> list[str]:
+        return super().get_outputs() if self.extensions else []
+
+
+def ext_modules() -> list:  # type: ignore[type-arg]
+    if os.environ.get("PROXYD_PURE") == "1":
+        return []
+    try:
+        from mypyc.build import mypycify
+    except ImportError:
+        print("WARNING: mypyc not available; installing the pure-Python package",
+              file=sys.stderr)
+        return []
+    try:
+        return mypycify(COMPILED, opt_level="3", group_name="proxyd_compiled")  # type: ignore[no-any-return]
+    except BaseException as exc:  # noqa: BLE001  (mypyc exits on a type error)
+        print(f"WARNING: mypyc failed ({exc!r}); installing the pure-Python package",
+              file=sys.stderr)
+        return []
+
+
+setup(ext_modules=ext_modules(), cmdclass={"build_ext": OptionalBuildExt})
