@@ -23,7 +23,7 @@ class Tee:
     """A pass-through body filter that keeps a copy for the store, up to a size."""
 
     def __init__(self, done: Any, limit: int) -> None:
-        self.parts: list[bytes] = []
+        self.parts: list[bytes] | None = []  # None once over the limit
         self.size = 0
         self.limit = limit
         self.done = done
@@ -32,7 +32,7 @@ class Tee:
         if self.parts is not None and chunk:
             self.size += len(chunk)
             if self.size > self.limit:
-                self.parts = None  # type: ignore[assignment]
+                self.parts = None
             else:
                 self.parts.append(chunk)
         return chunk

@@ -27,6 +27,10 @@ NO_BODY_STATUSES = frozenset({204, 304})
 CONNECTION_OPTIONS = HOP_BY_HOP | {b"close", b""}
 
 
+def body_of(resp: Response) -> bytes | None:
+    return resp.body
+
+
 class Abandoned(Exception):
     """Raised from a response-parser callback: this try's response is dropped (a retry on
     another target has begun); the parser stops at once."""
@@ -284,8 +288,11 @@ class ResponseRelay:
         assert resp is not None and self.req.ctx is not None
         resp.body = body
         self.req.chain.response(self.req.ctx, resp)
-        same = resp.body is body  # no hook replaced it: the upstream's Content-Length holds
-        body = resp.body or b""
+        # Read back through a function: the assignment above narrowed resp.body to bytes, and
+        # the compiled build would trust that over a hook that set it to None.
+        after = body_of(resp)
+        same = after is body  # no hook replaced it: the upstream's Content-Length holds
+        body = after or b""
         no_body = resp.drop_body or resp.status in NO_BODY_STATUSES
         if not no_body and not (same and resp.has(b"content-length")):
             resp.set(b"Content-Length", str(len(body)).encode())

@@ -19,6 +19,9 @@ import brotli
 import pytest
 from aiohttp import web
 
+from proxyd.middleware.base import Context, Middleware, Response
+from proxyd.middleware.chain import Chain
+from proxyd.middleware.options import Options
 from tests.functional._http import Message, RawClient, RawConn, _read_head, get
 from tests.functional.conftest import (
     CATCH_ALL,
@@ -125,6 +128,35 @@ async def test_upstream_etag_is_honoured(upstreams: Upstreams, proxy: StartProxy
         assert not_modified.status == 304 and not_modified.header("ETag") == '"v1"'
         follow = await c.response()
         assert follow.status == 200 and follow.body == SMALL
+
+
+class Blank(Middleware):
+    """A hook outside the registry (and, in the compiled build, outside the compiled group)
+    that takes the buffered body away."""
+
+    type = "blank"
+    options_model = Options
+
+    def on_response(self, ctx: Context, resp: Response) -> None:
+        resp.body = None
+
+
+async def test_a_hook_that_drops_a_buffered_body_sends_an_empty_one(
+    upstreams: Upstreams, proxy: StartProxy
+) -> None:
+    """The relay reads the body back after the hooks, whatever it was set to: the compiled
+    build must not assume it is still the bytes it handed them."""
+    p = await fixed_proxy(upstreams, proxy, [{"type": "etag", "max_size": "64KiB"}])
+    compiled = p.pipeline.router.routes[0]
+    etag = compiled.chain.middleware[0]
+    compiled.chain = Chain([Blank(Options(type="blank")), etag])  # Blank runs last, outermost
+    async with await RawClient.connect(p.port) as c:
+        resp = await c.request(get("/doc"))
+        assert resp.status == 200 and resp.body == b""
+        assert resp.header("Content-Length") == "0"
+        assert resp.header("ETag") is not None  # etag saw the body before Blank took it
+        again = await c.request(get("/small"))  # the connection is still in step
+        assert again.status == 200 and again.body == b""
 
 
 # -- compression ----------------------------------------------------------------------------------
