@@ -33,6 +33,7 @@ COMPILED = [
     "proxyd/middleware/headers.py",
     "proxyd/middleware/rate_limit/gcra.py",
     "proxyd/middleware/rate_limit/memory.py",
+    "proxyd/middleware/rate_limit/middleware.py",
     "proxyd/middleware/security_headers.py",
     "proxyd/middleware/trace_id.py",
     "proxyd/middleware/validation.py",

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Final, Protocol
 
 from proxyd.cache.policy import Headers, variant_key
 
 # Per-entry bookkeeping counted against max_bytes besides header and body bytes: dict slots,
 # the key strings, the dataclass. An estimate, but a stable one.
-ENTRY_OVERHEAD = 256
+ENTRY_OVERHEAD: Final = 256
 
 
 @dataclass(slots=True)

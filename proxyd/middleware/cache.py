@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from proxyd.cache import policy
 from proxyd.cache.store import Entry
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from proxyd.proxy.pipeline import Pipeline
     from proxyd.proxy.router import CompiledRoute
 
-UNSAFE = frozenset({b"POST", b"PUT", b"PATCH", b"DELETE"})
+UNSAFE: Final = frozenset({b"POST", b"PUT", b"PATCH", b"DELETE"})
 
 
 class Cache(Middleware):

@@ -8,7 +8,7 @@ against an entry; and the body filter that copies a streamed response body for t
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Final
 
 from proxyd.cache import policy
 from proxyd.cache.store import Entry
@@ -16,7 +16,7 @@ from proxyd.middleware.base import Context
 from proxyd.proxy.headers import HOP_BY_HOP
 
 # Fields never stored: per-hop, framing (re-made on every answer), and what the cache adds.
-NOT_STORED = HOP_BY_HOP | {b"age", b"content-length", b"cache-status", b"x-cache"}
+NOT_STORED: Final = HOP_BY_HOP | {b"age", b"content-length", b"cache-status", b"x-cache"}
 
 
 class Tee:

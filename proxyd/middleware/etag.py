@@ -6,13 +6,15 @@ anything larger streams untouched. A 304 carries the validators but never a body
 
 from __future__ import annotations
 
+from typing import Final
+
 from xxhash import xxh3_128_hexdigest
 
 from proxyd.middleware.base import Context, Middleware, Response
 from proxyd.middleware.options import EtagOptions
 
 # Fields a 304 keeps (RFC 9110 §15.4.5); the rest describe a body that is not sent.
-_KEEP_ON_304 = frozenset({
+_KEEP_ON_304: Final = frozenset({
     b"etag", b"cache-control", b"content-location", b"date", b"expires", b"vary",
     b"last-modified",
 })

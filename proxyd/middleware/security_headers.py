@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Final
+
 from proxyd.middleware.base import Context, Middleware, Response
 from proxyd.middleware.options import SecurityHeadersOptions
 
-_NAMES = {
+_NAMES: Final = {
     "strict_transport_security": b"Strict-Transport-Security",
     "x_content_type_options": b"X-Content-Type-Options",
     "x_frame_options": b"X-Frame-Options",

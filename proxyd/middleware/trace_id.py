@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Final
 
 from proxyd.middleware.base import Context, Middleware, Response
 from proxyd.middleware.options import TraceIdOptions
 
-_TRACEPARENT = re.compile(rb"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+_TRACEPARENT: Final = re.compile(rb"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 # Visible ASCII only: safe to echo and to log. Used with fullmatch ("$" would let a "\n" in).
-_SAFE_ID = re.compile(rb"[\x21-\x7e]{1,200}")
+_SAFE_ID: Final = re.compile(rb"[\x21-\x7e]{1,200}")
 
 
 class TraceId(Middleware):

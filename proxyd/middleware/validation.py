@@ -8,16 +8,17 @@ refused because an upstream that decodes after proxyd routed would see a differe
 from __future__ import annotations
 
 import re
+from typing import Final
 
 from proxyd.middleware.base import Context, Middleware, Response, json_response
 from proxyd.middleware.options import ValidationOptions
 
 # A "." or ".." segment once decoded: dots plain or %2e, separators plain or %2f / %5c (so
 # "..%2f" and "%2e%2e%2f" count). Only searched when the path holds a "%".
-_ENCODED_DOT_SEGMENT = re.compile(rb"(?:^|/|%2f|%5c)(?:%2e|\.){1,2}(?:/|%2f|%5c|$)",
+_ENCODED_DOT_SEGMENT: Final = re.compile(rb"(?:^|/|%2f|%5c)(?:%2e|\.){1,2}(?:/|%2f|%5c|$)",
                                   re.IGNORECASE)
-_ENCODED_NUL = re.compile(rb"%00")
-_ENCODED_SLASH = re.compile(rb"%2f|%5c", re.IGNORECASE)
+_ENCODED_NUL: Final = re.compile(rb"%00")
+_ENCODED_SLASH: Final = re.compile(rb"%2f|%5c", re.IGNORECASE)
 
 
 class Validation(Middleware):

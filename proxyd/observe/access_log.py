@@ -15,18 +15,20 @@ import os
 import random
 import time
 from json.encoder import encode_basestring_ascii as esc
+from typing import Final
 
 from proxyd.config.models import AccessLog as AccessLogConfig
 
-FLUSH_INTERVAL = 0.1
-FLUSH_RECORDS = 256  # ~64 KiB of JSON lines
+FLUSH_INTERVAL: Final = 0.1
+FLUSH_RECORDS: Final = 256  # ~64 KiB of JSON lines
 
 # What record() keeps per request, formatted at the flush. The request id is a str, or an int:
 # the worker's own counter value for a request that had no id yet, made "<id_prefix>-<hex>"
 # only here (no string per request on the hot path, and no escaping: it is hex).
 Record = tuple[float, str | int, bytes, bytes, bytes | None, bytes, int, int, int, float, str,
                float | None, str, str]
-_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+_MONTHS: Final = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov",
+                  "Dec")
 
 
 def _clf_time(ts: float) -> str:

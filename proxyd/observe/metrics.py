@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, Final
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -22,7 +22,8 @@ from prometheus_client.core import (
     Metric,
 )
 
-BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                  10.0)
 
 # name → (kind, help, label names); the order of label names is the order of key tuples.
 COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from time import monotonic
+from typing import Final
 
 from proxyd.middleware.base import Context, Pending, Response, json_response
 from proxyd.proxy.forward import Exchange
@@ -29,9 +30,9 @@ from proxyd.proxy.router import DirectResponse, normalize_host, remove_dot_segme
 from proxyd.proxy.websocket import Tunnel, new_key
 
 # Reasons to stop reading from the client; reading resumes when none is left.
-PAUSE_PIPELINE = 1  # a pipelined request waits for the one in flight
-PAUSE_UPSTREAM = 2  # the upstream socket's write buffer is full
-PAUSE_PENDING = 4  # body bytes piled up while the upstream connection is being opened
+PAUSE_PIPELINE: Final = 1  # a pipelined request waits for the one in flight
+PAUSE_UPSTREAM: Final = 2  # the upstream socket's write buffer is full
+PAUSE_PENDING: Final = 4  # body bytes piled up while the upstream connection is being opened
 
 
 class Answering:

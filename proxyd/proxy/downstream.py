@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import cast
+from typing import Final, cast
 
 import httptools
 
@@ -59,7 +59,8 @@ class SendWatch:
             ds.send_timed_out()
 
 
-REFUSED_LINGER = 1.0  # seconds a refused connection may take to read its 503 before the close
+# Seconds a refused connection may take to read its 503 before the close.
+REFUSED_LINGER: Final = 1.0
 
 
 # Not an asyncio.Protocol subclass, for the same reason as UpstreamConnection.

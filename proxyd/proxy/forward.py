@@ -12,7 +12,7 @@ ResponseRelay mixin (relay.py).
 from __future__ import annotations
 
 from time import monotonic
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import httptools
 
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = ["NO_BODY_STATUSES", "PENDING_BODY_LIMIT", "Abandoned", "Exchange"]
 
-PENDING_BODY_LIMIT = 256 * 1024  # buffered before the upstream connects; then reading pauses
+PENDING_BODY_LIMIT: Final = 256 * 1024  # buffered before the upstream connects; then reading pauses
 
 
 class Exchange(ResponseRelay):

@@ -10,7 +10,7 @@ import ipaddress
 import json
 from collections.abc import Iterable
 from http import HTTPStatus
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
     import asyncio
@@ -20,34 +20,34 @@ if TYPE_CHECKING:
 # Fields that describe one connection, never forwarded (RFC 9110 §7.6.1), plus the framing
 # fields proxyd always writes itself (a forwarded message is re-framed, never byte-copied) and
 # the forwarding fields it rewrites.
-HOP_BY_HOP = frozenset({
+HOP_BY_HOP: Final = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
     b"transfer-encoding", b"upgrade", b"proxy-authenticate", b"proxy-authorization",
 })
-REQUEST_DROP = HOP_BY_HOP | {
+REQUEST_DROP: Final = HOP_BY_HOP | {
     b"content-length", b"expect", b"x-forwarded-for", b"x-forwarded-proto",
     b"x-forwarded-host", b"via",
 }
-RESPONSE_DROP = HOP_BY_HOP | {b"content-length"}
+RESPONSE_DROP: Final = HOP_BY_HOP | {b"content-length"}
 
-VIA_TOKEN = b"1.1 proxyd"
-CRLF = b"\r\n"
+VIA_TOKEN: Final = b"1.1 proxyd"
+CRLF: Final = b"\r\n"
 # Bytes: a last piece this large is written beside what precedes it (writev), not joined to
 # it — joining copies the body once more; for small pieces one join is cheaper.
-LARGE_WRITE = 16 * 1024
-_TOKEN_CHARS = frozenset(
+LARGE_WRITE: Final = 16 * 1024
+_TOKEN_CHARS: Final = frozenset(
     b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 )
 
-STATUS_LINES: dict[int, bytes] = {
+STATUS_LINES: Final[dict[int, bytes]] = {
     s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode("latin-1")) for s in HTTPStatus
 }
 
 
 # Status lines with the upstream's own reason phrase, made once: formatting one costs ~0.3 µs,
 # and an upstream uses a handful ("200 OK" every time). Bounded: reasons are the upstream's.
-_REASON_LINES: dict[tuple[int, bytes], bytes] = {}
-REASON_LINES_MAX = 256
+_REASON_LINES: Final[dict[tuple[int, bytes], bytes]] = {}
+REASON_LINES_MAX: Final = 256
 
 
 def status_line(status: int, reason: bytes | None = None) -> bytes:

@@ -12,7 +12,7 @@ import os
 from bisect import bisect_left
 from collections.abc import Callable, Coroutine
 from time import monotonic
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from proxyd.cache.memory import MemoryStore
 from proxyd.cache.redis import RedisStore
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from proxyd.proxy.request import Request
     from proxyd.proxy.websocket import Tunnel
 
-KNOWN_METHODS = (b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS", b"TRACE",
+KNOWN_METHODS: Final = (b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS", b"TRACE",
                  b"CONNECT")
 
 

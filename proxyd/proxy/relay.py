@@ -10,7 +10,7 @@ Exchange (forward.py), which owns the state and the request side.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import httptools
 
@@ -22,9 +22,9 @@ if TYPE_CHECKING:
     from proxyd.proxy.downstream import DownstreamProtocol, Request
     from proxyd.proxy.upstream import TargetPool, UpstreamConnection, UpstreamPool
 
-NO_BODY_STATUSES = frozenset({204, 304})
+NO_BODY_STATUSES: Final = frozenset({204, 304})
 # Connection options that name no other field: nothing more to drop for them.
-CONNECTION_OPTIONS = HOP_BY_HOP | {b"close", b""}
+CONNECTION_OPTIONS: Final = HOP_BY_HOP | {b"close", b""}
 
 
 def body_of(resp: Response) -> bytes | None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from proxyd.proxy.headers import connection_tokens
 
@@ -13,9 +13,9 @@ if TYPE_CHECKING:
 
 from proxyd.middleware.chain import Chain
 
-NO_CHAIN = Chain([])
+NO_CHAIN: Final = Chain([])
 
-SPECIAL = frozenset({
+SPECIAL: Final = frozenset({
     b"host", b"content-length", b"transfer-encoding", b"connection", b"expect",
     b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"via", b"x-request-id",
     b"upgrade", b"sec-websocket-key", b"proxy-connection",

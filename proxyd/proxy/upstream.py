@@ -13,7 +13,7 @@ import asyncio
 import socket
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 from urllib.parse import urlsplit
 
 from proxyd.config.models import Pool, Upstream
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 __all__ = ["TargetPool", "Timeouts", "UpstreamConnection", "UpstreamPool"]
 
-INF = float("inf")
+INF: Final = float("inf")
 HASH_CLIENT_IP, HASH_HEADER, HASH_COOKIE = 0, 1, 2
 
 

@@ -1,0 +1,171 @@
+"""The ``rate_limit`` middleware's per-request side (the package docstring says what it does)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import TYPE_CHECKING, Any, Final
+
+from proxyd.middleware.base import Context, Middleware, Pending, Response, json_response
+from proxyd.middleware.rate_limit.gcra import Decision
+from proxyd.middleware.rate_limit.memory import MemoryLimiter
+from proxyd.middleware.rate_limit.options import RateLimitOptions
+from proxyd.middleware.rate_limit.redis import RedisLimiter
+
+if TYPE_CHECKING:
+    pass
+
+HEADER_LNAMES: Final = [b"ratelimit-policy", b"ratelimit-limit", b"ratelimit-remaining",
+                 b"ratelimit-reset"]
+HEADER_NAMES: Final = frozenset(HEADER_LNAMES)
+
+
+class RateLimit(Middleware):
+    type = "rate_limit"
+    options_model = RateLimitOptions
+
+    def __init__(self, options: RateLimitOptions) -> None:
+        super().__init__(options)
+        self.o = options
+        self.limits = options.all_limits()
+        parts = [options.key] if isinstance(options.key, str) else options.key
+        self.key_parts = [p.split(":", 1)[1].lower().encode() if p.startswith("header:") else p
+                          for p in parts]
+        self.policy = ", ".join(limit.policy() for limit in self.limits).encode()
+        self.ip_key = self.key_parts == ["client_ip"]
+        self.memory: MemoryLimiter | None = None
+        self.fallback: MemoryLimiter | None = None
+        self.redis: RedisLimiter | None = None
+        # The worker's Pipeline, typed loosely: the unit tests bind a stand-in that has only
+        # what this uses (config, trusted, metrics, closers, the fallback gauge).
+        self.pipeline: Any = None
+        self.route_name = ""
+
+    def bind(self, pipeline: Any, route: Any) -> None:  # stand-ins in the unit tests
+        self.pipeline = pipeline
+        self.route_name = route.name
+        workers = pipeline.config.server.worker_count()
+        if self.o.backend == "memory":
+            self.memory = MemoryLimiter([limit.scaled(workers) for limit in self.limits])
+        else:
+            self.redis = RedisLimiter(pipeline.config.redis.url, self.limits,
+                                      self.o.redis_timeout)
+            share = workers * self.o.instances_hint
+            self.fallback = MemoryLimiter([limit.scaled(share) for limit in self.limits])
+            pipeline.closers.append(self.redis.close)
+
+    # -- keys ---------------------------------------------------------------------------------
+    def client_ip(self, ctx: Context) -> bytes:
+        """The peer, or — behind trusted proxies only — the last untrusted X-Forwarded-For hop.
+
+        When every hop is trusted, the first one (as nginx's ``real_ip_recursive``): the
+        client is inside the trusted networks, and the peer is just the last proxy.
+        """
+        pipeline = self.pipeline
+        ip = ctx.client_ip
+        if pipeline is None or not pipeline.trusted or ip.decode("latin-1") not in pipeline.trusted:
+            return ip
+        forwarded = ctx.header(b"x-forwarded-for")
+        if not forwarded:
+            return ip
+        hops = [h.strip() for h in forwarded.split(b",") if h.strip()]
+        for hop in reversed(hops):
+            if hop.decode("latin-1") not in pipeline.trusted:
+                return hop
+        return hops[0] if hops else ip
+
+    def key(self, ctx: Context) -> str:
+        if self.ip_key:  # the default key: no list to join
+            return self.route_name + "|" + self.client_ip(ctx).decode("latin-1")
+        parts = []
+        for part in self.key_parts:
+            if part == "client_ip":
+                parts.append(self.client_ip(ctx))
+            elif part == "route":
+                parts.append(ctx.route.encode())
+            else:
+                parts.append(ctx.header(part) or b"")  # type: ignore[arg-type]
+        return (self.route_name + "|" + b"|".join(parts).decode("latin-1"))
+
+    # -- decisions ----------------------------------------------------------------------------
+    def on_request(self, ctx: Context) -> Response | Pending | None:
+        key = self.key(ctx)
+        if self.memory is not None:
+            return self._decide(ctx, self.memory.check(key))
+        redis = self.redis
+        assert redis is not None and self.pipeline is not None
+        if not redis.breaker.allow():
+            return self._fallback(ctx, key)
+        future: asyncio.Future[Response | None] = asyncio.get_running_loop().create_future()
+
+        def answered(decisions: list[Decision] | BaseException) -> None:
+            # Called from the Redis connection's data_received: no task per request.
+            if isinstance(decisions, BaseException):  # any Redis trouble: the fallback answers
+                redis.breaker.failure(decisions)
+                self._set_fallback_gauge(1.0)
+                result = self._fallback(ctx, key)
+            else:
+                if redis.breaker.tripped:
+                    self._set_fallback_gauge(0.0)
+                redis.breaker.success()
+                result = self._decide(ctx, decisions)
+            if not future.done():
+                future.set_result(result)
+
+        redis.request(key, answered)
+        return Pending(future)
+
+    def _set_fallback_gauge(self, value: float) -> None:
+        """The worker's gauge: 1 while any of its routes' limiters is on the fallback."""
+        pipeline = self.pipeline
+        if pipeline is None:
+            return
+        on_fallback = pipeline.limiters_on_fallback
+        if value:
+            on_fallback.add(self)
+        else:
+            on_fallback.discard(self)
+        pipeline.redis_fallback = 1.0 if on_fallback else 0.0
+
+    def _fallback(self, ctx: Context, key: str) -> Response | None:
+        mode = self.o.on_backend_error
+        if mode == "allow":
+            return None
+        if mode == "deny":
+            return json_response(503, "rate limiter unavailable", ctx.id())
+        assert self.fallback is not None
+        return self._decide(ctx, self.fallback.check(key))
+
+    def _decide(self, ctx: Context, decisions: list[Decision]) -> Response | None:
+        if len(decisions) == 1:
+            ctx.state["rate_limit"] = decisions[0]
+            if decisions[0].allowed:
+                return None
+        else:
+            ctx.state["rate_limit"] = min(decisions, key=lambda d: (d.allowed, d.remaining))
+            if all(d.allowed for d in decisions):
+                return None
+        retry = max(d.retry_after for d in decisions)
+        if self.pipeline is not None:
+            self.pipeline.metrics.inc("gateway_rate_limited_total", (self.route_name,))
+        resp = json_response(429, "rate limit exceeded", ctx.id(),
+                             [(b"Retry-After", str(max(1, math.ceil(retry))).encode())])
+        self.on_response(ctx, resp)  # an answer from this element: its own headers too
+        return resp
+
+    def on_response(self, ctx: Context, resp: Response) -> None:
+        decision: Any = ctx.state.get("rate_limit")
+        if decision is None or not self.o.headers:
+            return
+        remaining = b"%d" % decision.remaining
+        reset = b"%d" % max(0, math.ceil(decision.reset))
+        if HEADER_NAMES.isdisjoint(resp.lnames()):  # the upstream sent none: one block
+            resp.extend([(b"RateLimit-Policy", self.policy),
+                         (b"RateLimit-Limit", decision.limit.count_bytes),
+                         (b"RateLimit-Remaining", remaining), (b"RateLimit-Reset", reset)],
+                        HEADER_LNAMES)
+            return
+        resp.set(b"RateLimit-Policy", self.policy, b"ratelimit-policy")
+        resp.set(b"RateLimit-Limit", decision.limit.count_bytes, b"ratelimit-limit")
+        resp.set(b"RateLimit-Remaining", remaining, b"ratelimit-remaining")
+        resp.set(b"RateLimit-Reset", reset, b"ratelimit-reset")
