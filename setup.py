@@ -83,6 +83,9 @@ def ext_modules() -> list:  # type: ignore[type-arg]
         print("WARNING: mypyc not available; installing the pure-Python package",
               file=sys.stderr)
         return []
+    # Its own type-checking cache: the developer's .mypy_cache was made with other packages
+    # installed and could hide a missing one from the build environment.
+    os.environ["MYPY_CACHE_DIR"] = os.path.join("build", "mypy_cache")
     try:
         return mypycify(COMPILED, opt_level="3", group_name="proxyd_compiled")  # type: ignore[no-any-return]
     except BaseException as exc:  # noqa: BLE001  (mypyc exits on a type error)
