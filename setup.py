@@ -19,6 +19,9 @@ import sys
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
+# Not observe/access_log.py: its batch formatting (f-strings with format specs, json's C
+# escaper) ran 1.8x slower compiled than interpreted (2.89 vs 1.59 µs a line), more than the
+# compiled call into it saves.
 COMPILED = [
     "proxyd/cache/memory.py",
     "proxyd/cache/policy.py",
@@ -37,7 +40,6 @@ COMPILED = [
     "proxyd/middleware/security_headers.py",
     "proxyd/middleware/trace_id.py",
     "proxyd/middleware/validation.py",
-    "proxyd/observe/access_log.py",
     "proxyd/observe/metrics.py",
     "proxyd/proxy/answer.py",
     "proxyd/proxy/downstream.py",

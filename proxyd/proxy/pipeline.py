@@ -128,6 +128,8 @@ class Pipeline:
         self.access_log: AccessLog | None = None
         if config.access_log.enabled:
             self.access_log = AccessLog(config.access_log, loop, self._id_prefix)
+        # metrics.enabled: false and no access log: nothing to record per request.
+        self.observing = self.metrics_enabled or self.access_log is not None
         self._upstream_hist = self.metrics.upstream_durations
         self._methods: dict[bytes, str] = {m: m.decode() for m in KNOWN_METHODS}
 
@@ -136,6 +138,8 @@ class Pipeline:
         if req.observed:
             return
         req.observed = True
+        if not self.observing:
+            return
         now = monotonic()
         duration = now - req.started
         method = self._methods.get(req.method, "OTHER")  # bounded label values
@@ -154,11 +158,12 @@ class Pipeline:
             pool = exchange.pool
             upstream = pool.name
             upstream_time = now - exchange.started_at
-            row = pool.duration_row
-            if row is None:
-                row = pool.duration_row = self.metrics.row(self._upstream_hist, (upstream,))
-            row[bisect_left(BUCKETS, upstream_time)] += 1  # WorkerMetrics.observe, inlined
-            row[-1] += upstream_time
+            if self.metrics_enabled:  # else the access log's upstream_ms only
+                row = pool.duration_row
+                if row is None:
+                    row = pool.duration_row = self.metrics.row(self._upstream_hist, (upstream,))
+                row[bisect_left(BUCKETS, upstream_time)] += 1  # WorkerMetrics.observe, inlined
+                row[-1] += upstream_time
         if self.access_log is not None:
             if req.ctx is not None:
                 rid: str | int = req.ctx.id()

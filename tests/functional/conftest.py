@@ -193,6 +193,7 @@ def build_config(
     access_log: dict[str, Any] | None = None,
     cache: dict[str, Any] | None = None,
     redis: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A config dict; an upstream given as a URL string (or list of them) gets ``pool``.
 
@@ -226,6 +227,8 @@ def build_config(
         config["cache"] = cache
     if redis is not None:
         config["redis"] = redis
+    if metrics is not None:
+        config["metrics"] = metrics
     return config
 
 

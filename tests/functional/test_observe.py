@@ -144,6 +144,25 @@ async def test_access_log_and_metrics_one_record_per_request(
     assert {k[0]: int(sum(row[:-1])) for k, row in upstream_rows.items()} == timed
 
 
+async def test_metrics_disabled_and_no_access_log_record_nothing_per_request(
+    upstreams: Upstreams, proxy: StartProxy
+) -> None:
+    """metrics.enabled: false counts nothing in the worker (not even the upstream
+    histogram); with the access log off too, a request is not observed at all."""
+    async def fine(request: web.Request) -> web.Response:
+        return web.Response(text="fine")
+
+    up = await upstreams.aiohttp(fine)
+    p = await proxy([route("api", path_prefix="/")], {"backend": up.url},
+                    access_log={"enabled": False}, metrics={"enabled": False})
+    async with await RawClient.connect(p.port) as c:
+        for _ in range(3):
+            assert (await c.request(get("/x"))).status == 200
+    metrics = p.pipeline.metrics
+    assert not p.pipeline.observing
+    assert not metrics.requests and not metrics.durations and not metrics.upstream_durations
+
+
 async def test_access_log_ids_on_routes_without_middleware(
     upstreams: Upstreams, proxy: StartProxy, tmp_path: Path
 ) -> None:

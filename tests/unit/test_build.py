@@ -59,6 +59,15 @@ def test_no_compiled_module_is_older_than_its_source() -> None:
     assert not stale, f"rebuild: {stale}"
 
 
+def test_no_compiled_module_left_from_an_older_list() -> None:
+    """A module taken off the list keeps its old extension file in an editable tree, which
+    would shadow the source (and fail to import from the new group)."""
+    listed = {str(REPO / path.removesuffix(".py")) for path in COMPILED}
+    extra = [str(f) for f in (REPO / "proxyd").rglob("*.so")
+             if str(f).split(".", 1)[0] not in listed]
+    assert not extra, f"remove: {extra}"
+
+
 def test_proxyd_pure_loads_the_source() -> None:
     code = ("import proxyd, proxyd.proxy.downstream as d, proxyd.middleware.chain as c; "
             "print(proxyd.compiled(), d.__file__, c.__file__)")
