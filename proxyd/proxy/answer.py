@@ -9,6 +9,7 @@ hands the connection on to the next queued request. A mixin of DownstreamProtoco
 from __future__ import annotations
 
 import asyncio
+from abc import abstractmethod
 from collections import deque
 from time import monotonic
 from typing import Final
@@ -63,23 +64,23 @@ class Answering:
     _paused: int
     _advancing: bool
 
-    def send(self, data: bytes) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def send(self, data: bytes) -> None: ...
 
-    def flush(self) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def flush(self) -> None: ...
 
-    def close(self) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def close(self) -> None: ...
 
-    def abort(self) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def abort(self) -> None: ...
 
-    def _pause(self, reason: int) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def _pause(self, reason: int) -> None: ...
 
-    def _resume(self, reason: int) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def _resume(self, reason: int) -> None: ...
 
     # -- answering --------------------------------------------------------------------------
     def _advance(self) -> None:

@@ -10,6 +10,7 @@ Exchange (forward.py), which owns the state and the request side.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import TYPE_CHECKING, Final
 
 import httptools
@@ -71,17 +72,17 @@ class ResponseRelay:
     total_deadline: float
     interim_sent: bool
 
-    def _retry(self, *, sent: bool, same_ok: bool) -> bool:
-        raise NotImplementedError
+    @abstractmethod
+    def _retry(self, *, sent: bool, same_ok: bool) -> bool: ...
 
-    def _finish(self, *, reusable: bool) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def _finish(self, *, reusable: bool) -> None: ...
 
-    def _leave(self) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def _leave(self) -> None: ...
 
-    def upstream_failed(self, status: int, message: str) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def upstream_failed(self, status: int, message: str) -> None: ...
 
     # -- response side: llhttp callbacks ----------------------------------------------------
     def feed_response(self, data: bytes) -> None:
