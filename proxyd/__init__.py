@@ -38,3 +38,9 @@ def compiled() -> bool:
 
     spec = find_spec("proxyd.proxy.downstream")
     return spec is not None and spec.origin is not None and not spec.origin.endswith(".py")
+
+
+def build() -> str:
+    """The build's name as operators see it: setup.py compiled it, or PROXYD_PURE=1 / no
+    compiler left it pure."""
+    return "compiled" if compiled() else "pure-Python"

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Info
 
-from proxyd import __version__, compiled, systemd
+from proxyd import __version__, build, systemd
 from proxyd.config.models import GatewayConfig
 from proxyd.control import Channel
 from proxyd.errors import EXIT_RUNTIME
@@ -42,8 +42,6 @@ SIGNALS = {
     signal.SIGHUP: "hup", signal.SIGTERM: "term", signal.SIGINT: "int", signal.SIGQUIT: "quit",
     signal.SIGUSR1: "usr1", signal.SIGTTIN: "ttin", signal.SIGTTOU: "ttou",
 }
-
-BUILD = "compiled" if compiled() else "pure-Python"  # the data plane: setup.py
 
 
 def _future() -> asyncio.Future[Any]:
@@ -139,7 +137,7 @@ class Arbiter:
 
     def status(self) -> dict[str, Any]:
         return {
-            "version": __version__, "build": BUILD, "pid": os.getpid(), "state": self.state,
+            "version": __version__, "build": build(), "pid": os.getpid(), "state": self.state,
             "config": {"path": self.config_path, "sha256": self.sha256},
             "generation": self.generation, "loaded_at": self.loaded_at,
             "last_reload": self.last_reload, "reloads": self.reload_counts,

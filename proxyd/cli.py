@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from proxyd import __version__, compiled
+from proxyd import __version__, build
 from proxyd.admin_client import (
     AdminUnreachable,
     admin_request,
@@ -25,7 +25,6 @@ from proxyd.config.summary import format_summary, summarize
 from proxyd.errors import EXIT_CONFIG, EXIT_OK, EXIT_RUNTIME, ConfigError, ConfigIssue
 
 DEFAULT_CONFIG = "/etc/proxyd/gateway.yaml"
-BUILD = "compiled" if compiled() else "pure-Python"  # setup.py; PROXYD_PURE=1
 
 config_option = click.option(
     "-c", "--config", "config_path",
@@ -38,7 +37,7 @@ config_option = click.option(
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "-V", "--version", prog_name="proxyd",
-                      message=f"%(prog)s %(version)s ({BUILD} build)")
+                      message=f"%(prog)s %(version)s ({build()} build)")
 def main() -> None:
     """proxyd: a declarative, YAML-configured reverse proxy daemon."""
 
