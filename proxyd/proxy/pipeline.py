@@ -6,7 +6,6 @@ A reload never edits a Pipeline: the new generation of workers builds its own.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import math
 import os
 from bisect import bisect_left
@@ -124,7 +123,8 @@ class Pipeline:
         # Request ids: a per-process random prefix and a counter — unique without a syscall
         # or uuid4 per request.
         self._id_prefix = os.urandom(4).hex()
-        self._ids = itertools.count(1)
+        self._id_dash = self._id_prefix + "-"
+        self._id_count = 0
         self.access_log: AccessLog | None = None
         if config.access_log.enabled:
             self.access_log = AccessLog(config.access_log, loop, self._id_prefix)
@@ -170,7 +170,7 @@ class Pipeline:
             elif req._id is not None or req.inbound_id:
                 rid = req_id(req, self)
             else:
-                rid = next(self._ids)  # the log makes the id of it, at its flush
+                rid = self._id_count = self._id_count + 1  # the log makes the id, at its flush
             self.access_log.record(  # request_id, client_ip, method, host, target, status,
                 # bytes_in, bytes_out, duration, upstream, upstream_time, cache, route
                 rid, client_ip,
@@ -255,7 +255,9 @@ class Pipeline:
         return None
 
     def next_request_id(self) -> str:
-        return f"{self._id_prefix}-{next(self._ids):x}"
+        # "%x" and not an f-string's {:x}: compiled, the format spec costs 0.4 µs, this 0.1.
+        n = self._id_count = self._id_count + 1
+        return self._id_dash + "%x" % n  # noqa: UP031
 
     def start(self) -> None:
         self.deadlines.start()
