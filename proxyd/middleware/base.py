@@ -44,8 +44,8 @@ class Response:
     lowercase names follows the list by its length only.
     """
 
-    __slots__ = ("_headers", "_lnames", "body", "drop_body", "filters", "reason", "rendered",
-                 "status")
+    __slots__ = ("_headers", "_lnames", "_present", "body", "drop_body", "filters", "reason",
+                 "rendered", "status")
 
     def __init__(
         self, status: int, headers: list[tuple[bytes, bytes]], body: bytes | None = None,
@@ -66,6 +66,10 @@ class Response:
     def headers(self, value: list[tuple[bytes, bytes]]) -> None:
         self._headers = value
         self._lnames: list[bytes] = []
+        # The same names as a set: most questions hooks ask are about fields that are absent
+        # (ETag, Content-Encoding, Vary, ...), answered by one hash lookup instead of a scan
+        # of every name (~8 ns a field, ~15 fields, ~12 questions a response).
+        self._present: set[bytes] = set()
         # (the first n fields already rendered as lines, n): set by whoever has them (a cache
         # hit); any change to those n fields drops it, appended fields do not.
         self.rendered: tuple[bytes, int] | None = None
@@ -79,28 +83,31 @@ class Response:
         if n != len(headers):
             if n > len(headers):
                 lnames.clear()
+                self._present.clear()
                 n = 0
-            lnames.extend([name.lower() for name, _ in headers[n:]])
+            new = [name.lower() for name, _ in headers[n:]]
+            lnames.extend(new)
+            self._present.update(new)
         return lnames
 
     def seed_index(self, lnames: list[bytes]) -> None:
         """The lowercase names of ``headers``, in order, where the caller has them already."""
         self._lnames = lnames
+        self._present = set(lnames)
 
     # The methods below inline _index's in-step test: hooks call them ~30 times a response.
     def get(self, lname: bytes) -> bytes | None:
         lnames = self._lnames
         if len(lnames) != len(self._headers):
             lnames = self._index()
-        if lname in lnames:
+        if lname in self._present:
             return self._headers[lnames.index(lname)][1]
         return None
 
     def has(self, lname: bytes) -> bool:
-        lnames = self._lnames
-        if len(lnames) != len(self._headers):
-            lnames = self._index()
-        return lname in lnames
+        if len(self._lnames) != len(self._headers):
+            self._index()
+        return lname in self._present
 
     def set(self, name: bytes, value: bytes, lname: bytes | None = None) -> None:
         """Replace every field of that name by one (in the first one's place), or append;
@@ -110,7 +117,7 @@ class Response:
         lnames = self._lnames
         if len(lnames) != len(self._headers):
             lnames = self._index()
-        if lname in lnames:
+        if lname in self._present:
             i = lnames.index(lname)
             self._headers[i] = (name, value)
             self.rendered = None
@@ -120,32 +127,46 @@ class Response:
         else:
             self._headers.append((name, value))
             lnames.append(lname)
+            self._present.add(lname)
 
     def add(self, name: bytes, value: bytes, lname: bytes | None = None) -> None:
         """Append a field; ``lname``, its lowercase name, where the caller has it at hand."""
         lnames = self._lnames
         if len(lnames) != len(self._headers):
             lnames = self._index()
-        lnames.append(lname if lname is not None else name.lower())
+        if lname is None:
+            lname = name.lower()
+        lnames.append(lname)
+        self._present.add(lname)
         self._headers.append((name, value))
 
     def lnames(self) -> list[bytes]:
         """The lowercase names, in step with ``headers`` (read-only for callers)."""
         return self._index()
 
+    def names(self) -> builtins.set[bytes]:
+        """The lowercase names present, as a set (read-only for callers)."""
+        if len(self._lnames) != len(self._headers):
+            self._index()
+        return self._present
+
     def extend(self, fields: list[tuple[bytes, bytes]], lnames: list[bytes]) -> None:
         """Append ``fields``, whose lowercase names are ``lnames`` (a precomputed block)."""
         self._index().extend(lnames)
+        self._present.update(lnames)
         self._headers.extend(fields)
 
     def remove(self, lname: bytes) -> None:
         lnames = self._index()
+        if lname not in self._present:
+            return
+        self._present.discard(lname)
         count = lnames.count(lname)
         if count == 1:  # the usual case, inline
             i = lnames.index(lname)
             del lnames[i], self._headers[i]
             self.rendered = None
-        elif count:
+        else:
             self._drop(lname, 0, count)
 
     def _drop(self, lname: bytes, start: int, count: int) -> None:
@@ -162,17 +183,24 @@ class Response:
         lnames = self._lnames
         if len(lnames) != len(self._headers):
             lnames = self._index()
-        if b"vary" not in lnames:  # the usual case: one Vary field, made here
+        if b"vary" not in self._present:  # the usual case: one Vary field, made here
             self._headers.append((b"Vary", token))
             lnames.append(b"vary")
+            self._present.add(b"vary")
             return
-        current = self._headers[lnames.index(b"vary")][1]
+        i = lnames.index(b"vary")
+        current = self._headers[i][1]
         ltoken = token.lower()
-        # Not even a substring: certainly absent, no need to split the list.
-        if ltoken not in current.lower() or ltoken not in {
+        # Not even a substring: certainly absent, no need to split the list. (find(), not
+        # "in": bytes.__contains__ raises and clears a TypeError before it searches.)
+        if current.lower().find(ltoken) < 0 or ltoken not in {
             t.strip().lower() for t in current.split(b",")
         }:
-            self.set(b"Vary", current + b", " + token, b"vary")
+            if lnames.count(b"vary") == 1:  # the usual case: replaced in place
+                self._headers[i] = (b"Vary", current + b", " + token)
+                self.rendered = None
+            else:
+                self.set(b"Vary", current + b", " + token, b"vary")
 
 
 class Context:
@@ -183,6 +211,7 @@ class Context:
         "client_ip",
         "headers",
         "host",
+        "id_bytes",
         "make_request_id",
         "max_body_size",
         "method",
@@ -208,6 +237,7 @@ class Context:
         self.client_ip = client_ip
         self.route = route
         self.request_id: str | None = None
+        self.id_bytes: bytes | None = None  # request_id encoded, where trace_id echoes it
         self.make_request_id = request_id
         self.set_request: list[tuple[bytes, bytes]] = []  # added to the upstream request
         self.remove_request: set[bytes] = set()  # lowercase names not forwarded

@@ -126,7 +126,7 @@ class Compression(Middleware):
         if resp.has(b"content-encoding"):
             return
         cache_control = resp.get(b"cache-control")
-        if cache_control is not None and b"no-transform" in cache_control.lower():
+        if cache_control is not None and cache_control.lower().find(b"no-transform") >= 0:
             return
         length = resp.get(b"content-length")
         size = len(resp.body) if resp.body is not None else int(length) if length else None

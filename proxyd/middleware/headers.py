@@ -100,10 +100,7 @@ class Headers(Middleware):
             return
         # In place through the response's index of lowercase names: a new list would make
         # every later hook lower all the names again.
-        if ops.remove:
-            lnames = resp.lnames()
-            for lname in ops.remove:  # a few names: list scans beat building a set
-                if lname in lnames:
-                    resp.remove(lname)
+        for lname in ops.remove:
+            resp.remove(lname)  # a set lookup when absent
         for name, lname, template in ops.append:
             resp.add(name, render(template, ctx), lname)

@@ -37,7 +37,7 @@ class SecurityHeaders(Middleware):
         self.block_lnames = [lname for lname, _, _, _ in self.fields]
 
     def on_response(self, ctx: Context, resp: Response) -> None:
-        if self.lnames.isdisjoint(resp.lnames()):
+        if self.lnames.isdisjoint(resp.names()):
             resp.extend(self.block, self.block_lnames)
             return
         for lname, name, value, override in self.fields:

@@ -34,8 +34,7 @@ class TraceId(Middleware):
             # The server may have taken an inbound X-Request-ID already; this middleware's
             # own rules (header name, trust_incoming) decide instead.
             ctx.request_id = ctx.make_request_id()
-        rid = ctx.request_id.encode()
-        ctx.state["trace_id_bytes"] = rid  # for the echo: encoded once
+        rid = ctx.id_bytes = ctx.request_id.encode()  # for the echo: encoded once
         ctx.remove_request.add(self.lname)
         ctx.set_request.append((self.name, rid))
         if self.traceparent:
@@ -54,5 +53,5 @@ class TraceId(Middleware):
 
     def on_response(self, ctx: Context, resp: Response) -> None:
         if self.echo and not resp.has(self.lname):
-            rid = ctx.state.get("trace_id_bytes")
+            rid = ctx.id_bytes
             resp.add(self.name, rid if rid is not None else ctx.id().encode(), self.lname)

@@ -124,7 +124,9 @@ class Answering:
         p.requests += 1
         req.started = monotonic()  # uvloop's loop.time() has 1 ms steps
         raw_path, _, query = req.url.partition(b"?")
-        path = remove_dot_segments(raw_path) if b"/." in raw_path else raw_path
+        # find(), not "in": bytes.__contains__ first tries its argument as an int and raises
+        # and clears a TypeError, ~0.15 µs; find() goes straight to the search.
+        path = remove_dot_segments(raw_path) if raw_path.find(b"/.") >= 0 else raw_path
         req.path, req.query = path, query
         if path.startswith(b"/health") and (builtin := p.builtin(path)) is not None:
             req.route_name = "_health"

@@ -159,7 +159,7 @@ class RateLimit(Middleware):
             return
         remaining = b"%d" % decision.remaining
         reset = b"%d" % max(0, math.ceil(decision.reset))
-        if HEADER_NAMES.isdisjoint(resp.lnames()):  # the upstream sent none: one block
+        if HEADER_NAMES.isdisjoint(resp.names()):  # the upstream sent none: one block
             resp.extend([(b"RateLimit-Policy", self.policy),
                          (b"RateLimit-Limit", decision.limit.count_bytes),
                          (b"RateLimit-Remaining", remaining), (b"RateLimit-Reset", reset)],
