@@ -189,18 +189,24 @@ class Response:
             self._present.add(b"vary")
             return
         i = lnames.index(b"vary")
-        current = self._headers[i][1]
+        single = lnames.count(b"vary") == 1
+        if single:
+            current = self._headers[i][1]
+        else:  # several Vary fields are one list (RFC 9110 §5.3): all of them count
+            current = b", ".join([v for (_, v), n in zip(self._headers, lnames, strict=True)
+                                  if n == b"vary"])
         ltoken = token.lower()
         # Not even a substring: certainly absent, no need to split the list. (find(), not
         # "in": bytes.__contains__ raises and clears a TypeError before it searches.)
-        if current.lower().find(ltoken) < 0 or ltoken not in {
+        if current.lower().find(ltoken) >= 0 and ltoken in {
             t.strip().lower() for t in current.split(b",")
         }:
-            if lnames.count(b"vary") == 1:  # the usual case: replaced in place
-                self._headers[i] = (b"Vary", current + b", " + token)
-                self.rendered = None
-            else:
-                self.set(b"Vary", current + b", " + token, b"vary")
+            return
+        if single:  # the usual case: replaced in place
+            self._headers[i] = (b"Vary", current + b", " + token)
+            self.rendered = None
+        else:  # folded into the first field
+            self.set(b"Vary", current + b", " + token, b"vary")
 
 
 class Context:
