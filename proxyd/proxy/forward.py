@@ -49,6 +49,7 @@ class Exchange(ResponseRelay):
         "key",
         "parser",
         "pool",
+        "raw_left",
         "read_to_close",
         "req",
         "resp",
@@ -86,6 +87,7 @@ class Exchange(ResponseRelay):
         self.resp_headers: list[tuple[bytes, bytes]] = []
         self.client_chunked = False
         self.read_to_close = False
+        self.raw_left = 0  # Content-Length body bytes still to relay past the parser
         self.resp: Response | None = None  # the head middleware work on
         self.buffer: list[bytes] | None = None  # body held for a buffering middleware
         self.filters: list[BodyFilter] = []

@@ -454,6 +454,77 @@ async def test_client_gone_mid_response_closes_upstream(
                    what="both sides to be released")
 
 
+async def pieces_upstream(upstreams: Upstreams, parts: list[bytes], extra: bytes = b""
+                          ) -> tuple[RawUpstream, asyncio.Queue[None]]:
+    """A raw upstream that answers each request with a 200 of Content-Length
+    ``len(b"".join(parts))``, its head and first part in one write and each further part (the
+    last followed by ``extra``) only when the test puts to the queue: every part reaches the
+    proxy in a read of its own, after the parser has handed over the head."""
+    go: asyncio.Queue[None] = asyncio.Queue()
+    body = b"".join(parts)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      conn: RawConn) -> None:
+        while await up.read_request(reader, conn) is not None:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body)
+                         + parts[0])
+            await writer.drain()
+            for i, part in enumerate(parts[1:], 1):
+                await go.get()
+                writer.write(part + (extra if i == len(parts) - 1 else b""))
+                await writer.drain()
+
+    up = await upstreams.raw(handler)
+    return up, go
+
+
+async def read_pieces(c: RawClient, go: asyncio.Queue[None], parts: list[bytes]) -> bytes:
+    """One response whose parts the upstream sends one at a time, each after the client has
+    the previous one (so each is a read of its own on the proxy's upstream side)."""
+    head = await asyncio.wait_for(c.reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 200 ")
+    got = b""
+    for i, part in enumerate(parts):
+        if i:
+            go.put_nowait(None)
+        got += await asyncio.wait_for(c.reader.readexactly(len(part)), 5)
+    return got
+
+
+async def test_content_length_body_in_many_reads_is_relayed_whole_and_keeps_both_connections(
+    upstreams: Upstreams, proxy: StartProxy
+) -> None:
+    parts = [b"a" * 100, bytes(range(256)) * 64, b"\r\n\r\nHTTP/1.1 200 OK\r\n", b"z"]
+    up, go = await pieces_upstream(upstreams, parts)
+    p = await proxy(CATCH_ALL, {"backend": up.url})
+    async with await RawClient.connect(p.port) as c:
+        for _ in range(2):
+            await c.send(get("/"))
+            assert await read_pieces(c, go, parts) == b"".join(parts)
+        # Nothing more came after either body, and both connections are still usable.
+        resp_fut = asyncio.ensure_future(c.request(get("/")))
+        for _ in parts[1:]:
+            go.put_nowait(None)
+        resp = await asyncio.wait_for(resp_fut, 5)
+        assert resp.body == b"".join(parts)
+    assert len(up.conns) == 1 and up.conns[0].requests == 3  # one upstream connection, reused
+
+
+async def test_bytes_past_a_content_length_body_are_not_relayed_and_retire_the_connection(
+    upstreams: Upstreams, proxy: StartProxy
+) -> None:
+    parts = [b"0123", b"456789"]
+    up, go = await pieces_upstream(upstreams, parts, extra=b"HTTP/1.1 200 OK\r\n\r\nsmuggled")
+    p = await proxy(CATCH_ALL, {"backend": up.url})
+    async with await RawClient.connect(p.port) as c:
+        await c.send(get("/"))
+        assert await read_pieces(c, go, parts) == b"0123456789"
+        await wait_for(lambda: up.conns[0].eof.is_set(), what="the upstream connection closed")
+        go.put_nowait(None)  # for the next connection's second part
+        resp = await c.request(get("/"))  # the client connection itself is fine
+        assert resp.status == 200 and resp.body == b"0123456789"
+    assert len(up.conns) == 2
+
 # -- errors and timeouts ------------------------------------------------------------------------
 
 
