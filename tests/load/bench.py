@@ -231,6 +231,21 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time of a master and every process under it: the master's own and that of the
+    children it reaped (recycled workers), plus what its live descendants have used so far."""
+    ticks, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        with contextlib.suppress(OSError):
+            stat = Path(f"/proc/{p}/stat").read_text()
+            # After the name: utime, stime, cutime, cstime at 11-14 (fields 14-17 of stat(5)).
+            fields = stat[stat.rfind(")") + 2:].split()
+            ticks += sum(int(x) for x in fields[11:15 if p == pid else 13])
+        todo.extend(children(p))
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def rss_tree(pid: int) -> dict[str, Any]:
     """RSS (MiB) of a master and its workers (all descendants)."""
     procs, todo = [], [pid]
@@ -679,8 +694,12 @@ def one_scenario(env: Env, args: argparse.Namespace, scenario: str, pass_no: int
             if env.wrk:
                 run_wrk(env.wrk, env.lua, tport, path, 1.0, args.connections,
                         args.wrk_threads)  # warm-up
+                cpu = cpu_seconds(pid) if pid else 0.0
                 row["wrk"] = run_wrk(env.wrk, env.lua, tport, path, args.duration,
                                      args.connections, args.wrk_threads)
+                if pid:  # the proxy's CPU (all its processes) per request served
+                    row["cpu_us"] = ((cpu_seconds(pid) - cpu) * 1e6
+                                     / max(1, row["wrk"]["requests"]))
             row["rss"] = rss_tree(pid) if pid else None
             results[name] = row
         results["origin"] = {"probe": run_probe(env.origin_port, path, args.rate,
@@ -703,6 +722,29 @@ def one_scenario(env: Env, args: argparse.Namespace, scenario: str, pass_no: int
         if "nginx" in results and "wrk" in row:
             row["ratio"] = row["wrk"]["rps"] / results["nginx"]["wrk"]["rps"]
     return results
+
+
+def chain_cost(passes: list[dict[str, dict[str, dict[str, Any]]]], scenarios: list[str]
+               ) -> list[str]:
+    """What a chain costs proxyd against no middleware, pass by pass (issue 4's measure): its
+    throughput as a fraction of plain's, and its CPU per request over plain's."""
+    lines = []
+    for scenario in ("mw", "chain"):
+        if scenario not in scenarios or "plain" not in scenarios:
+            continue
+        rps, cpu = [], []
+        for p in passes:
+            base, mw = p["plain"]["proxyd"], p[scenario]["proxyd"]
+            if "wrk" in base and "wrk" in mw:
+                rps.append(mw["wrk"]["rps"] / base["wrk"]["rps"])
+            if base.get("cpu_us") and mw.get("cpu_us"):
+                cpu.append(mw["cpu_us"] / base["cpu_us"] - 1)
+        if rps:
+            lines.append(
+                f"{scenario} vs plain, proxyd: throughput {median(rps):.2f}x "
+                f"({', '.join(f'{r:.2f}' for r in rps)}); CPU per request "
+                f"{median(cpu):+.0%} ({', '.join(f'{c:+.0%}' for c in cpu)})")
+    return lines
 
 
 def median(values: list[float]) -> float:
@@ -730,6 +772,7 @@ def summarize(passes: list[dict[str, dict[str, dict[str, Any]]]], scenarios: lis
                 "p95_added": median([r["p95_added"] for r in runs]),
                 "errors": sum(r["errors"] for r in runs),
                 "retried": sum(r.get("retried", 0) for r in runs),
+                "cpu_us": median([r["cpu_us"] for r in runs if "cpu_us" in r]),
                 "rss_total": median([x["total"] for x in rss]),
                 "rss_workers": [median([x["workers"][i] for x in rss if len(x["workers"]) > i])
                                 for i in range(max((len(x["workers"]) for x in rss), default=0))],
@@ -741,16 +784,16 @@ def table(rows: list[dict[str, Any]], rate: float) -> str:
     def num(v: float, fmt: str) -> str:
         return "—" if v != v else format(v, fmt)
 
-    out = [f"| scenario | target | req/s | ratio to nginx | wrk p95 ms | p50 ms | p95 ms "
-           f"| p99 ms | p95 added @{rate:g} | errors | RSS MiB total (per worker) |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    out = [f"| scenario | target | req/s | ratio to nginx | CPU µs/req | wrk p95 ms | p50 ms "
+           f"| p95 ms | p99 ms | p95 added @{rate:g} | errors | RSS MiB total (per worker) |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         workers = "/".join(f"{w:.0f}" for w in r["rss_workers"])
         ratio = num(r["ratio"], ".2f") + ("x" if r["ratio"] == r["ratio"] else "")
         errors = str(r["errors"]) + (f" ({r['retried']} retried)" if r["retried"] else "")
         out.append(
             f"| {r['scenario']} | {r['target']} | {num(r['rps'], ',.0f')} | {ratio} "
-            f"| {num(r['wrk_p95'], '.2f')} "
+            f"| {num(r['cpu_us'], '.1f')} | {num(r['wrk_p95'], '.2f')} "
             f"| {num(r['p50'], '.2f')} | {num(r['p95'], '.2f')} | {num(r['p99'], '.2f')} "
             f"| {num(r['p95_added'], '+.2f')} "
             f"| {errors} "
@@ -889,6 +932,7 @@ def main() -> int:
           f"p50/p95/p99: open loop at {args.rate:g} req/s, {args.probe_conns} connections, "
           f"{args.probe_duration:g}s; origin direct p95 (just before the proxies'): "
           + ", ".join(f"{s} ({PATHS[s]}) {v:.2f} ms" for s, v in origin_p95.items()))
+    notes.extend(chain_cost(passes, args.scenarios))
     if any(r["retried"] for r in rows):
         notes.append("retried: the proxy closed a reused keep-alive connection after the probe "
                      "had sent on it, before any byte of the answer; the probe retried once "
