@@ -46,14 +46,29 @@ class Response:
 
     __slots__ = ("_headers", "_lnames", "_present", "body", "drop_body", "filters", "reason",
                  "rendered", "status")
+    _headers: list[tuple[bytes, bytes]]
+    _lnames: list[bytes]
+    # The same names as a set: most questions hooks ask are about fields that are absent
+    # (ETag, Content-Encoding, Vary, ...), answered by one hash lookup instead of a scan of
+    # every name (~8 ns a field, ~15 fields, ~12 questions a response).
+    _present: builtins.set[bytes]
+    # (the first n fields already rendered as lines, n): set by whoever has them (a cache
+    # hit); any change to those n fields drops it, appended fields do not.
+    rendered: tuple[bytes, int] | None
 
     def __init__(
         self, status: int, headers: list[tuple[bytes, bytes]], body: bytes | None = None,
-        reason: bytes = b"",
+        reason: bytes = b"", lnames: list[bytes] | None = None,
     ) -> None:
         self.status = status
         self.reason = reason
-        self.headers = headers  # (name as sent, value); hop-by-hop fields already removed
+        if lnames is None:
+            self.headers = headers  # (name as sent, value); hop-by-hop fields already removed
+        else:  # the lowercase names of ``headers``, where the caller has them already
+            self._headers = headers
+            self._lnames = lnames
+            self._present = set(lnames)
+            self.rendered = None
         self.body = body  # None while streaming
         self.filters: list[BodyFilter] = []
         self.drop_body = False  # turned into a bodiless answer (304) while streaming
@@ -65,14 +80,9 @@ class Response:
     @headers.setter
     def headers(self, value: list[tuple[bytes, bytes]]) -> None:
         self._headers = value
-        self._lnames: list[bytes] = []
-        # The same names as a set: most questions hooks ask are about fields that are absent
-        # (ETag, Content-Encoding, Vary, ...), answered by one hash lookup instead of a scan
-        # of every name (~8 ns a field, ~15 fields, ~12 questions a response).
-        self._present: set[bytes] = set()
-        # (the first n fields already rendered as lines, n): set by whoever has them (a cache
-        # hit); any change to those n fields drops it, appended fields do not.
-        self.rendered: tuple[bytes, int] | None = None
+        self._lnames = []
+        self._present = set()
+        self.rendered = None
 
     def _index(self) -> list[bytes]:
         """Lowercase names parallel to ``headers``: every hook asks has()/get(), so a name is
@@ -89,11 +99,6 @@ class Response:
             lnames.extend(new)
             self._present.update(new)
         return lnames
-
-    def seed_index(self, lnames: list[bytes]) -> None:
-        """The lowercase names of ``headers``, in order, where the caller has them already."""
-        self._lnames = lnames
-        self._present = set(lnames)
 
     # The methods below inline _index's in-step test: hooks call them ~30 times a response.
     def get(self, lname: bytes) -> bytes | None:

@@ -178,10 +178,10 @@ class ResponseRelay:
             if named:
                 resp = Response(status, self._filter_list(headers, named), None, reason)
             else:
-                resp = Response(status, pairs, None, reason)
-                resp.seed_index(lnames)  # made here once, not again by the first hook asking
+                # The lowercase names made here once, not again by the first hook asking.
+                resp = Response(status, pairs, None, reason, lnames)
                 if length is not None:
-                    resp.add(b"Content-Length", length)  # middleware read it
+                    resp.add(b"Content-Length", length, b"content-length")  # middleware read it
             if not no_body and chain.wants_body(ctx, resp):
                 self.resp = resp
                 self.buffer = []  # the head waits for the body (etag); CL ≤ its max_size
