@@ -44,8 +44,8 @@ class Response:
     lowercase names follows the list by its length only.
     """
 
-    __slots__ = ("_headers", "_lnames", "_present", "body", "drop_body", "filters", "reason",
-                 "rendered", "status")
+    __slots__ = ("_headers", "_lnames", "_present", "_vary_at", "body", "drop_body", "filters",
+                 "reason", "rendered", "status")
     _headers: list[tuple[bytes, bytes]]
     _lnames: list[bytes]
     # The same names as a set: most questions hooks ask are about fields that are absent
@@ -55,6 +55,10 @@ class Response:
     # (the first n fields already rendered as lines, n): set by whoever has them (a cache
     # hit); any change to those n fields drops it, appended fields do not.
     rendered: tuple[bytes, int] | None
+    # Where add_vary made the only Vary field, while no field before it has gone and no other
+    # Vary has come (-1: unknown): the next token goes there without a scan (cors and
+    # compression both add one to nearly every response).
+    _vary_at: int
 
     def __init__(
         self, status: int, headers: list[tuple[bytes, bytes]], body: bytes | None = None,
@@ -69,6 +73,7 @@ class Response:
             self._lnames = lnames
             self._present = set(lnames)
             self.rendered = None
+            self._vary_at = -1
         self.body = body  # None while streaming
         self.filters: list[BodyFilter] = []
         self.drop_body = False  # turned into a bodiless answer (304) while streaming
@@ -83,6 +88,7 @@ class Response:
         self._lnames = []
         self._present = set()
         self.rendered = None
+        self._vary_at = -1
 
     def _index(self) -> list[bytes]:
         """Lowercase names parallel to ``headers``: every hook asks has()/get(), so a name is
@@ -94,8 +100,11 @@ class Response:
             if n > len(headers):
                 lnames.clear()
                 self._present.clear()
+                self._vary_at = -1
                 n = 0
             new = [name.lower() for name, _ in headers[n:]]
+            if b"vary" in new:
+                self._vary_at = -1
             lnames.extend(new)
             self._present.update(new)
         return lnames
@@ -141,6 +150,8 @@ class Response:
             lnames = self._index()
         if lname is None:
             lname = name.lower()
+        if self._vary_at >= 0 and lname == b"vary":
+            self._vary_at = -1
         lnames.append(lname)
         self._present.add(lname)
         self._headers.append((name, value))
@@ -160,12 +171,15 @@ class Response:
         self._index().extend(lnames)
         self._present.update(lnames)
         self._headers.extend(fields)
+        if b"vary" in lnames:
+            self._vary_at = -1
 
     def remove(self, lname: bytes) -> None:
         lnames = self._index()
         if lname not in self._present:
             return
         self._present.discard(lname)
+        self._vary_at = -1  # fields move
         count = lnames.count(lname)
         if count == 1:  # the usual case, inline
             i = lnames.index(lname)
@@ -179,6 +193,7 @@ class Response:
         (hooks may hold the list); usually one, so no rebuilt lists."""
         lnames, headers = self._lnames, self._headers
         self.rendered = None
+        self._vary_at = -1  # fields move
         for _ in range(count):
             start = lnames.index(lname, start)
             del lnames[start]
@@ -189,12 +204,17 @@ class Response:
         if len(lnames) != len(self._headers):
             lnames = self._index()
         if b"vary" not in self._present:  # the usual case: one Vary field, made here
+            self._vary_at = len(lnames)
             self._headers.append((b"Vary", token))
             lnames.append(b"vary")
             self._present.add(b"vary")
             return
-        i = lnames.index(b"vary")
-        single = lnames.count(b"vary") == 1
+        i = self._vary_at
+        if i >= 0:
+            single = True
+        else:
+            i = lnames.index(b"vary")
+            single = lnames.count(b"vary") == 1
         if single:
             current = self._headers[i][1]
         else:  # several Vary fields are one list (RFC 9110 §5.3): all of them count
@@ -210,6 +230,7 @@ class Response:
         if single:  # the usual case: replaced in place
             self._headers[i] = (b"Vary", current + b", " + token)
             self.rendered = None
+            self._vary_at = i
         else:  # folded into the first field
             self.set(b"Vary", current + b", " + token, b"vary")
 

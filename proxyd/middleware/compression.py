@@ -10,7 +10,7 @@ compress, already encoded, or marked ``no-transform`` pass untouched.
 from __future__ import annotations
 
 import zlib
-from typing import Any
+from typing import Any, Final
 
 import brotli
 
@@ -21,6 +21,9 @@ try:  # optional: only offered when installed
     import zstandard
 except ImportError:  # pragma: no cover - depends on the environment
     zstandard = None
+
+
+TYPE_MEMO: Final = 64
 
 
 class _Gzip:
@@ -98,6 +101,10 @@ class Compression(Middleware):
         self.order = [a.encode() for a in options.algorithms]
         self.types = tuple(t.lower().encode() for t in options.types)
         self.o = options
+        # Content-Type value -> compressible: a route's responses repeat a few values, and
+        # the lookup costs a quarter of lowering and matching each (bounded: a value may vary,
+        # e.g. a multipart boundary).
+        self._type_ok: dict[bytes, bool] = {}
 
     def choose(self, accept: bytes) -> bytes | None:
         prefs = parse_accept_encoding(accept)
@@ -120,7 +127,14 @@ class Compression(Middleware):
         if resp.status < 200 or resp.status in (204, 206, 304) or resp.drop_body:
             return
         ctype = resp.get(b"content-type")
-        if ctype is None or not ctype.lower().lstrip().startswith(self.types):
+        if ctype is None:
+            return
+        ok = self._type_ok.get(ctype)
+        if ok is None:
+            ok = ctype.lower().lstrip().startswith(self.types)
+            if len(self._type_ok) < TYPE_MEMO:
+                self._type_ok[ctype] = ok
+        if not ok:
             return
         resp.add_vary(b"Accept-Encoding")
         if resp.has(b"content-encoding"):

@@ -3,6 +3,8 @@ step whatever mix of methods and direct list changes the hooks use."""
 
 from __future__ import annotations
 
+import random
+
 from proxyd.middleware.base import Response
 
 
@@ -89,3 +91,60 @@ def test_add_vary_makes_merges_and_does_not_repeat_a_token() -> None:
     substring.add_vary(b"Origin")  # a substring of a token is not the token
     assert substring.get(b"vary") == b"X-Origin-Hint, Origin"
     consistent(resp)
+
+
+def model_add_vary(headers: list[tuple[bytes, bytes]], token: bytes) -> list[tuple[bytes, bytes]]:
+    """add_vary's rule, written plainly: every Vary field is one list of tokens; an absent
+    token is appended, folding several fields into the first."""
+    vary = [i for i, (n, _) in enumerate(headers) if n.lower() == b"vary"]
+    if not vary:
+        return [*headers, (b"Vary", token)]
+    current = b", ".join(headers[i][1] for i in vary)
+    if token.lower() in {t.strip().lower() for t in current.split(b",")}:
+        return headers
+    out = [h for i, h in enumerate(headers) if i not in vary[1:]]
+    out[vary[0]] = (b"Vary", current + b", " + token)
+    return out
+
+
+def test_any_sequence_of_changes_matches_a_plain_list() -> None:
+    """Random mixes of every way a hook may change the fields (seeded: reproducible), the
+    list checked against a plain model after each step — Vary's remembered place included."""
+    rng = random.Random(4)
+    names = [b"Vary", b"vary", b"ETag", b"Server", b"X-A"]
+    tokens = [b"Origin", b"Accept-Encoding", b"origin", b"Cookie"]
+    for _ in range(300):
+        resp = Response(200, [(rng.choice(names), b"v0")] if rng.random() < 0.5 else [])
+        model = list(resp.headers)
+        for step in range(12):
+            op = rng.randrange(7)
+            name = rng.choice(names)
+            value = b"v%d" % step
+            if op == 0:
+                token = rng.choice(tokens)
+                resp.add_vary(token)
+                model = model_add_vary(model, token)
+            elif op == 1:
+                resp.add(name, value)
+                model.append((name, value))
+            elif op == 2:
+                resp.remove(name.lower())
+                model = [(n, v) for n, v in model if n.lower() != name.lower()]
+            elif op == 3:
+                resp.set(name, value)
+                at = [i for i, (n, _) in enumerate(model) if n.lower() == name.lower()]
+                if at:
+                    model[at[0]] = (name, value)
+                    model = [h for i, h in enumerate(model) if i not in at[1:]]
+                else:
+                    model.append((name, value))
+            elif op == 4:
+                resp.headers.append((name, value))  # directly, as hooks may
+                model.append((name, value))
+            elif op == 5:
+                resp.extend([(name, value)], [name.lower()])
+                model.append((name, value))
+            else:
+                resp.headers = list(resp.headers)
+            assert fields(resp) == model, (op, name)
+            consistent(resp)

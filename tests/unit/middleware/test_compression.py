@@ -11,7 +11,12 @@ import pytest
 from pydantic import ValidationError
 
 from proxyd.middleware.base import Context, Response
-from proxyd.middleware.compression import Compression, CompressionOptions, parse_accept_encoding
+from proxyd.middleware.compression import (
+    TYPE_MEMO,
+    Compression,
+    CompressionOptions,
+    parse_accept_encoding,
+)
 
 from .helpers import make_ctx, response, values
 
@@ -170,6 +175,19 @@ def test_compressible_types(ctype: bytes) -> None:
     resp = buffered(ctype=ctype)
     comp().on_response(ctx_ae(b"gzip"), resp)
     assert resp.get(b"content-encoding") == b"gzip"
+
+
+def test_one_instance_answers_many_types_alike_whatever_it_remembers() -> None:
+    """The Content-Type memo: repeated and varied values (more than it keeps) decide as a
+    fresh instance would."""
+    shared = comp()
+    for i in range(3 * TYPE_MEMO):
+        for ctype, compressed in ((b"text/html", True), (b"image/png", False),
+                                  (b"multipart/mixed; boundary=%d" % i, False),
+                                  (b"text/plain; charset=x-%d" % i, True)):
+            resp = buffered(ctype=ctype)
+            shared.on_response(ctx_ae(b"gzip"), resp)
+            assert resp.has(b"content-encoding") is compressed, ctype
 
 
 def test_configured_types_replace_the_defaults() -> None:
