@@ -30,8 +30,8 @@ if TYPE_CHECKING:
     from proxyd.proxy.request import Request
     from proxyd.proxy.websocket import Tunnel
 
-KNOWN_METHODS: Final = (b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS", b"TRACE",
-                 b"CONNECT")
+KNOWN_METHODS: Final = (b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS",
+                        b"TRACE", b"CONNECT")
 
 
 def req_id(req: Request, pipeline: Pipeline) -> str:
