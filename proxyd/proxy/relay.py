@@ -187,7 +187,7 @@ class ResponseRelay:
                 self.buffer = []  # the head waits for the body (etag); CL ≤ its max_size
                 return
             chain.response(ctx, resp)
-            self._send_middleware_head(resp, no_body)
+            self._send_middleware_head(resp, no_body, length)
         if req.method == b"HEAD":
             # llhttp cannot be told "no body"; the exchange owns this parser, so finish now
             # and let the connection get a fresh parser with its next exchange.
@@ -218,7 +218,11 @@ class ResponseRelay:
         self.resp_status = status  # what the client got (middleware may have changed it)
         self.resp_started = True
 
-    def _send_middleware_head(self, resp: Response, no_body: bool) -> None:
+    def _send_middleware_head(self, resp: Response, no_body: bool, length: bytes | None
+                              ) -> None:
+        """``length``: the upstream's Content-Length. When no hook touches the body and the
+        client is told that same length, the body goes out past the parser (_relay_raw)."""
+        raw = False
         if resp.body is not None and not resp.drop_body and resp.status not in NO_BODY_STATUSES:
             # A hook supplied the body (a cache entry revalidated by a 304, or served stale on
             # an error): it wins over the upstream's, which is read and dropped.
@@ -231,8 +235,12 @@ class ResponseRelay:
         elif resp.filters:
             self.filters = resp.filters
             resp.remove(b"content-length")
+        elif length is not None:
+            raw = resp.get(b"content-length") == length
         fields = render_fields(resp.headers)
         self._send_head(resp.status, resp.reason, fields, resp.has(b"content-length"), no_body)
+        if raw and length is not None:
+            self.raw_left = int(length)
         if resp.body is not None and not no_body and self.req.method != b"HEAD":
             self.ds.send(resp.body)
             self.bytes_out += len(resp.body)

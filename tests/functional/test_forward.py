@@ -491,12 +491,17 @@ async def read_pieces(c: RawClient, go: asyncio.Queue[None], parts: list[bytes])
     return got
 
 
+# Middleware that leave the body alone: it is relayed past the parser on their routes too.
+HEAD_ONLY_CHAIN = [{"type": "security_headers"}, {"type": "trace_id"}]
+
+
+@pytest.mark.parametrize("chain", [None, HEAD_ONLY_CHAIN], ids=["plain", "chain"])
 async def test_content_length_body_in_many_reads_is_relayed_whole_and_keeps_both_connections(
-    upstreams: Upstreams, proxy: StartProxy
+    upstreams: Upstreams, proxy: StartProxy, chain: list[dict[str, str]] | None
 ) -> None:
     parts = [b"a" * 100, bytes(range(256)) * 64, b"\r\n\r\nHTTP/1.1 200 OK\r\n", b"z"]
     up, go = await pieces_upstream(upstreams, parts)
-    p = await proxy(CATCH_ALL, {"backend": up.url})
+    p = await proxy(CATCH_ALL, {"backend": up.url}, middleware=chain)
     async with await RawClient.connect(p.port) as c:
         for _ in range(2):
             await c.send(get("/"))
@@ -510,12 +515,13 @@ async def test_content_length_body_in_many_reads_is_relayed_whole_and_keeps_both
     assert len(up.conns) == 1 and up.conns[0].requests == 3  # one upstream connection, reused
 
 
+@pytest.mark.parametrize("chain", [None, HEAD_ONLY_CHAIN], ids=["plain", "chain"])
 async def test_bytes_past_a_content_length_body_are_not_relayed_and_retire_the_connection(
-    upstreams: Upstreams, proxy: StartProxy
+    upstreams: Upstreams, proxy: StartProxy, chain: list[dict[str, str]] | None
 ) -> None:
     parts = [b"0123", b"456789"]
     up, go = await pieces_upstream(upstreams, parts, extra=b"HTTP/1.1 200 OK\r\n\r\nsmuggled")
-    p = await proxy(CATCH_ALL, {"backend": up.url})
+    p = await proxy(CATCH_ALL, {"backend": up.url}, middleware=chain)
     async with await RawClient.connect(p.port) as c:
         await c.send(get("/"))
         assert await read_pieces(c, go, parts) == b"0123456789"
