@@ -175,7 +175,9 @@ class Response:
             self._vary_at = -1
 
     def remove(self, lname: bytes) -> None:
-        lnames = self._index()
+        lnames = self._lnames
+        if len(lnames) != len(self._headers):
+            lnames = self._index()
         if lname not in self._present:
             return
         self._present.discard(lname)

@@ -14,6 +14,7 @@ class Chain:
         self._request = [(i, m) for i, m in enumerate(self.middleware) if m.hooks()[0]]
         self._response = [(i, m) for i, m in enumerate(self.middleware) if m.hooks()[1]]
         self._response.reverse()  # innermost first on the way out
+        self._response_all = [m for _, m in self._response]  # the usual case: no index test
         self._buffering = [m for m in self.middleware if m.buffers_body]
 
     def __bool__(self) -> bool:
@@ -53,7 +54,10 @@ class Chain:
 
     def response(self, ctx: Context, resp: Response, upto: int | None = None) -> None:
         """Response hooks, innermost first, of the middleware standing before ``upto``."""
-        limit = self.size if upto is None else upto
+        if upto is None:
+            for mw in self._response_all:
+                mw.on_response(ctx, resp)
+            return
         for i, mw in self._response:
-            if i < limit:
+            if i < upto:
                 mw.on_response(ctx, resp)

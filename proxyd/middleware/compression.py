@@ -142,8 +142,11 @@ class Compression(Middleware):
         cache_control = resp.get(b"cache-control")
         if cache_control is not None and cache_control.lower().find(b"no-transform") >= 0:
             return
-        length = resp.get(b"content-length")
-        size = len(resp.body) if resp.body is not None else int(length) if length else None
+        if resp.body is not None:
+            size: int | None = len(resp.body)
+        else:
+            length = resp.get(b"content-length")
+            size = int(length) if length else None
         if size is not None and size < self.min_size:
             return
         accept = ctx.header(b"accept-encoding")
