@@ -156,7 +156,7 @@ class Answering:
         chain = route.chain
         if chain:
             ctx = req.ctx = Context(req.method, path, query, req.host, req.headers,
-                                    self.client_ip, route.name, p.next_request_id)
+                                    self.client_ip, route.name, p.request_id_maker)
             if req.inbound_id is not None:
                 ctx.request_id = req_id(req, p)  # as on routes without middleware
             req.chain = chain

@@ -125,6 +125,8 @@ class Pipeline:
         self._id_prefix = os.urandom(4).hex()
         self._id_dash = self._id_prefix + "-"
         self._id_count = 0
+        # For each Context: one bound method for the worker's life, not one per request.
+        self.request_id_maker: Callable[[], str] = self.next_request_id
         self.access_log: AccessLog | None = None
         if config.access_log.enabled:
             self.access_log = AccessLog(config.access_log, loop, self._id_prefix)
