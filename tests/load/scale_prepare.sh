@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Gather what tests/load/scale_run.sh needs on a machine with no network (the lent 16-core
 # device): wheels of every runtime dependency at the versions installed here, built for the
-# target's Python (default 3.12), and wrk + nginx with the shared libraries they link beyond
-# glibc. Everything lands in .scale/ (git-ignored through .git/info/exclude).
+# target's Python (default 3.12), what compiles the data plane there (mypy, setuptools), and
+# wrk + nginx with the shared libraries they link beyond glibc. Everything lands in .scale/
+# (git-ignored through .git/info/exclude).
 #
 #   tests/load/scale_prepare.sh [PYTHON_VERSION]     # e.g. 3.12 (the device's), 3.11 (here)
 set -euo pipefail
@@ -25,6 +26,18 @@ python -m pip download -q --no-deps --only-binary=:all: --python-version "$pyver
   --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   --platform manylinux1_x86_64 -d "$dest/whl" "${pins[@]}"
+
+# What compiles the data plane there (setup.py: mypyc and the YAML stubs its type check needs, as
+# in pyproject.toml's build requirements, and a setuptools new enough for
+# pyproject.toml's SPDX license), at this venv's mypy; scale_run.sh builds before it measures.
+build=("mypy==$(python -c "import importlib.metadata as m; print(m.version('mypy'))")")
+for n in ast-serialize librt mypy_extensions pathspec types-PyYAML; do
+  build+=("$n==$(python -c "import importlib.metadata as m; print(m.version('$n'))")")
+done
+python -m pip download -q --no-deps --only-binary=:all: --python-version "$pyver" \
+  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+  --platform manylinux1_x86_64 -d "$dest/whl" "${build[@]}" "setuptools>=77"
 
 # wrk and nginx, each behind a wrapper that points only it at the carried libraries (the
 # target's Python must keep its own libssl).

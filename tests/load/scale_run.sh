@@ -4,6 +4,10 @@
 #
 #   tests/load/scale_run.sh [WORKERS] [extra bench.py args...]
 #
+# It first compiles the data plane for the target's Python (setup.py build_ext --inplace, as
+# `pip install -e .` does here) and stops if that fails: a silent fall-back to the pure
+# package would measure another build. SCALE_PURE=1 measures the pure package on purpose.
+#
 # Writes bench.log and bench.json under $OUT (or ./scale-out).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -18,6 +22,20 @@ echo "== $(nproc) CPUs, $("$py" -V), $(uname -r)"
 wrk -v 2>&1 | head -1; nginx -v 2>&1
 "$py" -c 'import proxyd, aiohttp, uvloop, httptools, pydantic; print("proxyd", proxyd.__version__,
 "aiohttp", aiohttp.__version__, "uvloop", uvloop.__version__)' || exit 1
+if [ "${SCALE_PURE:-}" = 1 ]; then
+  export PROXYD_PURE=1
+else
+  inc=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+  echo "== compiler: $(cc --version 2>&1 | head -1); Python.h: $(ls "$inc/Python.h" 2>&1)"
+  start=$(date +%s)
+  "$py" setup.py -q build_ext --inplace -j "$(nproc)" >"$out/build.log" 2>&1
+  echo "== build: rc $?, $(( $(date +%s) - start )) s"; tail -5 "$out/build.log"
+fi
+"$py" -c 'import proxyd; print("build:", proxyd.build())' | tee "$out/build.txt"
+if [ "${SCALE_PURE:-}" != 1 ] && ! grep -q 'build: compiled' "$out/build.txt"; then
+  echo "the compiled data plane did not build; stopping (SCALE_PURE=1 measures the pure one)"
+  exit 1
+fi
 ulimit -n 65536 2>/dev/null || true
 "$py" tests/load/bench.py --workers "$workers" --nginx-workers "$workers" \
   --origin-workers 4 --wrk-threads 4 --connections 256 --json "$out/bench.json" "$@" 2>&1 |
