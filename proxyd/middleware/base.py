@@ -44,8 +44,8 @@ class Response:
     lowercase names follows the list by its length only.
     """
 
-    __slots__ = ("_headers", "_lnames", "_present", "_vary_at", "body", "drop_body", "filters",
-                 "reason", "rendered", "status")
+    __slots__ = ("_headers", "_lnames", "_present", "_vary_at", "_vary_tokens", "body",
+                 "drop_body", "filters", "reason", "rendered", "status")
     _headers: list[tuple[bytes, bytes]]
     _lnames: list[bytes]
     # The same names as a set: most questions hooks ask are about fields that are absent
@@ -59,6 +59,9 @@ class Response:
     # Vary has come (-1: unknown): the next token goes there without a scan (cors and
     # compression both add one to nearly every response).
     _vary_at: int
+    # While _vary_at holds: that field's tokens, lowercase, as add_vary put them (no
+    # lowering and splitting of the value to find whether a token is there).
+    _vary_tokens: list[bytes]
 
     def __init__(
         self, status: int, headers: list[tuple[bytes, bytes]], body: bytes | None = None,
@@ -135,9 +138,12 @@ class Response:
             i = lnames.index(lname)
             self._headers[i] = (name, value)
             self.rendered = None
-            extra = lnames.count(lname) - 1  # i is the first: the rest come after it
-            if extra:
-                self._drop(lname, i + 1, extra)
+            if lname == b"vary":
+                self._vary_at = -1  # a value add_vary did not make
+            if len(self._present) != len(lnames):  # some name repeats: maybe this one
+                extra = lnames.count(lname) - 1  # i is the first: the rest come after it
+                if extra:
+                    self._drop(lname, i + 1, extra)
         else:
             self._headers.append((name, value))
             lnames.append(lname)
@@ -178,15 +184,21 @@ class Response:
         lnames = self._lnames
         if len(lnames) != len(self._headers):
             lnames = self._index()
-        if lname not in self._present:
+        present = self._present
+        if lname not in present:
             return
-        self._present.discard(lname)
-        self._vary_at = -1  # fields move
-        count = lnames.count(lname)
+        # As many distinct names as fields: none repeats, no need to count this one.
+        count = 1 if len(present) == len(lnames) else lnames.count(lname)
+        present.discard(lname)
         if count == 1:  # the usual case, inline
             i = lnames.index(lname)
             del lnames[i], self._headers[i]
             self.rendered = None
+            vary_at = self._vary_at
+            if vary_at > i:  # the fields after i moved up by one (headers removes Server)
+                self._vary_at = vary_at - 1
+            elif vary_at == i:
+                self._vary_at = -1
         else:
             self._drop(lname, 0, count)
 
@@ -201,38 +213,48 @@ class Response:
             del lnames[start]
             del headers[start]
 
-    def add_vary(self, token: bytes) -> None:
+    def add_vary(self, token: bytes, ltoken: bytes | None = None) -> None:
+        """Add ``token`` to the Vary list unless there; ``ltoken``: it in lowercase, where
+        the caller has it at hand."""
+        if ltoken is None:
+            ltoken = token.lower()
         lnames = self._lnames
         if len(lnames) != len(self._headers):
             lnames = self._index()
         if b"vary" not in self._present:  # the usual case: one Vary field, made here
             self._vary_at = len(lnames)
+            self._vary_tokens = [ltoken]
             self._headers.append((b"Vary", token))
             lnames.append(b"vary")
             self._present.add(b"vary")
             return
         i = self._vary_at
-        if i >= 0:
-            single = True
-        else:
-            i = lnames.index(b"vary")
-            single = lnames.count(b"vary") == 1
+        if i >= 0:  # the field add_vary made, and its tokens
+            tokens = self._vary_tokens
+            if ltoken not in tokens:
+                tokens.append(ltoken)
+                self._headers[i] = (b"Vary", self._headers[i][1] + b", " + token)
+                self.rendered = None
+            return
+        i = lnames.index(b"vary")
+        single = len(self._present) == len(lnames) or lnames.count(b"vary") == 1  # no repeats
         if single:
             current = self._headers[i][1]
         else:  # several Vary fields are one list (RFC 9110 §5.3): all of them count
             current = b", ".join([v for (_, v), n in zip(self._headers, lnames, strict=True)
                                   if n == b"vary"])
-        ltoken = token.lower()
         # Not even a substring: certainly absent, no need to split the list. (find(), not
         # "in": bytes.__contains__ raises and clears a TypeError before it searches.)
         if current.lower().find(ltoken) >= 0 and ltoken in {
             t.strip().lower() for t in current.split(b",")
         }:
             return
-        if single:  # the usual case: replaced in place
+        if single:  # replaced in place; its tokens are known from now on
             self._headers[i] = (b"Vary", current + b", " + token)
             self.rendered = None
             self._vary_at = i
+            self._vary_tokens = [t.strip().lower() for t in current.split(b",")]
+            self._vary_tokens.append(ltoken)
         else:  # folded into the first field
             self.set(b"Vary", current + b", " + token, b"vary")
 

@@ -136,7 +136,7 @@ class Compression(Middleware):
                 self._type_ok[ctype] = ok
         if not ok:
             return
-        resp.add_vary(b"Accept-Encoding")
+        resp.add_vary(b"Accept-Encoding", b"accept-encoding")
         if resp.has(b"content-encoding"):
             return
         cache_control = resp.get(b"cache-control")

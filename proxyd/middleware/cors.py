@@ -79,7 +79,7 @@ class Cors(Middleware):
 
     def on_response(self, ctx: Context, resp: Response) -> None:
         if self.vary:
-            resp.add_vary(b"Origin")
+            resp.add_vary(b"Origin", b"origin")
         origin = ctx.header(b"origin")
         if origin is None or not self.allowed(origin):
             return

@@ -65,7 +65,7 @@ class Etag(Middleware):
         etag = resp.get(b"etag")
         if etag is None and resp.body is not None and len(resp.body) <= self.max_size:
             etag = body_tag(resp.body)
-            resp.add(b"ETag", etag)
+            resp.add(b"ETag", etag, b"etag")
         if etag is None:
             return
         inm = ctx.header(b"if-none-match")

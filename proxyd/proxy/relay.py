@@ -144,11 +144,18 @@ class ResponseRelay:
         chunked = False
         named: set[bytes] | None = None  # fields a Connection header names (rare)
         keep: list[bytes] = []  # name, ": ", value, CRLF, ...
-        pairs: list[tuple[bytes, bytes]] = []
+        # For middleware: the parser's own list of pairs, less the dropped fields, and its
+        # lowercase names. (Kept pairs are not copied: in the compiled build a pair taken
+        # out of the list and appended to another is a new tuple, ~8 allocations a response.)
         lnames: list[bytes] = []
-        for name, value in headers:
+        dropped: list[int] = []
+        for i, (name, value) in enumerate(headers):
             lname = name.lower()
+            if ctx is not None:
+                lnames.append(lname)
             if lname in RESPONSE_DROP:
+                if ctx is not None:
+                    dropped.append(i)
                 if lname == b"content-length":
                     length = value.strip()  # llhttp already refused duplicates and non-digits
                 elif lname == b"transfer-encoding":
@@ -161,9 +168,6 @@ class ResponseRelay:
                 continue
             if ctx is None:
                 keep += (name, b": ", value, CRLF)
-            else:
-                pairs.append((name, value))
-                lnames.append(lname)
         no_body = req.method == b"HEAD" or status in NO_BODY_STATUSES
         self.read_to_close = length is None and not chunked and not no_body
         if ctx is None:
@@ -178,8 +182,10 @@ class ResponseRelay:
             if named:
                 resp = Response(status, self._filter_list(headers, named), None, reason)
             else:
+                for i in reversed(dropped):
+                    del headers[i], lnames[i]
                 # The lowercase names made here once, not again by the first hook asking.
-                resp = Response(status, pairs, None, reason, lnames)
+                resp = Response(status, headers, None, reason, lnames)
                 if length is not None:
                     resp.add(b"Content-Length", length, b"content-length")  # middleware read it
             if not no_body and chain.wants_body(ctx, resp):
