@@ -35,10 +35,11 @@ class SecurityHeaders(Middleware):
         self.lnames = frozenset(lname for lname, _, _, _ in self.fields)
         self.block = [(name, value) for _, name, value, _ in self.fields]
         self.block_lnames = [lname for lname, _, _, _ in self.fields]
+        self.block_lines = b"".join(b"%s: %s\r\n" % field for field in self.block)
 
     def on_response(self, ctx: Context, resp: Response) -> None:
         if self.lnames.isdisjoint(resp.names()):
-            resp.extend(self.block, self.block_lnames)
+            resp.extend(self.block, self.block_lnames, self.block_lines)
             return
         for lname, name, value, override in self.fields:
             if not resp.has(lname):

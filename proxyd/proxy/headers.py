@@ -10,12 +10,15 @@ import ipaddress
 import json
 from collections.abc import Iterable
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, cast
 
 if TYPE_CHECKING:
     import asyncio
 
     from proxyd.middleware.base import Response
+
+# (index of the first field, the pairs, their lines rendered): see Response.extend.
+Block = tuple[int, list[tuple[bytes, bytes]], bytes]
 
 # Fields that describe one connection, never forwarded (RFC 9110 §7.6.1), plus the framing
 # fields proxyd always writes itself (a forwarded message is re-framed, never byte-copied) and
@@ -140,12 +143,16 @@ def error_response(
     return head if head_only else head + body
 
 
-def render_fields(headers: list[tuple[bytes, bytes]]) -> bytes:
+def render_fields(headers: list[tuple[bytes, bytes]], blocks: list[Block] | None = None
+                  ) -> bytes:
     """"Name: value\r\n" lines; parts joined once (faster than a line per field).
 
     The list is made at its full size, CRLFs in place: compiled, filling slots costs a third
     less than growing the list by four parts a field (0.68 vs 1.0 µs for 15 fields).
+    ``blocks``: runs of fields appended with their lines rendered already (Response.extend).
     """
+    if blocks is not None:
+        return _render_with_blocks(headers, blocks)
     parts = [CRLF] * (4 * len(headers))
     i = 0
     for name, value in headers:
@@ -154,6 +161,58 @@ def render_fields(headers: list[tuple[bytes, bytes]]) -> bytes:
         parts[i + 2] = value
         i += 4
     return b"".join(parts)
+
+
+def _render_with_blocks(headers: list[tuple[bytes, bytes]], blocks: list[Block]) -> bytes:
+    """Each block still in place — the very pair objects it was made of, in order, at its
+    index — is one piece instead of four a field (a join costs ~100 instructions a piece).
+    A block that fields removed before it have moved, or a field of it changed, is rendered
+    field by field like the rest: correct either way, only slower."""
+    used: list[tuple[int, int, bytes]] = []  # (first field, past its last, lines)
+    covered = 0
+    at = 0
+    for start, fields, lines in blocks:
+        if start >= at and _in_place(cast("list[object]", headers), start,
+                                     cast("list[object]", fields)):
+            at = start + len(fields)
+            used.append((start, at, lines))
+            covered += len(fields)
+    if not used:
+        return render_fields(headers)
+    # Made at its full size and filled, as render_fields does.
+    parts = [CRLF] * (4 * (len(headers) - covered) + len(used))
+    i = k = 0
+    for start, stop, lines in used:
+        k = _fill(headers, i, start, parts, k)
+        parts[k] = lines
+        k += 1
+        i = stop
+    _fill(headers, i, len(headers), parts, k)
+    return b"".join(parts)
+
+
+def _fill(headers: list[tuple[bytes, bytes]], i: int, stop: int, parts: list[bytes], k: int
+          ) -> int:
+    """Fields i..stop into parts from k on (CRLFs already there); returns the next k."""
+    while i < stop:
+        name, value = headers[i]
+        parts[k] = name
+        parts[k + 1] = b": "
+        parts[k + 2] = value
+        k += 4
+        i += 1
+    return k
+
+
+def _in_place(headers: list[object], start: int, fields: list[object]) -> bool:
+    # Typed as objects: compiled, a pair read as tuple[bytes, bytes] would be unpacked and
+    # boxed again into a new tuple, never identical to the block's.
+    if start + len(fields) > len(headers):
+        return False
+    for i, field in enumerate(fields):  # noqa: SIM110  (all(genexpr) costs more, compiled)
+        if headers[start + i] is not field:
+            return False
+    return True
 
 
 def write_pieces(transport: asyncio.WriteTransport, out: list[bytes]) -> None:

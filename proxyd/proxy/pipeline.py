@@ -257,9 +257,10 @@ class Pipeline:
         return None
 
     def next_request_id(self) -> str:
-        # "%x" and not an f-string's {:x}: compiled, the format spec costs 0.4 µs, this 0.1.
+        # hex(), not an f-string's {:x} (compiled, its format spec costs 0.4 µs) nor "%x"
+        # (the % operator parses its format: ~900 instructions, hex() ~300).
         n = self._id_count = self._id_count + 1
-        return self._id_dash + "%x" % n  # noqa: UP031
+        return self._id_dash + hex(n)[2:]
 
     def start(self) -> None:
         self.deadlines.start()

@@ -11,7 +11,7 @@ Exchange (forward.py), which owns the state and the request side.
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
@@ -144,18 +144,15 @@ class ResponseRelay:
         chunked = False
         named: set[bytes] | None = None  # fields a Connection header names (rare)
         keep: list[bytes] = []  # name, ": ", value, CRLF, ...
-        # For middleware: the parser's own list of pairs, less the dropped fields, and its
-        # lowercase names. (Kept pairs are not copied: in the compiled build a pair taken
-        # out of the list and appended to another is a new tuple, ~8 allocations a response.)
+        # For middleware: the parser's pairs less the dropped fields, and their lowercase
+        # names. The pairs are read as objects: compiled, a pair read as tuple[bytes, bytes]
+        # and appended to another list would be a new tuple (~8 allocations a response).
+        pairs: list[object] = []
         lnames: list[bytes] = []
-        dropped: list[int] = []
-        for i, (name, value) in enumerate(headers):
+        for field in cast("list[object]", headers):
+            name, value = cast("tuple[bytes, bytes]", field)
             lname = name.lower()
-            if ctx is not None:
-                lnames.append(lname)
             if lname in RESPONSE_DROP:
-                if ctx is not None:
-                    dropped.append(i)
                 if lname == b"content-length":
                     length = value.strip()  # llhttp already refused duplicates and non-digits
                 elif lname == b"transfer-encoding":
@@ -168,6 +165,9 @@ class ResponseRelay:
                 continue
             if ctx is None:
                 keep += (name, b": ", value, CRLF)
+            else:
+                pairs.append(field)
+                lnames.append(lname)
         no_body = req.method == b"HEAD" or status in NO_BODY_STATUSES
         self.read_to_close = length is None and not chunked and not no_body
         if ctx is None:
@@ -182,10 +182,9 @@ class ResponseRelay:
             if named:
                 resp = Response(status, self._filter_list(headers, named), None, reason)
             else:
-                for i in reversed(dropped):
-                    del headers[i], lnames[i]
                 # The lowercase names made here once, not again by the first hook asking.
-                resp = Response(status, headers, None, reason, lnames)
+                resp = Response(status, cast("list[tuple[bytes, bytes]]", pairs), None, reason,
+                                lnames)
                 if length is not None:
                     resp.add(b"Content-Length", length, b"content-length")  # middleware read it
             if not no_body and chain.wants_body(ctx, resp):
@@ -243,7 +242,7 @@ class ResponseRelay:
             resp.remove(b"content-length")
         elif length is not None:
             raw = resp.get(b"content-length") == length
-        fields = render_fields(resp.headers)
+        fields = render_fields(resp.headers, resp.blocks)
         self._send_head(resp.status, resp.reason, fields, resp.has(b"content-length"), no_body)
         if raw and length is not None:
             self.raw_left = int(length)
@@ -341,7 +340,7 @@ class ResponseRelay:
         no_body = resp.drop_body or resp.status in NO_BODY_STATUSES
         if not no_body and not (same and resp.has(b"content-length")):
             resp.set(b"Content-Length", str(len(body)).encode())
-        fields = render_fields(resp.headers)
+        fields = render_fields(resp.headers, resp.blocks)
         self._send_head(resp.status, resp.reason, fields, True, no_body)
         if not no_body:
             self.ds.send(body)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 
 from proxyd.middleware.base import Response
+from proxyd.proxy.headers import render_fields
 
 
 def fields(resp: Response) -> list[tuple[bytes, bytes]]:
@@ -161,9 +162,13 @@ def test_any_sequence_of_changes_matches_a_plain_list() -> None:
                 resp.headers.append((name, value))  # directly, as hooks may
                 model.append((name, value))
             elif op == 5:
-                resp.extend([(name, value)], [name.lower()])
-                model.append((name, value))
+                block = [(name, value), (b"X-B", value)]
+                resp.extend(block, [name.lower(), b"x-b"], b"".join(
+                    b"%s: %s\r\n" % field for field in block))
+                model += block
             else:
                 resp.headers = list(resp.headers)
             assert fields(resp) == model, (op, name)
             consistent(resp)
+            # Blocks still in place or not, the bytes are those of the fields.
+            assert render_fields(resp.headers, resp.blocks) == render_fields(model)

@@ -1,13 +1,19 @@
 """render_response: a cache hit's stored fields go out as the lines rendered once for the entry;
-any change to those fields through the Response API must show in the bytes sent. Status lines,
-TrustedProxies."""
+any change to those fields through the Response API must show in the bytes sent. The same for
+render_fields and the blocks Response.extend records. Status lines, TrustedProxies."""
 
 from __future__ import annotations
 
 from proxyd.cache.store import Entry
 from proxyd.middleware.base import Response
 from proxyd.proxy import headers as headers_module
-from proxyd.proxy.headers import REASON_LINES_MAX, TrustedProxies, render_response, status_line
+from proxyd.proxy.headers import (
+    REASON_LINES_MAX,
+    TrustedProxies,
+    render_fields,
+    render_response,
+    status_line,
+)
 
 STORED = [(b"Content-Type", b"text/plain"), (b"ETag", b'"v1"'), (b"Cache-Control", b"max-age=60")]
 
@@ -55,6 +61,43 @@ def test_changing_a_stored_field_drops_the_lines() -> None:
     resp.headers = [(b"Content-Type", b"text/html")]
     data = render_response(resp, close=False, head=False)[0]
     assert b"text/plain" not in data and b"Content-Type: text/html\r\n" in data
+
+
+BLOCK = [(b"X-Frame-Options", b"DENY"), (b"Referrer-Policy", b"no-referrer")]
+BLOCK_LNAMES = [b"x-frame-options", b"referrer-policy"]
+# Not the fields' real lines: seeing it in the output proves the block was used as given.
+MARK = b"X-Frame-Options: DENY\r\nReferrer-Policy: no-referrer\r\nX-Block: used\r\n"
+
+
+def with_block() -> Response:
+    resp = Response(200, [(b"Server", b"s"), (b"Date", b"d")])
+    resp.extend(BLOCK, BLOCK_LNAMES, MARK)
+    resp.add(b"ETag", b'"e"')
+    return resp
+
+
+def test_a_block_in_place_goes_out_as_its_lines() -> None:
+    resp = with_block()
+    assert render_fields(resp.headers, resp.blocks) == (
+        b"Server: s\r\nDate: d\r\n" + MARK + b'ETag: "e"\r\n')
+    resp.add_vary(b"Origin")  # appended after it: still in place
+    resp.set(b"Date", b"d2")  # a field before it changed in place: still in place
+    assert MARK in render_fields(resp.headers, resp.blocks)
+
+
+def test_a_moved_or_changed_block_is_rendered_field_by_field() -> None:
+    moved = with_block()
+    moved.remove(b"server")  # a field before it gone: the block is not at its index
+    changed = with_block()
+    changed.set(b"Referrer-Policy", b"same-origin")
+    shortened = with_block()
+    shortened.remove(b"x-frame-options")
+    replaced = with_block()
+    replaced.headers = list(replaced.headers)  # a new list: no blocks
+    for resp in (moved, changed, shortened, replaced):
+        out = render_fields(resp.headers, resp.blocks)
+        assert b"X-Block" not in out
+        assert out == render_fields(resp.headers)
 
 
 def test_trusted_proxies_membership_and_truth() -> None:
