@@ -58,7 +58,7 @@ class Response:
     # (the first n fields already rendered as lines, n): set by whoever has them (a cache
     # hit); any change to those n fields drops it, appended fields do not.
     rendered: tuple[bytes, int] | None
-    # Runs of fields appended with their lines rendered (extend): the relay's rendering
+    # Runs of fields appended with their lines rendered (add_block): the relay's rendering
     # uses each run still in place (render_fields checks), so nothing here tracks them.
     blocks: list[Block] | None
     # Where add_vary made the only Vary field, while no field before it has gone and no other
@@ -180,19 +180,34 @@ class Response:
             self._index()
         return self._present
 
-    def extend(self, fields: list[tuple[bytes, bytes]], lnames: list[bytes],
-               lines: bytes | None = None) -> None:
-        """Append ``fields``, whose lowercase names are ``lnames`` (a precomputed block), and
-        ``lines``, the fields rendered, where the caller has them (security_headers' six
-        fields: one piece to join instead of 24)."""
-        index = self._index()
-        if lines is not None:
-            block = (len(index), fields, lines)
-            if self.blocks is None:
-                self.blocks = [block]
-            else:
-                self.blocks.append(block)
-        index.extend(lnames)
+    def has_any(self, lnames: list[bytes]) -> bool:
+        """Whether any of those lowercase names is present (one set lookup each)."""
+        present = self.names()
+        for lname in lnames:  # noqa: SIM110  (any(genexpr) costs more, compiled)
+            if lname in present:
+                return True
+        return False
+
+    def add_block(self, block: FieldBlock) -> None:
+        """Append a middleware's constant fields. The relay sends them as their rendered
+        lines while they stay in place (security_headers' six: one piece to join, not 24)."""
+        lnames = self._lnames
+        if len(lnames) != len(self._headers):
+            lnames = self._index()
+        entry = (len(lnames), block.fields, block.lines)
+        if self.blocks is None:
+            self.blocks = [entry]
+        else:
+            self.blocks.append(entry)
+        lnames.extend(block.lnames)
+        self._present.update(block.names)  # from a set: no hashing, no iterator
+        self._headers.extend(block.fields)
+        if block.has_vary:
+            self._vary_at = -1
+
+    def extend(self, fields: list[tuple[bytes, bytes]], lnames: list[bytes]) -> None:
+        """Append ``fields``, whose lowercase names are ``lnames`` (a precomputed block)."""
+        self._index().extend(lnames)
         self._present.update(lnames)
         self._headers.extend(fields)
         if b"vary" in lnames:
@@ -279,6 +294,20 @@ class Response:
 
 # Up to this many request fields, Context.header scans them instead of indexing them.
 FEW_FIELDS: Final = 4
+
+
+class FieldBlock:
+    """Fields a middleware appends as they are (Response.add_block), prepared once: their
+    lowercase names as a list and as a set, whether Vary is one, and their lines rendered."""
+
+    __slots__ = ("fields", "has_vary", "lines", "lnames", "names")
+
+    def __init__(self, fields: list[tuple[bytes, bytes]]) -> None:
+        self.fields = fields
+        self.lnames = [name.lower() for name, _ in fields]
+        self.names = frozenset(self.lnames)
+        self.has_vary = b"vary" in self.names
+        self.lines = b"".join(b"%s: %s\r\n" % field for field in fields)
 
 
 class Context:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from proxyd.middleware.base import Context, Middleware, Response
+from proxyd.middleware.base import Context, FieldBlock, Middleware, Response
 from proxyd.middleware.options import SecurityHeadersOptions
 
 _NAMES: Final = {
@@ -32,14 +32,11 @@ class SecurityHeaders(Middleware):
                 self.fields.append((lname, name, value.encode(), lname.decode() in override))
 
         # The usual case, none of the fields sent by the upstream: added as one block.
-        self.lnames = frozenset(lname for lname, _, _, _ in self.fields)
-        self.block = [(name, value) for _, name, value, _ in self.fields]
-        self.block_lnames = [lname for lname, _, _, _ in self.fields]
-        self.block_lines = b"".join(b"%s: %s\r\n" % field for field in self.block)
+        self.block = FieldBlock([(name, value) for _, name, value, _ in self.fields])
 
     def on_response(self, ctx: Context, resp: Response) -> None:
-        if self.lnames.isdisjoint(resp.names()):
-            resp.extend(self.block, self.block_lnames, self.block_lines)
+        if not resp.has_any(self.block.lnames):
+            resp.add_block(self.block)
             return
         for lname, name, value, override in self.fields:
             if not resp.has(lname):

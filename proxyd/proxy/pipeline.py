@@ -30,6 +30,9 @@ if TYPE_CHECKING:
     from proxyd.proxy.request import Request
     from proxyd.proxy.websocket import Tunnel
 
+# next_request_id's digits: n in hex for n < 256, and the last two digits of larger n.
+HEX_DIGITS: Final = tuple("%x" % i for i in range(256))  # noqa: UP031
+HEX_PAIRS: Final = tuple("%02x" % i for i in range(256))  # noqa: UP031
 KNOWN_METHODS: Final = (b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS",
                         b"TRACE", b"CONNECT")
 
@@ -125,6 +128,8 @@ class Pipeline:
         self._id_prefix = os.urandom(4).hex()
         self._id_dash = self._id_prefix + "-"
         self._id_count = 0
+        self._id_high = 0  # next_request_id's counter >> 8, and its ids' shared part
+        self._id_block = self._id_dash
         # For each Context: one bound method for the worker's life, not one per request.
         self.request_id_maker: Callable[[], str] = self.next_request_id
         self.access_log: AccessLog | None = None
@@ -257,10 +262,17 @@ class Pipeline:
         return None
 
     def next_request_id(self) -> str:
-        # hex(), not an f-string's {:x} (compiled, its format spec costs 0.4 µs) nor "%x"
-        # (the % operator parses its format: ~900 instructions, hex() ~300).
+        """``<prefix>-<counter in hex>``. The hex digits but the last two are formatted once
+        per 256 requests and those two come from a table: formatting every id (%, hex() or
+        an f-string) cost 1,000 to 1,500 instructions, 0.1 to 0.45 µs compiled."""
         n = self._id_count = self._id_count + 1
-        return self._id_dash + hex(n)[2:]
+        if n < 256:
+            return self._id_dash + HEX_DIGITS[n]
+        high = n >> 8
+        if high != self._id_high:  # also when the access log took counter values
+            self._id_high = high
+            self._id_block = self._id_dash + "%x" % high  # noqa: UP031
+        return self._id_block + HEX_PAIRS[n & 0xFF]
 
     def start(self) -> None:
         self.deadlines.start()

@@ -5,7 +5,7 @@ render_fields and the blocks Response.extend records. Status lines, TrustedProxi
 from __future__ import annotations
 
 from proxyd.cache.store import Entry
-from proxyd.middleware.base import Response
+from proxyd.middleware.base import FieldBlock, Response
 from proxyd.proxy import headers as headers_module
 from proxyd.proxy.headers import (
     REASON_LINES_MAX,
@@ -63,15 +63,15 @@ def test_changing_a_stored_field_drops_the_lines() -> None:
     assert b"text/plain" not in data and b"Content-Type: text/html\r\n" in data
 
 
-BLOCK = [(b"X-Frame-Options", b"DENY"), (b"Referrer-Policy", b"no-referrer")]
-BLOCK_LNAMES = [b"x-frame-options", b"referrer-policy"]
+BLOCK = FieldBlock([(b"X-Frame-Options", b"DENY"), (b"Referrer-Policy", b"no-referrer")])
 # Not the fields' real lines: seeing it in the output proves the block was used as given.
 MARK = b"X-Frame-Options: DENY\r\nReferrer-Policy: no-referrer\r\nX-Block: used\r\n"
+BLOCK.lines = MARK
 
 
 def with_block() -> Response:
     resp = Response(200, [(b"Server", b"s"), (b"Date", b"d")])
-    resp.extend(BLOCK, BLOCK_LNAMES, MARK)
+    resp.add_block(BLOCK)
     resp.add(b"ETag", b'"e"')
     return resp
 
