@@ -48,7 +48,8 @@ class Response:
     """
 
     __slots__ = ("_headers", "_lnames", "_present", "_vary_at", "_vary_tokens", "blocks",
-                 "body", "drop_body", "filters", "reason", "rendered", "status")
+                 "body", "drop_body", "filters", "reason", "rendered", "status",
+                 "upstream_length")
     _headers: list[tuple[bytes, bytes]]
     _lnames: list[bytes]
     # The same names as a set: most questions hooks ask are about fields that are absent
@@ -71,10 +72,13 @@ class Response:
 
     def __init__(
         self, status: int, headers: list[tuple[bytes, bytes]], body: bytes | None = None,
-        reason: bytes = b"", lnames: list[bytes] | None = None,
+        reason: bytes = b"", lnames: list[bytes] | None = None, upstream_length: int = -1,
     ) -> None:
         self.status = status
         self.reason = reason
+        # The upstream's Content-Length as a number, where the relay made this response from
+        # an upstream head (-1: none); what hooks do to the field does not change it.
+        self.upstream_length = upstream_length
         if lnames is None:
             self.headers = headers  # (name as sent, value); hop-by-hop fields already removed
         else:  # the lowercase names of ``headers``, where the caller has them already
@@ -225,7 +229,8 @@ class Response:
         present.discard(lname)
         if count == 1:  # the usual case, inline
             i = lnames.index(lname)
-            del lnames[i], self._headers[i]
+            lnames.pop(i)  # (compiled, pop(i) is a direct call; del boxes i for a generic one)
+            self._headers.pop(i)
             self.rendered = None
             vary_at = self._vary_at
             if vary_at > i:  # the fields after i moved up by one (headers removes Server)
@@ -243,8 +248,8 @@ class Response:
         self._vary_at = -1  # fields move
         for _ in range(count):
             start = lnames.index(lname, start)
-            del lnames[start]
-            del headers[start]
+            lnames.pop(start)
+            headers.pop(start)
 
     def add_vary(self, token: bytes, ltoken: bytes | None = None) -> None:
         """Add ``token`` to the Vary list unless there; ``ltoken``: it in lowercase, where

@@ -20,6 +20,7 @@ from proxyd.cache.store import Entry
 from proxyd.middleware.base import Context, Middleware, Pending, Response
 from proxyd.middleware.cache_entry import NOT_STORED, Tee, new_entry, not_modified, refreshed
 from proxyd.middleware.options import CacheOptions
+from proxyd.proxy.headers import content_length
 
 if TYPE_CHECKING:
     from proxyd.proxy.pipeline import Pipeline
@@ -298,7 +299,7 @@ class Cache(Middleware):
         length = resp.get(b"content-length")
         if resp.body is not None:
             store(resp.body)
-        elif length is not None and int(length) > self.store.max_object_size:
+        elif length is not None and content_length(length) > self.store.max_object_size:
             self._release(ctx, False)
         else:
             resp.filters.append(Tee(store, self.store.max_object_size))

@@ -16,6 +16,7 @@ import brotli
 
 from proxyd.middleware.base import Context, Middleware, Response
 from proxyd.middleware.options import CompressionOptions
+from proxyd.proxy.headers import content_length
 
 try:  # optional: only offered when installed
     import zstandard
@@ -146,7 +147,7 @@ class Compression(Middleware):
             size: int | None = len(resp.body)
         else:
             length = resp.get(b"content-length")
-            size = int(length) if length else None
+            size = content_length(length) if length else None
         if size is not None and size < self.min_size:
             return
         accept = ctx.header(b"accept-encoding")

@@ -12,6 +12,7 @@ from xxhash import xxh3_128_hexdigest
 
 from proxyd.middleware.base import Context, Middleware, Response
 from proxyd.middleware.options import EtagOptions
+from proxyd.proxy.headers import content_length
 
 # Fields a 304 keeps (RFC 9110 §15.4.5); the rest describe a body that is not sent.
 _KEEP_ON_304: Final = frozenset({
@@ -56,8 +57,13 @@ class Etag(Middleware):
         # Only GET bodies are buffered (a HEAD's tag comes from the upstream or not at all).
         if resp.status != 200 or ctx.method != b"GET" or resp.has(b"etag"):
             return False
-        length = resp.get(b"content-length")
-        return length is not None and int(length) <= self.max_size
+        size = resp.upstream_length  # parsed by the relay already
+        if size < 0:
+            length = resp.get(b"content-length")
+            if length is None:
+                return False
+            size = content_length(length)
+        return size <= self.max_size
 
     def on_response(self, ctx: Context, resp: Response) -> None:
         if resp.status != 200 or ctx.method not in (b"GET", b"HEAD"):

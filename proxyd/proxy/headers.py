@@ -143,6 +143,20 @@ def error_response(
     return head if head_only else head + body
 
 
+def content_length(value: bytes) -> int:
+    """A Content-Length value as an int. Compiled, the loop over its digits costs ~60
+    instructions where int() costs ~850 (a generic call of the type); anything but digits
+    (llhttp lets none through from an upstream) goes to int(), which decides as before."""
+    if not value:
+        return int(value)
+    n = 0
+    for c in value:
+        if c < 48 or c > 57:  # not 0-9
+            return int(value)
+        n = n * 10 + (c - 48)
+    return n
+
+
 def render_fields(headers: list[tuple[bytes, bytes]], blocks: list[Block] | None = None
                   ) -> bytes:
     """"Name: value\r\n" lines; parts joined once (faster than a line per field).

@@ -16,7 +16,14 @@ from typing import TYPE_CHECKING, Final, cast
 import httptools
 
 from proxyd.middleware.base import BodyFilter, Response
-from proxyd.proxy.headers import CRLF, HOP_BY_HOP, RESPONSE_DROP, render_fields, status_line
+from proxyd.proxy.headers import (
+    CRLF,
+    HOP_BY_HOP,
+    RESPONSE_DROP,
+    content_length,
+    render_fields,
+    status_line,
+)
 from proxyd.proxy.websocket import Tunnel, accept_key
 
 if TYPE_CHECKING:
@@ -175,7 +182,7 @@ class ResponseRelay:
             if length is not None:
                 fields += b"Content-Length: " + length + CRLF
                 if not no_body:
-                    self.raw_left = int(length)  # see _relay_raw
+                    self.raw_left = content_length(length)  # see _relay_raw
             self._send_head(status, reason, fields, length is not None, no_body)
         else:
             chain = req.chain
@@ -184,7 +191,7 @@ class ResponseRelay:
             else:
                 # The lowercase names made here once, not again by the first hook asking.
                 resp = Response(status, cast("list[tuple[bytes, bytes]]", pairs), None, reason,
-                                lnames)
+                                lnames, -1 if length is None else content_length(length))
                 if length is not None:
                     resp.add(b"Content-Length", length, b"content-length")  # middleware read it
             if not no_body and chain.wants_body(ctx, resp):
@@ -245,7 +252,7 @@ class ResponseRelay:
         fields = render_fields(resp.headers, resp.blocks)
         self._send_head(resp.status, resp.reason, fields, resp.has(b"content-length"), no_body)
         if raw and length is not None:
-            self.raw_left = int(length)
+            self.raw_left = content_length(length)
         if resp.body is not None and not no_body and self.req.method != b"HEAD":
             self.ds.send(resp.body)
             self.bytes_out += len(resp.body)

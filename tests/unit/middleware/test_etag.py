@@ -131,3 +131,6 @@ def test_wants_body_only_for_small_get_200_without_etag() -> None:
     assert not mw.wants_body(get, head(status=404))
     assert not mw.wants_body(make_ctx(b"HEAD"), head())
     assert not mw.wants_body(make_ctx(b"POST"), head())
+    # From the relay, the upstream's length comes parsed; the field is not read again.
+    assert mw.wants_body(get, Response(200, [], upstream_length=100))
+    assert not mw.wants_body(get, Response(200, [(b"Content-Length", b"5")], upstream_length=101))

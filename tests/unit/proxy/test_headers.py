@@ -4,12 +4,15 @@ render_fields and the blocks Response.extend records. Status lines, TrustedProxi
 
 from __future__ import annotations
 
+import pytest
+
 from proxyd.cache.store import Entry
 from proxyd.middleware.base import FieldBlock, Response
 from proxyd.proxy import headers as headers_module
 from proxyd.proxy.headers import (
     REASON_LINES_MAX,
     TrustedProxies,
+    content_length,
     render_fields,
     render_response,
     status_line,
@@ -98,6 +101,16 @@ def test_a_moved_or_changed_block_is_rendered_field_by_field() -> None:
         out = render_fields(resp.headers, resp.blocks)
         assert b"X-Block" not in out
         assert out == render_fields(resp.headers)
+
+
+def test_content_length_parses_digits_and_leaves_the_rest_to_int() -> None:
+    for value in (b"0", b"7", b"1024", b"007", b"18446744073709551616"):
+        assert content_length(value) == int(value)
+    for odd in (b" 12 ", b"+1", b"-1"):  # not digits only: int()'s rules, as before
+        assert content_length(odd) == int(odd)
+    for bad in (b"", b"1a", b"1 2"):
+        with pytest.raises(ValueError):
+            content_length(bad)
 
 
 def test_trusted_proxies_membership_and_truth() -> None:
