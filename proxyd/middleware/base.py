@@ -396,6 +396,8 @@ class Middleware:
         """Return a Response to answer without the endpoint (and without later middleware).
 
         A hook that needs I/O returns Pending; the request waits for it, nothing else does.
+        Subclasses keep this return type even when they never wait: compiled, a narrower one
+        puts a glue function in every call.
         """
         return None
 

@@ -6,7 +6,7 @@ Origin lookup (a set hit, or a suffix test for ``https://*.example.com`` pattern
 
 from __future__ import annotations
 
-from proxyd.middleware.base import Context, Middleware, Response, json_response
+from proxyd.middleware.base import Context, Middleware, Pending, Response, json_response
 from proxyd.middleware.options import CorsOptions
 
 
@@ -48,7 +48,7 @@ class Cors(Middleware):
         # echo the origin (and say Vary: Origin so caches keep answers apart).
         return b"*" if self.any_origin and not self.credentials else origin
 
-    def on_request(self, ctx: Context) -> Response | None:
+    def on_request(self, ctx: Context) -> Response | Pending | None:
         if ctx.method != b"OPTIONS":  # only a preflight is answered here
             return None
         origin = ctx.header(b"origin")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from proxyd.middleware.base import Context, Middleware, Response
+from proxyd.middleware.base import Context, Middleware, Pending, Response
 from proxyd.middleware.options import PLACEHOLDER, PLACEHOLDER_NAMES, HeaderOps, HeadersOptions
 
 PLACEHOLDERS: dict[str, Callable[[Context], bytes]] = {
@@ -87,7 +87,7 @@ class Headers(Middleware):
         self.request.bind_route(route.name)
         self.response.bind_route(route.name)
 
-    def on_request(self, ctx: Context) -> Response | None:
+    def on_request(self, ctx: Context) -> Response | Pending | None:
         ops = self.request
         if not ops.empty:
             ctx.remove_request |= ops.remove

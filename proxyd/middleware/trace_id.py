@@ -6,7 +6,7 @@ import os
 import re
 from typing import Final
 
-from proxyd.middleware.base import Context, Middleware, Response
+from proxyd.middleware.base import Context, Middleware, Pending, Response
 from proxyd.middleware.options import TraceIdOptions
 
 _TRACEPARENT: Final = re.compile(rb"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
@@ -26,7 +26,7 @@ class TraceId(Middleware):
         self.echo = options.echo
         self.traceparent = options.traceparent
 
-    def on_request(self, ctx: Context) -> Response | None:
+    def on_request(self, ctx: Context) -> Response | Pending | None:
         incoming = ctx.header(self.lname) if self.trust else None
         if incoming is not None and _SAFE_ID.fullmatch(incoming):
             ctx.request_id = incoming.decode()

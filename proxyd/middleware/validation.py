@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Final
 
-from proxyd.middleware.base import Context, Middleware, Response, json_response
+from proxyd.middleware.base import Context, Middleware, Pending, Response, json_response
 from proxyd.middleware.options import ValidationOptions
 
 # A "." or ".." segment once decoded: dots plain or %2e, separators plain or %2f / %5c (so
@@ -38,7 +38,7 @@ class Validation(Middleware):
         self.traversal = options.reject_encoded_traversal
         self.slash = options.reject_encoded_slash
 
-    def on_request(self, ctx: Context) -> Response | None:
+    def on_request(self, ctx: Context) -> Response | Pending | None:
         if self.methods is not None and ctx.method not in self.methods:
             return json_response(405, "method not allowed", ctx.id(), [(b"Allow", self.allow)])
         if self.max_uri is not None and (

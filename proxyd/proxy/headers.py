@@ -182,6 +182,16 @@ def _render_with_blocks(headers: list[tuple[bytes, bytes]], blocks: list[Block])
     index — is one piece instead of four a field (a join costs ~100 instructions a piece).
     A block that fields removed before it have moved, or a field of it changed, is rendered
     field by field like the rest: correct either way, only slower."""
+    if len(blocks) == 1:  # the usual case (security_headers): no list of the blocks used
+        start, fields, lines = blocks[0]
+        if not _in_place(cast("list[object]", headers), start, cast("list[object]", fields)):
+            return render_fields(headers)
+        stop = start + len(fields)
+        parts = [CRLF] * (4 * (len(headers) - len(fields)) + 1)
+        k = _fill(headers, 0, start, parts, 0)
+        parts[k] = lines
+        _fill(headers, stop, len(headers), parts, k + 1)
+        return b"".join(parts)
     used: list[tuple[int, int, bytes]] = []  # (first field, past its last, lines)
     covered = 0
     at = 0
