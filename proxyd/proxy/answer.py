@@ -19,6 +19,7 @@ from proxyd.proxy.forward import Exchange
 from proxyd.proxy.headers import (
     CRLF,
     REQUEST_DROP,
+    Piece,
     body_length,
     error_response,
     forwarded_fields,
@@ -65,7 +66,7 @@ class Answering:
     _advancing: bool
 
     @abstractmethod
-    def send(self, data: bytes) -> None: ...
+    def send(self, data: Piece) -> None: ...
 
     @abstractmethod
     def flush(self) -> None: ...

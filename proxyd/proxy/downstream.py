@@ -16,7 +16,7 @@ from typing import Final, cast
 import httptools
 
 from proxyd.proxy.answer import PAUSE_PENDING, PAUSE_PIPELINE, PAUSE_UPSTREAM, Answering
-from proxyd.proxy.headers import error_response, write_pieces
+from proxyd.proxy.headers import Piece, error_response, write_pieces
 from proxyd.proxy.pipeline import Pipeline
 from proxyd.proxy.request import SPECIAL, Reject, Request, special_header
 from proxyd.proxy.websocket import Tunnel
@@ -88,7 +88,7 @@ class DownstreamProtocol(Answering):
         self.reading_body = False  # a request body is arriving: the deadline is body_timeout
         self.send_watch: SendWatch | None = None
         self._paused = 0
-        self._out: list[bytes] = []
+        self._out: list[Piece] = []
         self._advancing = False
 
     # -- connection lifecycle ---------------------------------------------------------------
@@ -188,7 +188,7 @@ class DownstreamProtocol(Answering):
             self.transport.abort()  # close() would wait for the buffer to drain: forever
 
     # -- writing ----------------------------------------------------------------------------
-    def send(self, data: bytes) -> None:
+    def send(self, data: Piece) -> None:
         self._out.append(data)
 
     def flush(self) -> None:

@@ -17,8 +17,11 @@ if TYPE_CHECKING:
 
     from proxyd.middleware.base import Response
 
-# (index of the first field, the pairs, their lines rendered): see Response.extend.
+# (index of the first field, the pairs, their lines rendered): see Response.add_block.
 Block = tuple[int, list[tuple[bytes, bytes]], bytes]
+# What a protocol queues for its transport: bytes, or a view of a read relayed as it came
+# (ResponseRelay.feed_response: no copy of a large body).
+Piece = bytes | memoryview
 
 # Fields that describe one connection, never forwarded (RFC 9110 §7.6.1), plus the framing
 # fields proxyd always writes itself (a forwarded message is re-framed, never byte-copied) and
@@ -239,7 +242,7 @@ def _in_place(headers: list[object], start: int, fields: list[object]) -> bool:
     return True
 
 
-def write_pieces(transport: asyncio.WriteTransport, out: list[bytes]) -> None:
+def write_pieces(transport: asyncio.WriteTransport, out: list[Piece]) -> None:
     """What a protocol queued during one callback, in one transport call."""
     if len(out) == 1:
         transport.write(out[0])

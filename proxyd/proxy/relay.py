@@ -20,6 +20,7 @@ from proxyd.proxy.headers import (
     CRLF,
     HOP_BY_HOP,
     RESPONSE_DROP,
+    Piece,
     content_length,
     render_fields,
     status_line,
@@ -31,6 +32,9 @@ if TYPE_CHECKING:
     from proxyd.proxy.upstream import TargetPool, UpstreamConnection, UpstreamPool
 
 NO_BODY_STATUSES: Final = frozenset({204, 304})
+# Reads at least this large that open a 2xx response have their head parsed apart from the
+# body (ResponseRelay._feed_split); the head must end within them.
+SPLIT_READ: Final = 16 * 1024
 # Connection options that name no other field: nothing more to drop for them.
 CONNECTION_OPTIONS: Final = HOP_BY_HOP | {b"close", b""}
 
@@ -94,22 +98,51 @@ class ResponseRelay:
 
     # -- response side: llhttp callbacks ----------------------------------------------------
     def feed_response(self, data: bytes) -> None:
-        ds = self.ds
         left = self.raw_left
         if left:
             self._relay_raw(data, left)
             return
+        # A large read that opens a 2xx response (b"2" is 50): see _feed_split.
+        if len(data) >= SPLIT_READ and data.startswith(b"HTTP/1.") and data[9] == 50:
+            end = data.find(b"\r\n\r\n", 0, SPLIT_READ)
+            if end >= 0:
+                self._feed_split(data, end + 4)
+                return
+        self._feed(data)
+        self.ds.flush()
+
+    def _feed_split(self, data: bytes, end: int) -> None:
+        """The head alone through the parser; a body that on_headers_complete lets go past
+        the parser (_relay_raw) is then sent as a view of this read. Through llhttp, on_body
+        would first copy it into a new bytes object: 64 KiB per /big response."""
+        view = memoryview(data)
+        if self._feed(view[:end]) and not self.done:
+            rest = view[end:]
+            left = self.raw_left
+            if left and rest:
+                self._relay_raw(rest, left)
+                return
+            if rest:
+                self._feed(rest)  # not raw (chunked, a filter, ...): the parser has it all
+        # (done already, with bytes past the head: a HEAD's answer or an upstream out of
+        # step; dropped, as the parser dropped them before.)
+        self.ds.flush()
+
+    def _feed(self, data: Piece) -> bool:
+        """Through the parser; False when it stopped (an error, a retry, an upgrade)."""
         try:
             self.parser.feed_data(data)  # type: ignore[union-attr]
         except httptools.HttpParserUpgrade as exc:
             if self.upgrade_headers is not None and self.req.ws_upstream_key is not None:
-                self._start_tunnel(data[exc.args[0]:] if exc.args else b"")
+                self._start_tunnel(bytes(data[exc.args[0]:]) if exc.args else b"")
             else:
                 self.upstream_failed(502, "upstream switched protocols on a plain HTTP route")
+            return False
         except httptools.HttpParserError as exc:
             if not self.done and not isinstance(exc.__context__, Abandoned):
                 self.upstream_failed(502, f"invalid upstream response: {exc}")
-        ds.flush()
+            return False
+        return True
 
     def on_status(self, reason: bytes) -> None:
         self.resp_reason += reason
@@ -313,7 +346,7 @@ class ResponseRelay:
         keep = self.parser.should_keep_alive() and self.req.body_done  # type: ignore[union-attr]
         self._finish(reusable=keep and not self.read_to_close)
 
-    def _relay_raw(self, data: bytes, left: int) -> None:
+    def _relay_raw(self, data: Piece, left: int) -> None:
         """What follows the head's read of a Content-Length body, past the parser: each read
         goes to the client as it came. (Through llhttp, every read would be copied into a new
         bytes object for on_body: ~64 KiB of copying per /big response, for no decision.)"""

@@ -12,7 +12,7 @@ import asyncio
 from typing import TYPE_CHECKING, Any, cast
 
 from proxyd.config.models import RouteTimeouts
-from proxyd.proxy.headers import write_pieces
+from proxyd.proxy.headers import Piece, write_pieces
 
 if TYPE_CHECKING:
     from proxyd.proxy.forward import Exchange
@@ -66,7 +66,7 @@ class UpstreamConnection:
         self.reused = False
         self.tunnel: Tunnel | None = None
         self.read_paused = False
-        self._out: list[bytes] = []
+        self._out: list[Piece] = []
 
     # -- writing: callers queue with send() and flush() once per event, so a request head and
     # the body bytes that arrived with it leave in one syscall.

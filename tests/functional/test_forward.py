@@ -531,6 +531,65 @@ async def test_bytes_past_a_content_length_body_are_not_relayed_and_retire_the_c
         assert resp.status == 200 and resp.body == b"0123456789"
     assert len(up.conns) == 2
 
+BIG_READ = bytes(range(256)) * 160 + b"\r\n\r\nHTTP/1.1 200 OK\r\n\r\n"  # 40 KiB and a bit
+
+
+def chunk_body(body: bytes) -> bytes:
+    return b"".join(b"%x\r\n%b\r\n" % (len(body[i:i + 9000]), body[i:i + 9000])
+                    for i in range(0, len(body), 9000)) + b"0\r\n\r\n"
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+@pytest.mark.parametrize("chain", [None, HEAD_ONLY_CHAIN], ids=["plain", "chain"])
+async def test_a_large_response_in_one_read_is_relayed_whole_and_keeps_both_connections(
+    upstreams: Upstreams, proxy: StartProxy, chain: list[dict[str, str]] | None, framing: str
+) -> None:
+    """Head and body in one write (one read on the proxy's side, as loopback delivers it):
+    the head is parsed apart from the body (ResponseRelay._feed_split), and the body goes
+    past the parser or through it, by its framing."""
+    if framing == "length":
+        answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(BIG_READ), BIG_READ)
+    else:
+        answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk_body(BIG_READ)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      conn: RawConn) -> None:
+        while await up.read_request(reader, conn) is not None:
+            writer.write(answer)
+            await writer.drain()
+
+    up = await upstreams.raw(handler)
+    p = await proxy(CATCH_ALL, {"backend": up.url}, middleware=chain)
+    async with await RawClient.connect(p.port) as c:
+        for _ in range(3):
+            resp = await c.request(get("/"))
+            assert resp.status == 200 and resp.body == BIG_READ
+            assert resp.chunked == (framing == "chunked")
+    assert len(up.conns) == 1 and up.conns[0].requests == 3
+
+
+@pytest.mark.parametrize("chain", [None, HEAD_ONLY_CHAIN], ids=["plain", "chain"])
+async def test_bytes_past_a_large_body_in_its_read_are_not_relayed_and_retire_the_connection(
+    upstreams: Upstreams, proxy: StartProxy, chain: list[dict[str, str]] | None
+) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      conn: RawConn) -> None:
+        while await up.read_request(reader, conn) is not None:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(BIG_READ) + BIG_READ
+                         + b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nsmuggled")
+            await writer.drain()
+
+    up = await upstreams.raw(handler)
+    p = await proxy(CATCH_ALL, {"backend": up.url}, middleware=chain)
+    async with await RawClient.connect(p.port) as c:
+        resp = await c.request(get("/"))
+        assert resp.status == 200 and resp.body == BIG_READ
+        await wait_for(lambda: up.conns[0].eof.is_set(), what="the upstream connection closed")
+        resp = await c.request(get("/"))  # the client connection itself is fine
+        assert resp.status == 200 and resp.body == BIG_READ
+    assert len(up.conns) == 2
+
+
 # -- errors and timeouts ------------------------------------------------------------------------
 
 
