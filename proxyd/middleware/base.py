@@ -281,24 +281,17 @@ class Response:
         else:  # several Vary fields are one list (RFC 9110 §5.3): all of them count
             current = b", ".join([v for (_, v), n in zip(self._headers, lnames, strict=True)
                                   if n == b"vary"])
-        # Not even a substring: certainly absent, no need to split the list. (find(), not
-        # "in": bytes.__contains__ raises and clears a TypeError before it searches.)
-        if current.lower().find(ltoken) >= 0 and ltoken in {
-            t.strip().lower() for t in current.split(b",")
-        }:
+        tokens = [t.strip().lower() for t in current.split(b",")]
+        if ltoken in tokens:
             return
         if single:  # replaced in place; its tokens are known from now on
             self._headers[i] = (b"Vary", current + b", " + token)
             self.rendered = None
             self._vary_at = i
-            self._vary_tokens = [t.strip().lower() for t in current.split(b",")]
-            self._vary_tokens.append(ltoken)
+            tokens.append(ltoken)
+            self._vary_tokens = tokens
         else:  # folded into the first field
             self.set(b"Vary", current + b", " + token, b"vary")
-
-
-# Up to this many request fields, Context.header scans them instead of indexing them.
-FEW_FIELDS: Final = 4
 
 
 class FieldBlock:
@@ -313,6 +306,10 @@ class FieldBlock:
         self.names = frozenset(self.lnames)
         self.has_vary = b"vary" in self.names
         self.lines = b"".join(b"%s: %s\r\n" % field for field in fields)
+
+
+# Up to this many request fields, Context.header scans them instead of indexing them.
+FEW_FIELDS: Final = 4
 
 
 class Context:

@@ -185,35 +185,25 @@ def _render_with_blocks(headers: list[tuple[bytes, bytes]], blocks: list[Block])
     index — is one piece instead of four a field (a join costs ~100 instructions a piece).
     A block that fields removed before it have moved, or a field of it changed, is rendered
     field by field like the rest: correct either way, only slower."""
-    if len(blocks) == 1:  # the usual case (security_headers): no list of the blocks used
-        start, fields, lines = blocks[0]
-        if not _in_place(cast("list[object]", headers), start, cast("list[object]", fields)):
-            return render_fields(headers)
-        stop = start + len(fields)
-        parts = [CRLF] * (4 * (len(headers) - len(fields)) + 1)
-        k = _fill(headers, 0, start, parts, 0)
-        parts[k] = lines
-        _fill(headers, stop, len(headers), parts, k + 1)
-        return b"".join(parts)
-    used: list[tuple[int, int, bytes]] = []  # (first field, past its last, lines)
-    covered = 0
-    at = 0
+    # Two passes with the same test: the blocks in place, to size the list; then the filling.
+    covered = used = at = 0
+    for start, fields, _ in blocks:
+        if start >= at and _in_place(cast("list[object]", headers), start,
+                                     cast("list[object]", fields)):
+            covered += len(fields)
+            used += 1
+            at = start + len(fields)
+    if not used:
+        return render_fields(headers)
+    parts = [CRLF] * (4 * (len(headers) - covered) + used)  # as render_fields makes it
+    i = k = at = 0
     for start, fields, lines in blocks:
         if start >= at and _in_place(cast("list[object]", headers), start,
                                      cast("list[object]", fields)):
-            at = start + len(fields)
-            used.append((start, at, lines))
-            covered += len(fields)
-    if not used:
-        return render_fields(headers)
-    # Made at its full size and filled, as render_fields does.
-    parts = [CRLF] * (4 * (len(headers) - covered) + len(used))
-    i = k = 0
-    for start, stop, lines in used:
-        k = _fill(headers, i, start, parts, k)
-        parts[k] = lines
-        k += 1
-        i = stop
+            k = _fill(headers, i, start, parts, k)
+            parts[k] = lines
+            k += 1
+            i = at = start + len(fields)
     _fill(headers, i, len(headers), parts, k)
     return b"".join(parts)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from proxyd.middleware.base import Context, Middleware, Options, Response
 from proxyd.middleware.chain import Chain
 
@@ -109,8 +111,11 @@ def test_empty_chain_is_falsy_and_names_follow_order() -> None:
     assert chain.names == ["trace_id", "cors", "compression"]
 
 
-def test_context_header_is_the_first_field_of_that_name() -> None:
+@pytest.mark.parametrize("filler", [0, 5], ids=["scanned", "indexed"])
+def test_context_header_is_the_first_field_of_that_name(filler: int) -> None:
+    """A few fields are scanned, more are indexed (FEW_FIELDS): the same answers."""
     ctx = make_ctx(headers=[(b"Origin", b"https://a.example"), (b"X-Id", b"1"),
+                            *[(b"X-Fill-%d" % i, b"f") for i in range(filler)],
                             (b"origin", b"https://b.example")])
     assert ctx.header(b"origin") == b"https://a.example"  # as a scan from the start finds it
     assert ctx.header(b"x-id") == b"1"
