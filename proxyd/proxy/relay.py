@@ -210,21 +210,23 @@ class ResponseRelay:
                 lnames.append(lname)
         no_body = req.method == b"HEAD" or status in NO_BODY_STATUSES
         self.read_to_close = length is None and not chunked and not no_body
+        size = -1 if length is None else content_length(length)  # parsed once, here
         if ctx is None:
             fields = self._filter(headers, named) if named else b"".join(keep)
             if length is not None:
                 fields += b"Content-Length: " + length + CRLF
                 if not no_body:
-                    self.raw_left = content_length(length)  # see _relay_raw
+                    self.raw_left = size  # see _relay_raw
             self._send_head(status, reason, fields, length is not None, no_body)
         else:
             chain = req.chain
             if named:
-                resp = Response(status, self._filter_list(headers, named), None, reason)
+                resp = Response(status, self._filter_list(headers, named), None, reason,
+                                upstream_length=size)
             else:
                 # The lowercase names made here once, not again by the first hook asking.
                 resp = Response(status, cast("list[tuple[bytes, bytes]]", pairs), None, reason,
-                                lnames, -1 if length is None else content_length(length))
+                                lnames, size)
                 if length is not None:
                     resp.add(b"Content-Length", length, b"content-length")  # middleware read it
             if not no_body and chain.wants_body(ctx, resp):
@@ -284,8 +286,8 @@ class ResponseRelay:
             raw = resp.get(b"content-length") == length
         fields = render_fields(resp.headers, resp.blocks)
         self._send_head(resp.status, resp.reason, fields, resp.has(b"content-length"), no_body)
-        if raw and length is not None:
-            self.raw_left = content_length(length)
+        if raw:
+            self.raw_left = resp.upstream_length  # the relay's parse of ``length``
         if resp.body is not None and not no_body and self.req.method != b"HEAD":
             self.ds.send(resp.body)
             self.bytes_out += len(resp.body)
