@@ -97,21 +97,24 @@ class ResponseRelay:
     def upstream_failed(self, status: int, message: str) -> None: ...
 
     # -- response side: llhttp callbacks ----------------------------------------------------
-    def feed_response(self, data: bytes) -> None:
+    def feed_response(self, data: Piece, whole: bytes | bytearray) -> None:
+        """One read from the upstream: bytes, or a view of the connection's read buffer
+        (upstream_conn.ReadBuffer), which is `whole` (to search the head in; the read starts
+        at its offset 0)."""
         left = self.raw_left
         if left:
             self._relay_raw(data, left)
             return
         # A large read that opens a 2xx response (b"2" is 50): see _feed_split.
-        if len(data) >= SPLIT_READ and data.startswith(b"HTTP/1.") and data[9] == 50:
-            end = data.find(b"\r\n\r\n", 0, SPLIT_READ)
+        if len(data) >= SPLIT_READ and whole.startswith(b"HTTP/1.") and whole[9] == 50:
+            end = whole.find(b"\r\n\r\n", 0, SPLIT_READ)
             if end >= 0:
                 self._feed_split(data, end + 4)
                 return
         self._feed(data)
         self.ds.flush()
 
-    def _feed_split(self, data: bytes, end: int) -> None:
+    def _feed_split(self, data: Piece, end: int) -> None:
         """The head alone through the parser; a body that on_headers_complete lets go past
         the parser (_relay_raw) is then sent as a view of this read. Through llhttp, on_body
         would first copy it into a new bytes object: 64 KiB per /big response."""
@@ -354,6 +357,10 @@ class ResponseRelay:
         bytes object for on_body: ~64 KiB of copying per /big response, for no decision.)"""
         ds = self.ds
         n = len(data)
+        if n < SPLIT_READ and not isinstance(data, bytes):
+            # A small piece of the read buffer: copied, so that a slow client's queue does
+            # not keep a whole buffer (upstream_conn.ReadBuffer) for a few bytes.
+            data = bytes(data)
         excess = n > left
         if excess:  # bytes past the body: the upstream is out of step
             data = data[:left]

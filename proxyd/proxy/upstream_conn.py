@@ -9,7 +9,8 @@ open, lend and keep these connections are in upstream.py.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, cast
+from sys import getrefcount
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from proxyd.config.models import RouteTimeouts
 from proxyd.proxy.headers import Piece, write_pieces
@@ -40,6 +41,46 @@ class Timeouts:
             route.total if route.total is not None else self.total,
             self.per_try,
         )
+
+
+# What one upstream read may bring (the loop reads up to this much at once).
+READ_SIZE: Final = 128 * 1024
+
+
+class ReadBuffer:
+    """The buffer upstream reads land in, one per worker: reads are handled one at a time.
+
+    uvloop's own read path copies every read into a new bytes object; with a buffer of ours
+    (the buffered-protocol path) a body that goes past the parser (ResponseRelay._relay_raw)
+    reaches the client as a view of the read, never copied in user space. A view may outlive
+    its read, queued behind a slow client: the buffer is then left to it and a new one made.
+    """
+
+    __slots__ = ("buf", "idle")
+
+    def __init__(self) -> None:
+        self.buf = bytearray(0)
+        self.idle = 0
+        self.fresh()
+
+    def fresh(self) -> None:
+        self.buf = bytearray(READ_SIZE)
+        self.idle = self._refs()
+
+    def _refs(self) -> int:
+        # Every live view of the buffer holds one reference to it (through its memoryview's
+        # managed buffer), so more than a fresh buffer's count means some view still lives.
+        # Counted by this one method, so the compiled and the pure build each compare like
+        # with like.
+        return getrefcount(self.buf)
+
+    def take(self) -> bytearray:
+        if self._refs() != self.idle:
+            self.fresh()
+        return self.buf
+
+
+READS: Final = ReadBuffer()
 
 
 # Not an asyncio.Protocol subclass: the event loop only calls these methods, and a class with
@@ -105,17 +146,34 @@ class UpstreamConnection:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self.pool.deadlines.add(self)
 
+    # uvloop reads into the buffer get_buffer gives (see ReadBuffer), then calls
+    # buffer_updated; a loop without that path calls data_received with a bytes object.
+    def get_buffer(self, sizehint: int) -> bytearray:
+        return READS.take()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        buf = READS.buf  # what get_buffer gave: nothing runs between the two calls
+        data = memoryview(buf)[:nbytes]
+        exchange = self.exchange
+        if exchange is None:
+            self._idle_read(bytes(data))  # a tunnel's frames are read as bytes
+            return
+        self.deadline = self.pool.deadlines.now + exchange.timeouts.read
+        exchange.feed_response(data, buf)
+
     def data_received(self, data: bytes) -> None:
         exchange = self.exchange
         if exchange is None:
-            if self.tunnel is not None:
-                self.tunnel.from_upstream(data)
-                return
-            # Bytes on an idle connection: the upstream is out of step; never reuse it.
-            self.close()
+            self._idle_read(data)
             return
         self.deadline = self.pool.deadlines.now + exchange.timeouts.read
-        exchange.feed_response(data)
+        exchange.feed_response(data, data)
+
+    def _idle_read(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.from_upstream(data)
+        else:  # bytes on an idle connection: the upstream is out of step; never reuse it
+            self.close()
 
     def eof_received(self) -> bool:
         return False  # close our side too; connection_lost does the bookkeeping

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+import uvloop
 from aiohttp import web
 
 from proxyd.config.models import GatewayConfig
@@ -141,6 +143,18 @@ class Upstreams:
             await raw.close()
         for aio in self._aio:
             await aio.runner.cleanup()
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """The workers' own event loop, uvloop: its read path is not asyncio's (an upstream
+    connection's reads land in a buffer of ours, upstream_conn.ReadBuffer). The pure-source
+    pass of .ci/run sets PROXYD_TEST_LOOP=asyncio, so asyncio's path (data_received) is
+    tested too."""
+    if os.environ.get("PROXYD_TEST_LOOP", "uvloop") == "asyncio":
+        return {"asyncio": asyncio.new_event_loop}
+    return {"uvloop": uvloop.new_event_loop}
 
 
 @pytest.fixture

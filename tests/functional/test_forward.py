@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
 import socket
 from collections.abc import AsyncIterator, Callable
 
@@ -873,3 +874,56 @@ async def test_answered_requests_leave_no_reference_cycles(
             gc.garbage.clear()
             gc.enable()
     assert left == []
+
+
+async def test_a_body_queued_for_a_slow_client_is_not_overwritten_by_later_reads(
+    upstreams: Upstreams, proxy: StartProxy
+) -> None:
+    """Large reads go to the client as views of the worker's read buffer
+    (upstream_conn.ReadBuffer). Queued behind a client that is not reading, a view must keep
+    its bytes while other responses are read: the buffer is left to it, not reused."""
+    sizes = {b"a": 4 * 1024 * 1024, b"b": 96 * 1024}  # /a fills the slow client's queues
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      conn: RawConn) -> None:
+        while (req := await up.read_request(reader, conn)) is not None:
+            fill = req.start.split(" ")[1].encode()[1:2]  # /a → b"a" * sizes[b"a"]
+            size = sizes[fill]
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + fill * size)
+            await writer.drain()
+
+    up = await upstreams.raw(handler)
+    p = await proxy(CATCH_ALL, {"backend": up.url})
+    loop = asyncio.get_running_loop()
+    slow = socket.socket()
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    slow.setblocking(False)
+    try:
+        await loop.sock_connect(slow, ("127.0.0.1", p.port))
+        await loop.sock_sendall(slow, get("/a"))
+        # The proxy's writes to this client wait (it stopped reading /a's answer for them).
+        await wait_for(lambda: any(isinstance(ds, DownstreamProtocol) and ds.write_paused
+                                   for ds in p.pipeline.connections),
+                       what="the slow client's writes to back up")
+        async with await RawClient.connect(p.port) as c:
+            for _ in range(8):
+                resp = await c.request(get("/b"))
+                assert resp.status == 200 and resp.body == b"b" * sizes[b"b"]
+        got = bytearray()
+        async with asyncio.timeout(20):
+            while (end := got.find(b"\r\n\r\n")) < 0 or len(got) < end + 4 + sizes[b"a"]:
+                chunk = await loop.sock_recv(slow, 1 << 20)
+                assert chunk, f"closed after {len(got)} bytes"
+                got += chunk
+        head, _, body = bytes(got).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and len(body) == sizes[b"a"]
+        assert body.count(b"a") == sizes[b"a"], "bytes of another response in this one"
+    finally:
+        slow.close()
+
+
+async def test_these_tests_run_on_the_workers_event_loop() -> None:
+    """uvloop, unless PROXYD_TEST_LOOP=asyncio (conftest.pytest_asyncio_loop_factories): the
+    read-buffer tests above mean the buffered-protocol path only on uvloop."""
+    want = "asyncio" if os.environ.get("PROXYD_TEST_LOOP") == "asyncio" else "uvloop"
+    assert type(asyncio.get_running_loop()).__module__.split(".")[0] == want
