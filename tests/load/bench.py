@@ -726,10 +726,11 @@ def one_scenario(env: Env, args: argparse.Namespace, scenario: str, pass_no: int
 
 def chain_cost(passes: list[dict[str, dict[str, dict[str, Any]]]], scenarios: list[str]
                ) -> list[str]:
-    """What a chain costs proxyd against no middleware, pass by pass (issue 4's measure): its
-    throughput as a fraction of plain's, and its CPU per request over plain's."""
+    """What a chain (issue 4's measure) or worker recycling costs proxyd against plain, pass
+    by pass: throughput as a fraction of plain's, and CPU per request over plain's (recycle's
+    counts the workers it replaced, through the master's reaped-children times)."""
     lines = []
-    for scenario in ("mw", "chain"):
+    for scenario in ("mw", "chain", "recycle"):
         if scenario not in scenarios or "plain" not in scenarios:
             continue
         rps, cpu = [], []
