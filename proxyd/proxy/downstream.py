@@ -16,7 +16,13 @@ from typing import Final, cast
 import httptools
 
 from proxyd.proxy.answer import PAUSE_PENDING, PAUSE_PIPELINE, PAUSE_UPSTREAM, Answering
-from proxyd.proxy.headers import Piece, error_response, write_pieces
+from proxyd.proxy.headers import (
+    REQUEST_NAMES,
+    Piece,
+    error_response,
+    lower_name,
+    write_pieces,
+)
 from proxyd.proxy.pipeline import Pipeline
 from proxyd.proxy.request import SPECIAL, Reject, Request, special_header
 from proxyd.proxy.websocket import Tunnel
@@ -334,7 +340,7 @@ class DownstreamProtocol(Answering):
             raise Reject(431, "request header section too large")
         if len(req.headers) >= self.p.max_headers:
             raise Reject(431, "too many request header fields")
-        lname = name.lower()
+        lname = lower_name(name, REQUEST_NAMES)
         req.headers.append((lname, name, value))
         if lname in SPECIAL:
             special_header(req, lname, value)

@@ -67,6 +67,26 @@ def status_line(status: int, reason: bytes | None = None) -> bytes:
     return STATUS_LINES.get(status) or b"HTTP/1.1 %d Unknown\r\n" % status
 
 
+# Field names as peers spell them → their lowercase form, one object per name: a dict
+# lookup costs half of lower() plus the hash a set test then makes of its new bytes object,
+# and the object returned keeps its hash for every later test. Bounded (a peer inventing names
+# only fills it); one table for requests and one for responses, so clients cannot fill the
+# upstreams' one.
+REQUEST_NAMES: Final[dict[bytes, bytes]] = {}
+RESPONSE_NAMES: Final[dict[bytes, bytes]] = {}
+NAMES_MAX: Final = 512
+
+
+def lower_name(name: bytes, names: dict[bytes, bytes]) -> bytes:
+    lname = names.get(name)
+    if lname is None:
+        lname = name.lower()
+        if len(names) < NAMES_MAX - 1:
+            lname = names.setdefault(lname, lname)  # every spelling gets this one object
+            names[name] = lname
+    return lname
+
+
 def is_token(value: bytes) -> bool:
     return bool(value) and all(c in _TOKEN_CHARS for c in value)
 

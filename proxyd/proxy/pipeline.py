@@ -24,6 +24,7 @@ from proxyd.proxy.resolver import Resolver
 from proxyd.proxy.router import CompiledRoute, DirectResponse, Router
 from proxyd.proxy.timers import Deadlines
 from proxyd.proxy.upstream import UpstreamPool
+from proxyd.proxy.upstream_conn import ReadBuffer
 
 if TYPE_CHECKING:
     from proxyd.proxy.forward import Exchange
@@ -101,8 +102,9 @@ class Pipeline:
         resolver = Resolver()
         self.metrics = WorkerMetrics()
         self.metrics_enabled = config.metrics.enabled  # off: no per-request counting at all
+        reads = ReadBuffer()  # one for every upstream connection of this event loop
         self.pools = {
-            name: UpstreamPool(name, cfg, self.deadlines, resolver, self.metrics)
+            name: UpstreamPool(name, cfg, self.deadlines, resolver, self.metrics, reads)
             for name, cfg in config.upstreams.items()
         }
         self.draining = False

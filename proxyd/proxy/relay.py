@@ -20,8 +20,10 @@ from proxyd.proxy.headers import (
     CRLF,
     HOP_BY_HOP,
     RESPONSE_DROP,
+    RESPONSE_NAMES,
     Piece,
     content_length,
+    lower_name,
     render_fields,
     status_line,
 )
@@ -194,20 +196,24 @@ class ResponseRelay:
         lnames: list[bytes] = []
         for field in cast("list[object]", headers):
             name, value = cast("tuple[bytes, bytes]", field)
-            lname = name.lower()
+            lname = lower_name(name, RESPONSE_NAMES)
             if lname in RESPONSE_DROP:
                 if lname == b"content-length":
                     length = value.strip()  # llhttp already refused duplicates and non-digits
                 elif lname == b"transfer-encoding":
                     chunked = True
-                elif lname == b"connection" and value.lower() not in CONNECTION_OPTIONS:
+                elif (lname == b"connection"
+                      and lower_name(value, RESPONSE_NAMES) not in CONNECTION_OPTIONS):
                     # (The usual single keep-alive or close names no field: no parsing.)
                     tokens = {t.strip().lower() for t in value.split(b",")} - CONNECTION_OPTIONS
                     if tokens:
                         named = tokens if named is None else named | tokens
                 continue
-            if ctx is None:
-                keep += (name, b": ", value, CRLF)
+            if ctx is None:  # four appends: compiled, a tuple and a list += cost twice that
+                keep.append(name)
+                keep.append(b": ")
+                keep.append(value)
+                keep.append(CRLF)
             else:
                 pairs.append(field)
                 lnames.append(lname)

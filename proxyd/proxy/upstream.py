@@ -22,7 +22,7 @@ from proxyd.proxy.resilience import Breaker, RetryBudget
 from proxyd.proxy.resolver import Resolver
 from proxyd.proxy.timers import Deadlines
 from proxyd.proxy.tls import client_context
-from proxyd.proxy.upstream_conn import Timeouts, UpstreamConnection
+from proxyd.proxy.upstream_conn import ReadBuffer, Timeouts, UpstreamConnection
 
 if TYPE_CHECKING:
     from proxyd.observe.metrics import WorkerMetrics
@@ -59,6 +59,7 @@ class TargetPool:
         self.host_header = (host if default_port else f"{host}:{self.port}").encode()
         self.upstream = upstream
         self.deadlines = upstream.deadlines
+        self.reads = upstream.reads
         self.max_connections = cfg.max_connections
         self.max_keepalive = cfg.max_keepalive
         self.keepalive_expiry = cfg.keepalive_expiry
@@ -198,10 +199,11 @@ class UpstreamPool:
 
     def __init__(
         self, name: str, cfg: Upstream, deadlines: Deadlines, resolver: Resolver,
-        metrics: WorkerMetrics | None = None,
+        metrics: WorkerMetrics | None = None, reads: ReadBuffer | None = None,
     ) -> None:
         self.name = name
         self.deadlines = deadlines
+        self.reads = reads if reads is not None else ReadBuffer()  # the pipeline's, shared
         self.resolver = resolver
         self.metrics = metrics
         # This upstream's row of gateway_upstream_request_duration_seconds, once it has one:

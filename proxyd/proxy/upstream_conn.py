@@ -48,7 +48,8 @@ READ_SIZE: Final = 128 * 1024
 
 
 class ReadBuffer:
-    """The buffer upstream reads land in, one per worker: reads are handled one at a time.
+    """The buffer upstream reads land in: one per pipeline (one event loop, which handles
+    reads one at a time), shared by all its upstream connections.
 
     uvloop's own read path copies every read into a new bytes object; with a buffer of ours
     (the buffered-protocol path) a body that goes past the parser (ResponseRelay._relay_raw)
@@ -80,9 +81,6 @@ class ReadBuffer:
         return self.buf
 
 
-READS: Final = ReadBuffer()
-
-
 # Not an asyncio.Protocol subclass: the event loop only calls these methods, and a class with
 # a non-native base would lose the compiled build's fixed attribute layout (README: "Build").
 class UpstreamConnection:
@@ -93,6 +91,7 @@ class UpstreamConnection:
         "parser",
         "pool",
         "read_paused",
+        "reads",
         "reused",
         "transport",
         "tunnel",
@@ -100,6 +99,7 @@ class UpstreamConnection:
 
     def __init__(self, pool: TargetPool) -> None:
         self.pool = pool
+        self.reads = pool.reads
         self.transport: asyncio.Transport | None = None
         self.exchange: Exchange | None = None
         self.parser: Any = None  # httptools.HttpResponseParser bound to the exchange
@@ -149,10 +149,10 @@ class UpstreamConnection:
     # uvloop reads into the buffer get_buffer gives (see ReadBuffer), then calls
     # buffer_updated; a loop without that path calls data_received with a bytes object.
     def get_buffer(self, sizehint: int) -> bytearray:
-        return READS.take()
+        return self.reads.take()
 
     def buffer_updated(self, nbytes: int) -> None:
-        buf = READS.buf  # what get_buffer gave: nothing runs between the two calls
+        buf = self.reads.buf  # what get_buffer gave: nothing runs between the two calls
         data = memoryview(buf)[:nbytes]
         exchange = self.exchange
         if exchange is None:

@@ -10,9 +10,11 @@ from proxyd.cache.store import Entry
 from proxyd.middleware.base import FieldBlock, Response
 from proxyd.proxy import headers as headers_module
 from proxyd.proxy.headers import (
+    NAMES_MAX,
     REASON_LINES_MAX,
     TrustedProxies,
     content_length,
+    lower_name,
     render_fields,
     render_response,
     status_line,
@@ -135,3 +137,19 @@ def test_status_line_keeps_the_upstream_reason_and_memo_stays_bounded() -> None:
     finally:  # the memo is the module's: later tests get it as it was
         headers_module._REASON_LINES.clear()
         headers_module._REASON_LINES.update(kept)
+
+
+def test_lower_name_gives_one_lowercase_object_per_name_and_stays_bounded() -> None:
+    names: dict[bytes, bytes] = {}
+    first = lower_name(b"Content-Length", names)
+    assert first == b"content-length"
+    assert lower_name(b"Content-Length", names) is first
+    assert lower_name(b"CONTENT-length", names) is first  # another spelling, the same object
+    assert lower_name(b"content-length", names) is first
+    for i in range(NAMES_MAX):  # a peer inventing names fills the table, then no more
+        assert lower_name(b"X-Made-Up-%d" % i, names) == b"x-made-up-%d" % i
+    full = len(names)
+    assert NAMES_MAX - 2 <= full <= NAMES_MAX
+    assert lower_name(b"X-One-More", names) == b"x-one-more"
+    assert len(names) == full and b"X-One-More" not in names
+    assert lower_name(b"Content-Length", names) is first  # what it holds is still served

@@ -7,7 +7,13 @@ into one tell whether the next read gets the same.
 
 from __future__ import annotations
 
-from proxyd.proxy.upstream_conn import READ_SIZE, ReadBuffer
+from types import SimpleNamespace
+
+from proxyd.config.models import Upstream
+from proxyd.proxy.resolver import Resolver
+from proxyd.proxy.timers import Deadlines
+from proxyd.proxy.upstream import UpstreamPool
+from proxyd.proxy.upstream_conn import READ_SIZE, ReadBuffer, UpstreamConnection
 
 
 def test_the_buffer_is_reused_while_nothing_holds_a_view_of_it() -> None:
@@ -38,3 +44,16 @@ def test_a_buffer_left_to_a_view_is_not_taken_back() -> None:
     reads.take()[:4] = b"new!"
     del view  # the old buffer is free now, but no longer the worker's
     assert reads.take()[:4] == b"new!"
+
+
+def test_one_buffer_for_every_connection_of_a_pipeline_none_shared_between_pipelines() -> None:
+    """One per event loop (Pipeline passes it to its pools): a buffer shared by two loops in
+    two threads could be handed to both at once."""
+    clock = Deadlines(SimpleNamespace(time=lambda: 0.0), 1.0)  # type: ignore[arg-type]
+    cfg = Upstream.model_validate({"targets": ["http://10.0.0.1:80", "http://10.0.0.2:80"]})
+    reads = ReadBuffer()
+    pools = [UpstreamPool(name, cfg, clock, Resolver(), None, reads) for name in ("a", "b")]
+    conns = [UpstreamConnection(t) for pool in pools for t in pool.targets]
+    assert len(conns) == 4 and all(c.reads is reads for c in conns)
+    other = UpstreamPool("c", cfg, clock, Resolver())
+    assert other.reads is not reads and UpstreamConnection(other.targets[0]).reads is other.reads
