@@ -36,6 +36,25 @@ REQUEST_DROP: Final = HOP_BY_HOP | {
 }
 RESPONSE_DROP: Final = HOP_BY_HOP | {b"content-length"}
 
+
+def name_shape(name: bytes) -> int:
+    """First letter (either case) and length of a field name, as an index of a shape table;
+    0 for an empty name. Names of one shape may differ; names of two shapes always do."""
+    return (name[0] & 31) << 5 | (len(name) & 31) if name else 0
+
+
+def shape_table(names: frozenset[bytes]) -> bytes:
+    table = bytearray(1024)
+    table[0] = 1  # an empty name: let the exact test have it
+    for name in names:
+        table[name_shape(name)] = 1
+    return bytes(table)
+
+
+# A response field whose shape is not marked here is not dropped: on a route without
+# middleware it is relayed without being lowered or looked up (most of an upstream's fields).
+RESPONSE_DROP_SHAPES: Final = shape_table(RESPONSE_DROP)
+
 VIA_TOKEN: Final = b"1.1 proxyd"
 CRLF: Final = b"\r\n"
 # Bytes: a last piece this large is written beside what precedes it (writev), not joined to

@@ -20,10 +20,12 @@ from proxyd.proxy.headers import (
     CRLF,
     HOP_BY_HOP,
     RESPONSE_DROP,
+    RESPONSE_DROP_SHAPES,
     RESPONSE_NAMES,
     Piece,
     content_length,
     lower_name,
+    name_shape,
     render_fields,
     status_line,
 )
@@ -196,27 +198,31 @@ class ResponseRelay:
         lnames: list[bytes] = []
         for field in cast("list[object]", headers):
             name, value = cast("tuple[bytes, bytes]", field)
-            lname = lower_name(name, RESPONSE_NAMES)
-            if lname in RESPONSE_DROP:
-                if lname == b"content-length":
-                    length = value.strip()  # llhttp already refused duplicates and non-digits
-                elif lname == b"transfer-encoding":
-                    chunked = True
-                elif (lname == b"connection"
-                      and lower_name(value, RESPONSE_NAMES) not in CONNECTION_OPTIONS):
-                    # (The usual single keep-alive or close names no field: no parsing.)
-                    tokens = {t.strip().lower() for t in value.split(b",")} - CONNECTION_OPTIONS
-                    if tokens:
-                        named = tokens if named is None else named | tokens
-                continue
-            if ctx is None:  # four appends: compiled, a tuple and a list += cost twice that
-                keep.append(name)
-                keep.append(b": ")
-                keep.append(value)
-                keep.append(CRLF)
-            else:
-                pairs.append(field)
-                lnames.append(lname)
+            # Without middleware only a field shaped like a dropped one needs its lowercase
+            # name (RESPONSE_DROP_SHAPES): most are relayed without one.
+            if ctx is not None or RESPONSE_DROP_SHAPES[name_shape(name)]:
+                lname = lower_name(name, RESPONSE_NAMES)
+                if lname in RESPONSE_DROP:
+                    if lname == b"content-length":
+                        length = value.strip()  # llhttp refused duplicates and non-digits
+                    elif lname == b"transfer-encoding":
+                        chunked = True
+                    elif (lname == b"connection"
+                          and lower_name(value, RESPONSE_NAMES) not in CONNECTION_OPTIONS):
+                        # (The usual single keep-alive or close names no field: no parsing.)
+                        tokens = ({t.strip().lower() for t in value.split(b",")}
+                                  - CONNECTION_OPTIONS)
+                        if tokens:
+                            named = tokens if named is None else named | tokens
+                    continue
+                if ctx is not None:
+                    pairs.append(field)
+                    lnames.append(lname)
+                    continue
+            keep.append(name)  # four appends: compiled, a tuple and a list += cost twice that
+            keep.append(b": ")
+            keep.append(value)
+            keep.append(CRLF)
         no_body = req.method == b"HEAD" or status in NO_BODY_STATUSES
         self.read_to_close = length is None and not chunked and not no_body
         size = -1 if length is None else content_length(length)  # parsed once, here

@@ -12,9 +12,12 @@ from proxyd.proxy import headers as headers_module
 from proxyd.proxy.headers import (
     NAMES_MAX,
     REASON_LINES_MAX,
+    RESPONSE_DROP,
+    RESPONSE_DROP_SHAPES,
     TrustedProxies,
     content_length,
     lower_name,
+    name_shape,
     render_fields,
     render_response,
     status_line,
@@ -153,3 +156,15 @@ def test_lower_name_gives_one_lowercase_object_per_name_and_stays_bounded() -> N
     assert lower_name(b"X-One-More", names) == b"x-one-more"
     assert len(names) == full and b"X-One-More" not in names
     assert lower_name(b"Content-Length", names) is first  # what it holds is still served
+
+
+def test_every_dropped_response_field_in_any_case_has_a_marked_shape() -> None:
+    """A relay without middleware lowers only names of a marked shape: a dropped field whose
+    shape were unmarked would reach the client."""
+    for name in RESPONSE_DROP:
+        for spelling in (name, name.upper(), name.title(), name.capitalize()):
+            assert RESPONSE_DROP_SHAPES[name_shape(spelling)], spelling
+    assert RESPONSE_DROP_SHAPES[name_shape(b"")]
+    relayed = [b"Server", b"Date", b"Content-Type", b"Last-Modified", b"Accept-Ranges", b"ETag",
+               b"Cache-Control", b"Vary", b"Set-Cookie", b"Location"]
+    assert not any(RESPONSE_DROP_SHAPES[name_shape(n)] for n in relayed)
