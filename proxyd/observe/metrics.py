@@ -11,7 +11,6 @@ Not prometheus_client multiprocess mode: its files grow with every recycled work
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from collections.abc import Iterable, Iterator
 from typing import Any, Final
 
@@ -24,6 +23,18 @@ from prometheus_client.core import (
 
 BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                   10.0)
+
+
+def bucket(seconds: float) -> int:
+    """The histogram row index of a duration: bisect_left(BUCKETS, seconds), as a loop. Compiled,
+    BUCKETS is a tuple of unboxed floats, and passing it to bisect boxed all 14 of them into a
+    new tuple on every call; here the usual sub-millisecond answer takes one comparison."""
+    i = 0
+    for bound in BUCKETS:
+        if seconds <= bound:
+            return i
+        i += 1
+    return i
 
 # name → (kind, help, label names); the order of label names is the order of key tuples.
 COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -105,7 +116,7 @@ class WorkerMetrics:
         row = durations.get((route, method))
         if row is None:
             row = durations[(route, method)] = [0.0] * (len(BUCKETS) + 2)
-        row[bisect_left(BUCKETS, duration)] += 1
+        row[bucket(duration)] += 1
         row[-1] += duration
 
     def snapshot(self, gauges: dict[str, dict[tuple[str, ...], float]]) -> dict[str, Any]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import math
 import os
-from bisect import bisect_left
 from collections.abc import Callable, Coroutine
 from time import monotonic
 from typing import TYPE_CHECKING, Any, Final
@@ -18,7 +17,7 @@ from proxyd.cache.redis import RedisStore
 from proxyd.config.models import GatewayConfig, Respond
 from proxyd.middleware import build_chain
 from proxyd.observe.access_log import AccessLog
-from proxyd.observe.metrics import BUCKETS, WorkerMetrics
+from proxyd.observe.metrics import WorkerMetrics, bucket
 from proxyd.proxy.headers import TrustedProxies
 from proxyd.proxy.resolver import Resolver
 from proxyd.proxy.router import CompiledRoute, DirectResponse, Router
@@ -171,7 +170,7 @@ class Pipeline:
                 row = pool.duration_row
                 if row is None:
                     row = pool.duration_row = self.metrics.row(self._upstream_hist, (upstream,))
-                row[bisect_left(BUCKETS, upstream_time)] += 1  # WorkerMetrics.observe, inlined
+                row[bucket(upstream_time)] += 1  # WorkerMetrics.request's, inlined
                 row[-1] += upstream_time
         if self.access_log is not None:
             if req.ctx is not None:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import bisect
 import json
 
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import CollectorRegistry
 
-from proxyd.observe.metrics import BUCKETS, MasterMetrics, WorkerMetrics
+from proxyd.observe.metrics import BUCKETS, MasterMetrics, WorkerMetrics, bucket
 
 
 def test_request_counts_and_durations_survive_the_trip_to_the_master() -> None:
@@ -42,3 +43,11 @@ def test_a_dead_workers_counts_are_kept() -> None:
         master.update(pid, json.loads(json.dumps(worker.snapshot({}))))
     master.worker_exited(1)
     assert master.counter_totals("gateway_requests_total") == {("api", "GET", "200"): 2.0}
+
+
+def test_bucket_is_bisect_left_over_the_bounds() -> None:
+    values = [0.0, 1e-7, 1e3, *BUCKETS,
+              *(b * 0.999 for b in BUCKETS), *(b * 1.001 for b in BUCKETS)]
+    for v in values:
+        assert bucket(v) == bisect.bisect_left(BUCKETS, v), v
+    assert bucket(BUCKETS[-1] * 2) == len(BUCKETS)  # the +Inf row
