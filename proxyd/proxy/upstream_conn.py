@@ -60,9 +60,8 @@ class ReadBuffer:
     __slots__ = ("buf", "idle")
 
     def __init__(self) -> None:
-        self.buf = bytearray(0)
-        self.idle = 0
-        self.fresh()
+        self.buf = bytearray(READ_SIZE)
+        self.idle = self._refs()
 
     def fresh(self) -> None:
         self.buf = bytearray(READ_SIZE)
