@@ -89,9 +89,9 @@ def status_line(status: int, reason: bytes | None = None) -> bytes:
 # Field names as peers spell them → their lowercase form, one object per name: a dict
 # lookup costs less than lower() and the hash a set test then makes of its new bytes object
 # (~450 against ~600 instructions, compiled), and the object returned keeps its hash for
-# every later test. Bounded (a peer inventing names
-# only fills it); one table for requests and one for responses, so clients cannot fill the
-# upstreams' one.
+# every later test (the relay also looks up Connection's value here: keep-alive, close).
+# Bounded (a peer inventing names only fills it); one table for requests and one for
+# responses, so clients cannot fill the upstreams' one.
 REQUEST_NAMES: Final[dict[bytes, bytes]] = {}
 RESPONSE_NAMES: Final[dict[bytes, bytes]] = {}
 NAMES_MAX: Final = 512

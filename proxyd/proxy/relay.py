@@ -23,6 +23,7 @@ from proxyd.proxy.headers import (
     RESPONSE_DROP_SHAPES,
     RESPONSE_NAMES,
     Piece,
+    connection_tokens,
     content_length,
     lower_name,
     name_shape,
@@ -210,8 +211,7 @@ class ResponseRelay:
                     elif (lname == b"connection"
                           and lower_name(value, RESPONSE_NAMES) not in CONNECTION_OPTIONS):
                         # (The usual single keep-alive or close names no field: no parsing.)
-                        tokens = ({t.strip().lower() for t in value.split(b",")}
-                                  - CONNECTION_OPTIONS)
+                        tokens = connection_tokens(value) - CONNECTION_OPTIONS
                         if tokens:
                             named = tokens if named is None else named | tokens
                     continue
