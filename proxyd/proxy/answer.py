@@ -231,7 +231,8 @@ class Answering:
         # with the drop set would copy that set on every request.
         removed = ctx.remove_request if ctx is not None and ctx.remove_request else None
         parts = [req.method, b" ", target, b" HTTP/1.1\r\n"]
-        if route.websocket is not None and req.upgrade == b"websocket" and req.ws_key:
+        if (route.websocket is not None and req.upgrade == b"websocket" and req.ws_key
+                and not req.has_body):
             # A fresh key towards the upstream; the client's Accept is computed from its own.
             req.ws_upstream_key = new_key()
             drop = drop | {b"sec-websocket-key"}

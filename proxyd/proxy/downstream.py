@@ -65,6 +65,63 @@ class SendWatch:
             ds.send_timed_out()
 
 
+class UpgradeBody:
+    """The parser's protocol after a request that asked to upgrade, with a body, was not
+    upgraded (proxyd never upgrades a request that has a body).
+
+    llhttp gives such a request no body callbacks: it ends the message at its head and hands
+    everything after it to "the new protocol". Forwarding the head alone would leave the
+    upstream waiting for a body that the next request on its connection would then fill. So a
+    fresh parser is fed a head that only states the request's framing, then the bytes that
+    followed: the body of its first message is that request's, and every later message is an
+    ordinary request of the connection, passed straight through.
+    """
+
+    __slots__ = ("ds", "in_body")
+
+    def __init__(self, ds: DownstreamProtocol) -> None:
+        self.ds = ds
+        self.in_body = True
+
+    @staticmethod
+    def framing(req: Request) -> bytes:
+        head = b"PUT / HTTP/1.1\r\nHost: -\r\n"
+        if req.chunked:
+            head += b"Transfer-Encoding: chunked\r\n"
+        else:
+            head += b"Content-Length: %d\r\n" % (req.content_length or 0)
+        if not req.keep_alive:
+            head += b"Connection: close\r\n"
+        return head + b"\r\n"
+
+    def on_message_begin(self) -> None:
+        if not self.in_body:
+            self.ds.on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        if not self.in_body:
+            self.ds.on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.in_body:
+            self.ds.on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        if not self.in_body:
+            self.ds.on_headers_complete()
+
+    def on_body(self, chunk: bytes) -> None:
+        self.ds.on_body(chunk)
+
+    def on_message_complete(self) -> None:
+        if self.in_body:
+            self.in_body = False
+            req = self.ds.req
+            if req is not None:
+                req.upgrade_body = False
+        self.ds.on_message_complete()
+
+
 # Seconds a refused connection may take to read its 503 before the close.
 REFUSED_LINGER: Final = 1.0
 
@@ -287,6 +344,14 @@ class DownstreamProtocol(Answering):
         except httptools.HttpParserUpgrade as exc:
             rest = data[exc.args[0]:] if exc.args else b""
             active = self.active
+            req = self.req
+            if req is not None and req.upgrade_body:
+                # Not upgraded, and its body follows: read as HTTP (see UpgradeBody).
+                self.parser = httptools.HttpRequestParser(UpgradeBody(self))
+                self.parser.feed_data(UpgradeBody.framing(req))
+                self.parsing = False
+                self.data_received(rest)
+                return
             if active is not None and active.ws_upstream_key is not None:
                 self.ws_early = [rest] if rest else []  # frames sent ahead of our 101
             else:
@@ -375,6 +440,8 @@ class DownstreamProtocol(Answering):
         req.body_limit = self.p.max_body_size
         req.has_body = req.chunked or bool(req.content_length)
         req.body_done = not req.has_body
+        if req.has_body and req.upgrade is not None and parser.should_upgrade():
+            req.upgrade_body = True  # never upgraded; the body is read as HTTP (UpgradeBody)
         if req.has_body:
             self.reading_body = True
             self.deadline = self.p.deadlines.now + self.p.body_timeout
@@ -403,6 +470,8 @@ class DownstreamProtocol(Answering):
     def on_message_complete(self) -> None:
         req = self.req
         assert req is not None
+        if req.upgrade_body:
+            return  # llhttp skipped the body; UpgradeBody reads it and ends the message
         self.req = None
         req.body_done = True
         if self.reading_body:

@@ -65,6 +65,7 @@ class Request:
         "started",
         "status",
         "upgrade",
+        "upgrade_body",
         "url",
         "via",
         "ws_key",
@@ -111,6 +112,9 @@ class Request:
         self.bytes_out = 0
         self.observed = False
         self.upgrade: bytes | None = None
+        # Asked to upgrade and has a body: llhttp skipped the body (it reads everything after
+        # the head as the new protocol); a second parser reads it (downstream.UpgradeBody).
+        self.upgrade_body = False
         self.ws_key: bytes | None = None  # the client's Sec-WebSocket-Key
         self.ws_upstream_key: bytes | None = None  # ours, towards the upstream
         self.discard = False
