@@ -45,6 +45,7 @@ COMPILED = [
     "proxyd/proxy/downstream.py",
     "proxyd/proxy/forward.py",
     "proxyd/proxy/headers.py",
+    "proxyd/proxy/path.py",
     "proxyd/proxy/pipeline.py",
     "proxyd/proxy/relay.py",
     "proxyd/proxy/request.py",

@@ -167,6 +167,16 @@ class Server(Model):
         default_factory=list,
         description="CIDRs whose X-Forwarded-* headers are trusted and extended, not replaced.",
     )
+    encoded_slashes: Literal["reject", "keep"] = Field(
+        "reject",
+        description="Request paths with an encoded slash or backslash (%2F, %5C) or a raw "
+        "backslash, which servers split into segments differently. reject: answer 400. keep: "
+        "route on them as ordinary characters of a segment, never as separators, and forward "
+        "them encoded (a raw backslash as %5C). Every path is normalised before routing, and "
+        "that form is what the upstream receives: escapes of unreserved characters decoded, "
+        "other escapes' hex digits uppercased, dot segments (also encoded ones, %2e%2e) "
+        "removed; %00 and malformed escapes are always answered 400.",
+    )
     watch_config: bool = Field(
         False,
         description="Poll the config file about once a second and reload (the SIGHUP path) "

@@ -86,6 +86,8 @@ class Pipeline:
         self.max_keepalive_requests = limits.max_keepalive_requests or math.inf
         self.keepalive_timeout = server.keepalive_timeout
         self.trusted = TrustedProxies(server.trusted_proxies)
+        # How a request path with %2F, %5C or a backslash is treated (proxy/path.py).
+        self.keep_encoded_slashes = server.encoded_slashes == "keep"
         pool_timeouts = [u.pool.read_timeout for u in config.upstreams.values()]
         # Per-try and total timeouts, and the circuit breaker's open time, run on this clock too.
         pool_timeouts += [t for u in config.upstreams.values() for t in (
@@ -135,7 +137,7 @@ class Pipeline:
         self.request_id_maker: Callable[[], str] = self.next_request_id
         self.access_log: AccessLog | None = None
         if config.access_log.enabled:
-            self.access_log = AccessLog(config.access_log, loop, self._id_prefix)
+            self.access_log = AccessLog(config.access_log, loop, self._id_prefix, self.metrics)
         # metrics.enabled: false and no access log: nothing to record per request.
         self.observing = self.metrics_enabled or self.access_log is not None
         self._upstream_hist = self.metrics.upstream_durations

@@ -1,5 +1,7 @@
 """Route table compiled once per config: first match in file order.
 
+Paths are matched in their normal form (path.py): the request's, and the configured ones.
+
 Matching is host → path → headers → method; a request whose host/path/headers match a route but
 whose method does not is remembered so the caller can answer 405 with ``Allow`` instead of 404.
 """
@@ -15,6 +17,8 @@ from proxyd.config.models import Respond, Route, WebSocket
 from proxyd.middleware.base import Response
 from proxyd.middleware.chain import Chain
 from proxyd.proxy.headers import CRLF, status_line
+from proxyd.proxy.path import BadPath, normalize_path
+from proxyd.proxy.path import remove_dot_segments as remove_dot_segments  # for explain
 
 if TYPE_CHECKING:
     from proxyd.proxy.upstream import Timeouts
@@ -105,6 +109,20 @@ def _host_bytes(host: str | None) -> tuple[bytes | None, bytes | None]:
     return host.encode(), None
 
 
+def _route_path(path: str | None) -> bytes | None:
+    """A configured path or prefix in the form request paths are matched in (path.py), so
+    ``/%7euser/`` still matches the ``/~user/`` that a request for it is normalised to."""
+    if path is None:
+        return None
+    raw = path.encode()
+    if not raw.startswith(b"/"):
+        return raw  # request paths all start with "/": nothing to line up with
+    try:
+        return normalize_path(raw, keep_slashes=True)
+    except BadPath:
+        return raw  # no request path normalises to it: the route never matches, as written
+
+
 def compile_route(route: Route) -> CompiledRoute:
     m = route.match
     host, suffix = _host_bytes(m.host)
@@ -121,8 +139,8 @@ def compile_route(route: Route) -> CompiledRoute:
         upstream=route.upstream,
         host=host,
         host_suffix=suffix,
-        path=m.path.encode() if m.path is not None else None,
-        prefix=m.path_prefix.encode() if m.path_prefix is not None else None,
+        path=_route_path(m.path),
+        prefix=_route_path(m.path_prefix),
         regex=re.compile(m.path_regex.encode()) if m.path_regex is not None else None,
         methods=methods,
         headers=tuple((k.lower().encode(), v.encode()) for k, v in (m.headers or {}).items()),
@@ -165,22 +183,3 @@ def normalize_host(value: bytes | None) -> bytes | None:
         return value[: end + 1] if end > 0 else value
     colon = value.rfind(b":")
     return value[:colon] if colon >= 0 else value
-
-
-def remove_dot_segments(path: bytes) -> bytes:
-    """RFC 3986 §5.2.4, so /api/../admin cannot slip past a /api/ prefix route."""
-    out: list[bytes] = []
-    segments = path.split(b"/")
-    for i, seg in enumerate(segments[1:], 1):
-        last = i == len(segments) - 1
-        if seg == b".":
-            if last:
-                out.append(b"")
-        elif seg == b"..":
-            if out:
-                out.pop()
-            if last:
-                out.append(b"")
-        else:
-            out.append(seg)
-    return b"/" + b"/".join(out)
