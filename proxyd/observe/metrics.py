@@ -58,7 +58,16 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "gateway_client_limits_total": (
         "Client connections refused or cut by a limit (max_connections, body_timeout, "
         "send_timeout)", ("limit",)),
+    "gateway_access_log_dropped_lines_total": (
+        "Access log lines lost: the reader did not keep up (stalled) or a write failed "
+        "(write_error)", ("reason",)),
+    "gateway_access_log_write_errors_total": ("Failed writes of the access log, by errno",
+                                              ("errno",)),
 }
+
+# gateway_access_log_dropped_lines_total's reasons.
+LOG_STALLED: Final = "stalled"
+LOG_WRITE_ERROR: Final = "write_error"
 HISTOGRAMS: dict[str, tuple[str, tuple[str, ...]]] = {
     "gateway_request_duration_seconds": ("Time from request head to response end",
                                          ("route", "method")),
@@ -95,6 +104,8 @@ class WorkerMetrics:
         self.requests = self.counters["gateway_requests_total"]
         self.durations = self.histograms["gateway_request_duration_seconds"]
         self.upstream_durations = self.histograms["gateway_upstream_request_duration_seconds"]
+        self.log_dropped = self.counters["gateway_access_log_dropped_lines_total"]
+        self.log_write_errors = self.counters["gateway_access_log_write_errors_total"]
 
     def inc(self, name: str, labels: tuple[str, ...], amount: float = 1.0) -> None:
         series = self.counters[name]
@@ -122,6 +133,16 @@ class WorkerMetrics:
             row = durations[(route, method)] = [0.0] * (len(BUCKETS) + 2)
         row[bucket(duration)] += 1
         row[-1] += duration
+
+    def access_log_dropped(self, reason: str, lines: int) -> None:
+        """Lines the access log lost; reason is LOG_STALLED or LOG_WRITE_ERROR."""
+        series = self.log_dropped
+        series[(reason,)] = series.get((reason,), 0.0) + lines
+
+    def access_log_write_error(self, errno_name: str) -> None:
+        """One failed write of the access log ("ENOSPC", "EPIPE", ...)."""
+        series = self.log_write_errors
+        series[(errno_name,)] = series.get((errno_name,), 0.0) + 1
 
     def snapshot(self, gauges: dict[str, dict[tuple[str, ...], float]]) -> dict[str, Any]:
         return {
