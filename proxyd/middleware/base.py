@@ -329,6 +329,7 @@ class Context:
         "remove_request",
         "request_id",
         "route",
+        "scheme",
         "set_request",
         "state",
     )
@@ -336,8 +337,11 @@ class Context:
     def __init__(
         self, method: bytes, path: bytes, query: bytes, host: bytes | None,
         headers: list[tuple[bytes, bytes, bytes]], client_ip: bytes, route: str,
-        request_id: Callable[[], str],
+        request_id: Callable[[], str], scheme: bytes = b"http",
     ) -> None:
+        # The scheme the client used: b"https" where proxyd terminated TLS, or where a trusted
+        # proxy in front of it says so in X-Forwarded-Proto; else b"http".
+        self.scheme = scheme
         self.method = method
         self.path = path
         self.query = query
