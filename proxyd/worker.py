@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 from collections.abc import Callable, Sequence
 
 import uvloop
@@ -25,7 +26,6 @@ from proxyd.tls import server_context
 
 log = logging.getLogger("proxyd.worker")
 STATS_INTERVAL = 1.0  # seconds between pushes to the master (DESIGN §5)
-DRAIN_IDLE_GRACE = 1.0  # seconds an idle keep-alive connection may still bring a request
 ACCEPT_SETTLE = 0.01  # seconds for connections accepted before close() to reach the protocol
 
 
@@ -37,6 +37,9 @@ class Worker:
         self.sockets = list(sockets)
         self.pipeline: Pipeline | None = None
         self.servers: list[asyncio.AbstractServer] = []
+        # Per socket, what its server makes of a connection: for the queue left at drain.
+        self.accepting: list[tuple[socket.socket, Callable[[], DownstreamProtocol],
+                                   ssl.SSLContext | None]] = []
         self.stopped = asyncio.Event()
 
     async def start(self) -> None:
@@ -66,31 +69,40 @@ class Worker:
                 if ctx is not None else None,
             )
             self.servers.append(server)
+            self.accepting.append((sock, tls_factory if ctx is not None else factory, ctx))
 
     async def drain(self, timeout: float | None = None) -> None:
         """Stop accepting, let in-flight requests finish, close keep-alives, then stop."""
         pipeline = self.pipeline
         assert pipeline is not None
         timeout = self.config.server.drain_timeout if timeout is None else timeout
+        # A copy of each socket outlives its server, to take what is queued on it (below).
+        # (None left on a second drain: closing a server detached its socket.)
+        spares = [(sock.dup(), make, ctx) for sock, make, ctx in self.accepting
+                  if sock.fileno() >= 0]
         for server in self.servers:
             server.close()  # close() only: shutdown() would kill the socket for every process
         pipeline.draining = True
         # A connection accepted just before close() gets connection_made only on a later loop
         # iteration; take stock after those arrived, or the worker exits under them (a reset).
         await asyncio.sleep(ACCEPT_SETTLE)
-        # Idle keep-alive connections get a short grace instead of an immediate close: a
-        # request may already be on its way on one; it is answered with Connection: close.
-        grace_end = pipeline.deadlines.now + min(DRAIN_IDLE_GRACE, pipeline.keepalive_timeout)
-        for conn in list(pipeline.connections):
-            if isinstance(conn, DownstreamProtocol) and conn.active is None and not conn.tunnel:
-                conn.deadline = min(conn.deadline or grace_end, grace_end)
+        handshakes = self._accept_queued(spares)
+        # Nothing is cut short: every connection ends as it would have anyway. One that has
+        # begun a request, or was accepted and has sent nothing yet, is served to the end of
+        # that request (within its header and body deadlines), with Connection: close. An
+        # idle keep-alive connection keeps its keep-alive deadline: a request may be on its
+        # way on it at any moment, and closing it now would lose that request; it is
+        # answered with Connection: close too. (Only its client's silence ends it early.)
         for tunnel in list(pipeline.tunnels):
             if tunnel.on_reload == "close":
                 tunnel.close()  # 1001 Going Away now; "keep" relays live on until the deadline
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while pipeline.connections and loop.time() < deadline:
+        while (pipeline.connections or any(not h.done() for h in handshakes)) \
+                and loop.time() < deadline:
             await asyncio.sleep(0.02)
+        for handshake in handshakes:
+            handshake.cancel()
         for tunnel in list(pipeline.tunnels):
             tunnel.close()
         for conn in list(pipeline.connections):
@@ -98,6 +110,36 @@ class Worker:
                 conn.close()
         pipeline.close()
         self.stopped.set()
+
+
+    def _accept_queued(self, spares: list[tuple[socket.socket, Callable[[], DownstreamProtocol],
+                                                ssl.SSLContext | None]]
+                       ) -> list[asyncio.Task[object]]:
+        """Accept what waits in the sockets' queues, then let go of them.
+
+        When the master has retired a socket (its slot or listener is gone), this worker
+        holds its last descriptor, and closing that would reset every connection still
+        queued on it. So the queue is emptied first; the connections are served like those
+        accepted before the drain (one request each, with Connection: close). A socket still
+        in use is shared with this worker's successor: what this takes is what the successor
+        would have served.
+        """
+        loop = asyncio.get_running_loop()
+        timeout = self.config.server.limits.header_timeout or None
+        handshakes: list[asyncio.Task[object]] = []
+        for spare, make, ctx in spares:
+            with spare:
+                spare.setblocking(False)
+                while True:
+                    try:
+                        conn, _ = spare.accept()
+                    except OSError:
+                        break  # empty (EAGAIN), or out of descriptors: the rest stays queued
+                    conn.setblocking(False)
+                    handshakes.append(loop.create_task(loop.connect_accepted_socket(
+                        make, conn, ssl=ctx,  # type: ignore[type-var]  # duck-typed protocol
+                        ssl_handshake_timeout=timeout if ctx is not None else None)))
+        return handshakes
 
 
 def run_single(config: GatewayConfig, config_path: str | None = None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from time import monotonic
 from typing import Final, cast
 
 import httptools
@@ -32,7 +33,7 @@ __all__ = ["PAUSE_PENDING", "PAUSE_PIPELINE", "PAUSE_UPSTREAM", "DownstreamProto
 
 
 class _Discard:
-    """The parser of a refused connection: whatever the client still sends is dropped."""
+    """The parser of a closed connection: whatever the client still sends is dropped."""
 
     @staticmethod
     def feed_data(data: bytes) -> None:
@@ -122,7 +123,16 @@ class UpgradeBody:
         self.ds.on_message_complete()
 
 
-# Seconds a refused connection may take to read its 503 before the close.
+# A connection closed while its client may still be sending (an answer given before the
+# request was read in full) closes in stages, as RFC 9112 §9.6 asks: the answer, a half-close,
+# then what still arrives is read and dropped until the client closes too, or for at most
+# LINGER_TIME seconds, LINGER_TIMEOUT seconds without a byte, or LINGER_BYTES bytes; only then
+# the close. Closing with unread bytes would send a reset, which can destroy the answer in the
+# client's receive buffer before it is read. (nginx's lingering_time and lingering_timeout.)
+LINGER_TIME: Final = 30.0
+LINGER_TIMEOUT: Final = 5.0
+LINGER_BYTES: Final = 64 * 1024 * 1024
+# A connection refused over max_connections lingers for less: it holds no request of value.
 REFUSED_LINGER: Final = 1.0
 
 
@@ -150,6 +160,9 @@ class DownstreamProtocol(Answering):
         self.parsing = False  # inside data_received: upstream writes wait for its final flush
         self.reading_body = False  # a request body is arriving: the deadline is body_timeout
         self.send_watch: SendWatch | None = None
+        self.lingering = False  # closed in stages: reading and dropping until the client closes
+        self.linger_left = 0  # bytes the lingering close still reads
+        self.linger_end = 0.0
         self._paused = 0
         self._out: list[Piece] = []
         self._advancing = False
@@ -175,18 +188,10 @@ class DownstreamProtocol(Answering):
         p, transport = self.p, self.transport
         assert transport is not None
         p.metrics.inc("gateway_client_limits_total", ("max_connections",))
-        self.closed = True
-        self.parser = _Discard()  # type: ignore[assignment]
         transport.write(error_response(503, "too many connections", p.next_request_id(),
                                        close=True, extra=b"Retry-After: 1\r\n"))
-        if transport.can_write_eof():
-            # Half-close and read what the client already sent: closing with unread bytes
-            # would reset the connection and could destroy the 503 before it is read.
-            transport.write_eof()
-            p.deadlines.add(self)
-            self.deadline = p.deadlines.now + REFUSED_LINGER
-        else:
-            transport.close()
+        p.deadlines.add(self)
+        self._linger(transport, REFUSED_LINGER)
 
     def eof_received(self) -> bool:
         """The client half-closed: the transport closes (asyncio.Protocol's default, written
@@ -213,6 +218,10 @@ class DownstreamProtocol(Answering):
         self.queue.clear()
 
     def on_deadline(self) -> None:
+        if self.lingering:
+            if self.transport is not None:
+                self.transport.close()
+            return
         if self.tunnel is not None:
             self.tunnel.idle()
             return
@@ -261,10 +270,43 @@ class DownstreamProtocol(Answering):
         out.clear()
 
     def close(self) -> None:
+        """Close once what is queued is written; in stages if the client may still be
+        sending (a request begun and not read to its end: see LINGER_TIME)."""
         self.flush()
-        if self.transport is not None:
-            self.transport.close()
+        transport = self.transport
+        if self.lingering or transport is None:
+            self.closed = True
+            return
+        if self.req is not None and not self.closed and not transport.is_closing():
+            self._linger(transport, LINGER_TIME)
+            return
         self.closed = True
+        transport.close()
+
+    def _linger(self, transport: asyncio.Transport, limit: float) -> None:
+        self.closed = True  # nothing more is parsed, answered or written
+        self.lingering = True
+        # (The parser may be inside feed_data: its callbacks for the rest of this read run as
+        # before, on a closed connection; later reads never reach a parser.)
+        self.parser = _Discard()  # type: ignore[assignment]
+        if transport.can_write_eof():
+            transport.write_eof()  # after what is queued: the client reads the answer, then EOF
+        # (TLS cannot half-close: the answer's framing tells the client it is complete.)
+        self._paused = 0
+        transport.resume_reading()
+        now = self.p.deadlines.now
+        self.linger_left = LINGER_BYTES
+        self.linger_end = now + limit
+        self.deadline = min(now + LINGER_TIMEOUT, self.linger_end)
+
+    def _lingered(self, n: int) -> None:
+        """Bytes that arrived during a lingering close: dropped."""
+        self.linger_left -= n
+        if self.linger_left <= 0:
+            if self.transport is not None:
+                self.transport.close()
+            return
+        self.deadline = min(self.p.deadlines.now + LINGER_TIMEOUT, self.linger_end)
 
     def abort(self) -> None:
         """End a response that cannot be completed: the client must see it truncated."""
@@ -329,6 +371,14 @@ class DownstreamProtocol(Answering):
 
     # -- parsing ----------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
+        # The time deadlines are armed from: fresh for every read, so that none of them is
+        # computed from a stale clock and fires early (timers.Deadlines).
+        p = self.p
+        p.deadlines.now = monotonic()
+        if self.closed:
+            if self.lingering:
+                self._lingered(len(data))
+            return
         if self.ws_early is not None:
             # A WebSocket relay: bytes pass through once the upstream said 101, wait until then.
             if self.tunnel is not None:

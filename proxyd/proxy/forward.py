@@ -110,8 +110,10 @@ class Exchange(ResponseRelay):
         self.host_line = host_line
         req = self.req
         req.exchange = self
-        self.started_at = monotonic()
         pool = self.pool
+        # Fresh: a start may come from a callback that is no read (middleware that waited on
+        # Redis), and the total deadline is armed from it (timers.Deadlines).
+        self.started_at = pool.deadlines.now = monotonic()
         route = req.route
         if route is not None and route.timeouts is not None:
             self.timeouts = route.timeouts

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from sys import getrefcount
+from time import monotonic
 from typing import TYPE_CHECKING, Any, Final, cast
 
 from proxyd.config.models import RouteTimeouts
@@ -153,19 +154,23 @@ class UpstreamConnection:
     def buffer_updated(self, nbytes: int) -> None:
         buf = self.reads.buf  # what get_buffer gave: nothing runs between the two calls
         data = memoryview(buf)[:nbytes]
+        deadlines = self.pool.deadlines
+        deadlines.now = monotonic()  # the clock deadlines are armed from (timers.Deadlines)
         exchange = self.exchange
         if exchange is None:
             self._idle_read(bytes(data))  # a tunnel's frames are read as bytes
             return
-        self.deadline = self.pool.deadlines.now + exchange.timeouts.read
+        self.deadline = deadlines.now + exchange.timeouts.read
         exchange.feed_response(data, buf)
 
     def data_received(self, data: bytes) -> None:
+        deadlines = self.pool.deadlines
+        deadlines.now = monotonic()  # the clock deadlines are armed from (timers.Deadlines)
         exchange = self.exchange
         if exchange is None:
             self._idle_read(data)
             return
-        self.deadline = self.pool.deadlines.now + exchange.timeouts.read
+        self.deadline = deadlines.now + exchange.timeouts.read
         exchange.feed_response(data, data)
 
     def _idle_read(self, data: bytes) -> None:
