@@ -177,6 +177,13 @@ class Server(Model):
         "other escapes' hex digits uppercased, dot segments (also encoded ones, %2e%2e) "
         "removed; %00 and malformed escapes are always answered 400.",
     )
+    headers_with_underscores: Literal["drop", "reject", "allow"] = Field(
+        "drop",
+        description="Request header fields whose name has an underscore (X_Forwarded_For), "
+        "which some servers and frameworks (CGI, WSGI) read as the dashed name. drop: remove "
+        "them before forwarding (nginx's underscores_in_headers off). reject: answer 400. "
+        "allow: forward them.",
+    )
     watch_config: bool = Field(
         False,
         description="Poll the config file about once a second and reload (the SIGHUP path) "

@@ -56,8 +56,10 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "gateway_websocket_bytes_total": ("WebSocket bytes relayed", ("direction",)),
     "gateway_websocket_closes_total": ("WebSocket relays ended, by close code", ("code",)),
     "gateway_client_limits_total": (
-        "Client connections refused or cut by a limit (max_connections, body_timeout, "
-        "send_timeout)", ("limit",)),
+        "Client connections or requests refused or cut by a limit or the parser "
+        "(max_connections, body_timeout, send_timeout, header_timeout, malformed, "
+        "uri_too_long, header_too_large, body_too_large, bad_path, bad_version, "
+        "underscore_header)", ("limit",)),
     "gateway_access_log_dropped_lines_total": (
         "Access log lines lost: the reader did not keep up (stalled) or a write failed "
         "(write_error)", ("reason",)),

@@ -38,6 +38,21 @@ PAUSE_UPSTREAM: Final = 2  # the upstream socket's write buffer is full
 PAUSE_PENDING: Final = 4  # body bytes piled up while the upstream connection is being opened
 
 
+def refusal_reason(status: int, message: str) -> str:
+    """The gateway_client_limits_total label of a request the parser or a limit refused."""
+    if status == 400:
+        if "version" in message or "protocol" in message:
+            return "bad_version"
+        if "underscore" in message:
+            return "underscore_header"
+        return "malformed"
+    return REFUSALS.get(status, "malformed")
+
+
+REFUSALS: Final = {408: "header_timeout", 413: "body_too_large", 414: "uri_too_long",
+                   431: "header_too_large"}
+
+
 class Answering:
     """Dispatch, local answers and errors of DownstreamProtocol; no state of its own.
 
@@ -132,6 +147,7 @@ class Answering:
             try:
                 path = normalize_path(path, p.keep_encoded_slashes)
             except BadPath as exc:
+                p.metrics.inc("gateway_client_limits_total", ("bad_path",))
                 self.send_error(req, 400, exc.message)
                 return
         req.path, req.query = path, query
@@ -374,9 +390,12 @@ class Answering:
         req = self.req or Request()
         data = error_response(status, message, self.request_id(req), close=True)
         self.send(data)
-        if req is active:
-            # Dispatched, then refused (its body outgrew the limit): observed like the rest.
-            req.status = status
-            req.bytes_out = body_length(data)
-            self.p.observe(req, self.client_ip, req.exchange)
+        # Refused by the parser or a limit, dispatched or not: logged and counted like every
+        # answered request (route "none" when it never reached one), and the reason counted.
+        self.p.metrics.inc("gateway_client_limits_total", (refusal_reason(status, message),))
+        if not req.started:
+            req.started = self.p.deadlines.now
+        req.status = status
+        req.bytes_out = body_length(data)
+        self.p.observe(req, self.client_ip, req.exchange)
         self.close()

@@ -66,6 +66,37 @@ class SendWatch:
             ds.send_timed_out()
 
 
+def foreign_protocol(read: bytes, req: Request) -> bool:
+    """Whether the request line in ``read`` names RTSP or ICE, which llhttp accepts besides
+    HTTP and reports with the same version numbers. (A request line split across reads
+    just before its protocol is not seen; proxyd re-renders it as HTTP/1.1 either way.)"""
+    line = req.method + b" " + req.url + b" "
+    at = read.find(line)
+    if at >= 0:
+        return read.startswith((b"RTSP/", b"ICE/"), at + len(line))
+    eol = read.find(b"\n")
+    return read.startswith((b"RTSP/", b"ICE/")) or read.find(b" RTSP/", 0, eol) >= 0 \
+        or read.find(b" ICE/", 0, eol) >= 0
+
+
+def absolute_form(req: Request) -> None:
+    """A target in absolute-form (RFC 9112 §3.2.2): its authority is the request's host, the
+    Host field is ignored, and the request is routed and forwarded in origin-form."""
+    scheme, sep, rest = req.url.partition(b"://")
+    if not sep or scheme.lower() not in (b"http", b"https"):
+        raise Reject(400, "request target must be origin-form or absolute-form")
+    end = len(rest)
+    for stop in (b"/", b"?"):
+        at = rest.find(stop)
+        if 0 <= at < end:
+            end = at
+    authority, path = rest[:end], rest[end:]
+    if not authority or b"@" in authority:
+        raise Reject(400, "request target has no usable authority")
+    req.url = path if path.startswith(b"/") else b"/" + path
+    req.host = authority
+
+
 class UpgradeBody:
     """The parser's protocol after a request that asked to upgrade, with a body, was not
     upgraded (proxyd never upgrades a request that has a body).
@@ -160,6 +191,7 @@ class DownstreamProtocol(Answering):
         self.parsing = False  # inside data_received: upstream writes wait for its final flush
         self.reading_body = False  # a request body is arriving: the deadline is body_timeout
         self.send_watch: SendWatch | None = None
+        self.read: bytes | None = None  # the read being parsed
         self.lingering = False  # closed in stages: reading and dropping until the client closes
         self.linger_left = 0  # bytes the lingering close still reads
         self.linger_end = 0.0
@@ -229,9 +261,13 @@ class DownstreamProtocol(Answering):
             if not self._paused:  # a paused read is proxyd waiting, not the client; resuming
                 self._body_timed_out()  # re-arms the deadline
             return
-        # Header timeout or idle keep-alive: either way nobody is waiting for an answer.
         if self.active is None and self.transport is not None:
-            self.transport.close()
+            if self.req is not None:
+                # A header section begun and not finished in time (slowloris, or a client
+                # that stalled): answered 408, logged and counted, then closed.
+                self._reject(408, "request header timeout")
+            else:
+                self.transport.close()  # idle keep-alive (or nothing ever sent): no one waits
 
     def _body_timed_out(self) -> None:
         """body_timeout: the client stopped sending the body it announced."""
@@ -389,6 +425,7 @@ class DownstreamProtocol(Answering):
             return
         before = self.req
         self.parsing = True
+        self.read = data  # for on_headers_complete's look at the request line (rarely needed)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -430,6 +467,7 @@ class DownstreamProtocol(Answering):
                 if req.head_bytes > self.p.max_head_bytes:
                     self._reject(431, "request header section too large")
         self.parsing = False
+        self.read = None  # not kept: an idle connection would hold its last read
         self.flush()
         ex = self.active.exchange if self.active is not None else None
         if ex is not None and ex.conn is not None:
@@ -455,10 +493,26 @@ class DownstreamProtocol(Answering):
             raise Reject(431, "request header section too large")
         if len(req.headers) >= self.p.max_headers:
             raise Reject(431, "too many request header fields")
-        lname = lower_name(name, REQUEST_NAMES)
+        lname = REQUEST_NAMES.get(name)
+        if lname is None:
+            # A name not in the table; and never one with an underscore (lower_name keeps
+            # those out of it), so the check costs nothing on the common path.
+            lname = lower_name(name, REQUEST_NAMES)
+            if lname.find(b"_") >= 0 and self._underscore_dropped():
+                return
         req.headers.append((lname, name, value))
         if lname in SPECIAL:
             special_header(req, lname, value)
+
+    def _underscore_dropped(self) -> bool:
+        """server.headers_with_underscores: some servers read X_Forwarded_For as the dashed
+        name, so a client could pass one past a proxy that sets or strips the dashed one."""
+        policy = self.p.underscores
+        if policy == "allow":
+            return False
+        if policy == "reject":
+            raise Reject(400, "underscore in a header field name")
+        return True
 
     def on_headers_complete(self) -> None:
         req = self.req
@@ -475,16 +529,20 @@ class DownstreamProtocol(Answering):
             if version not in ("1.1", "1.0"):
                 raise Reject(400, f"unsupported HTTP version {version}")
             req.http11 = version == "1.1"
-        req.method = parser.get_method()
+        req.method = method = parser.get_method()
         req.keep_alive = keep_alive
+        read = self.read
+        if read is not None and (method == b"SOURCE" or read.find(b" RTSP/") >= 0) \
+                and foreign_protocol(read, req):
+            raise Reject(400, "not an HTTP request (protocol is not HTTP)")
         if req.http11 and req.host is None:
             raise Reject(400, "missing Host header")
         if req.chunked and not req.http11:
             # RFC 9112 §6.1: Transfer-Encoding in an HTTP/1.0 message is faulty framing (an
             # HTTP/1.0 hop behind proxyd could read the body by other rules).
             raise Reject(400, "Transfer-Encoding in an HTTP/1.0 request")
-        if not req.url.startswith(b"/") and not (req.url == b"*" and req.method == b"OPTIONS"):
-            raise Reject(400, "request target must be origin-form (this is not a forward proxy)")
+        if not req.url.startswith(b"/") and not (req.url == b"*" and method == b"OPTIONS"):
+            absolute_form(req)
         if req.content_length is not None and req.content_length > self.p.max_body_size:
             raise Reject(413, "request body too large")
         req.body_limit = self.p.max_body_size

@@ -11,12 +11,14 @@ ResponseRelay mixin (relay.py).
 
 from __future__ import annotations
 
+import logging
 from time import monotonic
 from typing import TYPE_CHECKING, Final
 
 import httptools
 
 from proxyd.middleware.base import BodyFilter, Response
+from proxyd.observe.throttle import ThrottledLog
 from proxyd.proxy.headers import CRLF
 from proxyd.proxy.relay import NO_BODY_STATUSES, Abandoned, ResponseRelay
 
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = ["NO_BODY_STATUSES", "PENDING_BODY_LIMIT", "Abandoned", "Exchange"]
 
+UPSTREAM_ERRORS: Final = ThrottledLog(logging.getLogger("proxyd.upstream"))
 PENDING_BODY_LIMIT: Final = 256 * 1024  # buffered before the upstream connects; then reading pauses
 
 
@@ -329,10 +332,16 @@ class Exchange(ResponseRelay):
         if conn is not None:
             conn.exchange = None
             conn.close()
+        # The client gets a short reason (the part before any ": "); what follows it (an OS
+        # or TLS error, a parser's complaint) is for the operator's log, never the client.
+        reason, _, detail = message.partition(": ")
+        if detail:
+            UPSTREAM_ERRORS.warning("request %s: upstream %s: %s", self.ds.request_id(self.req),
+                                    self.pool.name, message)
         if self.resp_started:
             self.ds.abort()  # a truncated response must not look complete
         else:
-            self.ds.send_error(self.req, status, message)
+            self.ds.send_error(self.req, status, reason)
 
     def upstream_lost(self, conn: UpstreamConnection, exc: Exception | None) -> None:
         if self.done:

@@ -101,7 +101,9 @@ def lower_name(name: bytes, names: dict[bytes, bytes]) -> bytes:
     lname = names.get(name)
     if lname is None:
         lname = name.lower()
-        if len(names) < NAMES_MAX - 1:
+        # Never a name with an underscore: the client side checks those as they miss the
+        # table (server.headers_with_underscores), so none may ever hit it.
+        if len(names) < NAMES_MAX - 1 and lname.find(b"_") < 0:
             lname = names.setdefault(lname, lname)  # every spelling gets this one object
             names[name] = lname
     return lname

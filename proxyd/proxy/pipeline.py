@@ -88,6 +88,7 @@ class Pipeline:
         self.trusted = TrustedProxies(server.trusted_proxies)
         # How a request path with %2F, %5C or a backslash is treated (proxy/path.py).
         self.keep_encoded_slashes = server.encoded_slashes == "keep"
+        self.underscores = server.headers_with_underscores
         pool_timeouts = [u.pool.read_timeout for u in config.upstreams.values()]
         # Per-try and total timeouts, and the circuit breaker's open time, run on this clock too.
         pool_timeouts += [t for u in config.upstreams.values() for t in (

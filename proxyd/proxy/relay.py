@@ -207,7 +207,9 @@ class ResponseRelay:
                     if lname == b"content-length":
                         length = value.strip()  # llhttp refused duplicates and non-digits
                     elif lname == b"transfer-encoding":
-                        chunked = True
+                        # Chunked only if chunked is the final coding; any other ends at the
+                        # close (RFC 9112 §6.3), as llhttp reads it: proxyd re-frames it.
+                        chunked = value.rpartition(b",")[2].strip().lower() == b"chunked"
                     elif (lname == b"connection"
                           and lower_name(value, RESPONSE_NAMES) not in CONNECTION_OPTIONS):
                         # (The usual single keep-alive or close names no field: no parsing.)

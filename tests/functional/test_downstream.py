@@ -396,7 +396,7 @@ EARLY = [  # rejected before the request is routed
      b"GET / HTTP/2.0\r\nHost: t\r\nProxy-Connection: keep-alive\r\n\r\n"),
     ("http2-version-keep-alive", b"GET / HTTP/2.0\r\nHost: t\r\nConnection: keep-alive\r\n\r\n"),
     ("http12-version", b"GET / HTTP/1.2\r\nHost: t\r\n\r\n"),
-    ("absolute-form", b"GET http://evil.test/ HTTP/1.1\r\nHost: evil.test\r\n\r\n"),
+    ("absolute-form-no-authority", b"GET http:///x HTTP/1.1\r\nHost: evil.test\r\n\r\n"),
     ("authority-form", b"CONNECT evil.test:443 HTTP/1.1\r\nHost: evil.test:443\r\n\r\n"),
     ("duplicate-host", b"GET / HTTP/1.1\r\nHost: t\r\nHost: evil.test\r\n\r\n"),
     ("missing-host", b"GET / HTTP/1.1\r\nX-A: b\r\n\r\n"),

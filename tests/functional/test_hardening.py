@@ -138,8 +138,12 @@ FRAMING = [  # (id, bytes, status): each answered with that status, Connection: 
     ("request-line-extra-token", b"GET / HTTP/1.1 extra\r\nHost: t\r\n\r\n", 400),
     ("method-lowercase", b"get / HTTP/1.1\r\nHost: t\r\n\r\n", 400),
     ("method-unknown", b"FROB / HTTP/1.1\r\nHost: t\r\n\r\n", 400),
-    ("absolute-form-https", b"GET https://evil.test/x HTTP/1.1\r\nHost: evil.test\r\n\r\n",
+    ("absolute-form-userinfo", b"GET http://u@evil.test/x HTTP/1.1\r\nHost: evil.test\r\n\r\n",
      400),
+    ("absolute-form-ftp", b"GET ftp://evil.test/x HTTP/1.1\r\nHost: evil.test\r\n\r\n", 400),
+    ("rtsp", b"GET / RTSP/1.1\r\nHost: t\r\n\r\n", 400),
+    ("rtsp-1.0", b"OPTIONS * RTSP/1.0\r\nHost: t\r\n\r\n", 400),
+    ("ice", b"SOURCE /mount ICE/1.0\r\nHost: t\r\n\r\n", 400),
     ("asterisk-with-get", b"GET * HTTP/1.1\r\nHost: t\r\n\r\n", 400),
     ("authority-with-get", b"GET evil.test:80 HTTP/1.1\r\nHost: t\r\n\r\n", 400),
     ("host-twice-other-case", b"GET / HTTP/1.1\r\nHost: t\r\nhost: t\r\n\r\n", 400),
@@ -253,10 +257,12 @@ async def test_header_timeout_closes_and_upstream_sees_nothing(
                                   server={"keepalive_timeout": "30s"})
     loop = asyncio.get_running_loop()
     async with await RawClient.connect(p.port) as c:
-        await c.send(b"POST /slow HTTP/1.1\r\nHost: t\r\nContent-Le")
         t0 = loop.time()
-        assert await c.read_to_eof(timeout=3) == b""
-        assert loop.time() - t0 >= 0.2
+        await c.send(b"POST /slow HTTP/1.1\r\nHost: t\r\nContent-Le")
+        # Answered 408 and closed; never before the timeout (a deadline may be late only).
+        answer = await c.read_to_eof(timeout=3)
+        assert answer.startswith(b"HTTP/1.1 408 ") and b"Connection: close" in answer
+        assert loop.time() - t0 >= 0.3
     await nothing_reached(up)
     await still_serving(p, up)
 
@@ -265,11 +271,11 @@ async def test_http09_request_line_alone_is_never_forwarded(
     upstreams: Upstreams, proxy: StartProxy
 ) -> None:
     """An HTTP/0.9 request line without fields: llhttp waits for a head that never comes;
-    header_timeout closes it (there is no status line to answer 0.9 with anyway)."""
+    header_timeout answers 408 (as HTTP/1.1: 0.9 has no status line) and closes it."""
     p, up = await recording_proxy(upstreams, proxy, limits={"header_timeout": "0.3s"})
     async with await RawClient.connect(p.port) as c:
         await c.send(b"GET /index.html\r\n")
-        assert await c.read_to_eof(timeout=3) == b""
+        assert (await c.read_to_eof(timeout=3)).startswith(b"HTTP/1.1 408 ")
     await nothing_reached(up)
     await still_serving(p, up)
 
@@ -300,7 +306,7 @@ async def test_500_slow_header_connections(upstreams: Upstreams, proxy: StartPro
         for c in slow:
             c.writer.write(b"x")
         results = await asyncio.gather(*(c.read_to_eof(timeout=6) for c in slow))
-        assert all(r == b"" for r in results)
+        assert all(r.startswith(b"HTTP/1.1 408 ") for r in results)
         closed_after = loop.time() - started
         assert 1.0 <= closed_after < 6.0
     finally:
@@ -705,6 +711,9 @@ def test_generated_header_fields(threaded: ThreadedProxy) -> None:
         assume(b"\r\n" not in name + b": " + value)
         real = field_line(name, value)
         assume(real is None or real[0].lower() not in SENSITIVE)
+        # (A valid name with an underscore is dropped by default: tests/functional/
+        # test_request_line.py.)
+        assume(real is None or b"_" not in real[0])
         path = f"/h{next(counter)}"
         data = (f"GET {path} HTTP/1.1\r\nHost: t\r\n".encode() + name + b": " + value
                 + b"\r\nConnection: close\r\n\r\n")
