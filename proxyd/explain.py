@@ -15,7 +15,8 @@ from proxyd.middleware.cache import UNSAFE, Cache
 from proxyd.middleware.chain import Chain
 from proxyd.middleware.rate_limit import RateLimit
 from proxyd.proxy.headers import TrustedProxies
-from proxyd.proxy.router import Router, normalize_host, remove_dot_segments
+from proxyd.proxy.path import BadPath, needs_normalizing, normalize_path
+from proxyd.proxy.router import Router, normalize_host
 
 EXPLAIN_CLIENT_IP = "127.0.0.1"  # the peer address assumed when none is given
 
@@ -30,8 +31,13 @@ def explain(config: GatewayConfig, method: str, url: str,
     for name, value in headers:
         if name.lower() == "host":
             host = value.encode()
-    raw_path = (parts.path or "/").encode()
-    path = remove_dot_segments(raw_path) if b"/." in raw_path else raw_path
+    path = (parts.path or "/").encode()
+    if needs_normalizing(path):  # routed in the one form the data plane routes on
+        try:
+            path = normalize_path(path, config.server.encoded_slashes == "keep")
+        except BadPath as exc:
+            return False, {"request": {"method": method.upper(), "path": path.decode()},
+                           "error": f"400: {exc.message}"}
     hdrs = {n.lower().encode(): v.encode() for n, v in headers}
     router = Router(config.routes)
     route, wrong_method = router.match(method.upper().encode(), normalize_host(host), path, hdrs)

@@ -1,8 +1,10 @@
 """Input validation per route, stricter than the server-wide limits.
 
 The server already refuses ambiguous framing and enforces server.limits; this middleware adds
-route-level method, size and path rules. Encoded traversal (``%2e%2e``) and encoded NUL are
-refused because an upstream that decodes after proxyd routed would see a different path.
+route-level method, size and path rules. Paths reach it normalised (proxy/path.py: encoded
+dot segments resolved, %00 refused); what it still refuses is a dot segment that only an
+encoded slash or backslash makes (``..%2f``), which the server passes with
+``encoded_slashes: keep`` and an upstream that decodes them would resolve differently.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ class Validation(Middleware):
         ) > self.max_header_size:
             return json_response(431, "request header section too large", ctx.id())
         path = ctx.path
-        if path.find(b"%") >= 0:  # not "in": see Answering._dispatch
+        if path.find(b"%") >= 0:  # not "in": see proxy/path.py
             if _ENCODED_NUL.search(path):
                 return json_response(400, "encoded NUL in path", ctx.id())
             if self.traversal and _ENCODED_DOT_SEGMENT.search(path):

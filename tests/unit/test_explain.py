@@ -88,3 +88,15 @@ def test_route_without_cache_or_rate_limit() -> None:
     assert ok and result["cache"] == {"key": None,
                                       "decision": "off (no cache middleware on this route)"}
     assert result["rate_limit"] == []
+
+
+def test_explain_routes_on_the_normalised_path() -> None:
+    """explain routes the way the data plane does: encoded dot segments resolved first."""
+    config = load_config(CONFIG)
+    ok, plain = explain(config, "GET", "/ping", [])
+    assert ok
+    ok, dotted = explain(config, "GET", "/nothing/%2e%2E/ping", [])
+    assert ok and dotted["route"] == plain["route"]
+    assert dotted["request"]["path"] == "/ping"
+    ok, refused = explain(config, "GET", "/a%2fb", [])
+    assert not ok and refused["error"].startswith("400: ")
