@@ -25,6 +25,9 @@ class AdminServer:
         self.config: Admin | None = None
         self.runner: web.AppRunner | None = None
         self.site: web.TCPSite | None = None
+        # Callers of POST /reload waiting for its result: answered at stop if still waiting,
+        # or stopping would wait for their handlers (aiohttp's shutdown grace, 60 s).
+        self._waiting: set[asyncio.Future[tuple[bool, str | None]]] = set()
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -60,6 +63,9 @@ class AdminServer:
             await old_site.stop()
 
     async def stop(self) -> None:
+        for reply in self._waiting:
+            if not reply.done():
+                reply.set_result((False, "proxyd is shutting down; the reload was abandoned"))
         if self.runner is not None:
             await self.runner.cleanup()
 
@@ -101,7 +107,11 @@ class AdminServer:
         self.master.enqueue("reload", reply)
         if request.query.get("wait", "1") in ("0", "false", "no"):
             return web.json_response({"accepted": True}, status=202)
-        ok, error = await reply
+        self._waiting.add(reply)
+        try:
+            ok, error = await reply
+        finally:
+            self._waiting.discard(reply)
         return web.json_response(
             {"ok": ok, "error": error, "generation": self.master.generation},
             status=200 if ok else 422,

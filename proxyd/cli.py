@@ -25,6 +25,9 @@ from proxyd.config.summary import format_summary, summarize
 from proxyd.errors import EXIT_CONFIG, EXIT_OK, EXIT_RUNTIME, ConfigError, ConfigIssue
 
 DEFAULT_CONFIG = "/etc/proxyd/gateway.yaml"
+# How long `reload --wait` waits for the result: the master may take its parse deadline (30 s)
+# and then its workers' READY deadline (30 s) to decide.
+RELOAD_WAIT = 90.0
 
 config_option = click.option(
     "-c", "--config", "config_path",
@@ -180,11 +183,11 @@ def reload(config_path: str, admin_url: str | None, token: str, wait: bool,
         os.kill(int(Path(pid_file).read_text().strip()), signal.SIGHUP)
         if not wait:
             return
-        result = wait_for_reload(base, before)
+        result = wait_for_reload(base, before, timeout=RELOAD_WAIT)
     else:
         try:
             code, result = admin_request(f"{base}/reload?wait={int(wait)}", method="POST",
-                                         token=token)
+                                         token=token, timeout=RELOAD_WAIT)
         except AdminUnreachable as exc:
             click.echo(f"proxyd: {exc}", err=True)
             sys.exit(EXIT_RUNTIME)

@@ -4,8 +4,10 @@ Reload (SIGHUP, POST /reload, watch_config), worker recycling (``max_requests``)
 recovery, resizing (TTIN/TTOU), log reopening (USR1) and shutdown (TERM drains, INT and QUIT
 stop at once). Reload, recycling and crash recovery share one path (``replace``): fork the
 successor on the same slot, wait for its READY, then tell the predecessor to drain (DESIGN §4);
-a reload that fails changes nothing. Forking, following and replacing workers, and the loop
-that dispatches to these handlers, are the Arbiter's (arbiter.py).
+a reload that fails changes nothing, and every reload ends in ``/status``, the reload metric, the
+log and the caller's answer, whatever it failed on. The new file is read in a child process
+(config/isolated.py), never on the master's loop. Forking, following and replacing workers, and
+the loop that dispatches to these handlers, are the Arbiter's (arbiter.py).
 """
 
 from __future__ import annotations
@@ -27,20 +29,14 @@ from proxyd.arbiter import (
     WorkerHandle,
     raise_nofile_limit,
 )
+from proxyd.config.isolated import load_isolated
 from proxyd.config.models import GatewayConfig
 from proxyd.errors import ConfigError
 
-__all__ = ["KILL_GRACE", "READY_TIMEOUT", "SIGNALS", "Master", "WorkerHandle", "load_file",
+__all__ = ["KILL_GRACE", "READY_TIMEOUT", "SIGNALS", "Master", "WorkerHandle",
            "raise_nofile_limit", "run_master"]
 
 log = logging.getLogger("proxyd.master")
-
-
-def load_file(path: str) -> tuple[GatewayConfig, str]:
-    from proxyd.config import load_config
-
-    data = Path(path).read_bytes()
-    return load_config(path), hashlib.sha256(data).hexdigest()
 
 
 class Master(Arbiter):
@@ -54,21 +50,31 @@ class Master(Arbiter):
         """POST /reload: the same path as SIGHUP, with the result for the caller."""
 
         async def run() -> None:
-            result = await self.reload()
-            if not reply.done():
-                reply.set_result(result)
+            result: tuple[bool, str | None] = (False, "the reload was interrupted")
+            try:
+                result = await self.reload()
+            finally:  # cancelled by shutdown: the caller still gets an answer
+                if not reply.done():
+                    reply.set_result(result)
 
         self._spawn_task(run())
 
     async def reload(self) -> tuple[bool, str | None]:
         async with self._reload_lock:
+            error: str | None
             if self.state != "running":
-                return False, f"not reloading while {self.state}"
-            systemd.reloading()
-            try:
-                ok, error = await self._reload()
-            finally:
-                systemd.notify("READY=1", self._status_line())
+                ok, error = False, f"not reloading while {self.state}"
+            else:
+                systemd.reloading()
+                try:
+                    ok, error = await self._reload()
+                except Exception as exc:
+                    # A bug, not a bad file; still a failed reload like any other, reported
+                    # everywhere a failure is (the traceback goes to the log).
+                    log.exception("reload failed unexpectedly")
+                    ok, error = False, f"reload failed: {type(exc).__name__}: {exc}"
+                finally:
+                    systemd.notify("READY=1", self._status_line())
             self.last_reload = {"ok": ok, "error": error, "at": time.time()}
             self.reload_counts["ok" if ok else "failed"] += 1
             self.metrics.master_counters["gateway_config_reloads_total"][
@@ -84,17 +90,14 @@ class Master(Arbiter):
 
     async def _reload(self) -> tuple[bool, str | None]:
         try:
-            config, sha256 = load_file(self.config_path)
+            # In a child: a file that takes long or much to read costs the master nothing.
+            # Its TLS files are checked there too, before any new worker is forked.
+            loaded = await load_isolated(self.config_path)
         except ConfigError as exc:
             return False, str(exc)
-        except OSError as exc:
-            return False, f"{self.config_path}: {exc.strerror or exc}"
-        from proxyd.tls import file_issues
-
-        # Certificates are loaded by the new workers; a file that cannot be is caught here,
-        # before any of them is forked, and the old ones keep serving.
-        if tls_issues := file_issues(config, self.config_path):
-            return False, "\n".join(str(issue) for issue in tls_issues)
+        if self.state != "running":
+            return False, f"not reloading while {self.state}"  # TERM arrived meanwhile
+        config, sha256 = loaded.config, loaded.sha256
         count = config.server.worker_count()
         try:
             self.sockets.ensure(config.server.listen, count, config.server.backlog)

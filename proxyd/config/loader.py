@@ -12,7 +12,6 @@ import os
 import re
 import types
 from collections.abc import Mapping
-from pathlib import Path as FsPath
 from typing import Annotated, Any, Union, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
@@ -21,7 +20,7 @@ from pydantic_core import ErrorDetails
 from proxyd.config import semantic
 from proxyd.config.models import GatewayConfig
 from proxyd.config.redact import SECRET_PATHS
-from proxyd.config.source import Path, Source, read_yaml
+from proxyd.config.source import MAX_FILE_BYTES, Path, Source, oversize, read_yaml
 from proxyd.errors import ConfigError, ConfigIssue
 
 __all__ = [
@@ -29,6 +28,7 @@ __all__ = [
     "load_config_text",
     "load_config_text_with_warnings",
     "load_config_with_warnings",
+    "read_config_file",
 ]
 
 
@@ -46,16 +46,25 @@ def load_config_with_warnings(path: str | os.PathLike[str], env: Mapping[str, st
                               ) -> tuple[GatewayConfig, list[ConfigIssue]]:
     """The config and its non-fatal findings; raises ConfigError with every problem found."""
     filename = os.fspath(path)
+    return load_config_text_with_warnings(read_config_file(filename), filename, env)
+
+
+def read_config_file(filename: str) -> str:
+    """The file's text; never reads more than one byte past the size limit."""
     try:
-        text = FsPath(filename).read_text(encoding="utf-8")
+        with open(filename, "rb") as f:
+            head = f.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise ConfigError([ConfigIssue(filename, None, None, "",
                                        f"cannot read config file: {reason}")]) from None
+    if (too_big := oversize(head, filename)) is not None:
+        raise too_big
+    try:
+        return head.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError([ConfigIssue(filename, None, None, "",
                                        f"config file is not UTF-8: {exc.reason}")]) from None
-    return load_config_text_with_warnings(text, filename, env)
 
 
 def load_config_text_with_warnings(text: str, filename: str,

@@ -4,6 +4,11 @@ PyYAML's ``safe_load`` throws marks away and silently lets a repeated key win, s
 node graph ourselves and build the data while walking it. Every value is recorded under its
 path — ``("routes", 2, "match", "path_prefix")``, the same shape as a pydantic error ``loc`` — so
 that any later check (pydantic, semantic) can point at the exact spot in the file.
+
+A config file is untrusted input to a process that must not stall: reading one is bounded in size
+(``MAX_FILE_BYTES``), nesting (``MAX_DEPTH``) and nodes (``MAX_NODES``, aliases and merge keys
+counted as often as they are expanded). Each limit is checked while the file is read, before the
+work it bounds is done, and is refused as one ``file:line:col`` error at the place that crossed it.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Any
 import yaml
 from yaml.composer import Composer
 from yaml.constructor import SafeConstructor
+from yaml.events import AliasEvent, MappingStartEvent, SequenceStartEvent
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from yaml.resolver import Resolver
 
@@ -29,7 +35,17 @@ _MAP_TAG = "tag:yaml.org,2002:map"
 _SEQ_TAG = "tag:yaml.org,2002:seq"
 _STR_TAG = "tag:yaml.org,2002:str"
 _NULL_TAG = "tag:yaml.org,2002:null"
+_MERGE_TAG = "tag:yaml.org,2002:merge"
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+# Far beyond what a gateway config needs (3,000 routes take about 270 KiB and 40,000 nodes; the
+# schema nests under ten deep), and small enough that the worst file within them is read in a
+# second or two and under 150 MB. The depth also keeps composing, three Python frames a level,
+# far from the recursion limit (1,000 frames).
+MAX_FILE_BYTES = 1024 * 1024
+MAX_DEPTH = 64
+MAX_NODES = 200_000
 
 
 @dataclass(frozen=True)
@@ -90,10 +106,64 @@ class Source:
         return any(path[: len(t)] == t for t in self.tainted)
 
 
-class _Explicit:
-    """Remembers which scalars carried an explicit tag: ``!!str ${PORT}`` must stay a string."""
+class _LimitExceeded(Exception):
+    def __init__(self, mark: Mark, message: str) -> None:
+        super().__init__(message)
+        self.mark = mark
+        self.message = message
+
+
+def _too_many(expanding: bool) -> str:
+    if expanding:
+        return (f"aliases expand the config past {MAX_NODES:,} keys and values (each use of "
+                "an alias or merge key repeats its whole anchor)")
+    return f"the config holds more than {MAX_NODES:,} keys and values"
+
+
+_TOO_DEEP = f"nested deeper than {MAX_DEPTH} levels"
+
+
+class _Composing:
+    """What we add to PyYAML's composer, for both loaders: the limits on depth and nodes, the
+    explicit tags (``!!str ${PORT}`` must stay a string) and where each alias was written."""
 
     explicit: set[int]
+    # (id(parent node), index in a sequence or id(key node) in a mapping) → the alias's mark:
+    # the composer replaces an alias by its anchor's node, and with it, its position.
+    aliases: dict[tuple[int, int], Mark]
+    depth: int
+    nodes: int
+
+    def _init_composing(self) -> None:
+        self.explicit = set()
+        self.aliases = {}
+        self.depth = 0
+        self.nodes = 0
+
+    def compose_node(self, parent: Node | None, index: Any) -> Node:
+        event = self.peek_event()  # type: ignore[attr-defined]
+        compose = super().compose_node  # type: ignore[misc]
+        if isinstance(event, AliasEvent):
+            # Costs nothing here (the anchor's node is shared); the walker counts its expansion.
+            node: Node = compose(parent, index)
+            if parent is not None and index is not None:
+                key = index if isinstance(index, int) else id(index)
+                self.aliases[(id(parent), key)] = _mark(event.start_mark)
+            return node
+        self.nodes += 1
+        if self.nodes > MAX_NODES:
+            raise _LimitExceeded(_mark(event.start_mark), _too_many(False))
+        if not isinstance(event, MappingStartEvent | SequenceStartEvent):
+            return compose(parent, index)  # type: ignore[no-any-return]
+        # PyYAML composes recursively: checked before descending, a deep file costs no more
+        # than MAX_DEPTH levels of it, and never reaches the recursion limit.
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                raise _LimitExceeded(_mark(event.start_mark), _TOO_DEEP)
+            return compose(parent, index)  # type: ignore[no-any-return]
+        finally:
+            self.depth -= 1
 
     def compose_scalar_node(self, anchor: Any) -> ScalarNode:
         tagged = self.peek_event().tag is not None  # type: ignore[attr-defined]
@@ -105,28 +175,27 @@ class _Explicit:
         return node
 
 
-class _PyLoader(_Explicit, yaml.SafeLoader):
+class _PyLoader(_Composing, yaml.SafeLoader):
     """PyYAML's pure-Python loader: slower, but its syntax errors say more than libyaml's."""
 
     def __init__(self, stream: str) -> None:
         yaml.SafeLoader.__init__(self, stream)
-        self.explicit = set()
+        self._init_composing()
 
 
 if getattr(yaml, "__with_libyaml__", False):
     from yaml._yaml import CParser
 
-    class _Loader(_Explicit, Composer, CParser, SafeConstructor, Resolver):
-        """libyaml scans and parses (a reload parses the file in the master, which is then
-        busy; this is ~4x faster than PyYAML's scanner); composing stays in Python, for the
-        explicit tags and the marks."""
+    class _Loader(_Composing, Composer, CParser, SafeConstructor, Resolver):
+        """libyaml scans and parses (~4x faster than PyYAML's scanner); composing stays in
+        Python, for the limits, the explicit tags and the marks."""
 
         def __init__(self, stream: str) -> None:
             CParser.__init__(self, stream)
             Composer.__init__(self)
             SafeConstructor.__init__(self)
             Resolver.__init__(self)
-            self.explicit = set()
+            self._init_composing()
 
 else:  # PyYAML built without libyaml
     _Loader = _PyLoader  # type: ignore[misc,assignment]
@@ -143,28 +212,47 @@ def _mark(m: Any) -> Mark:
     return Mark(m.line + 1, m.column + 1)
 
 
+def oversize(head: bytes, filename: str) -> ConfigError | None:
+    """The error for a file whose first ``MAX_FILE_BYTES + 1`` bytes are ``head``, if too big.
+
+    It points at the line and column where the limit is crossed: nothing past it is read.
+    """
+    if len(head) <= MAX_FILE_BYTES:
+        return None
+    within = head[:MAX_FILE_BYTES].decode("utf-8", "ignore")
+    line_start = within.rfind("\n") + 1
+    issue = ConfigIssue(filename, within.count("\n") + 1, len(within) - line_start + 1, "",
+                        f"config file is larger than {MAX_FILE_BYTES // 1024 // 1024} MiB "
+                        f"({MAX_FILE_BYTES:,} bytes); the rest was not read")
+    return ConfigError([issue])
+
+
 def read_yaml(text: str, filename: str, env: Mapping[str, str]) -> Source:
-    """Parse ``text``; a syntax error raises ConfigError at once, everything else is collected."""
+    """Parse ``text``; a syntax error or a limit raises ConfigError at once, everything else
+    is collected."""
+    # Characters, then (only for text that may be short enough) UTF-8 bytes: a huge string is
+    # never encoded whole.
+    head = text[:MAX_FILE_BYTES + 1].encode("utf-8", "surrogatepass")[:MAX_FILE_BYTES + 1]
+    if (too_big := oversize(head, filename)) is not None:
+        raise too_big
     loader: Any = _Loader(text)
     try:
-        root = _compose(loader)
-    except yaml.YAMLError as first:
-        exc = first
-        if _Loader is not _PyLoader:  # type: ignore[comparison-overlap]
-            try:  # the same file through PyYAML, for its clearer message
-                _compose(_PyLoader(text))
-            except yaml.YAMLError as detailed:
-                exc = detailed
-        if isinstance(exc, yaml.MarkedYAMLError):
-            mark = exc.problem_mark or exc.context_mark
-            line = mark.line + 1 if mark else None
-            column = mark.column + 1 if mark else None
-            problem = exc.problem or exc.context or "invalid YAML"
-            raise ConfigError([ConfigIssue(filename, line, column, "",
-                                           f"YAML syntax error: {problem}")]) from None
-        # Reader errors: control characters, bad encoding.
-        raise ConfigError([ConfigIssue(filename, None, None, "",
-                                       f"YAML syntax error: {exc}")]) from None
+        try:
+            root = _compose(loader)
+        except yaml.YAMLError as first:
+            exc = first
+            if _Loader is not _PyLoader:  # type: ignore[comparison-overlap]
+                # The same file through PyYAML, for its clearer message. It may stop at a
+                # limit instead: libyaml scans ahead of what it composes (up to 1024
+                # characters, for a possible key), so its error can lie past a limit.
+                try:
+                    _compose(_PyLoader(text))
+                except yaml.YAMLError as detailed:
+                    exc = detailed
+            raise _syntax_error(exc, filename) from None
+    except _LimitExceeded as limit:
+        raise ConfigError([ConfigIssue(filename, limit.mark.line, limit.mark.column, "",
+                                       limit.message)]) from None
 
     walker = _Walker(loader, filename, env)
     if root is None or (isinstance(root, ScalarNode) and root.tag == _NULL_TAG):
@@ -177,7 +265,23 @@ def read_yaml(text: str, filename: str, env: Mapping[str, str]) -> Source:
     return Source(data, walker.positions, walker.issues, walker.tainted)
 
 
+def _syntax_error(exc: yaml.YAMLError, filename: str) -> ConfigError:
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else None
+        column = mark.column + 1 if mark else None
+        problem = exc.problem or exc.context or "invalid YAML"
+        return ConfigError([ConfigIssue(filename, line, column, "",
+                                        f"YAML syntax error: {problem}")])
+    # Reader errors: control characters, bad encoding.
+    return ConfigError([ConfigIssue(filename, None, None, "", f"YAML syntax error: {exc}")])
+
+
 class _Walker:
+    """Builds the data from the node graph, expanding aliases and merge keys: the one place
+    where a small file can turn into a large amount of work, so every value it builds counts
+    against MAX_NODES and every level against MAX_DEPTH."""
+
     def __init__(self, loader: Any, filename: str, env: Mapping[str, str]) -> None:
         self.loader = loader
         self.env = env
@@ -185,46 +289,76 @@ class _Walker:
         self.issues: list[ConfigIssue] = []
         self.tainted: set[Path] = set()
         self._active: set[int] = set()  # nodes on the current walk: catches recursive aliases
-        self._checked: set[int] = set()  # mappings already checked for duplicate keys
+        self._prepared: set[int] = set()  # mappings checked for duplicates, merge keys flattened
+        # id(mapping) → how many of its pairs came from merge keys (they come first), and where
+        # the first merge key was written.
+        self._merged: dict[int, tuple[int, Mark]] = {}
+        self._nodes = 0
+        # The aliases being expanded: the outermost is what made a file too big, the innermost
+        # what made it too deep.
+        self._outer: Mark | None = None
+        self._inner: Mark | None = None
 
     def fail(self, path: Path, node: Node, message: str) -> None:
         self.issues.append(self.positions.issue(path, message, mark=_mark(node.start_mark)))
         self.tainted.add(path)
 
-    def walk(self, node: Node, path: Path) -> Any:
-        self.positions.values[path] = _mark(node.start_mark)
-        if id(node) in self._active:
-            self.fail(path, node, "recursive alias: a value cannot contain itself")
-            return None
-        self._active.add(id(node))
+    def _count(self, n: int, path: Path, mark: Mark, *, merging: bool = False) -> None:
+        self._nodes += n
+        if self._nodes > MAX_NODES:
+            expanding = merging or self._outer is not None
+            raise ConfigError([self.positions.issue(path, _too_many(expanding),
+                                                    mark=self._outer or mark)])
+
+    def walk(self, node: Node, path: Path, via: Mark | None = None) -> Any:
+        mark = _mark(node.start_mark)
+        self.positions.values[path] = mark
+        outer, inner = self._outer, self._inner
+        if via is not None:
+            self._outer, self._inner = outer or via, via
         try:
-            if isinstance(node, MappingNode):
-                return self._mapping(node, path)
-            if isinstance(node, SequenceNode):
-                if node.tag != _SEQ_TAG:
-                    self.fail(path, node, f"unsupported YAML tag {node.tag!r} on a list")
-                return [self.walk(item, (*path, i)) for i, item in enumerate(node.value)]
-            if isinstance(node, ScalarNode):
-                return self._scalar(node, path)
-            raise TypeError(f"unexpected YAML node {node!r}")
+            self._count(1, path, mark)
+            if id(node) in self._active:
+                self.fail(path, node, "recursive alias: a value cannot contain itself")
+                return None
+            if isinstance(node, MappingNode | SequenceNode) and len(path) >= MAX_DEPTH:
+                # Only aliases get here (composing stopped deeper nesting): each level of
+                # anchors can add MAX_DEPTH - 1 more.
+                raise ConfigError([self.positions.issue(path, _TOO_DEEP,
+                                                        mark=self._inner or mark)])
+            self._active.add(id(node))
+            try:
+                return self._build(node, path)
+            finally:
+                self._active.discard(id(node))
         finally:
-            self._active.discard(id(node))
+            self._outer, self._inner = outer, inner
+
+    def _build(self, node: Node, path: Path) -> Any:
+        if isinstance(node, MappingNode):
+            return self._mapping(node, path)
+        if isinstance(node, SequenceNode):
+            if node.tag != _SEQ_TAG:
+                self.fail(path, node, f"unsupported YAML tag {node.tag!r} on a list")
+            aliases = self.loader.aliases
+            return [self.walk(item, (*path, i), aliases.get((id(node), i)))
+                    for i, item in enumerate(node.value)]
+        if isinstance(node, ScalarNode):
+            return self._scalar(node, path)
+        raise TypeError(f"unexpected YAML node {node!r}")
 
     def _mapping(self, node: MappingNode, path: Path) -> dict[str, Any]:
         if node.tag != _MAP_TAG:
             self.fail(path, node, f"unsupported YAML tag {node.tag!r} on a mapping")
-        if id(node) not in self._checked:
-            # Before merge keys are flattened: only keys written in this mapping can clash;
-            # a key overriding one merged in from `<<: *anchor` is the point of merging.
-            self._checked.add(id(node))
-            self._check_duplicates(node, path)
-            try:
-                self.loader.flatten_mapping(node)
-            except yaml.MarkedYAMLError as exc:
-                self.fail(path, node, f"invalid merge key: {exc.problem}")
-                return {}
+        try:
+            self._prepare(node, path, 0)
+        except yaml.MarkedYAMLError as exc:
+            self.fail(path, node, f"invalid merge key: {exc.problem}")
+            return {}
+        merged, merge_mark = self._merged.get(id(node), (0, None))
+        aliases = self.loader.aliases
         result: dict[str, Any] = {}
-        for key_node, value_node in node.value:
+        for i, (key_node, value_node) in enumerate(node.value):
             if not isinstance(key_node, ScalarNode):
                 self.fail(path, key_node, "mapping keys must be plain strings")
                 continue
@@ -233,13 +367,68 @@ class _Walker:
             key = key_node.value
             child = (*path, key)
             self.positions.keys[child] = _mark(key_node.start_mark)
-            result[key] = self.walk(value_node, child)
+            via = merge_mark if i < merged else aliases.get((id(node), id(key_node)))
+            result[key] = self.walk(value_node, child, via)
         return result
+
+    def _prepare(self, node: MappingNode, path: Path, depth: int) -> None:
+        """Check a mapping for duplicate keys, then flatten its merge keys; once per mapping.
+
+        PyYAML's ``flatten_mapping`` (6.0.3), with a bound on what merging may add and on how
+        deep merges of merges may go. Before flattening: only keys written in this mapping
+        can clash; a key overriding one merged in from ``<<: *anchor`` is the point of merging.
+        """
+        if id(node) in self._prepared:
+            return
+        self._prepared.add(id(node))
+        self._check_duplicates(node, path)
+        merge: list[tuple[Node, Node]] = []
+        merge_mark: Mark | None = None
+        seen: set[int] = set()  # merged keys by identity: each source's pairs once
+        index = 0
+        while index < len(node.value):
+            key_node, value_node = node.value[index]
+            if key_node.tag == _MERGE_TAG:
+                mark = _mark(key_node.start_mark)
+                merge_mark = merge_mark or mark
+                if depth >= MAX_DEPTH:
+                    raise ConfigError([self.positions.issue(path, f"merge keys {_TOO_DEEP}",
+                                                            mark=mark)])
+                del node.value[index]
+                if isinstance(value_node, MappingNode):
+                    sources = [value_node]
+                elif isinstance(value_node, SequenceNode):
+                    sources = value_node.value
+                else:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark,
+                        "expected a mapping or list of mappings for merging, but found "
+                        f"{value_node.id}", value_node.start_mark)
+                for source in sources:
+                    if not isinstance(source, MappingNode):
+                        raise yaml.constructor.ConstructorError(
+                            "while constructing a mapping", node.start_mark,
+                            f"expected a mapping for merging, but found {source.id}",
+                            source.start_mark)
+                    self._prepare(source, path, depth + 1)
+                    for pair in source.value:
+                        if id(pair[0].value) not in seen:
+                            seen.add(id(pair[0].value))
+                            merge.append(pair)
+                    self._count(len(source.value), path, mark, merging=True)
+            elif key_node.tag == "tag:yaml.org,2002:value":
+                key_node.tag = _STR_TAG
+                index += 1
+            else:
+                index += 1
+        if merge and merge_mark is not None:
+            node.value = merge + node.value
+            self._merged[id(node)] = (len(merge), merge_mark)
 
     def _check_duplicates(self, node: MappingNode, path: Path) -> None:
         first: dict[str, Mark] = {}
         for key_node, _ in node.value:
-            if not isinstance(key_node, ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+            if not isinstance(key_node, ScalarNode) or key_node.tag == _MERGE_TAG:
                 continue
             mark = _mark(key_node.start_mark)
             if key_node.value in first:
