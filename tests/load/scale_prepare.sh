@@ -15,7 +15,7 @@ rm -rf "$dest" && mkdir -p "$dest/whl" "$dest/lib" "$dest/bin"
 
 # Runtime dependencies of proxyd and of the benchmark, at this venv's versions.
 names="aiohttp aiodns pycares cffi pycparser uvloop httptools PyYAML pydantic pydantic_core
-annotated-types typing-inspection typing_extensions aiocache redis prometheus_client click
+annotated-types typing-inspection typing_extensions redis prometheus_client click
 brotli xxhash multidict yarl propcache frozenlist aiosignal aiohappyeyeballs attrs idna"
 pins=()
 for n in $names; do
