@@ -44,6 +44,7 @@ COMPILED = [
     "proxyd/proxy/answer.py",
     "proxyd/proxy/downstream.py",
     "proxyd/proxy/forward.py",
+    "proxyd/proxy/head.py",
     "proxyd/proxy/headers.py",
     "proxyd/proxy/path.py",
     "proxyd/proxy/pipeline.py",

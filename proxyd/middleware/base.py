@@ -19,7 +19,7 @@ from mypy_extensions import mypyc_attr
 from proxyd.middleware.options import Options
 
 if TYPE_CHECKING:
-    from proxyd.proxy.headers import Block
+    from proxyd.proxy.head import Block
 
 
 class BodyFilter(Protocol):
@@ -318,6 +318,7 @@ class Context:
     __slots__ = (
         "_by_name",
         "client_ip",
+        "consumer",
         "headers",
         "host",
         "id_bytes",
@@ -356,6 +357,10 @@ class Context:
         self.remove_request: set[bytes] = set()  # lowercase names not forwarded
         self.state: dict[str, Any] = {}
         self.max_body_size: int | None = None
+        # Who an authentication element (api_key, basic_auth, jwt_auth) found the client to
+        # be: the key's name, the user, the token's subject; None until one has. Typed and
+        # set here, not in ``state``, because rate_limit keys on it on every request.
+        self.consumer: str | None = None
         self._by_name: dict[bytes, bytes] | None = None
 
     def header(self, lname: bytes) -> bytes | None:

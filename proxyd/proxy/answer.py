@@ -16,16 +16,15 @@ from typing import Final
 
 from proxyd.middleware.base import Context, Pending, Response, json_response
 from proxyd.proxy.forward import Exchange
-from proxyd.proxy.headers import (
+from proxyd.proxy.head import (
     CRLF,
-    REQUEST_DROP,
-    Piece,
     body_length,
     error_response,
-    forwarded_fields,
     parse_fields,
     render_response,
+    request_start,
 )
+from proxyd.proxy.headers import REQUEST_DROP, Piece, forwarded_fields
 from proxyd.proxy.path import BadPath, needs_normalizing, normalize_path
 from proxyd.proxy.pipeline import Pipeline, req_id
 from proxyd.proxy.request import Request
@@ -253,7 +252,7 @@ class Answering:
         # What middleware removes (trace_id: the inbound id) is tested on its own: a union
         # with the drop set would copy that set on every request.
         removed = ctx.remove_request if ctx is not None and ctx.remove_request else None
-        parts = [req.method, b" ", target, b" HTTP/1.1\r\n"]
+        parts = request_start(req.method, target)
         if (route.websocket is not None and req.upgrade == b"websocket" and req.ws_key
                 and not req.has_body):
             # A fresh key towards the upstream; the client's Accept is computed from its own.

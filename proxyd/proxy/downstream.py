@@ -17,13 +17,8 @@ from typing import Final, cast
 import httptools
 
 from proxyd.proxy.answer import PAUSE_PENDING, PAUSE_PIPELINE, PAUSE_UPSTREAM, Answering
-from proxyd.proxy.headers import (
-    REQUEST_NAMES,
-    Piece,
-    error_response,
-    lower_name,
-    write_pieces,
-)
+from proxyd.proxy.head import error_response
+from proxyd.proxy.headers import REQUEST_NAMES, Piece, lower_name, write_pieces
 from proxyd.proxy.pipeline import Pipeline
 from proxyd.proxy.request import SPECIAL, Reject, Request, special_header
 from proxyd.proxy.websocket import Tunnel

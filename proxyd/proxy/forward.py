@@ -19,7 +19,7 @@ import httptools
 
 from proxyd.middleware.base import BodyFilter, Response
 from proxyd.observe.throttle import ThrottledLog
-from proxyd.proxy.headers import CRLF
+from proxyd.proxy.head import CRLF, upstream_head
 from proxyd.proxy.relay import NO_BODY_STATUSES, Abandoned, ResponseRelay
 
 if TYPE_CHECKING:
@@ -178,7 +178,7 @@ class Exchange(ResponseRelay):
         if self.ds.write_paused:
             conn.pause_reading()  # (which also holds the read timeout)
         host = self.host_line or b"Host: " + target.host_header + CRLF
-        conn.send(self.head + host + CRLF)
+        conn.send(upstream_head(self.head, host))
         req = self.req
         for chunk in req.pending:
             conn.send(self._frame(chunk))

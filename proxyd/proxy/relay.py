@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Final, cast
 import httptools
 
 from proxyd.middleware.base import BodyFilter, Response
+from proxyd.proxy.head import CRLF, render_fields, response_head, switching_protocols
 from proxyd.proxy.headers import (
-    CRLF,
     HOP_BY_HOP,
     RESPONSE_DROP,
     RESPONSE_DROP_SHAPES,
@@ -27,8 +27,6 @@ from proxyd.proxy.headers import (
     content_length,
     lower_name,
     name_shape,
-    render_fields,
-    status_line,
 )
 from proxyd.proxy.websocket import Tunnel, accept_key
 
@@ -172,7 +170,7 @@ class ResponseRelay:
             # 100 was answered by proxyd itself; other 1xx (103 Early Hints) are relayed
             # to HTTP/1.1 clients and are never the final response.
             if status != 100 and status != 101 and req.http11:
-                ds.send(status_line(status, reason) + self._filter(headers) + CRLF)
+                ds.send(response_head(status, reason, self._filter(headers), b""))
                 self.interim_sent = True
             return
         pool = self.pool
@@ -278,7 +276,7 @@ class ResponseRelay:
             extra += b"Connection: close\r\n"
         elif not req.http11:
             extra += b"Connection: keep-alive\r\n"
-        ds.send(status_line(status, reason) + fields + extra + CRLF)
+        ds.send(response_head(status, reason, fields, extra))
         self.resp_status = status  # what the client got (middleware may have changed it)
         self.resp_started = True
 
@@ -429,13 +427,9 @@ class ResponseRelay:
         if got != accept_key(req.ws_upstream_key):
             self.upstream_failed(502, "upstream sent a wrong Sec-WebSocket-Accept")
             return
-        lines = [b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                 b"Connection: Upgrade\r\nSec-WebSocket-Accept: ", accept_key(req.ws_key), CRLF]
-        for name, value in headers:
-            if name.lower() in (b"sec-websocket-protocol", b"sec-websocket-extensions"):
-                lines += (name, b": ", value, CRLF)
-        lines.append(CRLF)
-        ds.send(b"".join(lines))
+        chosen = [(name, value) for name, value in headers
+                  if name.lower() in (b"sec-websocket-protocol", b"sec-websocket-extensions")]
+        ds.send(switching_protocols(accept_key(req.ws_key), chosen))
         ds.flush()
         self.done = True
         if self.admitted or self.timed:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from proxyd.config.models import Respond, Route, WebSocket
 from proxyd.middleware.base import Response
 from proxyd.middleware.chain import Chain
-from proxyd.proxy.headers import CRLF, status_line
+from proxyd.proxy.head import CRLF, fixed_head
 from proxyd.proxy.path import BadPath, normalize_path
 from proxyd.proxy.path import remove_dot_segments as remove_dot_segments  # for explain
 
@@ -77,19 +77,14 @@ class DirectResponse:
 
     def __init__(self, cfg: Respond) -> None:
         body = cfg.body.encode()
-        lines = [status_line(cfg.status)]
         names = {k.lower() for k in cfg.headers}
-        for name, value in cfg.headers.items():
-            lines.append(f"{name}: {value}\r\n".encode("latin-1"))
-        if "content-type" not in names and body:
-            lines.append(b"Content-Type: text/plain; charset=utf-8\r\n")
-        lines.append(b"Content-Length: %d\r\n" % len(body))
-        self.status = cfg.status
-        self.head = b"".join(lines)  # without the final CRLF: Connection may follow
-        self.body = body
         self._fields = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in cfg.headers.items()]
         if "content-type" not in names and body:
             self._fields.append((b"Content-Type", b"text/plain; charset=utf-8"))
+        self.status = cfg.status
+        # Without the final CRLF: Connection may follow.
+        self.head = fixed_head(cfg.status, self._fields, len(body))
+        self.body = body
 
     def response(self) -> Response:
         """A fresh copy for a route with middleware, which may edit it."""

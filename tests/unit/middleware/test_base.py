@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 
 from proxyd.middleware.base import FieldBlock, Response
-from proxyd.proxy.headers import render_fields
+from proxyd.proxy.head import render_fields
 
 
 def fields(resp: Response) -> list[tuple[bytes, bytes]]:
