@@ -18,10 +18,10 @@ Scenarios:
 =========  ==========================================================================
 plain      no middleware, GET /
 big        no middleware, GET /big (64 KiB)
-chain      the seed's chain: cors, security_headers, validation, trace_id,
+chain      the full chain: cors, security_headers, validation, trace_id,
            [rate_limit memory, only if proxyd has it; its rate set so high it never limits],
            etag, compression (min_size 1KiB), JSON access log to a file, metrics; GET /
-mw         issue 4's chain, nothing else: cors, security_headers, validation, trace_id,
+mw         the middleware alone: cors, security_headers, validation, trace_id,
            headers (one request field set, upstream Server removed, one response field
            with {route}), etag, compression on a body below its min_size (2KiB); no
            access log, metrics default; GET /
@@ -49,24 +49,7 @@ On a small machine the load generators, the proxies and the origin share the CPU
 ratios to nginx measured in the same pass mean anything, never absolute numbers from elsewhere.
 Close what else runs; take ``--passes 3`` at least; keep the JSON with the table.
 
-Latest run (functional check only: 2 shared CPUs with other test suites running, load average
-about 3, so latencies and ratios are noise-dominated; nginx itself swung 12k-33k req/s):
-
-2026-11-27 04:28 UTC, vm (2 CPUs), proxyd 246e618+dirty, nginx/1.22.1,
-``--duration 5 --passes 1``; latencies in ms at 2000 req/s:
-
-| scenario | target | req/s | ratio | p50 | p95 | p99 | p95 added | err | RSS MiB |
-|---|---|---:|---:|---:|---:|---:|---:|---:|---|
-| plain | nginx | 12,160 | 1.00x | 1.43 | 9.08 | 12.71 | +3.39 | 0 | 22 (8/8) |
-| plain | proxyd | 5,350 | 0.44x | 0.84 | 9.00 | 13.40 | +3.31 | 0 | 167 (53/52) |
-| big | nginx | 13,615 | 1.00x | 0.25 | 2.38 | 5.39 | +0.96 | 0 | 22 (8/8) |
-| big | proxyd | 6,884 | 0.51x | 0.53 | 4.98 | 8.09 | +3.55 | 0 | 167 (53/52) |
-| chain | nginx | 32,907 | 1.00x | 0.19 | 1.47 | 4.17 | -5.46 | 0 | 22 (8/8) |
-| chain | proxyd | 5,342 | 0.16x | 4.73 | 36.94 | 52.56 | +30.02 | 0 | 170 (55/54) |
-| cache | nginx | 16,860 | 1.00x | 0.15 | 0.20 | 1.10 | +0.05 | 0 | 22 (8/8) |
-| cache | proxyd | 16,387 | 0.97x | 0.19 | 0.27 | 0.49 | +0.12 | 0 | 166 (52/52) |
-| recycle | nginx | 30,625 | 1.00x | 0.19 | 6.57 | 10.06 | -0.41 | 0 | 22 (8/8) |
-| recycle | proxyd | 4,800 | 0.16x | 1.50 | 10.93 | 43.65 | +3.95 | 0 | 166 (52/53) |
+Results, and how each was made: docs/performance.md (raw JSON in docs/performance/results/).
 """
 
 from __future__ import annotations
@@ -105,7 +88,7 @@ if str(REPO) not in sys.path:
 SCENARIOS = ("plain", "big", "chain", "mw", "cache", "recycle")
 PATHS = {"plain": "/", "big": "/big", "chain": "/", "mw": "/", "cache": "/cacheable",
          "recycle": "/"}
-# Issue 4's benchmark chain: the middleware alone (no rate limit, access log or extra metrics).
+# The mw scenario's chain: the middleware alone (no rate limit, access log or extra metrics).
 MW_CHAIN: list[dict[str, Any]] = [
     {"type": "cors", "allow_origins": ["https://app.example.com"]},
     {"type": "security_headers"},
@@ -375,7 +358,7 @@ def proxy_server(port: int, origin: int) -> str:
 
 
 def rate_limit_entry() -> tuple[dict[str, Any] | None, str]:
-    """The seed's rate_limit entry (never limiting), if this proxyd has the type."""
+    """The full chain's rate_limit entry (never limiting), if this proxyd has the type."""
     try:
         from proxyd.middleware import REGISTRY
     except Exception as exc:
@@ -726,7 +709,7 @@ def one_scenario(env: Env, args: argparse.Namespace, scenario: str, pass_no: int
 
 def chain_cost(passes: list[dict[str, dict[str, dict[str, Any]]]], scenarios: list[str]
                ) -> list[str]:
-    """What a chain (issue 4's measure) or worker recycling costs proxyd against plain, pass
+    """What a chain (the mw scenario) or worker recycling costs proxyd against plain, pass
     by pass: throughput as a fraction of plain's, and CPU per request over plain's (recycle's
     counts the workers it replaced, through the master's reaped-children times)."""
     lines = []
