@@ -3,8 +3,9 @@
 Everything else about the package is in pyproject.toml. The modules below are the per-request
 path (parsers' callbacks, routing, the middleware chain, the relay, metrics, the access log);
 compiled, their classes get fixed attribute layouts and their calls to each other become C
-calls, which is most of what a request costs in Python (README "Build"). They must be compiled
-together, as one group: a compiled module uses its group's classes directly.
+calls, which is most of what a request costs in Python (docs/architecture.md, "The compiled
+build"). They must be compiled together, as one group: a compiled module uses its group's
+classes directly.
 
 PROXYD_PURE=1 at build time skips the compilation; a failed compilation (no compiler, no
 Python headers) installs the pure-Python package with a warning. The same variable at run
@@ -20,8 +21,8 @@ from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
 # Not observe/access_log.py: its batch formatting (f-strings with format specs, json's C
-# escaper) ran 1.8x slower compiled than interpreted (2.89 vs 1.59 µs a line), more than the
-# compiled call into it saves.
+# escaper) ran slower compiled than interpreted, by more than the compiled call into it saves
+# (docs/performance.md, "Costs behind the code").
 COMPILED = [
     "proxyd/cache/memory.py",
     "proxyd/cache/policy.py",
@@ -30,6 +31,7 @@ COMPILED = [
     "proxyd/middleware/cache.py",
     "proxyd/middleware/cache_entry.py",
     "proxyd/middleware/chain.py",
+    "proxyd/middleware/client_address.py",
     "proxyd/middleware/compression.py",
     "proxyd/middleware/cors.py",
     "proxyd/middleware/etag.py",

@@ -1,4 +1,4 @@
-"""The seed's locust scenario: a browsing mix through the gateway (not a pytest module).
+"""A locust scenario: a browsing mix through the gateway (not a pytest module).
 
     locust -f tests/load/gateway_performance_test.py --headless \\
         --users 50 --spawn-rate 10 --run-time 30s --host http://127.0.0.1:8080

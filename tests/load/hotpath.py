@@ -8,7 +8,7 @@ syscalls the real path adds are the same for every version of that work.
 
     python tests/load/hotpath.py [--scenarios plain chain mw cache] [--requests 50000] [--profile]
 
-Scenarios use bench.py's configs (the seed's chain with the JSON access log, metrics, and the
+Scenarios use bench.py's configs (the full chain with the JSON access log, metrics, and the
 memory rate limit; a cache hit). Prints microseconds of Python per request, best of 5 rounds.
 """
 

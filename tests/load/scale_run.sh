@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The scale benchmark (issue 7): bench.py on a many-core machine with no network, from what
+# The scale benchmark: bench.py on a many-core machine with no network, from what
 # tests/load/scale_prepare.sh put in .scale/. Runs as one command (device time is scarce):
 #
 #   tests/load/scale_run.sh [WORKERS] [extra bench.py args...]

@@ -1,7 +1,7 @@
-"""Worker memory over a long run: RSS per worker after 1M and 2M requests (issue: no growth).
+"""Worker memory over a long run: RSS per worker after 1M and 2M requests: it must not grow.
 
 Starts the benchmark's origin (nginx, or the Python one) and proxyd with one of bench.py's
-scenario configs (default: the seed's full chain, the most allocation-heavy path), drives it
+scenario configs (default: the full chain, the most allocation-heavy path), drives it
 with wrk in segments until ``--requests`` are served, and prints each worker's RSS at every
 segment end, then whether RSS grew between the first and the second half.
 

@@ -37,7 +37,7 @@ def test_hotpath_harness_answers_every_request(tmp_path: Path, scenario: str) ->
             assert sum(b"Cache-Status: proxyd; hit" in h for h in heads) == 200
         else:
             assert driver.conn.transport is not None and driver.conn.reused
-        if scenario == "mw":  # bench.py's config for issue 4's chain is the one in force
+        if scenario == "mw":  # bench.py's config for the mw chain is the one in force
             assert all(b"\r\nX-Route: all\r\n" in h and b"\r\nServer:" not in h
                        and b"\r\nETag: " in h for h in heads)
 

@@ -1,4 +1,4 @@
-"""WebSocket messages relayed per second, and CPU per message, proxyd vs nginx (issue 10).
+"""WebSocket messages relayed per second, and CPU per message, proxyd vs nginx.
 
 Starts a WebSocket echo origin (tests/integration/_ws_origin.py, aiohttp, its own process),
 nginx as a reference WebSocket proxy (2 workers) and proxyd (2 workers, a websocket route),
