@@ -3,8 +3,9 @@
 Signal handlers only enqueue; ``run`` dispatches each to ``handle_<name>()``, which the Master
 (master.py) defines: reload, resize, recycling, crash recovery and shutdown. This core forks a
 worker on a slot, follows its control channel, learns of its exit, and replaces it (``replace``:
-fork the successor on the same slot, wait for its READY, then tell the predecessor to drain,
-DESIGN §4); ``start`` brings the first generation up.
+fork the successor on the same slot, wait for its READY, then tell the predecessor to drain);
+``start`` brings the first generation up. The protocol as a whole: docs/architecture.md,
+"Reload, recycling and crash recovery".
 """
 
 from __future__ import annotations

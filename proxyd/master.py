@@ -3,11 +3,12 @@
 Reload (SIGHUP, POST /reload, watch_config), worker recycling (``max_requests``), crash
 recovery, resizing (TTIN/TTOU), log reopening (USR1) and shutdown (TERM drains, INT and QUIT
 stop at once). Reload, recycling and crash recovery share one path (``replace``): fork the
-successor on the same slot, wait for its READY, then tell the predecessor to drain (DESIGN §4);
+successor on the same slot, wait for its READY, then tell the predecessor to drain;
 a reload that fails changes nothing, and every reload ends in ``/status``, the reload metric, the
 log and the caller's answer, whatever it failed on. The new file is read in a child process
 (config/isolated.py), never on the master's loop. Forking, following and replacing workers, and
-the loop that dispatches to these handlers, are the Arbiter's (arbiter.py).
+the loop that dispatches to these handlers, are the Arbiter's (arbiter.py). The protocol as a
+whole: docs/architecture.md, "Reload, recycling and crash recovery".
 """
 
 from __future__ import annotations

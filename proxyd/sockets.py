@@ -2,7 +2,7 @@
 
 The master creates each socket once and holds it for its lifetime; workers inherit their slot's
 sockets across fork and only ever close() their own copy. Closing the last fd of a socket in the
-group would reset the connections queued on it (DESIGN §4), so a socket is closed only when its
+group would reset the connections queued on it, so a socket is closed only when its
 listener or slot is gone. The master then lets go of it at once, even while a draining worker
 still holds it: that worker's close is the last, and the socket leaves the group as soon as
 nobody accepts on it rather than when the worker exits.

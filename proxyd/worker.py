@@ -1,6 +1,6 @@
 """A worker: serve one config on inherited listening sockets until told to drain.
 
-``serve`` is the whole life of a worker after fork. ``run_single`` runs one in the foreground
+``child_main`` is the whole life of a worker after fork. ``run_single`` runs one in the foreground
 without a master (development, tests of the data plane).
 """
 
@@ -25,7 +25,7 @@ from proxyd.sockets import listen_socket
 from proxyd.tls import server_context
 
 log = logging.getLogger("proxyd.worker")
-STATS_INTERVAL = 1.0  # seconds between pushes to the master (DESIGN §5)
+STATS_INTERVAL = 1.0  # seconds between stats pushes to the master; each is also a heartbeat
 ACCEPT_SETTLE = 0.01  # seconds for connections accepted before close() to reach the protocol
 
 

@@ -1,4 +1,4 @@
-"""Configuration: the YAML contract (DESIGN §3), its loader and its checks."""
+"""Configuration: the config file's models, its loader and its checks (docs/architecture.md)."""
 
 from proxyd.config.loader import (
     load_config,

@@ -1,4 +1,4 @@
-"""The configuration contract (DESIGN §3) as pydantic models: GatewayConfig, the document.
+"""The config file as pydantic models: GatewayConfig, the document.
 
 Every model forbids unknown keys and is frozen: a loaded config is a value that a reload swaps
 whole, never edits. Each field carries its description here, next to its code; ``proxyd schema``

@@ -1,4 +1,4 @@
-"""The routes section of the contract (DESIGN §3): which requests a route takes, and how.
+"""The routes section of the config file: which requests a route takes, and how.
 
 The match; the answer (an upstream, or a direct response); the path rewrite; and per-route
 caching, WebSocket relaying and timeouts.

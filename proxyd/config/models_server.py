@@ -1,4 +1,4 @@
-"""The server and admin sections of the contract (DESIGN §3), and Model, every model's base.
+"""The server and admin sections of the config file, and Model, every model's base.
 
 Server: the traffic listeners (TLS terminated there when configured), workers and their
 recycling, and the client-side limits and timeouts. Admin: the admin listener and its token.

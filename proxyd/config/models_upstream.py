@@ -1,4 +1,4 @@
-"""The upstreams section of the contract (DESIGN §3): one named upstream and its settings.
+"""The upstreams section of the config file: one named upstream and its settings.
 
 Its targets and how they are balanced, the connection pool and its timeouts, active health
 checks, passive outlier detection, retries, the circuit breaker, and TLS towards the targets.

@@ -1,8 +1,9 @@
 """Checks that span fields: things each model accepts alone but the whole config cannot mean.
 
-Pure functions of a validated GatewayConfig — no I/O, no DNS (DESIGN §8.4) — that return
-findings as (path, message). The loader turns paths into file:line:col with the positions it
-recorded; a config built in code (tests, a reload from the admin API) can be checked the same way.
+Pure functions of a validated GatewayConfig that return findings as (path, message): no I/O and
+no DNS, so a file gets the same answer on every machine. The loader turns paths into
+file:line:col with the positions it recorded; a config built in code (tests, a reload from the
+admin API) can be checked the same way.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """The explicit registry of middleware types, and per-route chain compilation.
 
-No registration by import side effect (DESIGN §8.11): a type exists because it is listed here.
+No registration by import side effect: a type exists because it is listed here, so what a config
+can name never depends on which modules happen to be imported.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 A route's chain is a list of middleware in config order. Request hooks run in that order and
 may answer instead of the endpoint; response hooks run in reverse order (onion), and only for
 the middleware that stood before the one that answered — so a cache hit or a CORS preflight
-skips everything after it (DESIGN §1). Everything here is synchronous: it runs inside the
+skips everything after it. Everything here is synchronous: it runs inside the
 protocol callbacks of the data plane.
 """
 

@@ -1,4 +1,4 @@
-"""The response cache as a chain element (DESIGN §1): hits answer here and skip what follows.
+"""The response cache as a chain element: hits answer here and skip what follows.
 
 RFC 9111 shared-cache rules come from proxyd/cache/policy.py; the store is the worker's
 (memory LRU, or Redis). Misses for one key in one worker are coalesced: the first goes upstream,

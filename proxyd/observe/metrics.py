@@ -6,7 +6,7 @@ per worker is several percent of a core. A worker instead bumps dict entries key
 tuples and pushes cumulative snapshots to the master about once a second (and at exit). The
 master keeps the last snapshot of every live worker plus the summed totals of dead ones, so
 counters never go backwards across recycling or crashes; gauges come from live workers only.
-Not prometheus_client multiprocess mode: its files grow with every recycled worker (DESIGN §5).
+Not prometheus_client multiprocess mode: its files grow with every recycled worker.
 """
 
 from __future__ import annotations

@@ -2,9 +2,10 @@
 
 Requests on a connection are answered strictly in order. A pipelined request that arrives while
 another is in flight is queued with its body (reading pauses, so the queue is bounded by one
-read); the framing rules of DESIGN §6 are enforced here, before anything reaches an upstream.
-This module owns the connection (its lifecycle, deadlines, reading and writing, parsing); the
-answering side (dispatch, local answers, errors) is the Answering mixin of answer.py.
+read); the framing rules (docs/architecture.md, "HTTP rules") are enforced here, before
+anything reaches an upstream. This module owns the connection (its lifecycle, deadlines,
+reading and writing, parsing); the answering side (dispatch, local answers, errors) is the
+Answering mixin of answer.py.
 """
 
 from __future__ import annotations

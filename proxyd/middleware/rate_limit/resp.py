@@ -1,8 +1,7 @@
 """A pipelined RESP2 client for the rate limiter's one command: no task, no lock per request.
 
-redis-py's asyncio client costs a pool checkout, a lock and a coroutine per command: on this
-machine about 100 µs above the round trip itself, more than the round trip (issue 8). A rate
-check is one EVALSHA whose reply is a flat array of integers, so the limiter speaks RESP
+redis-py's asyncio client costs a pool checkout, a lock and a coroutine per command, which
+measured more than the round trip itself (docs/performance.md). A rate check is one EVALSHA whose reply is a flat array of integers, so the limiter speaks RESP
 itself: one connection per worker, commands written as they come (pipelined), replies matched
 to callers in order and handed to plain callbacks straight from ``data_received``.
 
