@@ -1,9 +1,10 @@
 """A pipelined RESP2 client for the rate limiter's one command: no task, no lock per request.
 
 redis-py's asyncio client costs a pool checkout, a lock and a coroutine per command, which
-measured more than the round trip itself (docs/performance.md). A rate check is one EVALSHA whose reply is a flat array of integers, so the limiter speaks RESP
-itself: one connection per worker, commands written as they come (pipelined), replies matched
-to callers in order and handed to plain callbacks straight from ``data_received``.
+measured more than the round trip itself (docs/performance.md). A rate check is one EVALSHA
+whose reply is a flat array of integers, so the limiter speaks RESP itself: one connection per
+worker, commands written as they come (pipelined), replies matched to callers in order and
+handed to plain callbacks straight from ``data_received``.
 
 Failure is the caller's business (the breaker and the fallback): a connection that fails,
 closes, or lets its oldest command wait past that command's deadline fails every command on
