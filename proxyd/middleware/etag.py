@@ -25,9 +25,8 @@ def body_tag(body: bytes) -> bytes:
     """A strong validator from the body: its XXH3-128 hash.
 
     Why not a cryptographic digest: a tag only has to change when the body does (it is not a
-    signature — nginx and Apache use mtime and size). XXH3 hashes ~10 GB/s: the whole tag
-    costs ~0.2 µs for 1 KiB and ~1 µs for 64 KiB, where CRC-32 + Adler-32 took ~1 µs and
-    ~28 µs, and BLAKE2b ~1.5 µs and ~70 µs. 128 bits leave no practical chance of two
+    signature — nginx and Apache use mtime and size). XXH3 is far cheaper than CRC-32 +
+    Adler-32 or BLAKE2b, most of all on large bodies (docs/performance.md). 128 bits leave no practical chance of two
     versions sharing a tag by accident; unlike BLAKE2b, XXH3 does not resist bodies crafted
     to collide — which only matters to an origin serving attacker-chosen bodies at one URL to
     clients that revalidate against each other's tags.

@@ -518,7 +518,7 @@ class DownstreamProtocol(Answering):
         if keep_alive and req.conn_tokens is None:
             # With neither Connection nor Proxy-Connection, llhttp keeps only HTTP/1.1 alive
             # (it accepts 0.9, 1.0, 1.1 and 2.0): the version without get_http_version(),
-            # which formats a string — the costliest line of a request head (~0.3 µs).
+            # which formats a string — the costliest line of a request head.
             req.http11 = True
         else:
             version = parser.get_http_version()

@@ -226,7 +226,7 @@ class Exchange(ResponseRelay):
     def _finish(self, *, reusable: bool) -> None:
         self.done = True
         # The parser holds this exchange's bound methods: a reference cycle per request that
-        # only the cyclic GC would free (~10% of a worker's CPU under load). Callbacks still
+        # only the cyclic GC would free (a heavy share of a worker's CPU). Callbacks still
         # running in this feed check self.done and never touch the parser again.
         self.parser = None
         conn, self.conn = self.conn, None

@@ -82,7 +82,8 @@ class ReadBuffer:
 
 
 # Not an asyncio.Protocol subclass: the event loop only calls these methods, and a class with
-# a non-native base would lose the compiled build's fixed attribute layout (README: "Build").
+# a non-native base would lose the compiled build's fixed attribute layout (docs/architecture.md,
+# "The compiled build").
 class UpstreamConnection:
     __slots__ = (
         "_out",
