@@ -26,10 +26,10 @@ def body_tag(body: bytes) -> bytes:
 
     Why not a cryptographic digest: a tag only has to change when the body does (it is not a
     signature — nginx and Apache use mtime and size). XXH3 is far cheaper than CRC-32 +
-    Adler-32 or BLAKE2b, most of all on large bodies (docs/performance.md). 128 bits leave no practical chance of two
-    versions sharing a tag by accident; unlike BLAKE2b, XXH3 does not resist bodies crafted
-    to collide — which only matters to an origin serving attacker-chosen bodies at one URL to
-    clients that revalidate against each other's tags.
+    Adler-32 or BLAKE2b, most of all on large bodies (docs/performance.md). 128 bits leave no
+    practical chance of two versions sharing a tag by accident; unlike BLAKE2b, XXH3 does not
+    resist bodies crafted to collide — which only matters to an origin serving attacker-chosen
+    bodies at one URL to clients that revalidate against each other's tags.
     """
     return b'"%s"' % xxh3_128_hexdigest(body).encode()
 

@@ -29,7 +29,8 @@ STATUS_LINES: Final[dict[int, bytes]] = {
 
 
 # Status lines with the upstream's own reason phrase, made once: formatting one costs far more
-# than the lookup, and an upstream uses a handful ("200 OK" every time). Bounded: reasons are the upstream's.
+# than the lookup, and an upstream uses a handful ("200 OK" every time). Bounded: reasons are
+# the upstream's.
 _REASON_LINES: Final[dict[tuple[int, bytes], bytes]] = {}
 REASON_LINES_MAX: Final = 256
 
