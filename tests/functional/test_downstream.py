@@ -1,4 +1,4 @@
-"""The client side: keep-alive, pipelining, Expect, framing (DESIGN §6), limits, timeouts."""
+"""The client side: keep-alive, pipelining, Expect, framing, limits, timeouts."""
 
 from __future__ import annotations
 
@@ -352,7 +352,7 @@ async def test_header_timeout_for_partial_pipelined_request(
     assert [s.path_qs for s in up.seen] == ["/first"]
 
 
-# -- ambiguous framing (DESIGN §6): 400, close, and nothing reaches the upstream ----------------
+# -- ambiguous framing: 400, close, and nothing reaches the upstream ---------------------------
 
 EARLY = [  # rejected before the request is routed
     ("cl-and-te", b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n"

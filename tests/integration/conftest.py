@@ -346,7 +346,7 @@ class Load:
     get_clients: int = 4
     post_clients: int = 4
     # Keep-alive POST clients that pause between requests: their connections sit idle when a
-    # drain begins, and must still be answered (DESIGN §4: idle connections get a grace).
+    # drain begins, and must still be answered (a drain keeps idle keep-alives to their deadline).
     idle_clients: int = 0
     idle_pause: float = 0.3
     get_path: str = "/"

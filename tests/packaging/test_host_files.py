@@ -31,7 +31,7 @@ def sysctl_settings() -> dict[str, str]:
 
 def test_sysctl_values() -> None:
     s = sysctl_settings()
-    assert s["net.ipv4.tcp_migrate_req"] == "1"  # DESIGN §4.7: shrinking workers
+    assert s["net.ipv4.tcp_migrate_req"] == "1"  # fewer workers: a retired socket's queue migrates
     assert int(s["net.core.somaxconn"]) >= 4096  # >= the default server.backlog
     assert int(s["net.ipv4.tcp_max_syn_backlog"]) >= 4096
     assert int(s["net.core.netdev_max_backlog"]) >= 1000
