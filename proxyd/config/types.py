@@ -74,10 +74,6 @@ class Rate(NamedTuple):
     count: int  # type: ignore[assignment]  # hides tuple.count, unused here
     period: float
 
-    @property
-    def per_second(self) -> float:
-        return self.count / self.period
-
     def __str__(self) -> str:
         return f"{self.count}/{plain_number(self.period)}s"
 

@@ -54,9 +54,6 @@ CRLF: Final = b"\r\n"
 # Bytes: a last piece this large is written beside what precedes it (writev), not joined to
 # it — joining copies the body once more; for small pieces one join is cheaper.
 LARGE_WRITE: Final = 16 * 1024
-_TOKEN_CHARS: Final = frozenset(
-    b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-)
 
 # Field names as peers spell them → their lowercase form, one object per name: a dict
 # lookup costs less than lower() and the hash a set test then makes of its new bytes object,
@@ -79,10 +76,6 @@ def lower_name(name: bytes, names: dict[bytes, bytes]) -> bytes:
             lname = names.setdefault(lname, lname)  # every spelling gets this one object
             names[name] = lname
     return lname
-
-
-def is_token(value: bytes) -> bool:
-    return bool(value) and all(c in _TOKEN_CHARS for c in value)
 
 
 def connection_tokens(value: bytes) -> set[bytes]:

@@ -68,10 +68,6 @@ def test_rate_good(text: str, rate: Rate) -> None:
     assert parse_rate(text) == rate
 
 
-def test_rate_per_second() -> None:
-    assert parse_rate("120/m").per_second == pytest.approx(2.0)
-
-
 @pytest.mark.parametrize("bad", ["0/s", "10/0s", "10/w", "ten/s", "10", "", 10, None])
 def test_rate_bad(bad: object) -> None:
     with pytest.raises(ValueError, match="rate"):
