@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import math
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 from proxyd.middleware.base import Context, Middleware, Pending, Response, json_response
 from proxyd.middleware.rate_limit.gcra import Decision
 from proxyd.middleware.rate_limit.memory import MemoryLimiter
 from proxyd.middleware.rate_limit.options import RateLimitOptions
 from proxyd.middleware.rate_limit.redis import RedisLimiter
-
-if TYPE_CHECKING:
-    pass
 
 HEADER_LNAMES: Final = [b"ratelimit-policy", b"ratelimit-limit", b"ratelimit-remaining",
                  b"ratelimit-reset"]
