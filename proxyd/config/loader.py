@@ -24,12 +24,17 @@ from proxyd.config.source import MAX_FILE_BYTES, Path, Source, oversize, read_ya
 from proxyd.errors import ConfigError, ConfigIssue
 
 __all__ = [
+    "EMPTY_FILE",
     "load_config",
     "load_config_text",
     "load_config_text_with_warnings",
     "load_config_with_warnings",
     "read_config_file",
 ]
+
+
+EMPTY_FILE = ("the file sets nothing (empty, or only comments): every setting is its default, "
+              "so proxyd listens on 127.0.0.1:8080 and answers every request 404")
 
 
 def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None
@@ -88,6 +93,10 @@ def load_config_text_with_warnings(text: str, filename: str,
         warnings = [pos.issue(f.path, f.message, on_key=f.on_key) for f in report.warnings]
     if issues or config is None:
         raise ConfigError(_in_file_order(issues))
+    if not source.data:
+        # Valid, and easy to mistake for a file that was read: a mount that came up empty, a
+        # config written to another path. Say so before anything else.
+        warnings.insert(0, ConfigIssue(filename, None, None, "", EMPTY_FILE))
     return config, _in_file_order(warnings)
 
 

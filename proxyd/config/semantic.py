@@ -229,6 +229,7 @@ def _check_routes(config: GatewayConfig, report: Report) -> None:
                          f"'{config.routes[j].name}' (routes[{j}]) and can never be reached")
         else:
             matches[key] = i
+            _check_shadowed(config.routes, i, report)
         _check_target(config, route, at, report)
         _check_match(route.match, (*at, "match"), report)
         _check_paths(route, at, report)
@@ -238,6 +239,55 @@ def _check_routes(config: GatewayConfig, report: Report) -> None:
                 if _BAD_FIELD_VALUE.search(value):
                     report.error((*at, "respond", "headers", name),
                                  "header value must not contain control characters")
+
+
+def _check_shadowed(routes: list[Route], i: int, report: Report) -> None:
+    """Routes match first to last: a route whose every request an earlier one takes (a
+    catch-all, a shorter prefix on the same host) is never used, whatever its order was
+    meant to say."""
+    later = routes[i].match
+    for j in range(i):
+        if _covers(routes[j].match, later):
+            report.warn(("routes", i, "match"),
+                        f"route '{routes[i].name}' can never match: route '{routes[j].name}' "
+                        f"(routes[{j}]) comes first and takes every request it would; move "
+                        "the more specific route above it")
+            return
+
+
+def _methods(match: Match) -> frozenset[str] | None:
+    if match.methods is None:
+        return None
+    methods = frozenset(match.methods)
+    return methods | {"HEAD"} if "GET" in methods else methods  # as the router adds it
+
+
+def _covers(first: Match, then: Match) -> bool:
+    """Does every request ``then`` accepts also match ``first``? Conservative: False when it
+    cannot tell (a regex against anything but no path condition at all)."""
+    if first.host is not None:
+        host, other = first.host.lower(), (then.host or "").lower()
+        if not other:
+            return False
+        if host.startswith("*."):
+            if not other.endswith(host[1:]):
+                return False
+        elif host != other:
+            return False
+    if first.path is not None and first.path != then.path:
+        return False
+    if first.path_prefix is not None:
+        paths = [p for p in (then.path, then.path_prefix) if p is not None]
+        if not any(p.startswith(first.path_prefix) for p in paths):
+            return False
+    if first.path_regex is not None and first.path_regex != then.path_regex:
+        return False
+    first_methods, then_methods = _methods(first), _methods(then)
+    if first_methods is not None and (then_methods is None or not then_methods <= first_methods):
+        return False
+    wanted = {k.lower(): v for k, v in (first.headers or {}).items()}
+    given = {k.lower(): v for k, v in (then.headers or {}).items()}
+    return all(given.get(name) == value for name, value in wanted.items())
 
 
 def _check_target(config: GatewayConfig, route: Route, at: Path, report: Report) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 from proxyd.config.models import GatewayConfig, Match, Route
 from proxyd.config.redact import redact_text, redact_url, redact_value
+from proxyd.cpus import worker_choice
 from proxyd.errors import ConfigIssue
 
 
@@ -34,6 +35,11 @@ def _tls(config: GatewayConfig) -> dict[str, Any]:
             if (tls := getattr(a, "tls", None)) is not None}
 
 
+def _workers(config: GatewayConfig) -> dict[str, Any]:
+    count, reason = worker_choice(config.server.workers)
+    return {"configured": config.server.workers, "effective": count, "reason": reason}
+
+
 def summarize(config: GatewayConfig) -> dict[str, Any]:
     """A JSON-ready description of the config (``check-config --format json``); secrets
     (admin token, URL passwords) never appear in it."""
@@ -48,12 +54,12 @@ def _summary(config: GatewayConfig) -> dict[str, Any]:
         "tls": _tls(config),
         **({"redis": redact_url(config.redis.url)} if _uses_redis(config) else {}),
         "backlog": server.backlog,
-        "workers": {"configured": server.workers, "effective": server.worker_count()},
+        "workers": _workers(config),
         "admin": {"listen": str(config.admin.listen), "token_set": bool(config.admin.token)},
         "routes": [
             {"name": r.name, "match": _match_fields(r.match), **_target(r),
              **({"strip_prefix": r.strip_prefix} if r.strip_prefix else {}),
-             **({"websocket": True} if r.websocket else {})}
+             **({"websocket": True} if r.websocket.enabled else {})}
             for r in config.routes
         ],
         "upstreams": {
@@ -103,11 +109,13 @@ def _listener(address: object) -> str:
 
 def format_summary(config: GatewayConfig, filename: str, warnings: list[ConfigIssue]) -> str:
     server = config.server
-    workers = (f"auto ({server.worker_count()} on this machine)" if server.workers == "auto"
-               else str(server.workers))
+    count, reason = worker_choice(server.workers)
+    workers = f"auto: {count} on this machine ({reason.removeprefix('auto: ')})" \
+        if server.workers == "auto" else str(count)
     token = "token set" if config.admin.token else "no token"
     lines = [
-        f"{filename}: configuration OK",
+        f"{filename}: configuration OK"
+        + (" (every setting is its default)" if config == GatewayConfig() else ""),
         f"listeners:  {', '.join(_listener(a) for a in server.listen)} "
         f"(backlog {server.backlog})",
         f"workers:    {workers}",

@@ -73,7 +73,8 @@ class CompressionOptions(Options):
     @classmethod
     def _available(cls, v: list[str]) -> list[str]:
         if "zstd" in v and zstandard is None:
-            raise ValueError("zstd needs the 'zstandard' package, which is not installed")
+            raise ValueError("zstd needs the 'zstandard' package, which is not installed: "
+                             "pip install 'proxyd[zstd]' (or drop zstd from algorithms)")
         if not v:
             raise ValueError("at least one algorithm is required")
         return v
