@@ -20,7 +20,9 @@ import uvloop
 from proxyd.config.models import GatewayConfig
 from proxyd.control import Channel
 from proxyd.proxy.downstream import DownstreamProtocol
+from proxyd.proxy.headers import TrustedProxies
 from proxyd.proxy.pipeline import Pipeline
+from proxyd.proxy.proxy_protocol import ListenerPolicy
 from proxyd.sockets import listen_socket
 from proxyd.tls import server_context
 
@@ -47,29 +49,33 @@ class Worker:
         pipeline = self.pipeline = Pipeline(self.config, loop)
         pipeline.start()
 
-        def factory() -> DownstreamProtocol:
-            return DownstreamProtocol(pipeline)
-
-        def tls_factory() -> DownstreamProtocol:
-            return DownstreamProtocol(pipeline, tls=True)
+        def factory_for(tls: bool, proxy: ListenerPolicy | None
+                        ) -> Callable[[], DownstreamProtocol]:
+            def factory() -> DownstreamProtocol:
+                return DownstreamProtocol(pipeline, tls, proxy)
+            return factory
 
         listeners = self.config.server.listen  # in the order of the sockets (for_slot)
         for index, sock in enumerate(self.sockets):
-            tls = getattr(listeners[index], "tls", None) if index < len(listeners) else None
+            listener = listeners[index] if index < len(listeners) else None
+            tls = getattr(listener, "tls", None)
+            proxy = (ListenerPolicy(TrustedProxies(getattr(listener, "proxy_protocol_from", ())))
+                     if getattr(listener, "proxy_protocol", False) else None)
             # One context per TLS listener, loaded here after fork: a reload's new workers
             # read the certificate files as they are now.
             ctx = server_context(tls) if tls is not None else None
+            make = factory_for(ctx is not None, proxy)
             # asyncio re-listens on a passed socket; without backlog it would shrink to 100.
             # A TLS handshake counts against header_timeout: a client that never finishes it
             # must not hold a connection (it is not in the pipeline's connections yet).
             server = await loop.create_server(  # duck-typed protocol
-                tls_factory if ctx is not None else factory, sock=sock,  # type: ignore[arg-type]
+                make, sock=sock,  # type: ignore[arg-type]
                 backlog=self.config.server.backlog, ssl=ctx,
                 ssl_handshake_timeout=(self.config.server.limits.header_timeout or None)
                 if ctx is not None else None,
             )
             self.servers.append(server)
-            self.accepting.append((sock, tls_factory if ctx is not None else factory, ctx))
+            self.accepting.append((sock, make, ctx))
 
     async def drain(self, timeout: float | None = None) -> None:
         """Stop accepting, let in-flight requests finish, close keep-alives, then stop."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import (
     BaseModel,
@@ -68,23 +68,51 @@ class TLS(Model):
         return str(v) if isinstance(v, float) else v  # YAML reads 1.2 as a number
 
 
+ANYONE: Final = ("0.0.0.0/0", "::/0")
+
+
 class ListenSpec(Model):
     """The mapping form of a listener: ``{address: host:port, tls: {cert, key}}``."""
 
-    address: HostPortValue
-    tls: TLS | None = None
+    address: HostPortValue = Field(description="host:port to listen on.")
+    tls: TLS | None = Field(None, description="Terminate TLS on this listener.")
+    proxy_protocol: bool = Field(
+        False, description="Read a PROXY protocol header (v1 or v2, as HAProxy, AWS NLB and "
+        "others send it) ahead of each connection: the client address it carries is the one "
+        "the access log, rate limits, ip_access and X-Forwarded-For use.",
+    )
+    proxy_protocol_from: list[str] = Field(
+        default_factory=lambda: list(ANYONE),
+        description="CIDRs of the peers (load balancers) that must send the PROXY header; a "
+        "connection from one without a valid header is closed, and a header from any other "
+        "peer closes its connection (a client may not choose its own address). Default: "
+        "every peer must send it.",
+    )
+
+    @field_validator("proxy_protocol_from")
+    @classmethod
+    def _cidrs(cls, value: list[str]) -> list[str]:
+        for cidr in value:
+            ipaddress.ip_network(cidr, strict=False)  # a ValueError names the bad one
+        return value
 
 
 class Listener(HostPort):
     """A traffic listener: its address (equal to and hashed as that HostPort, so sockets stay
-    keyed by address across a reload that adds or drops TLS) plus its TLS settings, if any."""
+    keyed by address across a reload that adds or drops TLS) plus its TLS and PROXY protocol
+    settings, if any."""
 
     tls: TLS | None = None
+    proxy_protocol: bool = False
+    proxy_protocol_from: tuple[str, ...] = ANYONE
 
     @classmethod
-    def of(cls, address: HostPort, tls: TLS | None = None) -> Listener:
+    def of(cls, address: HostPort, tls: TLS | None = None, proxy_protocol: bool = False,
+           proxy_protocol_from: tuple[str, ...] = ANYONE) -> Listener:
         listener = cls(address.host, address.port)
         listener.tls = tls
+        listener.proxy_protocol = proxy_protocol
+        listener.proxy_protocol_from = proxy_protocol_from
         return listener
 
 
@@ -111,15 +139,23 @@ def parse_listener(value: Any) -> Listener:
             spec = ListenSpec.model_validate(value)
         except ValidationError as exc:
             raise ValueError(_problems(exc)) from None
-        return Listener.of(spec.address, spec.tls)
+        return Listener.of(spec.address, spec.tls, spec.proxy_protocol,
+                           tuple(spec.proxy_protocol_from))
     return Listener.of(parse_host_port(value))
 
 
 def _dump_listener(listener: HostPort) -> str | dict[str, Any]:
     tls = getattr(listener, "tls", None)
-    if tls is None:
+    proxy = getattr(listener, "proxy_protocol", False)
+    if tls is None and not proxy:
         return str(listener)
-    return {"address": str(listener), "tls": tls.model_dump()}
+    out: dict[str, Any] = {"address": str(listener)}
+    if tls is not None:
+        out["tls"] = tls.model_dump()
+    if proxy:
+        out["proxy_protocol"] = True
+        out["proxy_protocol_from"] = list(getattr(listener, "proxy_protocol_from", ANYONE))
+    return out
 
 
 ListenerValue = Annotated[
@@ -138,6 +174,8 @@ ListenerValue = Annotated[
                          "required": ["cert", "key"],
                          "properties": {"cert": {"type": "string"}, "key": {"type": "string"},
                                         "min_version": {"enum": ["1.2", "1.3"]}}},
+                 "proxy_protocol": {"type": "boolean"},
+                 "proxy_protocol_from": {"type": "array", "items": {"type": "string"}},
              }},
         ],
     }),

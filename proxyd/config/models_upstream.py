@@ -163,6 +163,11 @@ class Upstream(Model):
     preserve_host: bool = Field(
         True, description="Send the client's Host upstream (false: the target's host:port)."
     )
+    proxy_protocol: Literal["off", "v1", "v2"] = Field(
+        "off", description="Send a PROXY protocol header with the client's address ahead of "
+        "each upstream connection. Such a connection carries one client's requests only, so it "
+        "is closed after its exchange instead of being pooled.",
+    )
 
     @field_validator("hash_key")
     @classmethod

@@ -11,18 +11,23 @@ Answering mixin of answer.py.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from time import monotonic
 from typing import Final, cast
 
 import httptools
 
+from proxyd.observe.throttle import ThrottledLog
 from proxyd.proxy.answer import PAUSE_PENDING, PAUSE_PIPELINE, PAUSE_UPSTREAM, Answering
 from proxyd.proxy.head import error_response
 from proxyd.proxy.headers import REQUEST_NAMES, Piece, lower_name, write_pieces
 from proxyd.proxy.pipeline import Pipeline
+from proxyd.proxy.proxy_protocol import HeaderReader, ListenerPolicy
 from proxyd.proxy.request import SPECIAL, Reject, Request, special_header
 from proxyd.proxy.websocket import Tunnel
+
+PROXY_ERRORS: Final = ThrottledLog(logging.getLogger("proxyd.proxy_protocol"))
 
 __all__ = ["PAUSE_PENDING", "PAUSE_PIPELINE", "PAUSE_UPSTREAM", "DownstreamProtocol", "Request",
            "SendWatch"]
@@ -165,8 +170,10 @@ REFUSED_LINGER: Final = 1.0
 
 # Not an asyncio.Protocol subclass, for the same reason as UpstreamConnection.
 class DownstreamProtocol(Answering):
-    def __init__(self, pipeline: Pipeline, tls: bool = False) -> None:
+    def __init__(self, pipeline: Pipeline, tls: bool = False,
+                 proxy: ListenerPolicy | None = None) -> None:
         self.p = pipeline
+        self.proxy = proxy  # the listener reads a PROXY protocol header first
         self.scheme = b"https" if tls else b"http"  # of the listener: X-Forwarded-Proto
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
@@ -203,12 +210,29 @@ class DownstreamProtocol(Answering):
         self.client_ip = ip.encode()
         self.trusted_peer = ip in self.p.trusted
         p = self.p
+        if self.proxy is not None:
+            # The header comes first: read by a stand-in for the parser (no cost to others).
+            self.parser = HeaderReader(self, ip in self.proxy.trusted)  # type: ignore[assignment]
         if len(p.connections) >= p.max_connections:
             self._refuse()
             return
         p.connections.add(self)
         p.deadlines.add(self)
         self.deadline = p.deadlines.now + p.header_timeout
+
+    def set_client_address(self, address: str) -> None:
+        """The client's address as a PROXY protocol header gave it."""
+        self.client_ip = address.encode()
+        self.trusted_peer = address in self.p.trusted
+
+    def refuse_proxy_header(self, reason: str) -> None:
+        """A missing, malformed or unwelcome PROXY protocol header: the connection is closed
+        without an answer (its peer is a balancer out of step, or a client forging one)."""
+        self.p.metrics.inc("gateway_client_limits_total", ("proxy_protocol",))
+        PROXY_ERRORS.warning("closing a connection from %s: %s", self.client_ip.decode(), reason)
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
 
     def _refuse(self) -> None:
         """Over max_connections: a 503 and a close, so the connections already open keep

@@ -178,6 +178,8 @@ class Exchange(ResponseRelay):
         if self.ds.write_paused:
             conn.pause_reading()  # (which also holds the read timeout)
         host = self.host_line or b"Host: " + target.host_header + CRLF
+        if self.pool.proxy_header is not None:
+            conn.send(self._proxy_header(conn))  # a new connection: never pooled (upstream.py)
         conn.send(upstream_head(self.head, host))
         req = self.req
         for chunk in req.pending:
@@ -193,6 +195,18 @@ class Exchange(ResponseRelay):
             # error later in that read drops the head before any byte of it is sent.
             conn.flush()
         self.ds.resume_reading_for_pending()
+
+    def _proxy_header(self, conn: UpstreamConnection) -> bytes:
+        """The client's address and the listener's, as a PROXY protocol header."""
+        make = self.pool.proxy_header
+        assert make is not None
+        ds = self.ds
+        transport = ds.transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        local = transport.get_extra_info("sockname") if transport is not None else None
+        src_port = peer[1] if peer else 0
+        dst, dst_port = (local[0], local[1]) if local else ("127.0.0.1", 0)
+        return make(ds.client_ip.decode(), src_port, dst, dst_port)
 
     def body(self, chunk: bytes) -> None:
         if self.resp_started and self.close_client:

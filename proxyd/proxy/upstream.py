@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 from proxyd.config.models import Pool, Upstream
 from proxyd.proxy.balance import HashRing, make_balancer
+from proxyd.proxy.proxy_protocol import header_v1, header_v2
 from proxyd.proxy.resilience import Breaker, RetryBudget
 from proxyd.proxy.resolver import Resolver
 from proxyd.proxy.timers import Deadlines
@@ -159,13 +160,14 @@ class TargetPool:
         conn.exchange = None
         conn.parser = None
         conn.resume_reading()
-        while self.waiters:
+        while self.waiters and self.upstream.proxy_header is None:
             waiter = self.waiters.popleft()
             if waiter.waiting_for(self):
                 conn.reused = True
                 waiter.attach(conn)
                 return
-        if len(self.idle) < self.max_keepalive and not self.upstream.closed:
+        if (len(self.idle) < self.max_keepalive and not self.upstream.closed
+                and self.upstream.proxy_header is None):  # that header names one client
             conn.deadline = self.deadlines.now + self.keepalive_expiry
             self.idle.append(conn)
         else:
@@ -211,6 +213,9 @@ class UpstreamPool:
         self.duration_row: list[float] | None = None
         self.closed = False
         self.preserve_host = cfg.preserve_host
+        # A PROXY protocol header ahead of each connection: header_v1, header_v2, or None.
+        self.proxy_header = (None if cfg.proxy_protocol == "off"
+                             else header_v1 if cfg.proxy_protocol == "v1" else header_v2)
         self.ssl = client_context(cfg)  # once per upstream, shared by its https targets
         self.server_name = cfg.tls.server_name
         pool = cfg.pool

@@ -1,0 +1,171 @@
+"""The PROXY protocol (HAProxy's, versions 1 and 2): the client's address, sent ahead of the
+first byte of HTTP by a load balancer in front of proxyd, and by proxyd to an upstream.
+
+A listener with ``proxy_protocol`` reads the header before the parser sees a byte: from a
+peer in ``proxy_protocol_from`` it is required (no header, or a bad one, closes the
+connection), from anyone else it is refused (a client must not choose its own address). The
+address it carries becomes the connection's client address: the one the access log, rate
+limits, ``ip_access`` and X-Forwarded-For use.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import struct
+from typing import TYPE_CHECKING, Final
+
+import httptools
+
+if TYPE_CHECKING:
+    from proxyd.proxy.downstream import DownstreamProtocol
+    from proxyd.proxy.headers import TrustedProxies
+
+V2_SIGNATURE: Final = b"\r\n\r\n\x00\r\nQUIT\n"
+V1_PREFIX: Final = b"PROXY "
+V1_MAX: Final = 107  # the longest v1 line, CRLF included (the specification's bound)
+V2_MAX: Final = 16 + 65535
+
+
+class ProxyHeaderError(Exception):
+    """Not a valid PROXY protocol header."""
+
+
+# What parse() finds: None while the header is incomplete; else (client address or None for
+# "the peer itself" (LOCAL, UNKNOWN), the header's length).
+Parsed = tuple[str | None, int] | None
+
+
+def parse(data: bytes) -> Parsed:
+    if data.startswith(V2_SIGNATURE[:len(data)]) and len(data) < len(V2_SIGNATURE):
+        return None
+    if data.startswith(V2_SIGNATURE):
+        return _parse_v2(data)
+    if V1_PREFIX.startswith(data[:6]) and len(data) < 6:
+        return None
+    if data.startswith(V1_PREFIX):
+        return _parse_v1(data)
+    raise ProxyHeaderError("no PROXY protocol header")
+
+
+def _parse_v1(data: bytes) -> Parsed:
+    end = data.find(b"\r\n", 0, V1_MAX)
+    if end < 0:
+        if len(data) >= V1_MAX:
+            raise ProxyHeaderError("PROXY v1 line too long")
+        return None
+    words = data[:end].split(b" ")
+    if len(words) >= 2 and words[1] == b"UNKNOWN":
+        return None, end + 2
+    if len(words) != 6 or words[1] not in (b"TCP4", b"TCP6"):
+        raise ProxyHeaderError("malformed PROXY v1 line")
+    try:
+        src = ipaddress.ip_address(words[2].decode("ascii"))
+        ipaddress.ip_address(words[3].decode("ascii"))
+        ports = [int(w) for w in words[4:6]]
+    except (ValueError, UnicodeDecodeError):
+        raise ProxyHeaderError("malformed PROXY v1 addresses") from None
+    if (src.version == 4) != (words[1] == b"TCP4") or not all(0 <= p <= 65535 for p in ports):
+        raise ProxyHeaderError("malformed PROXY v1 addresses")
+    return str(src), end + 2
+
+
+def _parse_v2(data: bytes) -> Parsed:
+    if len(data) < 16:
+        return None
+    version_command, family, length = data[12], data[13], struct.unpack("!H", data[14:16])[0]
+    if version_command >> 4 != 2:
+        raise ProxyHeaderError("unsupported PROXY protocol version")
+    total = 16 + length
+    if len(data) < total:
+        return None
+    command = version_command & 0x0F
+    if command == 0:  # LOCAL: the balancer's own connection (a health check)
+        return None, total
+    if command != 1:
+        raise ProxyHeaderError("unknown PROXY v2 command")
+    body = data[16:total]
+    if family >> 4 == 1 and len(body) >= 12:  # AF_INET
+        return socket.inet_ntop(socket.AF_INET, body[:4]), total
+    if family >> 4 == 2 and len(body) >= 36:  # AF_INET6
+        return str(ipaddress.ip_address(body[:16])), total
+    if family >> 4 in (0, 3):  # UNSPEC, or a unix socket: no address to use
+        return None, total
+    raise ProxyHeaderError("malformed PROXY v2 addresses")
+
+
+def header_v1(src: str, src_port: int, dst: str, dst_port: int) -> bytes:
+    family = b"TCP6" if ":" in src else b"TCP4"
+    if (":" in dst) != (":" in src):
+        return b"PROXY UNKNOWN\r\n"
+    return b"PROXY %b %b %b %d %d\r\n" % (family, src.encode(), dst.encode(), src_port, dst_port)
+
+
+def header_v2(src: str, src_port: int, dst: str, dst_port: int) -> bytes:
+    if (":" in dst) != (":" in src):
+        return V2_SIGNATURE + b"\x21\x00\x00\x00"  # PROXY, UNSPEC: no usable addresses
+    if ":" in src:
+        body = (ipaddress.IPv6Address(src).packed + ipaddress.IPv6Address(dst).packed
+                + struct.pack("!HH", src_port, dst_port))
+        return V2_SIGNATURE + b"\x21\x21" + struct.pack("!H", len(body)) + body
+    body = (socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!HH", src_port, dst_port))
+    return V2_SIGNATURE + b"\x21\x11" + struct.pack("!H", len(body)) + body
+
+
+class ListenerPolicy:
+    """A PROXY protocol listener's rule: whose header is required, whose refused."""
+
+    __slots__ = ("trusted",)
+
+    def __init__(self, trusted: TrustedProxies) -> None:
+        self.trusted = trusted
+
+
+class HeaderReader:
+    """Stands in for a connection's HTTP parser until the PROXY header is read (or refused);
+    then hands the connection, and the bytes after the header, to a fresh HTTP parser."""
+
+    __slots__ = ("buffer", "ds", "required")
+
+    def __init__(self, ds: DownstreamProtocol, required: bool) -> None:
+        self.ds = ds
+        self.required = required
+        self.buffer = b""
+
+    def feed_data(self, data: bytes) -> None:
+        ds = self.ds
+        buffer = self.buffer = self.buffer + data
+        if not self.required:
+            # Not a peer that may send one: a header from it is refused (it would choose its
+            # own address); anything else is HTTP. Decided on the first bytes.
+            for signature in (V1_PREFIX, V2_SIGNATURE):
+                n = min(len(buffer), len(signature))
+                if buffer[:n] == signature[:n]:
+                    if n == len(signature):
+                        ds.refuse_proxy_header("PROXY protocol header from an untrusted peer")
+                    return  # refused, or too short to tell yet
+            self._to_http(buffer)
+            return
+        try:
+            parsed = parse(buffer)
+        except ProxyHeaderError as exc:
+            ds.refuse_proxy_header(str(exc))
+            return
+        if parsed is None:
+            if len(buffer) > V2_MAX:
+                ds.refuse_proxy_header("PROXY protocol header too long")
+            return
+        address, length = parsed
+        if address is not None:
+            ds.set_client_address(address)
+        self._to_http(buffer[length:])
+
+    def _to_http(self, rest: bytes) -> None:
+        """From here on the connection is HTTP: what followed the header is parsed as if it
+        had just arrived (so a parser error's offsets are the offsets into it)."""
+        ds = self.ds
+        ds.parser = httptools.HttpRequestParser(ds)
+        self.buffer = b""
+        if rest:
+            ds.parsing = False
+            ds.data_received(rest)
