@@ -7,6 +7,7 @@ import math
 from typing import Any, Final
 
 from proxyd.middleware.base import Context, Middleware, Pending, Response, json_response
+from proxyd.middleware.client_address import client_address
 from proxyd.middleware.rate_limit.gcra import Decision
 from proxyd.middleware.rate_limit.memory import MemoryLimiter
 from proxyd.middleware.rate_limit.options import RateLimitOptions
@@ -53,23 +54,9 @@ class RateLimit(Middleware):
 
     # -- keys ---------------------------------------------------------------------------------
     def client_ip(self, ctx: Context) -> bytes:
-        """The peer, or — behind trusted proxies only — the last untrusted X-Forwarded-For hop.
-
-        When every hop is trusted, the first one (as nginx's ``real_ip_recursive``): the
-        client is inside the trusted networks, and the peer is just the last proxy.
-        """
+        """The client's address as the gateway establishes it (client_address)."""
         pipeline = self.pipeline
-        ip = ctx.client_ip
-        if pipeline is None or not pipeline.trusted or ip.decode("latin-1") not in pipeline.trusted:
-            return ip
-        forwarded = ctx.header(b"x-forwarded-for")
-        if not forwarded:
-            return ip
-        hops = [h.strip() for h in forwarded.split(b",") if h.strip()]
-        for hop in reversed(hops):
-            if hop.decode("latin-1") not in pipeline.trusted:
-                return hop
-        return hops[0] if hops else ip
+        return client_address(ctx, pipeline.trusted if pipeline is not None else None)
 
     def key(self, ctx: Context) -> str:
         if self.ip_key:  # the default key: no list to join
@@ -80,6 +67,8 @@ class RateLimit(Middleware):
                 parts.append(self.client_ip(ctx))
             elif part == "route":
                 parts.append(ctx.route.encode())
+            elif part == "consumer":  # set by an authentication element before this one
+                parts.append((ctx.consumer or "").encode())
             else:
                 parts.append(ctx.header(part) or b"")  # type: ignore[arg-type]
         return (self.route_name + "|" + b"|".join(parts).decode("latin-1"))

@@ -24,8 +24,10 @@ class RateLimitOptions(Options):
     rate: RateValue | None = None
     burst: int | None = Field(None, ge=1)
     limits: list[LimitSpec] = Field(default_factory=list, description="Several limits at once.")
-    key: str | list[str] = Field("client_ip",
-                                 description="client_ip, header:NAME, route, or a list of them.")
+    key: str | list[str] = Field(
+        "client_ip", description="client_ip, header:NAME, route, consumer (the name an "
+        "api_key, basic_auth or jwt_auth element earlier in the chain gave the client), "
+        "or a list of them.")
     on_backend_error: Literal["allow", "deny", "local"] = "local"
     instances_hint: int = Field(1, ge=1, description="proxyd instances sharing the limit.")
     redis_timeout: Duration = "50ms"  # type: ignore[assignment]
@@ -35,10 +37,11 @@ class RateLimitOptions(Options):
     @classmethod
     def _keys(cls, v: str | list[str]) -> str | list[str]:
         for part in [v] if isinstance(v, str) else v:
-            if part not in ("client_ip", "route") and not (
+            if part not in ("client_ip", "route", "consumer") and not (
                 part.startswith("header:") and len(part) > len("header:")
             ):
-                raise ValueError(f"invalid key part {part!r}: use client_ip, route, header:NAME")
+                raise ValueError(f"invalid key part {part!r}: use client_ip, route, consumer, "
+                                 "header:NAME")
         return v
 
     @model_validator(mode="after")
