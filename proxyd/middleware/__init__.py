@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from proxyd.config.models import GatewayConfig, Route
+from proxyd.middleware.access import ACCESS_TYPES
 from proxyd.middleware.base import Middleware
 from proxyd.middleware.cache import Cache
 from proxyd.middleware.chain import Chain
@@ -28,8 +29,11 @@ from proxyd.middleware.validation import Validation
 REGISTRY: dict[str, type[Middleware]] = {
     cls.type: cls
     for cls in (Cors, SecurityHeaders, Validation, TraceId, Headers, RateLimit, Cache, Etag,
-                Compression)
+                Compression, *ACCESS_TYPES)
 }
+# The elements that name the client (Context.consumer), and all that decide who may pass.
+AUTHENTICATING = ("jwt_auth", "basic_auth", "api_key")
+ACCESS = (*AUTHENTICATING, "ip_access")
 
 Problem = tuple[tuple[str | int, ...], str]  # (key path, message)
 
@@ -115,6 +119,7 @@ def check_middleware(config: GatewayConfig) -> tuple[list[Problem], list[Problem
                          "cache before compression: entries are stored compressed, one variant "
                          "per Accept-Encoding (fine); responses refreshed in the background by "
                          "stale-while-revalidate are stored uncompressed"))
+    warnings += _access_warnings(config, seen)
     for r, route in enumerate(config.routes):
         entries, problems = route_entries(config, route, r)
         errors += problems
@@ -122,6 +127,45 @@ def check_middleware(config: GatewayConfig) -> tuple[list[Problem], list[Problem
             if at[0] == "routes":
                 errors += _validate(data, at)[1]
     return errors, warnings
+
+
+def _access_warnings(config: GatewayConfig, seen: dict[str, int]) -> list[Problem]:
+    """Orders and settings that leave the access elements weaker than they look."""
+    warnings: list[Problem] = []
+    if "cache" in seen:
+        for name in ACCESS:
+            if name in seen and seen[name] > seen["cache"]:
+                warnings.append((("middleware", seen["cache"], "type"),
+                                 f"cache before {name}: cache hits are answered before {name} "
+                                 f"runs, to any client; put {name} before cache"))
+    if "rate_limit" in seen:
+        entry = config.middleware[seen["rate_limit"]]
+        key = getattr(entry, "key", "client_ip")
+        if "consumer" in ([key] if isinstance(key, str) else key) and not any(
+                seen.get(name, len(seen)) < seen["rate_limit"] for name in AUTHENTICATING):
+            warnings.append((("middleware", seen["rate_limit"], "key"),
+                             "rate_limit keyed on consumer without api_key, basic_auth or "
+                             "jwt_auth before it: every request counts under one empty name"))
+    if "jwt_auth" in seen:
+        url = getattr(config.middleware[seen["jwt_auth"]], "jwks_url", None)
+        if isinstance(url, str) and url.startswith("http://") and not _loopback(url):
+            warnings.append((("middleware", seen["jwt_auth"], "jwks_url"),
+                             "jwks_url over plain http: anyone on the path can substitute keys "
+                             "and sign tokens; use https"))
+    return warnings
+
+
+def _loopback(url: str) -> bool:
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def build_chain(config: GatewayConfig, route: Route) -> Chain:

@@ -65,6 +65,14 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
         "(write_error)", ("reason",)),
     "gateway_access_log_write_errors_total": ("Failed writes of the access log, by errno",
                                               ("errno",)),
+    "gateway_auth_total": (
+        "Requests decided by an access element (jwt_auth, basic_auth, api_key, ip_access), by "
+        "result: ok, missing (no credentials), invalid, expired, denied (ip_access), "
+        "unavailable (jwt_auth without keys), busy (basic_auth's hash checks full)",
+        ("route", "element", "result")),
+    "gateway_jwks_refreshes_total": (
+        "JWKS fetches by jwt_auth, by result (ok, error); after an error the last good keys "
+        "stay in use", ("result",)),
 }
 
 # gateway_access_log_dropped_lines_total's reasons.

@@ -21,7 +21,8 @@ def config(middleware: list[dict[str, Any]], *routes: dict[str, Any]) -> Gateway
 
 def test_registry_lists_every_type() -> None:
     assert set(REGISTRY) == {"cors", "security_headers", "validation", "trace_id", "headers",
-                             "rate_limit", "cache", "etag", "compression"}
+                             "rate_limit", "cache", "etag", "compression", "jwt_auth",
+                             "basic_auth", "api_key", "ip_access"}
     for name, cls in REGISTRY.items():
         assert cls.type == name
 
@@ -197,7 +198,16 @@ def test_option_defaults_are_parsed_like_configured_values() -> None:
     assert make_options("cors").max_age == 600
     assert make_options("etag").max_size == 1024 * 1024
     assert make_options("compression").min_size == 1024
-    required = {"rate_limit": {"rate": "10/s"}}  # a limiter without a rate is a config mistake
+    # Types without a workable default: a limiter without a rate, an access element with
+    # nothing to check against.
+    required: dict[str, dict[str, Any]] = {
+        "rate_limit": {"rate": "10/s"},
+        "jwt_auth": {"algorithms": ["HS256"], "secret": "s" * 32},
+        "basic_auth": {"users": {
+            "u": "$2b$04$4AUipPXc.8XtD8lb1m3AB.m8a9mANC6DQ2nA9Wi8CNR9zobqZlds2"}},
+        "api_key": {"keys": {"k": "sha256:" + "0" * 64}},
+        "ip_access": {"allow": ["10.0.0.0/8"]},
+    }
     for name, cls in REGISTRY.items():  # every type builds from its defaults
         cls(cls.options_model.model_validate({"type": name, **required.get(name, {})}))
 

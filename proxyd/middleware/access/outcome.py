@@ -1,0 +1,66 @@
+"""What the access elements share: their outcomes, counted, and their refusals.
+
+Every element counts each request it decides in ``gateway_auth_total{route, element, result}``
+(allowed ones too: the rate of each outcome is what an operator alerts on). A refusal is the
+usual JSON error; a 401 carries the challenge its scheme defines (RFC 9110 §11.6.1), and never
+says more than the scheme allows about why: a client learns "invalid", not which check failed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from proxyd.middleware.base import Context, Response, json_response
+
+# gateway_auth_total's results.
+OK: Final = "ok"  # authenticated, or an address allowed
+MISSING: Final = "missing"  # no credentials
+INVALID: Final = "invalid"  # wrong, malformed, unknown, or failed a claim check
+EXPIRED: Final = "expired"  # a token past its exp
+DENIED: Final = "denied"  # ip_access: an address refused
+UNAVAILABLE: Final = "unavailable"  # jwt_auth: no keys yet (the JWKS never fetched)
+BUSY: Final = "busy"  # basic_auth: too many hash checks queued
+RESULTS: Final = (OK, MISSING, INVALID, EXPIRED, DENIED, UNAVAILABLE, BUSY)
+METRIC: Final = "gateway_auth_total"
+
+
+class Outcomes:
+    """One element's series of gateway_auth_total on one route: label tuples made once."""
+
+    __slots__ = ("_labels", "_metrics")
+
+    def __init__(self) -> None:
+        self._metrics: Any = None
+        self._labels: dict[str, tuple[str, str, str]] = {}
+
+    def bind(self, pipeline: Any, route: str, element: str) -> None:
+        """In the worker: count into its metrics, unless metrics are off."""
+        if getattr(pipeline, "metrics_enabled", True):
+            self._metrics = pipeline.metrics
+        self._labels = {result: (route, element, result) for result in RESULTS}
+
+    def count(self, result: str) -> None:
+        metrics = self._metrics
+        if metrics is not None:
+            metrics.inc(METRIC, self._labels[result])
+
+
+def quoted(value: str) -> bytes:
+    """An auth-param value as a quoted string (the options allow no '"' or '\\' in it)."""
+    return b'"' + value.encode() + b'"'
+
+
+def unauthorized(ctx: Context, challenge: bytes, message: str) -> Response:
+    return json_response(401, message, ctx.id(), [(b"WWW-Authenticate", challenge)])
+
+
+def forbidden(ctx: Context) -> Response:
+    return json_response(403, "forbidden", ctx.id())
+
+
+def header_value(value: str) -> bytes | None:
+    """``value`` as a header field value, or None where it cannot be one (CR, LF, NUL and
+    other controls would end or corrupt the field: such a value is never forwarded)."""
+    if not value.isprintable() and any((c < " " and c != "\t") or c == "\x7f" for c in value):
+        return None
+    return value.encode()
