@@ -237,3 +237,36 @@ def explain(config_path: str, method: str, url: str, headers: tuple[str, ...],
     result = redact_value(result, config)  # e.g. a URL password; never printed
     click.echo(json.dumps(result, indent=2) if as_json else format_explain(ok, result))
     sys.exit(EXIT_OK if ok else EXIT_CONFIG)
+
+
+@main.command("hash-password")
+@click.option("--scheme", type=click.Choice(["bcrypt", "argon2id", "sha256"]), default="bcrypt",
+              show_default=True,
+              help="bcrypt or argon2id: a basic_auth user's hash; sha256: an api_key key's.")
+@click.option("--rounds", type=click.IntRange(4, 31), default=12, show_default=True,
+              help="bcrypt's cost (each step doubles the time of a check).")
+@click.option("--stdin", "from_stdin", is_flag=True,
+              help="Read the secret from the first line of stdin instead of prompting.")
+def hash_password(scheme: str, rounds: int, from_stdin: bool) -> None:
+    """Print the hash of a password (basic_auth) or of an API key (api_key) for the config;
+    the secret itself is never written anywhere."""
+    import hashlib
+
+    from proxyd.middleware.access.passwords import make_hash
+
+    if from_stdin:
+        secret = sys.stdin.readline().removesuffix("\n").removesuffix("\r")
+    else:
+        secret = click.prompt("Secret", hide_input=True, confirmation_prompt=True,
+                              err=True)
+    if not secret:
+        click.echo("proxyd: an empty secret", err=True)
+        sys.exit(EXIT_CONFIG)
+    if scheme == "sha256":
+        click.echo("sha256:" + hashlib.sha256(secret.encode()).hexdigest())
+        return
+    try:
+        click.echo(make_hash(secret, scheme, rounds))
+    except ValueError as exc:
+        click.echo(f"proxyd: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)

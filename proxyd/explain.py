@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 from proxyd.cache import policy
 from proxyd.config.models import GatewayConfig
 from proxyd.middleware import build_chain
+from proxyd.middleware.access import ACCESS_TYPES
 from proxyd.middleware.base import Context
 from proxyd.middleware.cache import UNSAFE, Cache
 from proxyd.middleware.chain import Chain
@@ -67,6 +68,9 @@ def explain(config: GatewayConfig, method: str, url: str,
                   client_ip.encode(), route.name, lambda: "explain")
     result["cache"] = _cache(config, cfg, chain, ctx)
     result["rate_limit"] = _rate_limits(config, route.name, chain, ctx)
+    access = _access(config, chain, ctx)
+    if access:
+        result["access"] = access
     if cfg.respond is not None:
         result["endpoint"] = {"respond": cfg.respond.status}
     else:
@@ -138,6 +142,14 @@ def _rate_limits(config: GatewayConfig, route_name: str, chain: Chain, ctx: Cont
     return found
 
 
+def _access(config: GatewayConfig, chain: Chain, ctx: Context) -> list[dict[str, str]]:
+    """What each access element (jwt_auth, basic_auth, api_key, ip_access) would decide, in
+    chain order; jwt_auth verifies only with keys from the config (a JWKS is not fetched)."""
+    trusted = TrustedProxies(config.server.trusted_proxies)
+    return [{"element": mw.type, "decision": mw.explain(ctx, trusted)}
+            for mw in chain.middleware if isinstance(mw, ACCESS_TYPES)]
+
+
 def nearest_routes(config: GatewayConfig, path: str, n: int = 3) -> list[str]:
     candidates = {}
     for route in config.routes:
@@ -180,4 +192,6 @@ def format_explain(ok: bool, result: dict[str, Any]) -> str:
                           + ", ".join(limit["limits"]) + ")"))
     if result.get("rate_limit") == []:
         lines.append(line("rate_limit", "none on this route"))
+    for element in result.get("access", []):
+        lines.append(line("access", f"{element['element']}: {element['decision']}"))
     return "\n".join(lines)
