@@ -8,7 +8,9 @@ broken certificate is a config error, and the old workers keep serving.
 
 from __future__ import annotations
 
+import hashlib
 import ssl
+from typing import cast
 
 from proxyd.config.models import TLS, GatewayConfig
 from proxyd.errors import ConfigIssue
@@ -22,11 +24,77 @@ def _no_passphrase() -> bytes:
     raise ValueError("the private key is encrypted; give proxyd an unencrypted key file")
 
 
-def server_context(tls: TLS) -> ssl.SSLContext:
+def _context(tls: TLS, cert: str, key: str) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = VERSIONS[tls.min_version]
     ctx.set_alpn_protocols(["http/1.1"])
-    ctx.load_cert_chain(tls.cert, tls.key, password=_no_passphrase)
+    ctx.load_cert_chain(cert, key, password=_no_passphrase)
+    if not tls.session_tickets:
+        ctx.options |= ssl.OP_NO_TICKET
+    if tls.client_ca is not None:
+        ctx.load_verify_locations(cafile=tls.client_ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED if tls.client_auth == "required" \
+            else ssl.CERT_OPTIONAL
+    return ctx
+
+
+class ServerNames:
+    """The certificate for a client's server name: exact names, then one-label wildcards
+    (``*.example.com`` answers ``a.example.com``, not ``example.com`` or ``a.b.example.com``),
+    else the listener's default certificate."""
+
+    def __init__(self, tls: TLS) -> None:
+        self.exact: dict[str, ssl.SSLContext] = {}
+        self.wildcard: dict[str, ssl.SSLContext] = {}
+        for spec in tls.certificates:
+            ctx = _context(tls, spec.cert, spec.key)
+            for name in spec.names:
+                if name.startswith("*."):
+                    self.wildcard.setdefault(name[2:], ctx)
+                else:
+                    self.exact.setdefault(name, ctx)
+
+    def pick(self, name: str) -> ssl.SSLContext | None:
+        name = name.lower().rstrip(".")
+        ctx = self.exact.get(name)
+        if ctx is None:
+            _, dot, parent = name.partition(".")
+            ctx = self.wildcard.get(parent) if dot else None
+        return ctx
+
+    def callback(self, sslobj: ssl.SSLObject, name: str | None, _: ssl.SSLContext) -> None:
+        if name is not None and (ctx := self.pick(name)) is not None:
+            sslobj.context = ctx  # the handshake goes on with this certificate
+
+
+def client_cert_fields(sslobj: ssl.SSLObject | None) -> bytes:
+    """X-Client-Cert-Subject and -Fingerprint lines for a verified client certificate (none
+    if the client sent none): the subject as RFC 4514 writes it, the SHA-256 of the DER."""
+    der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
+    if not der or sslobj is None:
+        return b""
+    subject = cast("tuple[tuple[tuple[str, str], ...], ...]",
+                   (sslobj.getpeercert() or {}).get("subject", ()))
+    names = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU",
+             "countryName": "C", "stateOrProvinceName": "ST", "localityName": "L",
+             "emailAddress": "emailAddress", "domainComponent": "DC"}
+    parts = []
+    for rdn in reversed(subject):  # RFC 4514: the most specific first
+        for key, value in rdn:
+            value = "".join(c if c.isprintable() else "?" for c in str(value))
+            for special in ("\\", ",", "+", '"', "<", ">", ";"):
+                value = value.replace(special, "\\" + special)
+            parts.append(f"{names.get(key, key)}={value}")
+    return (b"X-Client-Cert-Subject: " + ",".join(parts).encode("utf-8", "replace")
+            + b"\r\nX-Client-Cert-Fingerprint: " + hashlib.sha256(der).hexdigest().encode()
+            + b"\r\n")
+
+
+def server_context(tls: TLS) -> ssl.SSLContext:
+    """The listener's context: its default certificate, and the others chosen by SNI."""
+    ctx = _context(tls, tls.cert, tls.key)
+    if tls.certificates:
+        ctx.sni_callback = ServerNames(tls).callback
     return ctx
 
 
@@ -47,12 +115,24 @@ def file_issues(config: GatewayConfig, filename: str) -> list[ConfigIssue]:
         tls: TLS | None = getattr(listener, "tls", None)
         if tls is None:
             continue
-        try:
-            server_context(tls)
-        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-            issues.append(ConfigIssue(filename, None, None, f"server.listen[{i}].tls",
-                                      f"{listener}: cannot load {tls.cert} / {tls.key}: "
-                                      f"{describe(exc)}"))
+        files = [(f"server.listen[{i}].tls", tls.cert, tls.key)] + [
+            (f"server.listen[{i}].tls.certificates[{n}]", spec.cert, spec.key)
+            for n, spec in enumerate(tls.certificates)]
+        for where, cert, key in files:
+            try:
+                _context(tls.model_copy(update={"client_ca": None}), cert, key)
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                issues.append(ConfigIssue(filename, None, None, where,
+                                          f"{listener}: cannot load {cert} / {key}: "
+                                          f"{describe(exc)}"))
+        if tls.client_ca is not None:
+            try:
+                ssl.create_default_context(cafile=tls.client_ca)
+            except (OSError, ValueError) as exc:
+                issues.append(ConfigIssue(filename, None, None,
+                                          f"server.listen[{i}].tls.client_ca",
+                                          f"{listener}: cannot load {tls.client_ca}: "
+                                          f"{describe(exc)}"))
     from proxyd.proxy.tls import file_issues as upstream_issues  # ca_file, client_cert
 
     issues.extend(upstream_issues(config, filename))

@@ -49,10 +49,10 @@ class Worker:
         pipeline = self.pipeline = Pipeline(self.config, loop)
         pipeline.start()
 
-        def factory_for(tls: bool, proxy: ListenerPolicy | None
+        def factory_for(tls: bool, proxy: ListenerPolicy | None, client_certs: bool
                         ) -> Callable[[], DownstreamProtocol]:
             def factory() -> DownstreamProtocol:
-                return DownstreamProtocol(pipeline, tls, proxy)
+                return DownstreamProtocol(pipeline, tls, proxy, client_certs)
             return factory
 
         listeners = self.config.server.listen  # in the order of the sockets (for_slot)
@@ -64,7 +64,8 @@ class Worker:
             # One context per TLS listener, loaded here after fork: a reload's new workers
             # read the certificate files as they are now.
             ctx = server_context(tls) if tls is not None else None
-            make = factory_for(ctx is not None, proxy)
+            make = factory_for(ctx is not None, proxy, tls is not None
+                               and tls.client_ca is not None and tls.client_cert_headers)
             # asyncio re-listens on a passed socket; without backlog it would shrink to 100.
             # A TLS handshake counts against header_timeout: a client that never finishes it
             # must not hold a connection (it is not in the pipeline's connections yet).

@@ -57,10 +57,50 @@ class Limits(Model):
     )
 
 
-class TLS(Model):
+class SNICertificate(Model):
+    names: list[str] = Field(
+        min_length=1, description='Server names this certificate answers: exact '
+        '("api.example.com") or one wildcard label ("*.example.com", not the apex).',
+    )
     cert: str = Field(min_length=1, description="PEM certificate chain file (leaf first).")
     key: str = Field(min_length=1, description="PEM private key file.")
+
+    @field_validator("names")
+    @classmethod
+    def _names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            bare = name.removeprefix("*.")
+            if not bare or "*" in bare or name != name.strip():
+                raise ValueError(f"{name!r} is not a server name or a *.domain wildcard")
+        return [name.lower() for name in value]
+
+
+class TLS(Model):
+    cert: str = Field(min_length=1, description="PEM certificate chain file (leaf first): the "
+                      "default certificate, for clients whose server name no other matches.")
+    key: str = Field(min_length=1, description="PEM private key file.")
     min_version: Literal["1.2", "1.3"] = Field("1.2", description="Oldest TLS version accepted.")
+    certificates: list[SNICertificate] = Field(
+        default_factory=list, description="More certificates, chosen by the server name the "
+        "client asks for (SNI): an exact name first, then a wildcard, else the default.",
+    )
+    client_ca: str | None = Field(
+        None, description="PEM file of the CAs whose client certificates are accepted (mutual "
+        "TLS). Unset: no client certificate is asked for.",
+    )
+    client_auth: Literal["required", "optional"] = Field(
+        "required", description="With client_ca: required refuses a handshake without a valid "
+        "client certificate; optional asks for one and verifies it if sent.",
+    )
+    client_cert_headers: bool = Field(
+        True, description="With client_ca: tell the upstream who the client is, in "
+        "X-Client-Cert-Subject and X-Client-Cert-Fingerprint (SHA-256 of the DER certificate); "
+        "the same fields from a client are always dropped.",
+    )
+    session_tickets: bool = Field(
+        True, description="Resume sessions with stateless tickets (TLS 1.2 and 1.3); false "
+        "leaves only the server's session cache (TLS 1.2) and full handshakes.",
+    )
 
     @field_validator("min_version", mode="before")
     @classmethod
@@ -151,7 +191,7 @@ def _dump_listener(listener: HostPort) -> str | dict[str, Any]:
         return str(listener)
     out: dict[str, Any] = {"address": str(listener)}
     if tls is not None:
-        out["tls"] = tls.model_dump()
+        out["tls"] = tls.model_dump(exclude_defaults=True)  # as written, short
     if proxy:
         out["proxy_protocol"] = True
         out["proxy_protocol_from"] = list(getattr(listener, "proxy_protocol_from", ANYONE))

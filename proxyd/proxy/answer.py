@@ -75,6 +75,7 @@ class Answering:
     requests: int
     close_after: bool
     tunnel: Tunnel | None
+    cert_fields: bytes
     ws_early: list[bytes] | None
     reading_body: bool
     _paused: int
@@ -280,6 +281,8 @@ class Answering:
                 # From an untrusted peer, without Via, the lines depend on the Host alone
                 # (address and scheme are the connection's): kept for its next request.
                 self.forwarded_memo = (req.host, forwarded)
+        if self.cert_fields:
+            parts.append(self.cert_fields)
         if req.chunked:
             parts.append(b"Transfer-Encoding: chunked\r\n")
         elif req.content_length is not None:

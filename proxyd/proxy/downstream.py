@@ -26,6 +26,7 @@ from proxyd.proxy.pipeline import Pipeline
 from proxyd.proxy.proxy_protocol import HeaderReader, ListenerPolicy
 from proxyd.proxy.request import SPECIAL, Reject, Request, special_header
 from proxyd.proxy.websocket import Tunnel
+from proxyd.tls import client_cert_fields
 
 PROXY_ERRORS: Final = ThrottledLog(logging.getLogger("proxyd.proxy_protocol"))
 
@@ -171,9 +172,11 @@ REFUSED_LINGER: Final = 1.0
 # Not an asyncio.Protocol subclass, for the same reason as UpstreamConnection.
 class DownstreamProtocol(Answering):
     def __init__(self, pipeline: Pipeline, tls: bool = False,
-                 proxy: ListenerPolicy | None = None) -> None:
+                 proxy: ListenerPolicy | None = None, client_certs: bool = False) -> None:
         self.p = pipeline
         self.proxy = proxy  # the listener reads a PROXY protocol header first
+        self.client_certs = client_certs  # tell upstreams who a client certificate named
+        self.cert_fields = b""  # ... in these lines
         self.scheme = b"https" if tls else b"http"  # of the listener: X-Forwarded-Proto
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
@@ -210,6 +213,8 @@ class DownstreamProtocol(Answering):
         self.client_ip = ip.encode()
         self.trusted_peer = ip in self.p.trusted
         p = self.p
+        if self.client_certs:
+            self.cert_fields = client_cert_fields(transport.get_extra_info("ssl_object"))
         if self.proxy is not None:
             # The header comes first: read by a stand-in for the parser (no cost to others).
             self.parser = HeaderReader(self, ip in self.proxy.trusted)  # type: ignore[assignment]

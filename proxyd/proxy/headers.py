@@ -27,6 +27,8 @@ HOP_BY_HOP: Final = frozenset({
 REQUEST_DROP: Final = HOP_BY_HOP | {
     b"content-length", b"expect", b"x-forwarded-for", b"x-forwarded-proto",
     b"x-forwarded-host", b"via",
+    # Only proxyd says who a client certificate named (tls.client_cert_headers).
+    b"x-client-cert-subject", b"x-client-cert-fingerprint",
 }
 RESPONSE_DROP: Final = HOP_BY_HOP | {b"content-length"}
 
