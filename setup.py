@@ -24,6 +24,7 @@ from setuptools.command.build_ext import build_ext
 # escaper) ran slower compiled than interpreted, by more than the compiled call into it saves
 # (docs/performance.md, "Costs behind the code").
 COMPILED = [
+    "proxyd/cache/fields.py",
     "proxyd/cache/memory.py",
     "proxyd/cache/policy.py",
     "proxyd/cache/store.py",

@@ -10,6 +10,7 @@ from typing import Final
 
 from xxhash import xxh3_128_hexdigest
 
+from proxyd.cache.fields import weak_match
 from proxyd.middleware.base import Context, Middleware, Response
 from proxyd.middleware.options import EtagOptions
 from proxyd.proxy.headers import content_length
@@ -32,15 +33,6 @@ def body_tag(body: bytes) -> bytes:
     bodies at one URL to clients that revalidate against each other's tags.
     """
     return b'"%s"' % xxh3_128_hexdigest(body).encode()
-
-
-def etag_matches(if_none_match: bytes, etag: bytes) -> bool:
-    """Weak comparison (RFC 9110 §13.1.2): W/ prefixes ignored, ``*`` matches anything."""
-    value = if_none_match.strip()
-    if value == b"*":
-        return True
-    bare = etag.removeprefix(b"W/")
-    return any(tag.strip().removeprefix(b"W/") == bare for tag in value.split(b","))
 
 
 class Etag(Middleware):
@@ -74,7 +66,7 @@ class Etag(Middleware):
         if etag is None:
             return
         inm = ctx.header(b"if-none-match")
-        if inm is not None and etag_matches(inm, etag):
+        if inm is not None and weak_match(inm, etag):
             resp.status = 304
             resp.reason = b"Not Modified"
             resp.headers = [(n, v) for n, v in resp.headers if n.lower() in _KEEP_ON_304]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import xxhash
 
+from proxyd.cache.fields import weak_match
 from proxyd.middleware.base import Context, Response
-from proxyd.middleware.etag import etag_matches
 
 from .helpers import make, make_ctx, response
 
@@ -105,12 +105,13 @@ def test_post_is_never_304() -> None:
     assert resp.status == 200
 
 
-def test_etag_matches_helper() -> None:
-    assert etag_matches(b'"a"', b'W/"a"')
-    assert etag_matches(b'W/"a"', b'"a"')
-    assert etag_matches(b"*", b'"anything"')
-    assert not etag_matches(b'"a"', b'"b"')
-    assert not etag_matches(b'"ab"', b'"a"')
+def test_weak_match_is_the_one_if_none_match_comparison() -> None:
+    """RFC 9110 §13.1.2: the etag element and the cache share it."""
+    assert weak_match(b'"a"', b'W/"a"')
+    assert weak_match(b'W/"a"', b'"a"')
+    assert weak_match(b"*", b'"anything"')
+    assert not weak_match(b'"a"', b'"b"')
+    assert not weak_match(b'"ab"', b'"a"')
 
 
 def test_wants_body_only_for_small_get_200_without_etag() -> None:
