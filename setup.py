@@ -31,6 +31,7 @@ COMPILED = [
     "proxyd/middleware/base.py",
     "proxyd/middleware/cache.py",
     "proxyd/middleware/cache_entry.py",
+    "proxyd/middleware/cache_request.py",
     "proxyd/middleware/chain.py",
     "proxyd/middleware/client_address.py",
     "proxyd/middleware/compression.py",

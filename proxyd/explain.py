@@ -12,7 +12,7 @@ from proxyd.config.models import GatewayConfig
 from proxyd.middleware import build_chain
 from proxyd.middleware.access import ACCESS_TYPES
 from proxyd.middleware.base import Context
-from proxyd.middleware.cache import UNSAFE, Cache
+from proxyd.middleware.cache import SAFE, Cache, describe_freshness
 from proxyd.middleware.chain import Chain
 from proxyd.middleware.rate_limit import RateLimit
 from proxyd.proxy.headers import TrustedProxies
@@ -99,28 +99,31 @@ def _cache(config: GatewayConfig, route: Any, chain: Chain, ctx: Context) -> dic
     method = ctx.method
     if method not in (b"GET", b"HEAD"):
         decision = f"not cacheable (method {method.decode()})"
-        if method in UNSAFE:
-            decision += "; a 2xx/3xx answer invalidates the key"
+        if method not in SAFE:
+            decision += ("; a 2xx/3xx answer invalidates the key and the Location and "
+                         "Content-Location URIs of the same origin")
         return {"key": key, "decision": decision}
     request_headers = mw.pairs(ctx)
     if "no-store" in policy.cache_control(request_headers):
         return {"key": key, "decision": "bypass (no-store)"}
-    ttl = (route_cache.force_ttl if route_cache is not None and route_cache.force_ttl is not None
-           else None)
-    default_ttl = (route_cache.ttl if route_cache is not None and route_cache.ttl is not None
-                   else config.cache.default_ttl)
-    statuses = ", ".join(str(s) for s in config.cache.statuses)
+    freshness = describe_freshness(config, route_cache)
     if method == b"HEAD":
         decision = "lookup only: a HEAD is answered from a stored GET, never stored itself"
     else:
-        decision = f"cacheable if the response allows (status {statuses}"
+        statuses = config.cache.statuses
+        decision = "cacheable if the response allows" + (
+            " (statuses " + ", ".join(str(s) for s in statuses) + ")" if statuses is not None
+            else "")
         if policy.header(request_headers, b"authorization") is not None:
             decision += "; with Authorization only if public, s-maxage or must-revalidate"
-        decision += (f"; ttl {ttl:g}s forced)" if ttl is not None
-                     else f"; ttl from the response, else {default_ttl:g}s)")
-    revalidate, _ = policy.request_wants_fresh(request_headers)
-    if revalidate:
+        decision += "; " + freshness
+    wants = policy.RequestDirectives(request_headers)
+    if wants.revalidate:
         decision += "; the client asks for revalidation (no-cache)"
+    elif not wants.stale_ok:
+        decision += "; the client accepts no stale response (max-age, min-fresh)"
+    if policy.header(request_headers, b"range") is not None and method == b"GET":
+        decision += "; a Range is answered from a complete stored response (206)"
     return {"key": key, "decision": decision}
 
 

@@ -9,7 +9,7 @@ every model is importable from here.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -63,13 +63,44 @@ class MiddlewareEntry(BaseModel):
     type: str
 
 
+FinalStatus = Annotated[int, Field(ge=200, le=599)]
+
+
 class Cache(Model):
-    backend: Literal["memory", "redis"] = "memory"
-    max_entries: int = Field(10000, ge=1)
-    max_bytes: ByteSize = "256MiB"  # type: ignore[assignment]
-    max_object_size: ByteSize = "1MiB"  # type: ignore[assignment]
-    default_ttl: Duration = "300s"  # type: ignore[assignment]
-    statuses: list[int] = Field(default_factory=lambda: [200, 301, 302])
+    """The store of the ``cache`` middleware, and the rules every route's cache shares."""
+
+    backend: Literal["memory", "redis"] = Field(
+        "memory", description="memory: a per-worker LRU; redis: one cache shared by every "
+        "worker and instance (redis.url), with a 1-second per-worker copy in front.")
+    max_entries: int = Field(10000, ge=1, description="Most entries a worker's store holds "
+                             "(its L1 copy with redis).")
+    max_bytes: ByteSize = Field(  # type: ignore[assignment]  # parsed: validate_default
+        "256MiB", description="Most bytes (headers, bodies, bookkeeping) a worker's store holds.")
+    max_object_size: ByteSize = Field(  # type: ignore[assignment]  # parsed: validate_default
+        "1MiB", description="Larger responses are relayed, never stored.")
+    default_ttl: Duration = Field(  # type: ignore[assignment]  # parsed: validate_default
+        "0s", description="Lifetime of a heuristically cacheable response (RFC 9110 §15.1: "
+        "200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501) that states no freshness of "
+        "its own, on routes without cache.ttl. 0: such responses are not stored; only what "
+        "the origin marks fresh (Cache-Control, Expires, a targeted field) is.")
+    statuses: list[FinalStatus] | None = Field(
+        None, description="Only these statuses are stored (e.g. [200, 301, 302]). Default: "
+        "any final status RFC 9111 lets a shared cache store — with explicit freshness any "
+        "status, without it only the heuristically cacheable ones, and only with a ttl.")
+    targeted_fields: list[str] = Field(
+        default_factory=lambda: ["CDN-Cache-Control"],
+        description="Targeted cache-control fields (RFC 9213) proxyd obeys, first first: the "
+        "first present and valid one replaces Cache-Control and Expires for proxyd's own "
+        "caching (e.g. [Proxyd-Cache-Control, CDN-Cache-Control]); [] obeys Cache-Control "
+        "only. They are forwarded unchanged.")
+
+    @field_validator("targeted_fields")
+    @classmethod
+    def _field_names(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not name or any(c in name for c in ' \t:"(),/;<=>?@[\\]{}'):
+                raise ValueError(f"not a field name: {name!r}")
+        return v
 
 
 class Redis(Model):

@@ -40,9 +40,14 @@ class Respond(Model):
 
 
 class RouteCache(Model):
-    ttl: Duration | None = Field(None, description="Freshness when the upstream gives none.")
-    force_ttl: Duration | None = Field(None, description="Freshness, whatever the upstream says.")
-    enabled: bool = True
+    ttl: Duration | None = Field(
+        None, description="Lifetime of a heuristically cacheable response (200, 203, 204, 300, "
+        "301, 308, 404, 405, 410, 414, 501) that states no freshness of its own; overrides "
+        "cache.default_ttl on this route.")
+    force_ttl: Duration | None = Field(
+        None, description="Lifetime of every response stored on this route, whatever the "
+        "upstream says (against RFC 9111: only for origins known to send wrong headers).")
+    enabled: bool = Field(True, description="false: the cache middleware skips this route.")
 
 
 class WebSocket(Model):

@@ -68,11 +68,27 @@ def _summary(config: GatewayConfig) -> dict[str, Any]:
             for name, u in config.upstreams.items()
         },
         "middleware": [entry.type for entry in config.middleware],
-        "cache": {"backend": config.cache.backend, "max_entries": config.cache.max_entries},
+        "cache": {"backend": config.cache.backend, "max_entries": config.cache.max_entries,
+                  "routes": dict(_cache_routes(config))},
         "access_log": {"format": config.access_log.format, "path": config.access_log.path,
                        "enabled": config.access_log.enabled},
         "metrics": config.metrics.enabled,
     }
+
+
+def _cache_routes(config: GatewayConfig) -> list[tuple[str, str]]:
+    """(route, which freshness its cache applies) for each route whose chain has the cache:
+    whether responses without freshness of their own are stored, and for how long."""
+    from proxyd.middleware import route_entries  # the middleware registry imports config
+    from proxyd.middleware.cache import describe_freshness
+
+    rows = []
+    for route in config.routes:
+        entries, _ = route_entries(config, route)
+        if any(data.get("type") == "cache" and data.get("enabled", True) is not False
+               for data, _ in entries):
+            rows.append((route.name, describe_freshness(config, route.cache)))
+    return rows
 
 
 def _describe_match(match: Match) -> str:
@@ -131,6 +147,10 @@ def format_summary(config: GatewayConfig, filename: str, warnings: list[ConfigIs
                  for name, u in config.upstreams.items()], ""),
         "middleware: " + (" -> ".join(e.type for e in config.middleware) or "(none)"),
     ]
+    cached = _cache_routes(config)
+    if cached:
+        lines.append(f"cache:      {config.cache.backend}, on {len(cached)} route(s):")
+        lines.extend(_table([(name, "", freshness) for name, freshness in cached], ""))
     if warnings:
         lines.append(f"warnings ({len(warnings)}):")
         lines.extend(f"  {w}" for w in warnings)

@@ -19,6 +19,7 @@ from mypy_extensions import mypyc_attr
 from proxyd.middleware.options import Options
 
 if TYPE_CHECKING:
+    from proxyd.middleware.cache_request import CacheRequest
     from proxyd.proxy.head import Block
 
 
@@ -317,6 +318,8 @@ class Context:
 
     __slots__ = (
         "_by_name",
+        "cache",
+        "cache_outcome",
         "client_ip",
         "consumer",
         "headers",
@@ -356,6 +359,11 @@ class Context:
         self.set_request: list[tuple[bytes, bytes]] = []  # added to the upstream request
         self.remove_request: set[bytes] = set()  # lowercase names not forwarded
         self.state: dict[str, Any] = {}
+        # The cache middleware's record of this request (a miss, a bypass, an invalidation;
+        # none for a hit), and what became of it ("hit", "miss", ...: cache_request.py) for
+        # the access log and the counters.
+        self.cache: CacheRequest | None = None
+        self.cache_outcome = ""
         self.max_body_size: int | None = None
         # Who an authentication element (api_key, basic_auth, jwt_auth) found the client to
         # be: the key's name, the user, the token's subject; None until one has. Typed and

@@ -1,16 +1,18 @@
-"""Cache entries as the cache middleware makes and matches them (cache.py).
+"""Cache entries as the cache middleware makes, refreshes and answers from them (cache.py).
 
-What of a response is stored, and its freshness lifetime and stale windows (RFC 9111, rules
-from proxyd/cache/policy.py); an entry refreshed by a 304; a client's own validators matched
-against an entry; and the body filter that copies a streamed response body for the store.
+What of a response is stored, with the lifetime and stale windows policy.py decided; an
+entry refreshed by a 304 (RFC 9111 §4.3.4); a client's own conditions evaluated against an
+entry (If-None-Match, If-Modified-Since, Range with If-Range: RFC 9110 §13.2.2's order); and
+the body filter that copies a streamed response body for the store.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Final
+from collections.abc import Callable
+from typing import Final
 
-from proxyd.cache import policy
+from proxyd.cache import fields, policy
 from proxyd.cache.store import Entry
 from proxyd.middleware.base import Context
 from proxyd.proxy.headers import HOP_BY_HOP
@@ -22,7 +24,7 @@ NOT_STORED: Final = HOP_BY_HOP | {b"age", b"content-length", b"cache-status", b"
 class Tee:
     """A pass-through body filter that keeps a copy for the store, up to a size."""
 
-    def __init__(self, done: Any, limit: int) -> None:
+    def __init__(self, done: Callable[[bytes | None], None], limit: int) -> None:
         self.parts: list[bytes] | None = []  # None once over the limit
         self.size = 0
         self.limit = limit
@@ -42,59 +44,83 @@ class Tee:
         return b""
 
 
+def stored_fields(headers: policy.Headers, not_stored: frozenset[bytes] = NOT_STORED
+                  ) -> list[tuple[bytes, bytes]]:
+    return [(n, v) for n, v in headers if n.lower() not in not_stored]
+
+
 def new_entry(status: int, headers: list[tuple[bytes, bytes]], body: bytes, received: float,
-              initial_age: float, default_ttl: float, force_ttl: float | None) -> Entry:
-    """The entry for a response received at ``received``; the route's TTLs apply when the
-    origin gives no freshness (``default_ttl``) or whatever it gives (``force_ttl``)."""
-    swr, sie = stale_windows(headers)
+              initial_age: float, verdict: policy.Verdict) -> Entry:
+    """The entry for a response received at ``received``, with the verdict's lifetime."""
     return Entry(
         status=status, headers=headers, body=body, stored_at=received,
-        initial_age=initial_age,
-        lifetime=policy.freshness_lifetime(headers, default_ttl, force_ttl, received),
-        stale_while_revalidate=swr, stale_if_error=sie,
-        vary=policy.vary_names(headers),
+        initial_age=initial_age, lifetime=verdict.lifetime,
+        stale_while_revalidate=verdict.stale_while_revalidate,
+        stale_if_error=verdict.stale_if_error, vary=policy.vary_names(headers),
     )
 
 
-def stale_windows(headers: policy.Headers) -> tuple[float, float]:
-    """(stale-while-revalidate, stale-if-error); none when the origin forbids stale use."""
-    cc = policy.cache_control(headers)
-    if "must-revalidate" in cc or "proxy-revalidate" in cc:
-        return 0.0, 0.0  # RFC 9111 §5.2.2.2: never served stale, not even on errors
-    return (float(policy.seconds(cc, "stale-while-revalidate") or 0),
-            float(policy.seconds(cc, "stale-if-error") or 0))
-
-
-def refreshed(stale: Entry, headers: policy.Headers, default_ttl: float,
-              force_ttl: float | None) -> Entry:
-    """A stored entry with the header fields of a 304 merged in (RFC 9111 §4.3.4)."""
-    fresh = {n.lower() for n, _ in headers if n.lower() not in NOT_STORED}
+def refreshed(stale: Entry, headers: policy.Headers, request_headers: policy.Headers,
+              rules: policy.Rules, initial_age: float,
+              not_stored: frozenset[bytes] = NOT_STORED) -> tuple[Entry, bool]:
+    """A stored entry with the header fields of a 304 merged in (RFC 9111 §3.2, §4.3.4), and
+    whether the result may still be stored (the 304 may say no-store, or private)."""
+    update = stored_fields(headers, not_stored)
+    fresh = {n.lower() for n, _ in update}
     merged = [(n, v) for n, v in stale.headers if n.lower() not in fresh]
-    merged += [(n, v) for n, v in headers if n.lower() not in NOT_STORED]
+    merged += update
     now = time.time()
-    swr, sie = stale_windows(merged)
+    verdict = policy.verdict(b"GET", stale.status, request_headers, merged, rules, now)
     return Entry(
         status=stale.status, headers=merged, body=stale.body, stored_at=now,
-        initial_age=policy.initial_age(headers, now),
-        lifetime=policy.freshness_lifetime(merged, default_ttl, force_ttl, now),
-        stale_while_revalidate=swr, stale_if_error=sie, vary=stale.vary,
-    )
+        initial_age=initial_age, lifetime=verdict.lifetime,
+        stale_while_revalidate=verdict.stale_while_revalidate,
+        stale_if_error=verdict.stale_if_error, vary=stale.vary,
+    ), verdict.store
 
 
 def not_modified(ctx: Context, entry: Entry) -> bool:
     """The client's own validator matches the entry: it gets a 304 (RFC 9111 §4.3.2)."""
     inm = ctx.header(b"if-none-match")
     if inm is not None:
-        etag = entry.header(b"etag")
-        if etag is None:
-            return False
-        if inm.strip() == b"*":
-            return True
-        wanted = etag.strip().removeprefix(b"W/")
-        return any(t.strip().removeprefix(b"W/") == wanted for t in inm.split(b","))
+        return fields.weak_match(inm, entry.header(b"etag"))
     ims_value = ctx.header(b"if-modified-since")
     if ims_value is None:
         return False  # the common hit: no date parsing at all
-    ims = policy.http_date(ims_value)
-    modified = policy.http_date(entry.header(b"last-modified"))
-    return ims is not None and modified is not None and modified <= ims
+    since = fields.http_date(ims_value)  # invalid: the condition is ignored (§13.1.3)
+    return since is not None and last_modified(entry) <= since
+
+
+def last_modified(entry: Entry) -> float:
+    """When the stored response last changed, as RFC 9111 §4.3.2 reads it: Last-Modified,
+    else its Date, else when it was stored."""
+    modified = fields.http_date(entry.header(b"last-modified"))
+    if modified is None:
+        modified = fields.http_date(entry.header(b"date"))
+    return modified if modified is not None else entry.stored_at
+
+
+def requested_range(ctx: Context, entry: Entry) -> tuple[int, int] | None:
+    """The byte range a GET asks of a complete stored 200 (RFC 9110 §14.2), or None to answer
+    the whole: no Range, one to ignore, or an If-Range that does not match (§13.1.5)."""
+    value = ctx.header(b"range")
+    if value is None or entry.status != 200 or ctx.method != b"GET":
+        return None
+    if_range = ctx.header(b"if-range")
+    if if_range is not None and not if_range_matches(if_range, entry):
+        return None
+    return fields.byte_range(value, len(entry.body))
+
+
+def if_range_matches(value: bytes, entry: Entry) -> bool:
+    """An entity-tag matches by strong comparison; a date only when it is exactly the entry's
+    Last-Modified and that is a strong validator (a second or more before its Date, §8.8.2.2)."""
+    value = value.strip(b" \t")
+    if value.startswith((b'"', b"W/")):
+        return fields.strong_match(value, entry.header(b"etag"))
+    wanted = fields.http_date(value)
+    modified = fields.http_date(entry.header(b"last-modified"))
+    if wanted is None or modified is None or wanted != modified:
+        return False
+    date = fields.http_date(entry.header(b"date"))
+    return modified <= (date if date is not None else entry.stored_at) - 1.0

@@ -157,7 +157,7 @@ class Pipeline:
         route = req.route_name or "none"
         if self.metrics_enabled:
             self.metrics.request(route, method, req.status, duration)
-        cache = req.ctx.state.get("cache", "") if req.ctx is not None else ""
+        cache = req.ctx.cache_outcome if req.ctx is not None else ""
         if cache and self.metrics_enabled:
             if cache == "hit":
                 self.metrics.inc("gateway_cache_hits_total", (route,))

@@ -241,16 +241,18 @@ async def test_authorization_is_never_cached_unless_public(upstreams: Upstreams,
     assert len(up.seen) == 3
 
 
-async def test_disabled_route_and_uncacheable_status(upstreams: Upstreams,
-                                                     proxy: StartProxy) -> None:
+async def test_disabled_route_and_a_status_without_freshness(upstreams: Upstreams,
+                                                              proxy: StartProxy) -> None:
     def reply(request: web.Request) -> web.Response:
         if request.path == "/missing":
-            return web.Response(status=404, text="no", headers={"Cache-Control": "max-age=60"})
+            return web.Response(status=404, text="no")
         return ok(request)
 
     routes = [route("nocache", path_prefix="/off", cache={"enabled": False}), *CATCH_ALL]
     p, up = await start(upstreams, proxy, Origin(reply), routes=routes)
-    assert [(await fetch(p, "/missing")).status for _ in range(2)] == [404, 404]
+    missing = [await fetch(p, "/missing") for _ in range(2)]
+    assert [r.status for r in missing] == [404, 404]
+    assert missing[1].header("Cache-Status") == "proxyd; fwd=miss; detail=no-freshness"
     off = [await fetch(p, "/off") for _ in range(2)]
     assert [r.header("X-Cache") for r in off] == [None, None]
     assert len(up.seen) == 4

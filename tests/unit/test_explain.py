@@ -29,6 +29,8 @@ CASES: dict[str, tuple[list[str], int]] = {
     "cache_no_store": (["GET", "/products/42", "-H", "Cache-Control: no-store"], 0),
     "cache_method": (["POST", "/products/42", "--client-ip", "192.0.2.1"], 0),
     "cache_head": (["HEAD", "/products/42"], 0),
+    "cache_origin_only": (["GET", "/docs/a", "-H", "Range: bytes=0-99",
+                           "-H", "Cache-Control: max-age=5"], 0),
     "not_found": (["GET", "/nothing/here"], 1),
     "wrong_method": (["POST", "/reports"], 1),
 }
