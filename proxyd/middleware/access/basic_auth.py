@@ -7,7 +7,8 @@ while the others are served. A user:password that checked out is remembered, und
 digest, for ``cache_ttl``: a client sending the same credentials on every request pays the hash
 once. Failures are never remembered, so every wrong guess costs the guesser a full hash check;
 at most ``max_pending`` checks wait per route and worker, and past that requests get 503 at
-once instead of queueing without bound.
+once instead of queueing without bound. Requests that bring credentials already being checked
+wait for that check instead of starting another.
 
 The comparison is the hash library's (constant time); an unknown user is checked against a
 dummy hash of the same scheme and cost, so a wrong name takes as long as a wrong password.
@@ -46,7 +47,8 @@ class BasicAuth(Middleware):
             options.cache_size if options.cache_ttl > 0 else 0)
         self.ttl = options.cache_ttl
         self.digests = CredentialDigests()
-        self.pending = 0  # hash checks queued or running
+        # digest → the hash check in progress for those credentials (queued or running).
+        self.checking: dict[bytes, asyncio.Future[bool]] = {}
         self.dummy: str | None = None  # made on the first unknown user, in a hash thread
         self.consumer_header = (options.consumer_header.encode()
                                 if options.consumer_header is not None else None)
@@ -77,28 +79,21 @@ class BasicAuth(Middleware):
         parsed = parse_credentials(credential)
         if parsed is None:
             return self._refuse(ctx)
-        if self.pending >= self.o.max_pending:
-            self.outcomes.count(outcome.BUSY)
-            return json_response(503, "authentication busy", ctx.id(), [(b"Retry-After", b"1")])
-        user, password = parsed
-        hashed = self.users.get(user)
-        loop = asyncio.get_running_loop()
-        if hashed is None:
-            check = run_in_thread(loop, self._check_unknown, password)
-        else:
-            check = run_in_thread(loop, verify, hashed, password)
-        self.pending += 1
-        answer: asyncio.Future[Response | None] = loop.create_future()
+        user = parsed[0]
+        check = self.checking.get(digest)
+        if check is None:  # else the same credentials are being checked: wait for that
+            if len(self.checking) >= self.o.max_pending:
+                self.outcomes.count(outcome.BUSY)
+                return json_response(503, "authentication busy", ctx.id(),
+                                     [(b"Retry-After", b"1")])
+            check = self._start_check(digest, user, parsed[1])
+        answer: asyncio.Future[Response | None] = asyncio.get_running_loop().create_future()
 
         def checked(f: asyncio.Future[bool]) -> None:
-            self.pending -= 1
-            ok = not f.cancelled() and f.exception() is None and f.result() and hashed is not None
             if answer.done():
                 return
-            if ok:
+            if not f.cancelled() and f.exception() is None and f.result():
                 assert user is not None
-                if self.ttl > 0:
-                    self.cache.put(digest, user, time.monotonic() + self.ttl)
                 self._pass(ctx, user)
                 answer.set_result(None)
             else:
@@ -106,6 +101,25 @@ class BasicAuth(Middleware):
 
         check.add_done_callback(checked)
         return Pending(answer)
+
+    def _start_check(self, digest: bytes, user: str, password: bytes) -> asyncio.Future[bool]:
+        """A hash check on the worker's threads, shared by every request that brings the same
+        credentials meanwhile (a client opening several connections at once pays one)."""
+        hashed = self.users.get(user)
+        loop = asyncio.get_running_loop()
+        if hashed is None:
+            check = run_in_thread(loop, self._check_unknown, password)
+        else:
+            check = run_in_thread(loop, verify, hashed, password)
+        self.checking[digest] = check
+
+        def done(f: asyncio.Future[bool]) -> None:  # runs before the requests' callbacks
+            del self.checking[digest]
+            if self.ttl > 0 and not f.cancelled() and f.exception() is None and f.result():
+                self.cache.put(digest, user, time.monotonic() + self.ttl)
+
+        check.add_done_callback(done)
+        return check
 
     def _check_unknown(self, password: bytes) -> bool:
         """In a hash thread: as long as checking a known user's password, and always False."""

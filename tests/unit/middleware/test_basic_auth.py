@@ -118,7 +118,27 @@ async def test_queued_checks_are_bounded() -> None:
     assert busy.get(b"retry-after") == b"1"
     async with asyncio.timeout(10):
         assert await first.future is None
-    assert mw.pending == 0
+    assert mw.checking == {}
+
+
+async def test_the_same_credentials_at_once_share_one_check(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[bytes] = []
+
+    def counted(hashed: str, password: bytes) -> bool:
+        calls.append(password)
+        return passwords.verify(hashed, password)
+
+    monkeypatch.setattr("proxyd.middleware.access.basic_auth.verify", counted)
+    mw = auth(max_pending=1)
+    # A client opening several connections at once: one hash check, every request answered.
+    waiting = [mw.on_request(make_ctx(headers=basic("alice", "wonderland"))) for _ in range(5)]
+    wrong = [mw.on_request(make_ctx(headers=basic("alice", "queen")))]  # another: over the bound
+    assert isinstance(wrong[0], Response) and wrong[0].status == 503
+    async with asyncio.timeout(10):
+        for pending in waiting:
+            assert isinstance(pending, Pending) and await pending.future is None
+    assert calls == [b"wonderland"] and mw.checking == {}
 
 
 async def test_cache_ttl_zero_checks_every_time() -> None:
