@@ -124,13 +124,15 @@ class AdminServer:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def purge(self, request: web.Request) -> web.Response:
-        """DELETE /cache?key=...|prefix=...: every worker's store, and Redis when shared."""
+        """DELETE /cache?key=...|prefix=...: every worker's store, and Redis when shared;
+        answers {"purged": entries removed, "workers", "answered", "deferred", ...}."""
         if not self._authorized(request):
             return web.json_response({"error": "unauthorized"}, status=401,
                                      headers={"WWW-Authenticate": "Bearer"})
         key, prefix = request.query.get("key"), request.query.get("prefix")
         if not key and not prefix:
             return web.json_response({"error": "give key= or prefix="}, status=400)
-        workers = self.master.broadcast({"type": "purge", "key": key, "prefix": prefix})
-        return web.json_response({"purged": True, "key": key, "prefix": prefix,
-                                  "workers": workers})
+        # How many entries went: summed over the workers' stores (memory), or what Redis
+        # removed; workers that do not answer in time are left out, and say so.
+        result = await self.master.purges.run(self.master.live(), key, prefix)
+        return web.json_response({**result, "key": key, "prefix": prefix})

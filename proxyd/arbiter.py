@@ -29,6 +29,7 @@ from proxyd.config.models import GatewayConfig
 from proxyd.control import Channel
 from proxyd.errors import EXIT_RUNTIME
 from proxyd.observe.metrics import MasterMetrics
+from proxyd.purge import Purges
 from proxyd.sockets import SocketSet
 
 # Imported by the master, before any fork: every worker runs the code the master loaded (an
@@ -97,6 +98,7 @@ class Arbiter:
         self.reload_counts = {"ok": 0, "failed": 0}
         self.worker_restarts = 0
         self.crashes: dict[int, list[float]] = {}
+        self.purges = Purges()  # admin purges waiting for the workers' counts
         self.exit_code = 0
         self.admin: Any = None
         self.health: Any = None  # proxyd.proxy.health.HealthChecker, from start()
@@ -248,6 +250,8 @@ class Arbiter:
                     self.metrics.update(handle.pid, message["metrics"])
             elif kind == "retire":
                 self.enqueue("retire", handle)
+            elif kind == "purged":
+                self.purges.answered(handle.pid, message)
         channel.close()
         # The channel ends after the worker's final stats: fold its counters into the totals
         # of retired workers, so sums never go backwards across recycling or crashes.

@@ -14,6 +14,7 @@ import signal
 import socket
 import ssl
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import uvloop
 
@@ -250,6 +251,13 @@ async def _child(
 
     channel.send({"type": "ready", "pid": os.getpid(), "slot": slot, "generation": generation})
 
+    async def purge(message: dict[str, Any]) -> None:
+        """Purge, then tell the master how many entries went (admin DELETE /cache)."""
+        removed, deferred = await pipeline.purge(message.get("key"), message.get("prefix"),
+                                                 bool(message.get("shared", True)))
+        channel.send({"type": "purged", "id": message.get("id"), "removed": removed,
+                      "deferred": deferred})
+
     async def listen() -> None:
         while True:
             message = await channel.receive()
@@ -260,7 +268,7 @@ async def _child(
             if kind == "reopen" and pipeline.access_log is not None:
                 pipeline.access_log.reopen()
             elif kind == "purge":
-                pipeline.purge(message.get("key"), message.get("prefix"))
+                pipeline.spawn(purge(message))
             elif kind == "health":
                 pipeline.set_health(message.get("upstreams", {}))
 

@@ -408,6 +408,74 @@ class RedisStore:
         self._succeeded()
         return removed
 
+    async def apurge(self, key: str | None, prefix: str | None) -> tuple[int, bool]:
+        """An admin purge: (entries removed from Redis, whether Redis was unreachable and the
+        purge waits to be replayed). Unlike an invalidation, a key's variants go too, so the
+        count is of entries (a varying response's marker is not one)."""
+        if key:
+            self.l1.delete(key)
+        if prefix:
+            self.l1.delete_prefix(prefix)
+        if not self.available():
+            if key:
+                self._defer(key, False)
+            if prefix:
+                self._defer(prefix, True)
+            return 0, True
+        client = self.client()
+        removed = 0
+        try:
+            if key:
+                primary = self.primary_key(key)
+                deleted = int(await client.delete(primary))
+                variants = await self._unlink_matching(escape_glob(primary + b"\0") + b"*")
+                removed += variants or deleted
+            if prefix:
+                removed += await self._unlink_matching(
+                    escape_glob(self.primary_key(prefix)) + b"*")
+        except Exception as exc:
+            self._failed(exc)
+            if key:
+                self._defer(key, False)
+            if prefix:
+                self._defer(prefix, True)
+            return removed, True
+        self._succeeded()
+        return removed, False
+
+    async def _unlink_matching(self, pattern: builtins.bytes) -> int:
+        """Unlink every key matching ``pattern``; the entries among them: variants, and keys
+        without variants (a key some variant names as its primary is a Vary marker)."""
+        client = self.client()
+        singles: list[builtins.bytes] = []  # removed keys without a variant part
+        markers: set[builtins.bytes] = set()  # the primaries the removed variants name
+        variants = 0
+
+        async def unlink(batch: list[builtins.bytes]) -> None:
+            nonlocal variants
+            pipe = client.pipeline(transaction=False)
+            for name in batch:
+                pipe.unlink(name)
+            for name, gone in zip(batch, await pipe.execute(), strict=True):
+                if not gone:
+                    continue  # removed meanwhile by someone else: not counted twice
+                primary, sep, _ = name.partition(b"\0")
+                if sep:
+                    variants += 1
+                    markers.add(primary)
+                else:
+                    singles.append(name)
+
+        batch: list[builtins.bytes] = []
+        async for name in client.scan_iter(match=pattern, count=SCAN_COUNT):
+            batch.append(name)
+            if len(batch) >= SCAN_COUNT:
+                await unlink(batch)
+                batch = []
+        if batch:
+            await unlink(batch)
+        return variants + sum(1 for name in singles if name not in markers)
+
     async def close(self) -> None:
         self._closed = True
         client, self._client = self._client, None

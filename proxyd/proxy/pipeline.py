@@ -281,13 +281,26 @@ class Pipeline:
     def start(self) -> None:
         self.deadlines.start()
 
-    def purge(self, key: str | None = None, prefix: str | None = None) -> int:
+    async def purge(self, key: str | None = None, prefix: str | None = None,
+                    shared: bool = True) -> tuple[int, bool]:
+        """(entries removed, whether Redis was unreachable and the purge waits to be
+        replayed). With Redis, only the worker the master asks (``shared``) purges the shared
+        store and counts; the others drop their L1 copies."""
+        store = self.cache_store
+        if isinstance(store, RedisStore):
+            if shared:
+                return await store.apurge(key, prefix)
+            if key:
+                store.l1.delete(key)
+            if prefix:
+                store.l1.delete_prefix(prefix)
+            return 0, False
         removed = 0
         if key:
-            removed += self.cache_store.delete(key)
+            removed += store.delete(key)
         if prefix:
-            removed += self.cache_store.delete_prefix(prefix)
-        return removed
+            removed += store.delete_prefix(prefix)
+        return removed, False
 
     def close(self) -> None:
         if self._session is not None:

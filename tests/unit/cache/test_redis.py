@@ -223,6 +223,39 @@ async def test_delete_prefix_across_instances_escapes_glob(make: Make,
 
 
 @needs_redis
+async def test_an_admin_purge_counts_entries_not_keys(make: Make, raw: aioredis.Redis) -> None:
+    a, b = make(), make()
+    await a.aput("http://h/p", GZ, entry(b"gz", vary=(AE,)))
+    await a.aput("http://h/p", BR, entry(b"br", vary=(AE,)))
+    await a.aput("http://h/p/plain", [], entry())
+    await a.aput("http://h/p*", [], entry())
+    assert await a.aget("http://h/p", GZ) is not None  # now in a's L1 too
+    # A varying response: its two variants, not its marker; and they are gone from Redis.
+    assert await b.apurge("http://h/p", None) == (2, False)
+    assert a.get("http://h/p", GZ) is not None  # another worker's L1: its own purge message
+    assert await a.apurge("http://h/p", None) == (0, False)
+    assert a.get("http://h/p", GZ) is None
+    assert sorted(await raw.keys(b"proxyd:cache:http://h/p\0*")) == []
+    await a.aput("http://h/p", GZ, entry(b"gz", vary=(AE,)))
+    assert await b.apurge(None, "http://h/p*") == (1, False)  # a glob character, literally
+    assert await b.apurge(None, "http://h/p") == (2, False)  # a variant and a plain entry
+    assert await raw.keys(b"proxyd:cache:*") == []
+
+
+@needs_redis
+async def test_an_admin_purge_while_redis_is_down_is_deferred(
+        make: Make, redis_server: RedisServer) -> None:  # noqa: F811
+    store = make()
+    await store.aput("http://h/gone", [], entry())
+    redis_server.stop()
+    assert await store.apurge("http://h/gone", None) == (0, True)
+    redis_server.start()
+    assert await store.aget("http://h/other", []) is None  # Redis answers: the replay starts
+    await store.spawn.settle()  # type: ignore[attr-defined]
+    assert await make().aget("http://h/gone", []) is None
+
+
+@needs_redis
 async def test_corrupt_records_are_misses(make: Make, raw: aioredis.Redis) -> None:
     await raw.set(b"proxyd:cache:http://h/bad", b"garbage")
     await raw.set(b"proxyd:cache:http://h/bad2", b'{"s":200}\nbody')
