@@ -94,10 +94,9 @@ def check_config(config_path: str, fmt: str) -> None:
 @main.command()
 def schema() -> None:
     """Print the config's JSON Schema (for editor completion and validation)."""
-    document = {"$schema": "https://json-schema.org/draft/2020-12/schema",
-                "title": "proxyd gateway configuration",
-                **GatewayConfig.model_json_schema()}
-    click.echo(json.dumps(document, indent=2))
+    from proxyd.config.schema import json_schema
+
+    click.echo(json.dumps(json_schema(), indent=2))
 
 
 @main.command()

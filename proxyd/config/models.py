@@ -9,9 +9,9 @@ every model is importable from here.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from proxyd.config.models_route import (
     Match,
@@ -117,13 +117,53 @@ class Redis(Model):
         return v
 
 
+AccessLogField = Literal["user_agent", "referer", "protocol", "upstream_addr", "tries",
+                         "tls_version"]
+
+
 class AccessLog(Model):
-    format: Literal["json", "combined"] = Field("json", description="json lines or combined.")
+    format: Literal["json", "combined", "template"] = Field(
+        "json", description="json: one JSON object per line: ts, request_id, client_ip, "
+        "method, host, path, query, status, bytes_in, bytes_out, duration_ms, upstream, "
+        "upstream_ms, cache, route, pid, and the `fields` chosen. combined: the Combined Log "
+        "Format of Apache and nginx, field for field (goaccess --log-format=COMBINED, awstats "
+        "LogFormat=1). template: the `template` line.")
+    fields: list[AccessLogField] = Field(
+        default_factory=lambda: list(get_args(AccessLogField)),
+        description="Fields of json lines beyond the fixed ones: user_agent and referer (the "
+        "request's, null without), protocol (HTTP/1.1, HTTP/1.0), upstream_addr (host:port of "
+        "the target the last try went to, null without), tries (upstream tries, 0 without), "
+        "tls_version (TLSv1.3, ...; null on plain HTTP). [] for the fixed ones only.")
+    template: str | None = Field(
+        None, description="With format: template, each line (nginx log_format style): text "
+        "with $variables — $remote_addr $time_local $time_iso8601 $msec $request "
+        "$request_method $request_uri $uri $args $server_protocol $host $status "
+        "$request_body_length $body_bytes_sent $request_time $upstream_name $upstream_addr "
+        "$upstream_response_time $upstream_tries $cache_status $route $ssl_protocol "
+        "$request_id $http_referer $http_user_agent, and $http_NAME for any request header "
+        "($http_x_forwarded_for). Where a letter follows a variable, write it $${name} (the "
+        "file's own ${VAR} substitution comes first and turns $$ into $). Values are escaped "
+        "as nginx does (\\xHH); an empty one is -.")
     path: str = Field("-", description='"-" = stdout; else a file, reopened on SIGUSR1.')
-    enabled: bool = True
+    enabled: bool = Field(True, description="false: no access log at all.")
     sample_2xx: float = Field(
         1.0, ge=0.0, le=1.0, description="Fraction of 2xx responses logged; errors always are."
     )
+
+    @field_validator("template")
+    @classmethod
+    def _template_compiles(cls, v: str | None) -> str | None:
+        if v is not None:
+            from proxyd.observe.log_format import compile_template
+
+            compile_template(v)  # a ValueError names the unknown variable
+        return v
+
+    @model_validator(mode="after")
+    def _template_with_its_format(self) -> AccessLog:
+        if (self.format == "template") != (self.template is not None):
+            raise ValueError("format: template and a template go together")
+        return self
 
 
 class Metrics(Model):

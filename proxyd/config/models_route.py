@@ -34,9 +34,18 @@ class Rewrite(Model):
 
 
 class Respond(Model):
-    status: int = Field(200, ge=200, le=599)
-    body: str = ""
-    headers: dict[str, str] = Field(default_factory=dict)
+    """A direct answer, without an upstream. Its body and header values may take these
+    placeholders from the request: {scheme} (http or https, as X-Forwarded-Proto would say),
+    {host} (the Host's name, without port), {path} (normalised, as routes see it), {query}
+    (with its "?", empty without one) and {request_id}. The HTTP→HTTPS redirect is then one
+    route: ``respond: {status: 301, headers: {Location: "https://{host}{path}{query}"}}``.
+    Without placeholders the answer is rendered once, at load."""
+
+    status: int = Field(200, ge=200, le=599, description="The status code.")
+    body: str = Field("", description="The body (UTF-8); placeholders allowed.")
+    headers: dict[str, str] = Field(
+        default_factory=dict, description="Header fields; values may hold placeholders. "
+        "Content-Type defaults to text/plain; charset=utf-8 when there is a body.")
 
 
 class RouteCache(Model):
@@ -67,6 +76,12 @@ class RouteTimeouts(Model):
     total: Duration | None = Field(None, description="Overrides pool.total_timeout.")
 
 
+def _websocket_flag_schema(schema: dict[str, Any]) -> None:
+    # The short form _websocket_flag expands: true or false for the default options.
+    options = {key: schema.pop(key) for key in ("$ref", "allOf") if key in schema}
+    schema["anyOf"] = [{"type": "boolean"}, options]
+
+
 class Route(Model):
     name: str = Field(min_length=1)
     match: Match = Field(default_factory=Match)
@@ -81,6 +96,7 @@ class Route(Model):
     websocket: WebSocket = Field(
         default_factory=lambda: WebSocket(enabled=False),
         description="true, or options: relay WebSocket upgrades on this route.",
+        json_schema_extra=_websocket_flag_schema,
     )
     timeouts: RouteTimeouts | None = Field(
         None, description="connect, read, total: override the upstream's timeouts."

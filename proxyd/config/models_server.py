@@ -10,7 +10,6 @@ and the docs are generated from these models.
 from __future__ import annotations
 
 import ipaddress
-import os
 from typing import Annotated, Any, Final, Literal
 
 from pydantic import (
@@ -22,9 +21,11 @@ from pydantic import (
     ValidationError,
     WithJsonSchema,
     field_validator,
+    model_validator,
 )
 
 from proxyd.config.types import ByteSize, Duration, HostPort, HostPortValue, parse_host_port
+from proxyd.cpus import worker_choice
 
 
 class Model(BaseModel):
@@ -213,13 +214,52 @@ ListenerValue = Annotated[
                  "tls": {"type": "object", "additionalProperties": False,
                          "required": ["cert", "key"],
                          "properties": {"cert": {"type": "string"}, "key": {"type": "string"},
-                                        "min_version": {"enum": ["1.2", "1.3"]}}},
+                                        "min_version": {"enum": ["1.2", "1.3", 1.2, 1.3]}}},
                  "proxy_protocol": {"type": "boolean"},
                  "proxy_protocol_from": {"type": "array", "items": {"type": "string"}},
              }},
         ],
     }),
 ]
+
+
+class Probes(Model):
+    """Liveness and readiness on the traffic port, for Kubernetes probes and load balancers
+    that can only reach that port. They are answered before routing, for GET and HEAD only:
+    other methods, and every other path, reach the routes. The admin port has its own
+    /health and /health/ready, always on."""
+
+    enabled: bool = Field(True, description="false: no probe paths; every request is routed.")
+    live: str = Field(
+        "/health", description='Answered 200 {"status":"ok"} while the worker runs.')
+    ready: str = Field(
+        "/health/ready", description='Answered 200 {"ready":true}, or 503 once the worker '
+        "drains (reload, stop), so a balancer stops sending it new connections.")
+
+    @field_validator("live", "ready")
+    @classmethod
+    def _absolute(cls, v: str) -> str:
+        if not v.startswith("/") or "?" in v or "#" in v:
+            raise ValueError(f"a probe path is a path starting with '/', got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _distinct(self) -> Probes:
+        if self.live == self.ready:
+            raise ValueError("live and ready must be different paths")
+        return self
+
+
+# Each worker is a whole Python process (tens of MiB, its own pools and caches): far beyond
+# any host's CPU count, more of them only cost memory and descriptors. A number above this is
+# a typo, and forking it would exhaust the host before a single request is served.
+MAX_WORKERS = 1024
+
+
+def _workers_schema(schema: dict[str, Any]) -> None:
+    # _workers_form also takes the number as a string ("4", what ${VAR} substitution yields).
+    schema["anyOf"] = [{"type": "integer", "minimum": 1, "maximum": MAX_WORKERS},
+                       {"const": "auto"}, {"type": "string", "pattern": r"^\s*\d+\s*$"}]
 
 
 class Server(Model):
@@ -229,7 +269,11 @@ class Server(Model):
                     'min_version}} to terminate TLS there.',
     )
     workers: int | Literal["auto"] = Field(
-        "auto", description="Worker processes; auto = usable CPUs (sched_getaffinity)."
+        "auto", json_schema_extra=_workers_schema,
+        description=f"Worker processes, 1 to {MAX_WORKERS}; auto = the CPUs this process may "
+        "use: those in its affinity mask, or fewer when its cgroup has a CPU quota (Docker "
+        "--cpus, a Kubernetes CPU limit): the quota rounded up. check-config, /status and the "
+        "log at start say what auto chose and why.",
     )
     backlog: int = Field(4096, ge=1, description="listen() backlog of every traffic socket.")
     keepalive_timeout: Duration = Field("5s", description="Idle keep-alive connection lifetime.")  # type: ignore[assignment]
@@ -262,6 +306,10 @@ class Server(Model):
         "them before forwarding (nginx's underscores_in_headers off). reject: answer 400. "
         "allow: forward them.",
     )
+    probes: Probes = Field(
+        default_factory=Probes,
+        description="Probe paths answered on the traffic port before any route (GET, HEAD).",
+    )
     watch_config: bool = Field(
         False,
         description="Poll the config file about once a second and reload (the SIGHUP path) "
@@ -283,6 +331,9 @@ class Server(Model):
     def _workers_positive(cls, v: int | str) -> int | str:
         if isinstance(v, int) and v < 1:
             raise ValueError("workers must be at least 1 (or auto)")
+        if isinstance(v, int) and v > MAX_WORKERS:
+            raise ValueError(f"workers must be at most {MAX_WORKERS} (or auto), got {v}: each "
+                             "worker is a process of its own")
         return v
 
     @field_validator("trusted_proxies")
@@ -296,9 +347,7 @@ class Server(Model):
         return v
 
     def worker_count(self) -> int:
-        if self.workers == "auto":
-            return max(1, len(os.sched_getaffinity(0)))
-        return int(self.workers)
+        return worker_choice(self.workers)[0]
 
 
 class Admin(Model):

@@ -144,8 +144,16 @@ class UpstreamTLS(Model):
 _HASH_KEY = re.compile(r"client_ip|(header|cookie):[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
+def _short_targets_schema(schema: dict[str, Any]) -> None:
+    # The short form _short_targets expands: a target may be written as its URL alone.
+    schema["items"] = {"anyOf": [schema["items"], {"type": "string"}]}
+
+
 class Upstream(Model):
-    targets: list[Target] = Field(min_length=1)
+    targets: list[Target] = Field(
+        min_length=1, json_schema_extra=_short_targets_schema,
+        description='The servers: [{url, weight}, ...], or URLs alone: ["http://host:port"].',
+    )
     balance: Literal["round_robin", "least_conn", "random", "hash"] = "round_robin"
     pool: Pool = Field(default_factory=Pool)
     hash_key: str | None = Field(

@@ -231,6 +231,7 @@ def _check_routes(config: GatewayConfig, report: Report) -> None:
             matches[key] = i
             _check_shadowed(config.routes, i, report)
         _check_target(config, route, at, report)
+        _check_probe_paths(config, route, at, report)
         _check_match(route.match, (*at, "match"), report)
         _check_paths(route, at, report)
         if route.respond is not None:
@@ -253,6 +254,24 @@ def _check_shadowed(routes: list[Route], i: int, report: Report) -> None:
                         f"(routes[{j}]) comes first and takes every request it would; move "
                         "the more specific route above it")
             return
+
+
+def _check_probe_paths(config: GatewayConfig, route: Route, at: Path, report: Report) -> None:
+    probes = config.server.probes
+    path = route.match.path
+    if not probes.enabled or path not in (probes.live, probes.ready):
+        return
+    which = "live" if path == probes.live else "ready"
+    methods = _methods(route.match)
+    if methods is not None and not methods - {"GET", "HEAD"}:
+        report.warn((*at, "match", "path"),
+                    f"route '{route.name}' can never match: GET and HEAD {path} are answered "
+                    f"by server.probes.{which} before routing (move the probe, or set "
+                    "server.probes.enabled: false)")
+    elif methods is None or methods & {"GET", "HEAD"}:
+        report.warn((*at, "match", "path"),
+                    f"GET and HEAD {path} are answered by server.probes.{which} before routing: "
+                    f"route '{route.name}' only gets the other methods")
 
 
 def _methods(match: Match) -> frozenset[str] | None:
