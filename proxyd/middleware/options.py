@@ -161,10 +161,23 @@ class SecurityHeadersOptions(Options):
 
 class TraceIdOptions(Options):
     type: Literal["trace_id"] = "trace_id"
-    header: str = "X-Request-ID"
-    trust_incoming: bool = True
-    echo: bool = True
-    traceparent: bool = True
+    header: str = Field("X-Request-ID", description="The request id's header field.")
+    trust_incoming: bool = Field(
+        True, description="Keep a client's request id (visible ASCII, at most 200 bytes) "
+        "instead of making one.")
+    echo: bool = Field(True, description="Send the request id back on the response.")
+    traceparent: bool = Field(
+        True, description="Take part in W3C Trace Context: a valid incoming traceparent keeps "
+        "its trace id and gets proxyd's own parent id; an invalid one (malformed, uppercase, "
+        "all-zero ids, version ff, sent twice) is replaced by a new trace, and its tracestate "
+        "dropped.")
+    start_traces: bool = Field(
+        True, description="With traceparent: start a trace (a new traceparent) for a "
+        "request that comes without one, so every upstream request can be traced from the "
+        "edge.")
+    sampled: bool = Field(
+        True, description="The sampled flag of the traces proxyd starts: true asks the "
+        "services behind to record them.")
 
 
 # -- validation --------------------------------------------------------------------------------

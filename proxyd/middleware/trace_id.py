@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import re
+from random import getrandbits
 from typing import Final
 
 from proxyd.middleware.base import Context, Middleware, Pending, Response
 from proxyd.middleware.options import TraceIdOptions
 
-_TRACEPARENT: Final = re.compile(rb"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+# W3C Trace Context §3.2: lowercase hex only; a later version may append "-" and more.
+_TRACEPARENT: Final = re.compile(
+    rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-[\x21-\x7e]*)?")
+_ZERO_TRACE: Final = b"0" * 32
+_ZERO_PARENT: Final = b"0" * 16
 # Visible ASCII only: safe to echo and to log. Used with fullmatch ("$" would let a "\n" in).
 _SAFE_ID: Final = re.compile(rb"[\x21-\x7e]{1,200}")
 
@@ -25,6 +29,8 @@ class TraceId(Middleware):
         self.trust = options.trust_incoming
         self.echo = options.echo
         self.traceparent = options.traceparent
+        self.start = options.start_traces
+        self.new_flags = b"01" if options.sampled else b"00"
 
     def on_request(self, ctx: Context) -> Response | Pending | None:
         incoming = ctx.header(self.lname) if self.trust else None
@@ -38,20 +44,46 @@ class TraceId(Middleware):
         ctx.remove_request.add(self.lname)
         ctx.set_request.append((self.name, rid))
         if self.traceparent:
-            parent = ctx.header(b"traceparent")
-            m = _TRACEPARENT.match(parent.strip().lower()) if parent else None
-            if (m and m.group(1) != b"ff" and m.group(2) != b"0" * 32
-                    and m.group(3) != b"0" * 16):
-                # proxyd is a hop in the trace: same trace id, a new span (parent) id.
-                span = os.urandom(8).hex().encode()
-                ctx.remove_request.add(b"traceparent")
-                ctx.set_request.append(
-                    (b"traceparent", b"-".join((b"00", m.group(2), span, m.group(4))))
-                )
-                ctx.state["trace_id"] = m.group(2).decode()
+            self._trace(ctx)
         return None
+
+    def _trace(self, ctx: Context) -> None:
+        """proxyd is a hop in the trace: the trace id it came with and a new parent (span) id
+        of its own; a new trace when none came (start_traces), or when the one that came is
+        invalid, which W3C Trace Context says to restart rather than pass on."""
+        parent = ctx.header(b"traceparent")
+        trace = _valid(ctx, parent) if parent is not None else None
+        if trace is not None:
+            trace_id, flags = trace
+        elif parent is not None or self.start:
+            trace_id, flags = b"%032x" % (getrandbits(128) or 1), self.new_flags
+            # A tracestate belongs to the traceparent it came with: never to a new trace.
+            ctx.remove_request.add(b"tracestate")
+        else:
+            return
+        # Random, not secret: Python's generator (reseeded in each forked worker) costs no
+        # system call, where os.urandom would cost one or two per request.
+        span = b"%016x" % (getrandbits(64) or 1)
+        ctx.remove_request.add(b"traceparent")
+        ctx.set_request.append((b"traceparent", b"-".join((b"00", trace_id, span, flags))))
+        ctx.state["trace_id"] = trace_id.decode()
 
     def on_response(self, ctx: Context, resp: Response) -> None:
         if self.echo and not resp.has(self.lname):
             rid = ctx.id_bytes
             resp.add(self.name, rid if rid is not None else ctx.id().encode(), self.lname)
+
+
+def _valid(ctx: Context, value: bytes) -> tuple[bytes, bytes] | None:
+    """(trace id, flags) of a valid traceparent (W3C Trace Context §3.2.2); None otherwise."""
+    m = _TRACEPARENT.fullmatch(value.strip(b" \t"))
+    if m is None:
+        return None
+    version, trace_id, parent_id, flags, rest = m.groups()
+    if version == b"ff" or (version == b"00" and rest is not None):
+        return None  # ff is never valid; version 00 has nothing after its flags
+    if trace_id == _ZERO_TRACE or parent_id == _ZERO_PARENT:
+        return None
+    if sum(1 for name, _, _ in ctx.headers if name == b"traceparent") > 1:
+        return None  # which one would be the parent? Neither: a new trace.
+    return trace_id, flags

@@ -289,17 +289,69 @@ async def test_traceparent_keeps_trace_id_with_a_new_parent(
     async with await RawClient.connect(p.port) as c:
         await c.request(get("/", extra=f"traceparent: 00-{TRACE_ID}-{PARENT}-01\r\n"))
         await c.request(get("/", extra=f"traceparent: 00-{TRACE_ID}-{PARENT}-01\r\n"))
-        await c.request(get("/", extra=f"traceparent: 00-{'0' * 32}-{PARENT}-01\r\n"))
+        # A later version may carry more after the flags; proxyd speaks version 00.
+        await c.request(get("/", extra=f"traceparent: 01-{TRACE_ID}-{PARENT}-00-more\r\n"))
     spans = []
-    for seen in up.seen[:2]:
+    for seen, flags in zip(up.seen, ("01", "01", "00"), strict=True):
+        (value,) = seen.header_all("traceparent")
+        m = re.fullmatch(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})", value)
+        assert m is not None, value
+        assert m.group(1) == TRACE_ID and m.group(2) != PARENT and m.group(3) == flags
+        spans.append(m.group(2))
+    assert len(set(spans)) == 3
+
+
+INVALID_TRACEPARENTS = [
+    f"00-{'0' * 32}-{PARENT}-01",  # all-zero trace id
+    f"00-{TRACE_ID}-{'0' * 16}-01",  # all-zero parent id
+    f"00-{TRACE_ID.upper()}-{PARENT}-01",  # uppercase
+    f"ff-{TRACE_ID}-{PARENT}-01",  # version ff
+    f"00-{TRACE_ID}-{PARENT}-01-extra",  # version 00 has nothing after its flags
+    f"00-{TRACE_ID[:-1]}-{PARENT}-01",  # short
+    "garbage",
+]
+
+
+async def test_invalid_traceparent_restarts_the_trace(
+    upstreams: Upstreams, proxy: StartProxy
+) -> None:
+    p, up = await with_chain(upstreams, proxy, [TRACE])
+    async with await RawClient.connect(p.port) as c:
+        for value in INVALID_TRACEPARENTS:
+            await c.request(get("/", extra=f"traceparent: {value}\r\ntracestate: k=v\r\n"))
+        # Two of them: which would be the parent? A new trace.
+        await c.request(get("/", extra=f"traceparent: 00-{TRACE_ID}-{PARENT}-01\r\n"
+                                       f"traceparent: 00-{TRACE_ID}-{PARENT}-01\r\n"))
+    assert len(up.seen) == len(INVALID_TRACEPARENTS) + 1
+    traces = set()
+    for seen in up.seen:
         (value,) = seen.header_all("traceparent")
         m = re.fullmatch(r"00-([0-9a-f]{32})-([0-9a-f]{16})-01", value)
-        assert m is not None, value
-        assert m.group(1) == TRACE_ID and m.group(2) != PARENT
-        spans.append(m.group(2))
-    assert spans[0] != spans[1]
-    # An invalid traceparent (all-zero trace id) is not rewritten into a valid-looking one.
-    assert up.seen[2].header_all("traceparent") == [f"00-{'0' * 32}-{PARENT}-01"]
+        assert m is not None and m.group(1) not in (TRACE_ID, "0" * 32), value
+        assert m.group(2) != "0" * 16
+        traces.add(m.group(1))
+        assert seen.header_all("tracestate") == []  # it went with the invalid parent
+    assert len(traces) == len(up.seen)
+
+
+async def test_traces_start_at_the_edge(upstreams: Upstreams, proxy: StartProxy) -> None:
+    routes = [route("quiet", path_prefix="/quiet",
+                    middleware={"trace_id": {"start_traces": False}}),
+              route("unsampled", path_prefix="/unsampled",
+                    middleware={"trace_id": {"sampled": False}}), *CATCH_ALL]
+    p, up = await with_chain(upstreams, proxy, [TRACE], routes)
+    async with await RawClient.connect(p.port) as c:
+        await c.request(get("/"))
+        await c.request(get("/", extra="tracestate: k=v\r\n"))
+        await c.request(get("/unsampled"))
+        await c.request(get("/quiet", extra="tracestate: k=v\r\n"))
+    fresh, orphan, unsampled, quiet = up.seen
+    for seen, flags in ((fresh, "01"), (orphan, "01"), (unsampled, "00")):
+        (value,) = seen.header_all("traceparent")
+        assert re.fullmatch(rf"00-[0-9a-f]{{32}}-[0-9a-f]{{16}}-{flags}", value), value
+    assert orphan.header_all("tracestate") == []
+    # Not starting traces: the request goes on as it came.
+    assert quiet.header_all("traceparent") == [] and quiet.header_all("tracestate") == ["k=v"]
 
 
 async def test_request_id_in_error_bodies(upstreams: Upstreams, proxy: StartProxy) -> None:
