@@ -95,7 +95,7 @@ class JwtAuthOptions(Options):
         "start and every jwks_refresh in the background; keys are found by kid; a failed "
         "fetch keeps the last good keys.")
     jwks_refresh: Duration = Field(  # type: ignore[assignment]
-        "5m", description="How often the JWKS is fetched again.")
+        "5m", description="How often the JWKS is fetched again (1s at the least).")
     jwks_timeout: Duration = Field(  # type: ignore[assignment]
         "5s", description="Longest wait for a JWKS fetch.")
     jwks_min_interval: Duration = Field(  # type: ignore[assignment]

@@ -126,6 +126,18 @@ def test_explain_shows_each_access_decision() -> None:
         "X-API-Key)", "passes; consumer alice", "401: needs a bearer token (HS256; shared secret)"]
 
 
+def test_explain_never_fetches_a_jwks() -> None:
+    import jwt
+
+    token = jwt.encode({"sub": "svc", "exp": 4102444800}, SECRET, algorithm="HS256")
+    cfg = config([{"type": "jwt_auth", "algorithms": ["RS256"],
+                   "jwks_url": "https://idp.test/jwks"}])
+    _, result = explain(cfg, "GET", "/x", [("Authorization", "Bearer " + token)])
+    assert result["access"] == [{"element": "jwt_auth", "decision": (
+        "token not verified offline (keys from JWKS https://idp.test/jwks); its claims say "
+        "exp=4102444800, sub=svc")}]
+
+
 def test_explain_without_access_elements_has_no_access_section() -> None:
     ok, result = explain(config([]), "GET", "/x", [])
     assert ok and "access" not in result

@@ -157,6 +157,12 @@ def test_parse_credentials() -> None:
     assert parse_credentials(b"YQ") is None  # bad padding
 
 
+def test_dummy_hash_has_the_scheme_and_cost_of_a_real_one() -> None:
+    assert passwords.dummy_hash_like(ALICE).startswith("$2b$04$")
+    dummy = passwords.dummy_hash_like(BOB)
+    assert dummy.startswith("$argon2id$v=19$m=1024,t=1,p=1$") and dummy != BOB
+
+
 def test_make_hash_round_trips() -> None:
     for scheme in passwords.SCHEMES:
         hashed = passwords.make_hash("pw", scheme, rounds=4)
