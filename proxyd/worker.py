@@ -20,10 +20,10 @@ import uvloop
 
 from proxyd.config.models import GatewayConfig
 from proxyd.control import Channel
-from proxyd.proxy.downstream import DownstreamProtocol
+from proxyd.proxy.downstream import PROXY_ERRORS, DownstreamProtocol
 from proxyd.proxy.headers import TrustedProxies
 from proxyd.proxy.pipeline import Pipeline
-from proxyd.proxy.proxy_protocol import ListenerPolicy
+from proxyd.proxy.proxy_protocol import ListenerPolicy, TLSGate
 from proxyd.sockets import listen_socket
 from proxyd.tls import server_context
 
@@ -39,10 +39,11 @@ class Worker:
         self.config = config
         self.sockets = list(sockets)
         self.pipeline: Pipeline | None = None
-        self.servers: list[asyncio.AbstractServer] = []
+        self.servers: list[asyncio.AbstractServer | TLSGate] = []
         # Per socket, what its server makes of a connection: for the queue left at drain.
         self.accepting: list[tuple[socket.socket, Callable[[], DownstreamProtocol],
-                                   ssl.SSLContext | None]] = []
+                                   ssl.SSLContext | None, TLSGate | None]] = []
+        self.gates: list[TLSGate] = []
         self.stopped = asyncio.Event()
 
     async def start(self) -> None:
@@ -65,8 +66,19 @@ class Worker:
             # One context per TLS listener, loaded here after fork: a reload's new workers
             # read the certificate files as they are now.
             ctx = server_context(tls) if tls is not None else None
-            make = factory_for(ctx is not None, proxy, tls is not None
+            make = factory_for(ctx is not None, proxy if ctx is None else None, tls is not None
                                and tls.client_ca is not None and tls.client_cert_headers)
+            if ctx is not None and proxy is not None:
+                # The PROXY header precedes the TLS handshake: taken off the socket first.
+                gate = TLSGate(loop, sock, make, ctx, proxy,
+                               self.config.server.limits.header_timeout,
+                               lambda ip, why: refuse_proxy(pipeline, ip, why))
+                sock.listen(self.config.server.backlog)
+                gate.start()
+                self.gates.append(gate)
+                self.servers.append(gate)
+                self.accepting.append((sock, make, ctx, gate))
+                continue
             # asyncio re-listens on a passed socket; without backlog it would shrink to 100.
             # A TLS handshake counts against header_timeout: a client that never finishes it
             # must not hold a connection (it is not in the pipeline's connections yet).
@@ -77,7 +89,7 @@ class Worker:
                 if ctx is not None else None,
             )
             self.servers.append(server)
-            self.accepting.append((sock, make, ctx))
+            self.accepting.append((sock, make, ctx, None))
 
     async def drain(self, timeout: float | None = None) -> None:
         """Stop accepting, let in-flight requests finish, close keep-alives, then stop."""
@@ -86,7 +98,7 @@ class Worker:
         timeout = self.config.server.drain_timeout if timeout is None else timeout
         # A copy of each socket outlives its server, to take what is queued on it (below).
         # (None left on a second drain: closing a server detached its socket.)
-        spares = [(sock.dup(), make, ctx) for sock, make, ctx in self.accepting
+        spares = [(sock.dup(), make, ctx, gate) for sock, make, ctx, gate in self.accepting
                   if sock.fileno() >= 0]
         for server in self.servers:
             server.close()  # close() only: shutdown() would kill the socket for every process
@@ -106,8 +118,8 @@ class Worker:
                 tunnel.close()  # 1001 Going Away now; "keep" relays live on until the deadline
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while (pipeline.connections or any(not h.done() for h in handshakes)) \
-                and loop.time() < deadline:
+        while (pipeline.connections or any(not h.done() for h in handshakes)
+               or any(gate.busy() for gate in self.gates)) and loop.time() < deadline:
             await asyncio.sleep(0.02)
         for handshake in handshakes:
             handshake.cancel()
@@ -121,7 +133,7 @@ class Worker:
 
 
     def _accept_queued(self, spares: list[tuple[socket.socket, Callable[[], DownstreamProtocol],
-                                                ssl.SSLContext | None]]
+                                                ssl.SSLContext | None, TLSGate | None]]
                        ) -> list[asyncio.Task[object]]:
         """Accept what waits in the sockets' queues, then let go of them.
 
@@ -135,19 +147,28 @@ class Worker:
         loop = asyncio.get_running_loop()
         timeout = self.config.server.limits.header_timeout or None
         handshakes: list[asyncio.Task[object]] = []
-        for spare, make, ctx in spares:
+        for spare, make, ctx, gate in spares:
             with spare:
                 spare.setblocking(False)
                 while True:
                     try:
-                        conn, _ = spare.accept()
+                        conn, addr = spare.accept()
                     except OSError:
                         break  # empty (EAGAIN), or out of descriptors: the rest stays queued
+                    if gate is not None:
+                        gate.admit(conn, addr[0])  # its PROXY header first, as any other
+                        continue
                     conn.setblocking(False)
                     handshakes.append(loop.create_task(loop.connect_accepted_socket(
                         make, conn, ssl=ctx,  # type: ignore[type-var]  # duck-typed protocol
                         ssl_handshake_timeout=timeout if ctx is not None else None)))
         return handshakes
+
+
+def refuse_proxy(pipeline: Pipeline, ip: str, reason: str) -> None:
+    """A connection a TLSGate closed: counted and logged as the plain listeners' are."""
+    pipeline.metrics.inc("gateway_client_limits_total", ("proxy_protocol",))
+    PROXY_ERRORS.warning("closing a connection from %s: %s", ip, reason)
 
 
 def run_single(config: GatewayConfig, config_path: str | None = None,

@@ -177,6 +177,8 @@ class DownstreamProtocol(Answering):
         self.proxy = proxy  # the listener reads a PROXY protocol header first
         self.client_certs = client_certs  # tell upstreams who a client certificate named
         self.cert_fields = b""  # ... in these lines
+        # The client's address when a PROXY header read before TLS gave it (TLSGate).
+        self.client_address: str | None = None
         self.scheme = b"https" if tls else b"http"  # of the listener: X-Forwarded-Proto
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
@@ -210,6 +212,8 @@ class DownstreamProtocol(Answering):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         peer = transport.get_extra_info("peername")
         ip = peer[0] if peer else "127.0.0.1"
+        if self.client_address is not None:
+            ip = self.client_address
         self.client_ip = ip.encode()
         self.trusted_peer = ip in self.p.trusted
         p = self.p

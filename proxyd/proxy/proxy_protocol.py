@@ -10,9 +10,12 @@ limits, ``ip_access`` and X-Forwarded-For use.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import socket
+import ssl
 import struct
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
 import httptools
@@ -169,3 +172,134 @@ class HeaderReader:
         if rest:
             ds.parsing = False
             ds.data_received(rest)
+
+
+class TLSGate:
+    """Accepts for a TLS listener that takes the PROXY protocol.
+
+    There the header comes before the TLS handshake, so it must be taken off the socket
+    before TLS reads a byte: each new connection's bytes are peeked at, and exactly the
+    header's are consumed (bytes peeked before the header is complete all belong to it, so
+    they are consumed as they come: no busy loop on a slow sender). Then the socket goes to
+    the TLS server as any accepted one, with the header's address as its client's.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
+                 make: Callable[[], DownstreamProtocol], ctx: ssl.SSLContext,
+                 policy: ListenerPolicy, header_timeout: float,
+                 refuse: Callable[[str, str], None]) -> None:
+        self.loop = loop
+        self.sock = sock
+        self.make = make
+        self.ctx = ctx
+        self.policy = policy
+        self.timeout = header_timeout or None
+        self.refuse = refuse
+        self.pending: dict[int, _Pending] = {}  # by descriptor: connections still at the header
+        self.handshakes: set[asyncio.Task[object]] = set()
+
+    def start(self) -> None:
+        self.loop.add_reader(self.sock.fileno(), self._accept)
+
+    def close(self) -> None:
+        """Stop accepting; this worker's copy of the socket goes (as a server's close)."""
+        if self.sock.fileno() >= 0:
+            self.loop.remove_reader(self.sock.fileno())
+            self.sock.close()
+
+    def busy(self) -> bool:
+        return bool(self.pending) or any(not t.done() for t in self.handshakes)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, addr = self.sock.accept()
+            except OSError:
+                return  # none left (EAGAIN), or out of descriptors: the rest stays queued
+            self.admit(conn, addr[0])
+
+    def admit(self, conn: socket.socket, ip: str) -> None:
+        conn.setblocking(False)
+        pending = _Pending(conn, ip, ip in self.policy.trusted)
+        if self.timeout:
+            pending.timer = self.loop.call_later(self.timeout, self._drop, pending,
+                                                 "no PROXY protocol header in time")
+        self.pending[conn.fileno()] = pending
+        self.loop.add_reader(conn.fileno(), self._readable, pending)
+
+    def _readable(self, pending: _Pending) -> None:
+        conn = pending.conn
+        try:
+            data = conn.recv(V2_MAX, socket.MSG_PEEK)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._drop(pending, None)
+            return
+        if not data:
+            self._drop(pending, None)  # closed before the header
+            return
+        if not pending.required:
+            # A TLS client's first byte is a handshake record (0x16): "P" or CR is a header.
+            if data[:1] in (b"P", b"\r"):
+                self._drop(pending, "PROXY protocol header from an untrusted peer")
+            else:
+                self._hand_off(pending, None)
+            return
+        whole = pending.buffer + data
+        try:
+            parsed = parse(whole)
+        except ProxyHeaderError as exc:
+            self._drop(pending, str(exc))
+            return
+        if parsed is None:
+            pending.buffer += conn.recv(len(data))  # all of it is header: take it
+            return
+        address, length = parsed
+        rest = length - len(pending.buffer)
+        if rest:
+            conn.recv(rest)  # exactly the header's bytes, peeked already: TLS gets the rest
+        self._hand_off(pending, address)
+
+    def _forget(self, pending: _Pending) -> None:
+        fd = pending.conn.fileno()
+        self.pending.pop(fd, None)
+        self.loop.remove_reader(fd)
+        if pending.timer is not None:
+            pending.timer.cancel()
+
+    def _drop(self, pending: _Pending, reason: str | None) -> None:
+        self._forget(pending)
+        if reason is not None:
+            self.refuse(pending.ip, reason)
+        pending.conn.close()
+
+    def _hand_off(self, pending: _Pending, address: str | None) -> None:
+        self._forget(pending)
+        protocol = self.make()
+        protocol.client_address = address
+
+        def made() -> DownstreamProtocol:
+            return protocol
+
+        task = self.loop.create_task(self.loop.connect_accepted_socket(
+            made, pending.conn, ssl=self.ctx,  # type: ignore[type-var]  # duck-typed protocol
+            ssl_handshake_timeout=self.timeout))
+        self.handshakes.add(task)
+        task.add_done_callback(self._handshaken)
+
+    def _handshaken(self, task: asyncio.Task[object]) -> None:
+        self.handshakes.discard(task)
+        if not task.cancelled():
+            task.exception()  # a failed handshake is the client's business, not an error
+
+
+class _Pending:
+    __slots__ = ("buffer", "conn", "ip", "required", "timer")
+
+    def __init__(self, conn: socket.socket, ip: str, required: bool) -> None:
+        self.conn = conn
+        self.ip = ip
+        self.required = required
+        self.buffer = b""
+        self.timer: asyncio.TimerHandle | None = None

@@ -155,3 +155,68 @@ async def test_sent_to_an_upstream_ahead_of_each_connection(
     # Each exchange had a connection of its own, announced with the client's address.
     assert got == [("198.51.100.4", "/a"), ("198.51.100.4", "/b")]
     assert len(up.conns) == 2
+
+
+def tls_request(port: int, ca: Any, preface: bytes, source: str = "127.0.0.1") -> bytes:
+    """A PROXY header in clear, then TLS on the same connection, then one request."""
+    import socket
+    import ssl
+
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    with socket.create_connection(("127.0.0.1", port), timeout=10,
+                                  source_address=(source, 0)) as raw:
+        raw.sendall(preface)
+        with ctx.wrap_socket(raw, server_hostname="localhost",
+                             do_handshake_on_connect=False) as tls:
+            tls.do_handshake()
+            tls.sendall(get("/tls", extra="Connection: close\r\n"))
+            answer = b""
+            while chunk := tls.recv(65536):
+                answer += chunk
+    return answer
+
+
+@pytest.mark.parametrize("make", [header_v1, header_v2], ids=["v1", "v2"])
+async def test_on_a_tls_listener_the_header_precedes_the_handshake(
+        upstreams: Upstreams, proxy: StartProxy, tmp_path: Path, make: Any) -> None:
+    import trustme
+
+    ca = trustme.CA()
+    leaf = ca.issue_cert("localhost")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_bytes(b"".join(b.bytes() for b in leaf.cert_chain_pems))
+    key.write_bytes(leaf.private_key_pem.bytes())
+    up = await upstreams.aiohttp()
+    tls = {"cert": str(cert), "key": str(key)}
+    p = await proxy(CATCH_ALL, {"backend": up.url}, server={"listen": [
+        {"address": "127.0.0.1:1", "proxy_protocol": True,
+         "proxy_protocol_from": ["127.0.0.1/32"], "tls": tls}]})
+    header = make("203.0.113.77", 40000, "127.0.0.1", p.port)
+    answer = await asyncio.to_thread(tls_request, p.port, ca, header)
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert up.seen[-1].header("X-Forwarded-For") == "203.0.113.77"
+    assert up.seen[-1].header("X-Forwarded-Proto") == "https"
+    # Without its header, the balancer's connection is closed before any TLS; so is a
+    # header from a peer not allowed to send one (which may speak TLS directly).
+    hello = b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + b"\x00" * 32
+    assert await asyncio.to_thread(raw_answer, p.port, hello, "127.0.0.1") == b""
+    assert await asyncio.to_thread(raw_answer, p.port, header, "127.0.0.2") == b""
+    answer = await asyncio.to_thread(tls_request, p.port, ca, b"", "127.0.0.2")
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert up.seen[-1].header("X-Forwarded-For") == "127.0.0.2"
+
+
+def raw_answer(port: int, data: bytes, source: str) -> bytes:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10,
+                                  source_address=(source, 0)) as raw:
+        raw.sendall(data)
+        got = b""
+        try:
+            while chunk := raw.recv(65536):
+                got += chunk
+        except ConnectionResetError:
+            pass
+        return got
