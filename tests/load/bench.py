@@ -27,7 +27,20 @@ mw         the middleware alone: cors, security_headers, validation, trace_id,
            access log, metrics default; GET /
 cache      the cache middleware, GET /cacheable (cache hits); nginx proxies without a cache
 recycle    plain with ``max_requests: 10000`` (default jitter)
+jwt        plain behind jwt_auth: every request carries the same valid RS256 token, so
+           its verification is remembered (the steady state of a client with a token);
+           the sub claim forwarded as a request header
+jwt_sig    jwt with cache_size 0: the signature and claims checked on every request
+basic      plain behind basic_auth, the same user:password (bcrypt cost 12) on every
+           request, so the hash is checked once and remembered
+apikey     plain behind api_key, the key in X-API-Key (a SHA-256 and a lookup a request)
+ipaccess   plain behind ip_access with an allow list that takes 127.0.0.1, 127.0.0.1 a
+           trusted proxy (the benchmark's requests carry no X-Forwarded-For)
 =========  ==========================================================================
+
+Each access scenario is measured against plain in the same pass: the lines after the table
+give its throughput as a fraction of plain's and its CPU per request over plain's, the cost of
+the element alone on that route. nginx gets the same headers and checks nothing.
 
 Each pass, for each scenario: ``wrk -t1 -c64`` (closed loop, after a 1 s warm-up) against
 nginx and proxyd back to back (the order alternates between passes), then an open-loop probe at
@@ -85,9 +98,10 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-SCENARIOS = ("plain", "big", "chain", "mw", "cache", "recycle")
+ACCESS_SCENARIOS = ("jwt", "jwt_sig", "basic", "apikey", "ipaccess")
+SCENARIOS = ("plain", "big", "chain", "mw", "cache", "recycle", *ACCESS_SCENARIOS)
 PATHS = {"plain": "/", "big": "/big", "chain": "/", "mw": "/", "cache": "/cacheable",
-         "recycle": "/"}
+         "recycle": "/", **{s: "/" for s in ACCESS_SCENARIOS}}
 # The mw scenario's chain: the middleware alone (no rate limit, access log or extra metrics).
 MW_CHAIN: list[dict[str, Any]] = [
     {"type": "cors", "allow_origins": ["https://app.example.com"]},
@@ -254,7 +268,8 @@ def http_get(port: int, path: str, headers: dict[str, str] | None = None,
         conn.close()
 
 
-def wait_ready(port: int, path: str, proc: Proc | None, what: str, timeout: float = 30.0) -> None:
+def wait_ready(port: int, path: str, proc: Proc | None, what: str, timeout: float = 30.0,
+               headers: dict[str, str] | None = None) -> None:
     """Poll ``GET path`` until it answers 200; fail with the process's log after ``timeout``."""
     deadline = time.monotonic() + timeout
     last: object = None
@@ -262,7 +277,7 @@ def wait_ready(port: int, path: str, proc: Proc | None, what: str, timeout: floa
         if proc is not None and not proc.alive():
             raise RuntimeError(f"{what} exited ({proc.popen.returncode}):\n{proc.log_tail()}")
         try:
-            status, _, _ = http_get(port, path, timeout=1.0)
+            status, _, _ = http_get(port, path, headers, timeout=1.0)
             if status == 200:
                 return
             last = status
@@ -407,7 +422,57 @@ def proxyd_config(scenario: str, port: int, admin: int, origin: int, workers: in
     elif scenario == "cache":
         config["middleware"] = [{"type": "cache"}]
         config["cache"] = {"backend": "memory"}
+    elif scenario in ACCESS_SCENARIOS:
+        config["middleware"] = [access_material(tmp)[scenario][0]]
+        if scenario == "ipaccess":  # as behind a load balancer: the checks can test a refusal
+            server["trusted_proxies"] = ["127.0.0.1/32"]
     return config
+
+
+_ACCESS: dict[Path, dict[str, tuple[dict[str, Any], dict[str, str]]]] = {}
+
+
+def access_material(tmp: Path) -> dict[str, tuple[dict[str, Any], dict[str, str]]]:
+    """Each access scenario's middleware entry and the headers its requests carry; the keys,
+    hashes and token are made once per run (an RSA key, a bcrypt hash: ~0.5 s)."""
+    if tmp in _ACCESS:
+        return _ACCESS[tmp]
+    import base64
+    import hashlib
+
+    import bcrypt
+    import jwt
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = tmp / "jwt-public.pem"
+    pem.write_bytes(key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    token = jwt.encode({"sub": "bench", "iss": "https://idp.bench", "aud": "api",
+                        "exp": int(time.time()) + 7 * 86400}, key, algorithm="RS256")
+    jwt_entry = {"type": "jwt_auth", "algorithms": ["RS256"], "key_file": str(pem),
+                 "issuer": "https://idp.bench", "audience": "api",
+                 "claims_to_headers": {"sub": "X-User"}}
+    bearer = {"Authorization": f"Bearer {token}"}
+    password = bcrypt.hashpw(b"bench-password", bcrypt.gensalt(12)).decode()
+    api_key = "k-" + "0123456789abcdef" * 2
+    _ACCESS[tmp] = {
+        "jwt": (jwt_entry, bearer),
+        "jwt_sig": ({**jwt_entry, "cache_size": 0}, bearer),
+        "basic": ({"type": "basic_auth", "users": {"bench": password}},
+                  {"Authorization": "Basic " + base64.b64encode(b"bench:bench-password").decode()}),
+        "apikey": ({"type": "api_key",
+                    "keys": {"bench": "sha256:" + hashlib.sha256(api_key.encode()).hexdigest()}},
+                   {"X-API-Key": api_key}),
+        "ipaccess": ({"type": "ip_access", "allow": ["127.0.0.0/8"]}, {}),
+    }
+    return _ACCESS[tmp]
+
+
+def scenario_headers(tmp: Path, scenario: str) -> dict[str, str]:
+    """The headers every request of ``scenario`` carries (credentials), else none."""
+    return access_material(tmp)[scenario][1] if scenario in ACCESS_SCENARIOS else {}
 
 
 def start_proxyd(tmp: Path, scenario: str, workers: int, origin: int,
@@ -422,7 +487,8 @@ def start_proxyd(tmp: Path, scenario: str, workers: int, origin: int,
                 tmp / f"proxyd-{scenario}.log", signal.SIGTERM, env=env)
     try:
         wait_ready(admin, "/health/ready", proc, f"proxyd ({scenario}) admin")
-        wait_ready(port, PATHS[scenario], proc, f"proxyd ({scenario})")
+        wait_ready(port, PATHS[scenario], proc, f"proxyd ({scenario})",
+                   headers=scenario_headers(tmp, scenario))
     except BaseException:
         proc.stop()
         raise
@@ -433,9 +499,11 @@ def start_proxyd(tmp: Path, scenario: str, workers: int, origin: int,
 
 
 def run_wrk(wrk: str, lua: Path, port: int, path: str, duration: float, conns: int,
-            threads: int = 1) -> dict[str, Any]:
-    argv = [wrk, f"-t{threads}", f"-c{conns}", f"-d{max(1, round(duration))}s", "-s", str(lua),
-            f"http://127.0.0.1:{port}{path}"]
+            threads: int = 1, headers: dict[str, str] | None = None) -> dict[str, Any]:
+    argv = [wrk, f"-t{threads}", f"-c{conns}", f"-d{max(1, round(duration))}s", "-s", str(lua)]
+    for name, value in (headers or {}).items():
+        argv += ["-H", f"{name}: {value}"]
+    argv.append(f"http://127.0.0.1:{port}{path}")
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True, text=True)
     try:
@@ -526,10 +594,12 @@ class ProbeConn(asyncio.Protocol):
 class Probe:
     """Open-loop GETs at a fixed rate over ``conns`` staggered keep-alive connections."""
 
-    def __init__(self, port: int, path: str, rate: float, duration: float, conns: int) -> None:
+    def __init__(self, port: int, path: str, rate: float, duration: float, conns: int,
+                 headers: dict[str, str] | None = None) -> None:
         self.port, self.rate, self.duration, self.nconns = port, rate, duration, conns
+        extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
         self.request = (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-                        "User-Agent: proxyd-bench\r\n\r\n").encode()
+                        f"User-Agent: proxyd-bench\r\n{extra}\r\n").encode()
         self.latencies: list[float] = []
         self.errors: collections.Counter[str] = collections.Counter()
         self.sent = 0
@@ -613,8 +683,9 @@ class Probe:
                 "retried": self.retried}
 
 
-def run_probe(port: int, path: str, rate: float, duration: float, conns: int) -> dict[str, Any]:
-    return uvloop.run(Probe(port, path, rate, duration, conns).run())
+def run_probe(port: int, path: str, rate: float, duration: float, conns: int,
+              headers: dict[str, str] | None = None) -> dict[str, Any]:
+    return uvloop.run(Probe(port, path, rate, duration, conns, headers).run())
 
 
 # -- the benchmark ---------------------------------------------------------------------------------
@@ -633,7 +704,15 @@ class Env:
 
 
 def checks(env: Env, scenario: str, port: int) -> None:
-    """Functional checks worth a note: is the 1 KiB body compressed, are cache hits hits."""
+    """Functional checks worth a note: is the 1 KiB body compressed, are cache hits hits,
+    does an access element refuse a request without credentials and pass the benchmark's."""
+    if scenario in ACCESS_SCENARIOS:
+        bare, _, _ = http_get(port, "/", {"X-Forwarded-For": "192.0.2.1"})
+        passed, _, _ = http_get(port, "/", scenario_headers(env.tmp, scenario))
+        env.notes.append(f"{scenario}: GET / without credentials (from 192.0.2.1) → {bare}, "
+                         f"with the benchmark's → {passed}")
+        if passed != 200 or bare == 200:
+            env.notes.append(f"WARNING: the {scenario} scenario is not exercising its element")
     if scenario == "chain":
         _, headers, body = http_get(port, "/", {"Accept-Encoding": "br, gzip"})
         coding = headers.get("content-encoding")
@@ -660,6 +739,7 @@ def checks(env: Env, scenario: str, port: int) -> None:
 def one_scenario(env: Env, args: argparse.Namespace, scenario: str, pass_no: int,
                  rate_limit: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
     path = PATHS[scenario]
+    headers = scenario_headers(env.tmp, scenario)
     results: dict[str, dict[str, Any]] = {}
     proc, port, _admin = start_proxyd(env.tmp, scenario, args.workers, env.origin_port,
                                       rate_limit)
@@ -676,20 +756,20 @@ def one_scenario(env: Env, args: argparse.Namespace, scenario: str, pass_no: int
             row: dict[str, Any] = {}
             if env.wrk:
                 run_wrk(env.wrk, env.lua, tport, path, 1.0, args.connections,
-                        args.wrk_threads)  # warm-up
+                        args.wrk_threads, headers)  # warm-up
                 cpu = cpu_seconds(pid) if pid else 0.0
                 row["wrk"] = run_wrk(env.wrk, env.lua, tport, path, args.duration,
-                                     args.connections, args.wrk_threads)
+                                     args.connections, args.wrk_threads, headers)
                 if pid:  # the proxy's CPU (all its processes) per request served
                     row["cpu_us"] = ((cpu_seconds(pid) - cpu) * 1e6
                                      / max(1, row["wrk"]["requests"]))
             row["rss"] = rss_tree(pid) if pid else None
             results[name] = row
         results["origin"] = {"probe": run_probe(env.origin_port, path, args.rate,
-                                                args.probe_duration, args.probe_conns)}
+                                                args.probe_duration, args.probe_conns, headers)}
         for name, tport, _pid in targets:
             results[name]["probe"] = run_probe(tport, path, args.rate, args.probe_duration,
-                                               args.probe_conns)
+                                               args.probe_conns, headers)
         if not proc.alive():
             raise RuntimeError(f"proxyd ({scenario}) died:\n{proc.log_tail()}")
     finally:
@@ -709,11 +789,12 @@ def one_scenario(env: Env, args: argparse.Namespace, scenario: str, pass_no: int
 
 def chain_cost(passes: list[dict[str, dict[str, dict[str, Any]]]], scenarios: list[str]
                ) -> list[str]:
-    """What a chain (the mw scenario) or worker recycling costs proxyd against plain, pass
-    by pass: throughput as a fraction of plain's, and CPU per request over plain's (recycle's
-    counts the workers it replaced, through the master's reaped-children times)."""
+    """What a chain (the mw scenario), an access element or worker recycling costs proxyd
+    against plain, pass by pass: throughput as a fraction of plain's, and CPU per request over
+    plain's (recycle's counts the workers it replaced, through the master's reaped-children
+    times)."""
     lines = []
-    for scenario in ("mw", "chain", "recycle"):
+    for scenario in ("mw", "chain", "recycle", *ACCESS_SCENARIOS):
         if scenario not in scenarios or "plain" not in scenarios:
             continue
         rps, cpu = [], []

@@ -2,8 +2,10 @@
 
 Every element counts each request it decides in ``gateway_auth_total{route, element, result}``
 (allowed ones too: the rate of each outcome is what an operator alerts on). A refusal is the
-usual JSON error; a 401 carries the challenge its scheme defines (RFC 9110 §11.6.1), and never
-says more than the scheme allows about why: a client learns "invalid", not which check failed.
+usual JSON error; a 401 carries the challenge its scheme defines (RFC 9110 §11.6.1). Only
+jwt_auth's challenge says which check failed (RFC 6750's error_description, for the client's
+developer: every check is on what the client itself sent); a password or key refusal never
+says whether the name or the secret was wrong.
 """
 
 from __future__ import annotations
