@@ -26,7 +26,7 @@ def forwarded(ctx: Context, lname: bytes) -> list[bytes]:
 def test_generates_an_id_when_absent_and_forwards_it() -> None:
     ctx = run(make_ctx(request_id="gen-1"))
     assert ctx.request_id == "gen-1"
-    assert ctx.set_request == [(b"X-Request-ID", b"gen-1")]
+    assert forwarded(ctx, b"x-request-id") == [b"gen-1"]
     assert b"x-request-id" in ctx.remove_request  # the client's copy is replaced, not doubled
 
 
@@ -60,7 +60,8 @@ def test_incoming_id_ignored_when_not_trusted() -> None:
 def test_custom_header_name() -> None:
     ctx = run(make_ctx(headers=[(b"x-correlation-id", b"corr-1")]), header="X-Correlation-ID")
     assert ctx.id() == "corr-1"
-    assert ctx.set_request == [(b"X-Correlation-ID", b"corr-1")]
+    assert ctx.set_request[0] == (b"X-Correlation-ID", b"corr-1")
+    assert forwarded(ctx, b"x-request-id") == []
     assert b"x-correlation-id" in ctx.remove_request
 
 
@@ -95,10 +96,12 @@ def test_valid_traceparent_keeps_trace_id_with_new_parent() -> None:
 
 
 def test_traceparent_of_a_future_version_is_rewritten_as_version_00() -> None:
-    ctx = run(make_ctx(headers=[(b"traceparent", f" 0A-{TRACE.upper()}-{PARENT}-00 ".encode())]))
-    [value] = forwarded(ctx, b"traceparent")
-    assert value.startswith(f"00-{TRACE}-".encode())
-    assert value.endswith(b"-00")
+    # A later version may append fields after the flags: read as version 00, sent as 00.
+    value = f" 0a-{TRACE}-{PARENT}-00-later.fields ".encode()
+    ctx = run(make_ctx(headers=[(b"traceparent", value)]))
+    [sent] = forwarded(ctx, b"traceparent")
+    assert sent.startswith(f"00-{TRACE}-".encode())
+    assert sent.endswith(b"-00")
 
 
 def test_each_hop_gets_a_fresh_parent_id() -> None:
@@ -110,6 +113,8 @@ def test_each_hop_gets_a_fresh_parent_id() -> None:
 
 @pytest.mark.parametrize("value", [
     f"ff-{TRACE}-{PARENT}-01",  # version ff is forbidden
+    f"00-{TRACE.upper()}-{PARENT}-01",  # uppercase hex
+    f"0A-{TRACE}-{PARENT}-01",  # uppercase version
     f"00-{'0' * 32}-{PARENT}-01",  # all-zero trace id
     f"00-{TRACE}-{'0' * 16}-01",  # all-zero parent id
     f"00-{TRACE[:-1]}-{PARENT}-01",  # short trace id
@@ -118,12 +123,33 @@ def test_each_hop_gets_a_fresh_parent_id() -> None:
     f"00-{TRACE[:-1]}g-{PARENT}-01",  # not hex
     "garbage",
 ])
-def test_invalid_traceparent_is_ignored(value: str) -> None:
-    ctx = run(make_ctx(headers=[(b"traceparent", value.encode())]))
-    assert forwarded(ctx, b"traceparent") == []
-    assert b"traceparent" not in ctx.remove_request
-    assert "trace_id" not in ctx.state
+def test_invalid_traceparent_restarts_the_trace(value: str) -> None:
+    ctx = run(make_ctx(headers=[(b"traceparent", value.encode()), (b"tracestate", b"k=v")]))
+    [sent] = forwarded(ctx, b"traceparent")
+    m = re.fullmatch(rb"00-([0-9a-f]{32})-([0-9a-f]{16})-01", sent)
+    assert m is not None and m.group(1).decode() != TRACE
+    assert {b"traceparent", b"tracestate"} <= ctx.remove_request  # neither passes through
+    assert ctx.state["trace_id"] == m.group(1).decode()
     assert forwarded(ctx, b"x-request-id") != []  # the request id is still handled
+
+
+def test_two_traceparents_restart_the_trace() -> None:
+    header = (b"traceparent", f"00-{TRACE}-{PARENT}-01".encode())
+    ctx = run(make_ctx(headers=[header, header]))
+    [sent] = forwarded(ctx, b"traceparent")
+    assert not sent.startswith(f"00-{TRACE}".encode())
+
+
+def test_a_trace_starts_at_the_edge() -> None:
+    ctx = run(make_ctx(headers=[(b"tracestate", b"orphan=1")]))
+    [sent] = forwarded(ctx, b"traceparent")
+    assert re.fullmatch(rb"00-[0-9a-f]{32}-[0-9a-f]{16}-01", sent)
+    assert b"tracestate" in ctx.remove_request
+    unsampled = run(make_ctx(), sampled=False)
+    assert forwarded(unsampled, b"traceparent")[0].endswith(b"-00")
+    quiet = run(make_ctx(headers=[(b"tracestate", b"k=v")]), start_traces=False)
+    assert forwarded(quiet, b"traceparent") == [] and "trace_id" not in quiet.state
+    assert b"tracestate" not in quiet.remove_request
 
 
 def test_traceparent_handling_can_be_off() -> None:
