@@ -329,3 +329,21 @@ async def test_ip_access_allow_list_without_trusted_proxies(
     assert_json_error(await send(p, "/x", {"X-Forwarded-For": "10.0.0.1"}), 403)
     assert up.seen == []
     assert counts(p, "gateway_auth_total") == {("api", "ip_access", "denied"): 1.0}
+
+
+async def test_ip_access_reads_the_address_a_proxy_protocol_header_gives(
+        upstreams: Upstreams, proxy: StartProxy) -> None:
+    from proxyd.proxy.proxy_protocol import header_v2
+
+    up = await upstreams.aiohttp()
+    # The fixture hands the worker its socket; the listener's address here only has to parse.
+    listen = [{"address": "127.0.0.1:1", "proxy_protocol": True,
+               "proxy_protocol_from": ["127.0.0.0/8"]}]
+    p = await proxy([route("api", path_prefix="/")], {"backend": up.url},
+                    middleware=[{"type": "ip_access", "deny": ["198.51.100.0/24"]}],
+                    server={"listen": listen})
+    for client, status in (("198.51.100.7", 403), ("203.0.113.9", 200)):
+        async with await RawClient.connect(p.port) as c:
+            await c.send(header_v2(client, 40000, "127.0.0.1", p.port) + get("/x"))
+            assert (await c.response()).status == status
+    assert [s.header("X-Forwarded-For") for s in up.seen] == ["203.0.113.9"]
