@@ -252,6 +252,10 @@ class Arbiter:
                 self.enqueue("retire", handle)
             elif kind == "purged":
                 self.purges.answered(handle.pid, message)
+            elif kind == "invalidate":  # keys one worker's memory cache invalidated
+                for other in self.live():
+                    if other is not handle and other.channel is not None:
+                        other.channel.send(message)
         channel.close()
         # The channel ends after the worker's final stats: fold its counters into the totals
         # of retired workers, so sums never go backwards across recycling or crashes.

@@ -2,8 +2,9 @@
 
 A frame is a 4-byte big-endian length and a JSON object with a "type":
   worker → master: ready, stats {requests, connections, ...}, retire (max_requests reached),
-  purged {id, removed, deferred} (the answer to a purge)
+  purged {id, removed, deferred} (the answer to a purge), invalidate {keys} (memory caches)
   master → worker: drain, reopen (log files), purge {id, key, prefix, shared} (cache),
+  invalidate {keys} (another worker's, passed on),
   health {upstreams: {name: {url: healthy}}} (active check results: on every change, and to
   each worker once it is ready)
 JSON because the volume is tiny (about one message a second per worker) and it stays readable

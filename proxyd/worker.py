@@ -255,6 +255,23 @@ async def _child(
     await worker.start()
     pipeline = worker.pipeline
     assert pipeline is not None
+    if config.cache.backend == "memory":
+        # Each worker has its own store: what an unsafe request invalidates here must go
+        # from the others' too (RFC 9111 §4.4); the master passes it on. The keys of one
+        # turn of the loop go in one message, however many requests it answered.
+        invalidated: list[str] = []
+
+        def send_invalidated() -> None:
+            keys = list(dict.fromkeys(invalidated))
+            invalidated.clear()
+            channel.send({"type": "invalidate", "keys": keys})
+
+        def invalidate(keys: list[str]) -> None:
+            if not invalidated:
+                loop.call_soon(send_invalidated)
+            invalidated.extend(keys)
+
+        pipeline.cache_invalidated = invalidate
     drain = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, drain.set)
     loop.add_signal_handler(signal.SIGQUIT, os._exit, 0)
@@ -290,6 +307,9 @@ async def _child(
                 pipeline.access_log.reopen()
             elif kind == "purge":
                 pipeline.spawn(purge(message))
+            elif kind == "invalidate":  # a sibling's invalidation (memory stores)
+                for key in message.get("keys", []):
+                    pipeline.cache_store.delete(key)
             elif kind == "health":
                 pipeline.set_health(message.get("upstreams", {}))
 

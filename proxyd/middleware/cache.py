@@ -456,8 +456,8 @@ class Cache(Middleware):
 
     def _invalidate(self, ctx: Context, resp: Response) -> None:
         """The target URI, and the Location and Content-Location URIs of the same origin
-        (RFC 9111 §4.4); each with all its variants."""
-        self.store.delete(self.primary(ctx))
+        (RFC 9111 §4.4); each with all its variants, in every worker's store."""
+        keys = [self.primary(ctx)]
         for name in (b"location", b"content-location"):
             value = resp.get(name)
             if value is None:
@@ -471,7 +471,12 @@ class Cache(Middleware):
                     path = normalize_path(path, True)
                 except BadPath:
                     continue
-            self.store.delete(self.primary(ctx, path, query))
+            keys.append(self.primary(ctx, path, query))
+        for key in keys:
+            self.store.delete(key)
+        share = self.pipeline.cache_invalidated if self.pipeline is not None else None
+        if share is not None:
+            share(keys)
 
     def _refresh_in_background(self, ctx: Context, key: str, entry: Entry) -> None:
         if key in self.refreshing or self.pipeline is None or self.route is None:

@@ -17,8 +17,10 @@ from proxyd.cache.store import Entry
 from proxyd.middleware.base import Context
 from proxyd.proxy.headers import HOP_BY_HOP
 
-# Fields never stored: per-hop, framing (re-made on every answer), and what the cache adds.
-NOT_STORED: Final = HOP_BY_HOP | {b"age", b"content-length", b"cache-status", b"x-cache"}
+# Fields never stored: per-hop and the proxy's own (RFC 9111 §3.1), framing (re-made on every
+# answer), and what the cache adds.
+NOT_STORED: Final = HOP_BY_HOP | {b"proxy-authentication-info", b"age", b"content-length",
+                                  b"cache-status", b"x-cache"}
 
 
 class Tee:

@@ -65,6 +65,9 @@ class Pipeline:
                                            cache.max_object_size)
         self.cache_inflight: dict[str, asyncio.Future[bool]] = {}
         self.cache_refreshing: set[str] = set()
+        # Set by a worker whose siblings keep memory stores of their own: the keys an unsafe
+        # request invalidated here go to them too (through the master).
+        self.cache_invalidated: Callable[[list[str]], None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._session: Any = None  # aiohttp ClientSession for background fetches, lazily
         # middleware resources (Redis)

@@ -1,19 +1,24 @@
 """DELETE /cache on a running proxyd with two workers: the answer counts the entries removed,
-with the memory backend (one store per worker) and with Redis (one store shared)."""
+with the memory backend (one store per worker) and with Redis (one store shared); and an
+unsafe request invalidates in every worker's memory store, not only in the one it reached."""
 
 from __future__ import annotations
 
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
+from aiohttp import web
 
 from tests.integration.conftest import (
     Origin,
     Ports,
     Proxyd,
     StartProxyd,
+    live_workers,
     make_config,
     wait_until,
 )
@@ -94,3 +99,49 @@ async def test_purge_counts_what_redis_removed(origin: Origin, proxyd: StartProx
         assert (body["purged"], body["deferred"]) == (0, True)
     finally:
         await client.aclose()
+
+
+
+@pytest.fixture
+async def writable() -> AsyncIterator[Origin]:
+    """An origin whose /item is fresh for a minute and takes a POST (201)."""
+    async def item(request: web.Request) -> web.Response:
+        if request.method == "POST":
+            return web.Response(status=201)
+        return web.Response(text="item", headers={"Cache-Control": "max-age=60"})
+
+    app = web.Application()
+    app.router.add_route("*", "/item", item)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+    await runner.setup()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    await web.SockSite(runner, sock).start()
+    try:
+        yield Origin(sock.getsockname()[1], runner)
+    finally:
+        await runner.cleanup()
+
+
+async def test_an_unsafe_request_invalidates_in_every_workers_store(
+        writable: Origin, proxyd: StartProxyd) -> None:
+    ports = Ports()
+    p = await proxyd(cached_config(ports, writable), ports=ports)
+
+    async def entries() -> list[int]:
+        return [w["cache"].get("entries", 0) for w in live_workers(await p.status())]
+
+    async def both_hold_it() -> bool | None:
+        await misses(p, "item", n=10)
+        return True if await entries() == [1, 1] else None
+
+    # Connections are spread over the two workers: both store /item (their stats say so).
+    await wait_until(both_hold_it, 15.0, "the entry in each worker")
+    async with aiohttp.ClientSession() as s, s.post(f"{p.url}/item", data=b"x") as r:
+        assert r.status == 201
+    # One worker answered the POST; the other dropped its copy too, through the master.
+    await wait_until(lambda: _none_left(entries), 5.0, "every worker's copy invalidated")
+
+
+async def _none_left(entries: Callable[[], Awaitable[list[int]]]) -> bool | None:
+    return True if await entries() == [0, 0] else None
