@@ -11,6 +11,7 @@ import gzip
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 
@@ -573,3 +574,60 @@ async def test_redis_stopped_means_misses_not_errors(
     else:
         raise AssertionError("the cache did not recover after Redis came back")
     assert len(up.seen) > seen
+
+
+# -- no reference cycles --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["buffered", "teed"])
+async def test_the_store_paths_leave_no_reference_cycles(upstreams: Upstreams,
+                                                         proxy: StartProxy,
+                                                         chunked: bool) -> None:
+    """Misses stored whole (a Content-Length) or copied while streaming (chunked), hits,
+    304s, ranges, revalidations and an invalidation free their objects by reference counting
+    (the exchange-level test in test_forward.py stores nothing: its origin gives no
+    freshness)."""
+    import gc
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        if request.method == "POST":
+            return web.Response(status=201, headers={"Location": "/c0"})
+        resp = web.StreamResponse(headers={"Cache-Control": "max-age=60", "ETag": '"x"'})
+        if chunked:
+            resp.enable_chunked_encoding()
+        else:
+            resp.content_length = 4
+        await resp.prepare(request)
+        await resp.write(b"abcd")
+        await resp.write_eof()
+        return resp
+
+    up = await upstreams.aiohttp(handle)
+    p = await proxy(CATCH_ALL, {"backend": up.url}, middleware=[CACHE])
+    requests = [get(f"/c{i}") for i in range(10)] + [get("/c1")] * 5 + [
+        get("/c2", extra='If-None-Match: "x"\r\n'), get("/c3", extra="Range: bytes=0-1\r\n"),
+        get("/c4", extra="Cache-Control: no-cache\r\n"),
+        get("/c0", method="POST", extra="Content-Length: 1\r\n") + b"x"]
+
+    def ours(o: object) -> bool:
+        module = type(o).__module__
+        return isinstance(module, str) and module.startswith("proxyd.")
+
+    async with await RawClient.connect(p.port) as c:
+        assert (await c.request(get("/warm"))).status == 200
+        gc.collect()
+        before = {id(o) for o in gc.get_objects() if ours(o)}
+        gc.disable()
+        try:
+            for raw in requests:
+                assert (await c.request(raw)).status in (200, 201, 206, 304)
+            gc.set_debug(gc.DEBUG_SAVEALL)
+            gc.collect()
+            left = sorted({type(o).__qualname__ for o in gc.garbage
+                           if ours(o) and id(o) not in before})
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
+    assert left == []
+    assert len(up.seen) == 13  # 11 misses (one a revalidation, no-cache), /warm and the POST
