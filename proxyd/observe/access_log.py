@@ -31,6 +31,7 @@ from json.encoder import encode_basestring_ascii as esc
 from typing import TYPE_CHECKING, Final
 
 from proxyd.config.models import AccessLog as AccessLogConfig
+from proxyd.observe.log_format import combined, compile_template, render
 from proxyd.observe.metrics import LOG_STALLED, LOG_WRITE_ERROR
 
 if TYPE_CHECKING:
@@ -50,20 +51,37 @@ CLOSE_WAIT: Final = 1.0  # seconds a stopping worker gives a slow reader to take
 # pipe takes such a write whole or not at all, so the lines of workers sharing it never
 # interleave and a full pipe never leaves half a line behind (a longer line goes alone).
 _WHOLE: Final = 1 << 62  # a file's or terminal's writes: not cut
+NO_FIELDS: Final[list[tuple[bytes, bytes, bytes]]] = []
 
 # What record() keeps per request, formatted at the flush. The request id is a str, or an int:
 # the worker's own counter value for a request that had no id yet, made "<id_prefix>-<hex>"
-# only here (no string per request on the hot path, and no escaping: it is hex).
+# only here (no string per request on the hot path, and no escaping: it is hex). Plain values
+# only, and what costs a lookup (the User-Agent among the request's fields, "host:port" out of
+# the target's URL) is looked up here too: the request keeps its list of fields, unchanged.
+# ts, request_id, client_ip, method, host, target, status, bytes_in, bytes_out, duration,
+# upstream, upstream_time, cache, route, request fields, HTTP/1.1, target URL, tries, TLS
 Record = tuple[float, str | int, bytes, bytes, bytes | None, bytes, int, int, int, float, str,
-               float | None, str, str]
-_MONTHS: Final = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov",
-                  "Dec")
+               float | None, str, str, list[tuple[bytes, bytes, bytes]], bool, str, int, str]
 
 
-def _clf_time(ts: float) -> str:
-    t = time.gmtime(ts)
-    return f"{t.tm_mday:02d}/{_MONTHS[t.tm_mon - 1]}/{t.tm_year}:{t.tm_hour:02d}:" \
-           f"{t.tm_min:02d}:{t.tm_sec:02d} +0000"
+def _json_text(value: bytes | str | None) -> str:
+    if not value:
+        return "null"
+    return esc(value.decode("latin-1") if isinstance(value, bytes) else value)
+
+
+# The optional JSON fields (access_log.fields), in their order in the line: name → its value,
+# from the User-Agent, the Referer, HTTP/1.1 or not, the target URL, tries, the TLS version.
+ExtraValues = tuple[bytes | None, bytes | None, bool, str, int, str]
+EXTRA_FIELDS: Final[dict[str, Callable[[ExtraValues], str]]] = {
+    "user_agent": lambda v: _json_text(v[0]),
+    "referer": lambda v: _json_text(v[1]),
+    "protocol": lambda v: '"HTTP/1.1"' if v[2] else '"HTTP/1.0"',
+    "upstream_addr": lambda v: _json_text(v[3].partition("://")[2]),
+    "tries": lambda v: str(v[4]),
+    "tls_version": lambda v: _json_text(v[5]),
+}
+MAX_EXTRAS: Final = 4096  # distinct combinations of those values remembered, then start over
 
 
 class AccessLog:
@@ -72,6 +90,12 @@ class AccessLog:
         self.path = config.path
         self.id_prefix = id_prefix  # of request ids recorded as counter values
         self.format = config.format
+        self._extra = [(f'"{name}":', EXTRA_FIELDS[name]) for name in config.fields]
+        self._agents = "user_agent" in config.fields or "referer" in config.fields
+        # Their text by their values: clients send few distinct User-Agents and Referers,
+        # and the rest has few values, so a line mostly takes its extra fields from here.
+        self._extras: dict[ExtraValues, str] = {}
+        self._template = compile_template(config.template) if config.template else []
         self.sample_2xx = config.sample_2xx
         self.pid = os.getpid()
         self._loop = loop
@@ -153,16 +177,19 @@ class AccessLog:
         self._close_fd()
         self.open()
 
-    def record(  # positional from the hot path: 13 keyword arguments cost more per call
+    def record(  # positional from the hot path: 18 keyword arguments cost more per call
         self, request_id: str | int, client_ip: bytes, method: bytes, host: bytes | None,
         target: bytes, status: int, bytes_in: int, bytes_out: int, duration: float,
         upstream: str, upstream_time: float | None, cache: str, route: str,
+        headers: list[tuple[bytes, bytes, bytes]] = NO_FIELDS, http11: bool = True,
+        target_url: str = "", tries: int = 0, tls: str = "",
     ) -> None:
         if self.sample_2xx < 1.0 and 200 <= status < 300 and random.random() >= self.sample_2xx:
             return
         pending = self._pending
         pending.append((time.time(), request_id, client_ip, method, host, target, status,
-                        bytes_in, bytes_out, duration, upstream, upstream_time, cache, route))
+                        bytes_in, bytes_out, duration, upstream, upstream_time, cache, route,
+                        headers, http11, target_url, tries, tls))
         if len(pending) >= FLUSH_RECORDS:
             self.flush()
         elif self._handle is None:
@@ -175,9 +202,11 @@ class AccessLog:
         known = self._escaped
         pid = self.pid
         prefix = self.id_prefix
+        extra = self._extra
         lines = []
-        for (now, request_id, client_ip, method, host, target, status, bytes_in, bytes_out,
-             duration, upstream, upstream_time, cache, route) in records:
+        for record in records:
+            (now, request_id, client_ip, method, host, target, status, bytes_in, bytes_out,
+             duration, upstream, upstream_time, cache, route, *_) = record
             rid = (esc(request_id) if request_id.__class__ is str
                    else f'"{prefix}-{request_id:x}"')
             fixed = known.get((method, host, upstream, cache, route))
@@ -201,21 +230,39 @@ class AccessLog:
                 f'"query":{esc(query.decode("latin-1"))},"status":{status},'
                 f'"bytes_in":{bytes_in},"bytes_out":{bytes_out},'
                 f'"duration_ms":{duration * 1000:.3f},{fixed[1]}'
-                f'"upstream_ms":{up_ms},{fixed[2]}'
+                f'"upstream_ms":{up_ms},{self._extra_text(record) if extra else ""}'
+                f"{fixed[2]}"
             )
         return lines
 
+    def _extra_text(self, record: Record) -> str:
+        """The optional fields of one JSON line, each followed by its comma."""
+        agent = referer = None
+        if self._agents:
+            for name, _, value in record[14]:
+                if name == b"user-agent":
+                    agent = value
+                elif name == b"referer":
+                    referer = value
+        values = (agent, referer, record[15], record[16], record[17], record[18])
+        text = self._extras.get(values)
+        if text is None:
+            text = "".join(f"{key}{value(values)}," for key, value in self._extra)
+            if len(self._extras) >= MAX_EXTRAS:
+                self._extras.clear()
+            if (agent is None or len(agent) <= 256) and (referer is None or len(referer) <= 256):
+                self._extras[values] = text
+        return text
+
+    def _request_id(self, request_id: str | int) -> str:
+        return request_id if isinstance(request_id, str) else f"{self.id_prefix}-{request_id:x}"
+
     def _combined(self, records: list[Record]) -> list[str]:
-        # Without referer/agent lookups on the hot path: "-".
-        prefix = self.id_prefix
-        return [
-            f'{client_ip.decode("latin-1")} - - [{_clf_time(now)}] '
-            f'{esc(method.decode("latin-1") + " " + target.decode("latin-1"))} '
-            f'{status} {bytes_out} "-" "-" '
-            f'{request_id if request_id.__class__ is str else f"{prefix}-{request_id:x}"}\n'
-            for (now, request_id, client_ip, method, _host, target, status, _in, bytes_out,
-                 *_rest) in records
-        ]
+        return [combined(record) for record in records]
+
+    def _templated(self, records: list[Record]) -> list[str]:
+        parts = self._template
+        return [render(parts, record, self._request_id(record[1])) for record in records]
 
     def flush(self) -> None:
         if self._handle is not None:
@@ -231,7 +278,9 @@ class AccessLog:
                 self._lost(LOG_STALLED, len(records))
                 records = []
         if records:
-            lines = self._json(records) if self.format == "json" else self._combined(records)
+            lines = (self._json(records) if self.format == "json"
+                     else self._combined(records) if self.format == "combined"
+                     else self._templated(records))
             data = "".join(lines).encode("utf-8", "replace")
             if backlog:
                 backlog += data

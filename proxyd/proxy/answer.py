@@ -64,6 +64,7 @@ class Answering:
     scheme: bytes
     transport: asyncio.Transport | None
     client_ip: bytes
+    tls_version: str  # "TLSv1.3", ...; "" on plain HTTP: for the access log
     trusted_peer: bool
     forwarded_memo: tuple[bytes | None, bytes] | None
     host_memo: tuple[bytes | None, bytes | None] | None
@@ -151,7 +152,8 @@ class Answering:
                 self.send_error(req, 400, exc.message)
                 return
         req.path, req.query = path, query
-        if path.startswith(b"/health") and (builtin := p.builtin(path)) is not None:
+        if ((path == p.probe_live or path == p.probe_ready)
+                and (builtin := p.builtin(req.method, path)) is not None):
             req.route_name = "_health"
             self._send_direct(req, builtin)
             return
@@ -238,7 +240,8 @@ class Answering:
             if ctx is None:
                 self._send_direct(req, route.respond)
             else:
-                resp = route.respond.response()
+                direct = route.respond
+                resp = direct.response(self._placeholders(req) if direct.templated else None)
                 req.chain.response(ctx, resp)
                 self._send_response(req, resp)
             return
@@ -294,10 +297,24 @@ class Answering:
     def _send_direct(self, req: Request, direct: DirectResponse) -> None:
         close = self.must_close(req) or (req.expect is not None and not req.body_done)
         head_only = req.method == b"HEAD"
-        self.send(direct.render(close=close, head_only=head_only))
+        if direct.templated:
+            data, req.bytes_out = direct.render_filled(self._placeholders(req), close=close,
+                                                       head_only=head_only)
+            self.send(data)
+        else:
+            self.send(direct.render(close=close, head_only=head_only))
+            req.bytes_out = 0 if head_only else len(direct.body)
         req.status = direct.status
-        req.bytes_out = 0 if head_only else len(direct.body)
         self._local_done(req, close)
+
+    def _placeholders(self, req: Request) -> tuple[bytes, ...]:
+        """The values of a templated respond's placeholders (router.PLACEHOLDERS): scheme,
+        host (the Host's name, without port), path (normalised, as routed), query (with its
+        "?", or nothing), request id."""
+        scheme = req.xfp if self.trusted_peer and req.xfp else self.scheme
+        host = normalize_host(req.host) or b""
+        query = b"?" + req.query if req.query else b""
+        return scheme, host, req.path, query, self.request_id(req).encode()
 
     def _send_response(self, req: Request, resp: Response) -> None:
         """A response made by middleware or proxyd itself, rendered with its length."""
@@ -309,7 +326,8 @@ class Answering:
 
     def _local_done(self, req: Request, close: bool) -> None:
         """A response proxyd wrote itself is out; the request body, if any, is dropped."""
-        self.p.observe(req, self.client_ip, req.exchange)  # the upstream of a 502/504
+        # The exchange: the upstream of a 502/504.
+        self.p.observe(req, self.client_ip, req.exchange, self.tls_version)
         if close:
             self.close()
             return
@@ -345,7 +363,7 @@ class Answering:
         """The upstream accepted the upgrade: this connection is a WebSocket relay now."""
         req = exchange.req
         req.status = 101
-        self.p.observe(req, self.client_ip, exchange)
+        self.p.observe(req, self.client_ip, exchange, self.tls_version)
         self.active = None
         self.queue.clear()
         self.tunnel = tunnel
@@ -361,7 +379,7 @@ class Answering:
         req = exchange.req
         req.status = exchange.resp_status
         req.bytes_out = exchange.bytes_out
-        self.p.observe(req, self.client_ip, exchange)
+        self.p.observe(req, self.client_ip, exchange, self.tls_version)
         req.exchange = None  # the Request <-> Exchange cycle: freed by refcount, not the GC
         self.active = None
         if close or self.close_after:
@@ -399,5 +417,5 @@ class Answering:
             req.started = self.p.deadlines.now
         req.status = status
         req.bytes_out = body_length(data)
-        self.p.observe(req, self.client_ip, req.exchange)
+        self.p.observe(req, self.client_ip, req.exchange, self.tls_version)
         self.close()

@@ -183,6 +183,7 @@ class DownstreamProtocol(Answering):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.client_ip = b""
+        self.tls_version = ""
         self.trusted_peer = False
         self.forwarded_memo: tuple[bytes | None, bytes] | None = None  # (Host, X-Forwarded-*)
         self.host_memo: tuple[bytes | None, bytes | None] | None = None  # (Host, for matching)
@@ -216,6 +217,10 @@ class DownstreamProtocol(Answering):
             ip = self.client_address
         self.client_ip = ip.encode()
         self.trusted_peer = ip in self.p.trusted
+        if self.scheme == b"https":  # once per connection: the handshake is done by now
+            ssl_object = transport.get_extra_info("ssl_object")
+            if ssl_object is not None:
+                self.tls_version = ssl_object.version() or ""
         p = self.p
         if self.client_certs:
             self.cert_fields = client_cert_fields(transport.get_extra_info("ssl_object"))
@@ -275,7 +280,7 @@ class DownstreamProtocol(Answering):
             active.status = 499  # nginx's "client closed request"
             if active.exchange is not None:
                 active.bytes_out = active.exchange.bytes_out  # what was relayed before
-            self.p.observe(active, self.client_ip, active.exchange)
+            self.p.observe(active, self.client_ip, active.exchange, self.tls_version)
         self.queue.clear()
 
     def on_deadline(self) -> None:
@@ -379,7 +384,7 @@ class DownstreamProtocol(Answering):
         if req is not None and req.exchange is not None:
             req.status = req.exchange.resp_status or 502
             req.bytes_out = req.exchange.bytes_out
-            self.p.observe(req, self.client_ip, req.exchange)
+            self.p.observe(req, self.client_ip, req.exchange, self.tls_version)
         self.close()
 
     def pause_writing(self) -> None:

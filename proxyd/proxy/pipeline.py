@@ -113,6 +113,10 @@ class Pipeline:
             for name, cfg in config.upstreams.items()
         }
         self.draining = False
+        # The master's live worker count (a "workers" message after SIGTTIN/SIGTTOU), for
+        # what is shared among the workers (memory rate limits); until then, the configured.
+        self.workers = server.worker_count()
+        self.on_workers: list[Callable[[int], None]] = []
         for route in self.router.routes:
             assert route.config is not None
             if route.config.timeouts is not None and route.upstream in self.pools:
@@ -121,7 +125,11 @@ class Pipeline:
             route.chain = build_chain(config, route.config)  # disabled entries left out
             for mw in route.chain.middleware:
                 mw.bind(self, route)
-        # Kubernetes probes on the traffic port; they win over routes with the same path.
+        # Kubernetes probes on the traffic port (server.probes): GET and HEAD of these paths
+        # are answered before routing. b"" when off: no request path is empty.
+        probes = server.probes
+        self.probe_live = probes.live.encode() if probes.enabled else b""
+        self.probe_ready = probes.ready.encode() if probes.enabled else b""
         json_type = {"Content-Type": "application/json"}
         self.health = DirectResponse(Respond(body='{"status":"ok"}', headers=json_type))
         self.ready = DirectResponse(Respond(body='{"ready":true}', headers=json_type))
@@ -147,8 +155,10 @@ class Pipeline:
         self._upstream_hist = self.metrics.upstream_durations
         self._methods: dict[bytes, str] = {m: m.decode() for m in KNOWN_METHODS}
 
-    def observe(self, req: Request, client_ip: bytes, exchange: Exchange | None = None) -> None:
-        """Once per answered request: metrics, and the access log line."""
+    def observe(self, req: Request, client_ip: bytes, exchange: Exchange | None = None,
+                tls: str = "") -> None:
+        """Once per answered request: metrics, and the access log line. ``tls``: the
+        connection's TLS version, "" on plain HTTP."""
         if req.observed:
             return
         req.observed = True
@@ -168,16 +178,27 @@ class Pipeline:
                 self.metrics.inc("gateway_cache_misses_total", (route,))
         upstream_time = None
         upstream = ""
+        tries = 0
+        target_url = ""
         if exchange is not None and exchange.started_at:
             pool = exchange.pool
             upstream = pool.name
-            upstream_time = now - exchange.started_at
-            if self.metrics_enabled:  # else the access log's upstream_ms only
-                row = pool.duration_row
-                if row is None:
-                    row = pool.duration_row = self.metrics.row(self._upstream_hist, (upstream,))
-                row[bucket(upstream_time)] += 1  # WorkerMetrics.request's, inlined
-                row[-1] += upstream_time
+            tries = exchange.tries
+            # Timed only when a try began: a request the circuit breaker, a full queue or no
+            # target up refused at once never met the upstream, and its near-zero time would
+            # drag the upstream's latency down exactly when it fails.
+            if tries:
+                upstream_time = now - exchange.started_at
+                target = exchange.target
+                if target is not None:
+                    target_url = target.url
+                if self.metrics_enabled:  # else the access log's upstream_ms only
+                    row = pool.duration_row
+                    if row is None:
+                        row = pool.duration_row = self.metrics.row(self._upstream_hist,
+                                                                   (upstream,))
+                    row[bucket(upstream_time)] += 1  # WorkerMetrics.request's, inlined
+                    row[-1] += upstream_time
         if self.access_log is not None:
             if req.ctx is not None:
                 rid: str | int = req.ctx.id()
@@ -186,10 +207,12 @@ class Pipeline:
             else:
                 rid = self._id_count = self._id_count + 1  # the log makes the id, at its flush
             self.access_log.record(  # request_id, client_ip, method, host, target, status,
-                # bytes_in, bytes_out, duration, upstream, upstream_time, cache, route
+                # bytes_in, bytes_out, duration, upstream, upstream_time, cache, route,
+                # request fields, HTTP/1.1, target URL, tries, TLS version
                 rid, client_ip,
                 req.method, req.host, req.url, req.status, req.body_size, req.bytes_out,
                 duration, upstream, upstream_time, cache, route,
+                req.headers, req.http11, target_url, tries, tls,
             )
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -250,9 +273,18 @@ class Pipeline:
             "gateway_upstream_target_connections_idle": target_idle,
             "gateway_upstream_target_ejected": ejected,
             "gateway_upstream_circuit_open": breaker_open,
-            "gateway_redis_fallback_active": {(): self.redis_fallback},
+            "gateway_rate_limit_redis_fallback_active": {(): self.redis_fallback},
+            "gateway_cache_redis_unavailable": {(): float(
+                isinstance(self.cache_store, RedisStore) and self.cache_store.open)},
             "gateway_websocket_connections_active": {(): float(len(self.tunnels))},
         }
+
+    def set_workers(self, count: int) -> None:
+        """The number of workers the master now runs (a ``workers`` control message)."""
+        if count >= 1 and count != self.workers:
+            self.workers = count
+            for listener in self.on_workers:
+                listener(count)
 
     def set_health(self, upstreams: dict[str, dict[str, bool]]) -> None:
         """The master's active health check results (a ``health`` control message)."""
@@ -261,10 +293,13 @@ class Pipeline:
             if pool is not None and isinstance(states, dict):
                 pool.set_health(states)
 
-    def builtin(self, path: bytes) -> DirectResponse | None:
-        if path == b"/health":
+    def builtin(self, method: bytes, path: bytes) -> DirectResponse | None:
+        """The probe answer for a request to a probe path; None for other methods."""
+        if method != b"GET" and method != b"HEAD":
+            return None
+        if path == self.probe_live:
             return self.health
-        if path == b"/health/ready":
+        if path == self.probe_ready:
             return self.not_ready if self.draining else self.ready
         return None
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from proxyd.config.models import Respond, Route, WebSocket
 from proxyd.middleware.base import Response
@@ -72,8 +72,13 @@ class CompiledRoute:
         return path
 
 
+# What a respond body or header value may take from the request (Respond's description).
+PLACEHOLDERS: Final = (b"{scheme}", b"{host}", b"{path}", b"{query}", b"{request_id}")
+
+
 class DirectResponse:
-    """A ``respond:`` route's answer, rendered to bytes once at config load."""
+    """A ``respond:`` route's answer, rendered to bytes once at config load; one with
+    placeholders (``templated``) is filled in per request instead, by ``filled``."""
 
     def __init__(self, cfg: Respond) -> None:
         body = cfg.body.encode()
@@ -85,14 +90,41 @@ class DirectResponse:
         # Without the final CRLF: Connection may follow.
         self.head = fixed_head(cfg.status, self._fields, len(body))
         self.body = body
+        texts = [body] + [value for _, value in self._fields]
+        self.templated = any(mark in text for text in texts for mark in PLACEHOLDERS)
 
-    def response(self) -> Response:
-        """A fresh copy for a route with middleware, which may edit it."""
+    def response(self, values: tuple[bytes, ...] | None = None) -> Response:
+        """A fresh copy for a route with middleware, which may edit it; ``values`` fill in
+        the placeholders of a templated one."""
+        if values is not None:
+            fields, body = self.filled(values)
+            return Response(self.status, fields, body)
         return Response(self.status, list(self._fields), self.body)
 
     def render(self, *, close: bool, head_only: bool) -> bytes:
         tail = b"Connection: close\r\n\r\n" if close else CRLF
         return self.head + tail if head_only else self.head + tail + self.body
+
+    def filled(self, values: tuple[bytes, ...]) -> tuple[list[tuple[bytes, bytes]], bytes]:
+        """The fields and body with PLACEHOLDERS replaced by ``values``, in that order."""
+        fields = [(name, _fill(value, values)) for name, value in self._fields]
+        return fields, _fill(self.body, values)
+
+    def render_filled(self, values: tuple[bytes, ...], *, close: bool, head_only: bool
+                      ) -> tuple[bytes, int]:
+        """A templated answer's bytes for one request, and its body's length."""
+        fields, body = self.filled(values)
+        tail = b"Connection: close\r\n\r\n" if close else CRLF
+        head = fixed_head(self.status, fields, len(body)) + tail
+        return (head, 0) if head_only else (head + body, len(body))
+
+
+def _fill(text: bytes, values: tuple[bytes, ...]) -> bytes:
+    if b"{" not in text:
+        return text
+    for i, mark in enumerate(PLACEHOLDERS):
+        text = text.replace(mark, values[i])
+    return text
 
 
 def _host_bytes(host: str | None) -> tuple[bytes | None, bytes | None]:

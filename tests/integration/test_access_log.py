@@ -23,7 +23,7 @@ from tests.integration.conftest import (
 
 FIELDS = {"ts", "request_id", "client_ip", "method", "host", "path", "query", "status",
           "bytes_in", "bytes_out", "duration_ms", "upstream", "upstream_ms", "cache", "route",
-          "pid"}
+          "pid", "user_agent", "referer", "protocol", "upstream_addr", "tries", "tls_version"}
 
 
 def logging_config(ports: Ports, origin_url: str, path: Path, **kw: Any) -> dict[str, Any]:

@@ -10,7 +10,8 @@ METRICS = frozenset({
     "gateway_upstream_errors_total", "gateway_rate_limited_total",
     "gateway_worker_restarts_total", "gateway_config_reloads_total",
     "gateway_config_last_reload_success_timestamp_seconds",
-    "gateway_websocket_connections_active", "gateway_redis_fallback_active",
+    "gateway_websocket_connections_active", "gateway_rate_limit_redis_fallback_active",
+    "gateway_cache_redis_unavailable",
     "gateway_build_info",
 })
 HISTOGRAMS = frozenset({"gateway_request_duration_seconds",

@@ -107,7 +107,7 @@ def test_alerts_cover_the_required_conditions() -> None:
     rules = {r["alert"]: r for r in alert_rules()}
     assert {"ProxydHigh5xxRate", "ProxydHighP95Latency", "ProxydLowCacheHitRate",
             "ProxydWorkerCrashLoop", "ProxydConfigReloadFailed",
-            "ProxydRedisFallbackActive"} <= set(rules)
+            "ProxydRateLimitRedisFallback", "ProxydCacheRedisUnavailable"} <= set(rules)
     for name, rule in rules.items():
         names = metric_names(rule["expr"])
         assert names and names <= ALLOWED, f"{name}: {names - ALLOWED}"
@@ -115,6 +115,13 @@ def test_alerts_cover_the_required_conditions() -> None:
         assert rule["annotations"]["summary"]
     assert "0.005" in rules["ProxydHighP95Latency"]["expr"]
     assert "0.7" in rules["ProxydLowCacheHitRate"]["expr"]
+    # Each Redis alert reads its own user's gauge, and says which it covers.
+    for alert, gauge, covers in (
+            ("ProxydRateLimitRedisFallback", "gateway_rate_limit_redis_fallback_active",
+             "rate limit"),
+            ("ProxydCacheRedisUnavailable", "gateway_cache_redis_unavailable", "cache")):
+        assert metric_names(rules[alert]["expr"]) == {gauge}
+        assert covers in rules[alert]["annotations"]["summary"].lower()
 
 
 def test_promtool_check_rules() -> None:
@@ -186,15 +193,21 @@ ALERT_CASES: list[dict[str, Any]] = [
             _fires("ProxydConfigReloadFailed", "30m"),
         ],
     },
-    {
+    {   # each Redis user has its gauge and its alert: one does not fire for the other
         "interval": "1m",
         "input_series": _series({
-            'gateway_redis_fallback_active{instance="a"}': "0 0 1x10",
-            'gateway_redis_fallback_active{instance="b"}': "0x12",
+            'gateway_rate_limit_redis_fallback_active{instance="a"}': "0 0 1x10",
+            'gateway_rate_limit_redis_fallback_active{instance="b"}': "0x12",
+            'gateway_cache_redis_unavailable{instance="a"}': "0x12",
+            'gateway_cache_redis_unavailable{instance="b"}': "0 0 0 1x10",
         }),
         "alert_rule_test": [
-            _fires("ProxydRedisFallbackActive", "1m"),
-            _fires("ProxydRedisFallbackActive", "6m", {"instance": "a", "severity": "warning"}),
+            _fires("ProxydRateLimitRedisFallback", "1m"),
+            _fires("ProxydRateLimitRedisFallback", "6m",
+                   {"instance": "a", "severity": "warning"}),
+            _fires("ProxydCacheRedisUnavailable", "2m"),
+            _fires("ProxydCacheRedisUnavailable", "6m",
+                   {"instance": "b", "severity": "warning"}),
         ],
     },
 ]

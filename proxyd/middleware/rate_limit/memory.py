@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from proxyd.middleware.rate_limit.gcra import Decision, Limit, check_all
+from proxyd.middleware.rate_limit.gcra import Decision, Limit, check_all, policy
 
 SWEEP_AT = 100_000  # keys; past this, expired ones are dropped (a key is expired when TAT < now)
 
@@ -13,9 +13,16 @@ SWEEP_AT = 100_000  # keys; past this, expired ones are dropped (a key is expire
 class MemoryLimiter:
     def __init__(self, limits: list[Limit], clock: Callable[[], float] = time.monotonic) -> None:
         self.limits = limits
+        self.policy = policy(limits)
         self.clock = clock
         self.state: dict[str, list[float]] = {}
         self.sweep_at = SWEEP_AT
+
+    def set_limits(self, limits: list[Limit]) -> None:
+        """New shares of the same limits (the worker count changed); the stored TATs stay,
+        so no key starts over with a full burst."""
+        self.limits = limits
+        self.policy = policy(limits)
 
     def check(self, key: str) -> list[Decision]:
         now = self.clock()

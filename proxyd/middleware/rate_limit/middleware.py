@@ -8,7 +8,7 @@ from typing import Any, Final
 
 from proxyd.middleware.base import Context, Middleware, Pending, Response, json_response
 from proxyd.middleware.client_address import client_address
-from proxyd.middleware.rate_limit.gcra import Decision
+from proxyd.middleware.rate_limit.gcra import Decision, policy
 from proxyd.middleware.rate_limit.memory import MemoryLimiter
 from proxyd.middleware.rate_limit.options import RateLimitOptions
 from proxyd.middleware.rate_limit.redis import RedisLimiter
@@ -29,7 +29,7 @@ class RateLimit(Middleware):
         parts = [options.key] if isinstance(options.key, str) else options.key
         self.key_parts = [p.split(":", 1)[1].lower().encode() if p.startswith("header:") else p
                           for p in parts]
-        self.policy = ", ".join(limit.policy() for limit in self.limits).encode()
+        self.policy = policy(self.limits)  # the configured limits: what Redis enforces
         self.ip_key = self.key_parts == ["client_ip"]
         self.memory: MemoryLimiter | None = None
         self.fallback: MemoryLimiter | None = None
@@ -42,15 +42,27 @@ class RateLimit(Middleware):
     def bind(self, pipeline: Any, route: Any) -> None:  # stand-ins in the unit tests
         self.pipeline = pipeline
         self.route_name = route.name
-        workers = pipeline.config.server.worker_count()
+        workers = pipeline.workers
         if self.o.backend == "memory":
             self.memory = MemoryLimiter([limit.scaled(workers) for limit in self.limits])
+            self.policy = self.memory.policy  # the share: what this worker enforces
         else:
             self.redis = RedisLimiter(pipeline.config.redis.url, self.limits,
                                       self.o.redis_timeout)
             share = workers * self.o.instances_hint
             self.fallback = MemoryLimiter([limit.scaled(share) for limit in self.limits])
             pipeline.closers.append(self.redis.close)
+        pipeline.on_workers.append(self.set_workers)
+
+    def set_workers(self, workers: int) -> None:
+        """The master changed the number of workers (SIGTTIN, SIGTTOU): each one's share
+        follows the live count, not the configured one."""
+        if self.memory is not None:
+            self.memory.set_limits([limit.scaled(workers) for limit in self.limits])
+            self.policy = self.memory.policy
+        if self.fallback is not None:
+            share = workers * self.o.instances_hint
+            self.fallback.set_limits([limit.scaled(share) for limit in self.limits])
 
     # -- keys ---------------------------------------------------------------------------------
     def client_ip(self, ctx: Context) -> bytes:
@@ -145,13 +157,18 @@ class RateLimit(Middleware):
             return
         remaining = b"%d" % decision.remaining
         reset = b"%d" % max(0, math.ceil(decision.reset))
+        # The limits that decided: with Redis down, the fallback's share of them.
+        fallback = self.fallback
+        policy = self.policy
+        if fallback is not None and any(decision.limit is f for f in fallback.limits):
+            policy = fallback.policy
         if HEADER_NAMES.isdisjoint(resp.names()):  # the upstream sent none: one block
-            resp.extend([(b"RateLimit-Policy", self.policy),
+            resp.extend([(b"RateLimit-Policy", policy),
                          (b"RateLimit-Limit", decision.limit.count_bytes),
                          (b"RateLimit-Remaining", remaining), (b"RateLimit-Reset", reset)],
                         HEADER_LNAMES)
             return
-        resp.set(b"RateLimit-Policy", self.policy, b"ratelimit-policy")
+        resp.set(b"RateLimit-Policy", policy, b"ratelimit-policy")
         resp.set(b"RateLimit-Limit", decision.limit.count_bytes, b"ratelimit-limit")
         resp.set(b"RateLimit-Remaining", remaining, b"ratelimit-remaining")
         resp.set(b"RateLimit-Reset", reset, b"ratelimit-reset")

@@ -44,10 +44,9 @@ class FakePipeline:
     """What RateLimit.bind and the request path use of a Pipeline, and nothing else."""
 
     def __init__(self, workers: int = 1, trusted: tuple[str, ...] = ()) -> None:
-        self.config = SimpleNamespace(
-            server=SimpleNamespace(worker_count=lambda: workers),
-            redis=SimpleNamespace(url="redis://127.0.0.1:1/0"),
-        )
+        self.config = SimpleNamespace(redis=SimpleNamespace(url="redis://127.0.0.1:1/0"))
+        self.workers = workers
+        self.on_workers: list[Any] = []
         self.trusted = TrustedProxies(trusted)
         self.metrics = FakeMetrics()
         self.closers: list[Any] = []
@@ -487,6 +486,37 @@ def test_memory_backend_enforces_the_worker_share() -> None:
     assert mw.on_request(make_ctx()) is not None
 
 
+def test_memory_backend_headers_describe_the_worker_share() -> None:
+    clock = Clock()
+    mw, _ = bound(workers=2, rate="20/m", burst=20, clock=clock)
+    ctx = make_ctx()
+    assert mw.on_request(ctx) is None
+    resp = response()
+    mw.on_response(ctx, resp)
+    # This worker allows 20 per 120 s, 10 at once: that is what its answers announce.
+    assert values(resp, b"ratelimit-policy") == [b"20;w=120;burst=10"]
+    assert values(resp, b"ratelimit-limit") == [b"20"]
+    assert values(resp, b"ratelimit-remaining") == [b"9"]
+
+
+def test_the_share_follows_the_live_worker_count() -> None:
+    clock = Clock()
+    mw, pipeline = bound(workers=2, rate="20/m", burst=20, clock=clock)
+    assert mw.on_request(make_ctx()) is None  # a key with state before the change
+    for listener in pipeline.on_workers:  # what Pipeline.set_workers does on SIGTTIN
+        listener(4)
+    assert mw.memory is not None and mw.memory.limits == [Limit(20, 240.0, 5)]
+    assert len(mw.memory.state) == 1  # kept: no key starts over with a full burst
+    ctx = make_ctx()
+    assert mw.on_request(ctx) is None
+    resp = response()
+    mw.on_response(ctx, resp)
+    assert values(resp, b"ratelimit-policy") == [b"20;w=240;burst=5"]
+    for listener in pipeline.on_workers:  # SIGTTOU down to one: the whole limit
+        listener(1)
+    assert mw.memory.limits == mw.limits
+
+
 # -- the Redis path, with Redis replaced ----------------------------------------------------------
 
 
@@ -535,6 +565,25 @@ async def test_redis_failure_uses_the_local_share_and_sets_the_gauge() -> None:
     resp = response()
     mw.on_response(ctx, resp)
     assert values(resp, b"ratelimit-remaining") == [b"19"]
+    assert values(resp, b"ratelimit-policy") == [b"20;w=60;burst=20"]  # Redis: the whole limit
+
+
+async def test_fallback_answers_announce_the_fallback_share() -> None:
+    mw, pipeline, _ = redis_bound(rate="20/m", burst=20, instances_hint=2)
+    assert mw.redis is not None
+
+    def down(key: str, callback: Any) -> None:
+        callback(ConnectionError("refused"))
+
+    mw.redis.request = down  # type: ignore[method-assign]
+    ctx = make_ctx()
+    assert await settle(mw.on_request(ctx)) is None
+    resp = response()
+    mw.on_response(ctx, resp)
+    assert values(resp, b"ratelimit-policy") == [b"20;w=240;burst=5"]
+    for listener in pipeline.on_workers:
+        listener(4)
+    assert mw.fallback is not None and mw.fallback.limits == [Limit(20, 480.0, 2)]
 
 
 @pytest.mark.parametrize(("mode", "status"), [("allow", None), ("deny", 503)])
