@@ -192,3 +192,27 @@ async def test_template_format(
     addr = live.url.removeprefix("http://")
     assert line == (f'127.0.0.1 "GET /t?x=1 HTTP/1.1" 200 ua=a\\x22b fwd=- up={addr} tries=1 '
                     f'id={resp.header("X-Request-ID")} allx $')
+
+
+async def test_refused_before_any_try_is_not_an_upstream_time(
+    upstreams: Upstreams, proxy: StartProxy, tmp_path: Path
+) -> None:
+    """A request refused at once (here: no target up; the circuit breaker and a full queue
+    refuse the same way) never met the upstream: no upstream duration, in the histogram or the
+    log, where it would pull the upstream's latency down exactly while it fails."""
+    log = tmp_path / "access.log"
+    live = await upstreams.aiohttp()
+    p = await proxy(CATCH_ALL, {"backend": live.url}, access_log={"path": str(log)})
+    async with await RawClient.connect(p.port) as c:
+        assert (await c.request(get("/ok"))).status == 200
+        p.pipeline.set_health({"backend": {live.url: False}})
+        assert (await c.request(get("/refused"))).status == 503
+    ok, refused = [json.loads(line) for line in flushed(p.worker, log)]
+    assert ok["upstream_ms"] is not None and ok["tries"] == 1
+    assert refused["upstream"] == "backend"  # which upstream refused it is still said
+    assert refused["upstream_ms"] is None and refused["tries"] == 0
+    assert refused["upstream_addr"] is None
+    rows = p.pipeline.metrics.upstream_durations
+    assert {k: int(sum(row[:-1])) for k, row in rows.items()} == {("backend",): 1}
+    rejected = p.pipeline.metrics.counters["gateway_upstream_rejected_total"]
+    assert rejected == {("backend", "unavailable"): 1.0}
