@@ -36,6 +36,7 @@ class AdminServer:
         app.router.add_get("/status", self.status)
         app.router.add_post("/reload", self.reload)
         app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/config", self.running_config)
         app.router.add_delete("/cache", self.purge)
         return app
 
@@ -112,10 +113,26 @@ class AdminServer:
             ok, error = await reply
         finally:
             self._waiting.discard(reply)
+        changes = self.master.last_reload.get("changes") if ok else None
         return web.json_response(
-            {"ok": ok, "error": error, "generation": self.master.generation},
+            {"ok": ok, "error": error, "generation": self.master.generation,
+             "changes": changes},
             status=200 if ok else 422,
         )
+
+    async def running_config(self, request: web.Request) -> web.Response:
+        """The configuration being served, secrets masked (``check-config --diff``). It says
+        more than /status (addresses, paths, middleware): with a token set, it asks for it
+        whether or not protect_reads is on."""
+        if not self._authorized(request):
+            return web.json_response({"error": "unauthorized"}, status=401,
+                                     headers={"WWW-Authenticate": "Bearer"})
+        from proxyd.config.diff import comparable
+
+        config = self.master.config
+        return web.json_response({"path": self.master.config_path, "sha256": self.master.sha256,
+                                  "generation": self.master.generation,
+                                  "config": comparable(config)})
 
     async def metrics(self, request: web.Request) -> web.Response:
         if (refused := self._read_refused(request)) is not None:

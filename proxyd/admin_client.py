@@ -9,6 +9,8 @@ import urllib.request
 from datetime import datetime
 from typing import Any
 
+from proxyd.config.diff import describe
+
 
 class AdminUnreachable(Exception):
     pass
@@ -34,12 +36,13 @@ def admin_request(
         raise AdminUnreachable(f"admin port {url} unreachable: {reason}") from None
 
 
-def wait_for_reload(base: str, before: float | None, timeout: float = 60.0) -> dict[str, Any]:
+def wait_for_reload(base: str, before: float | None, timeout: float = 60.0,
+                    token: str = "") -> dict[str, Any]:
     """After a SIGHUP: poll /status until last_reload changes."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            _, data = admin_request(f"{base}/status", timeout=5)
+            _, data = admin_request(f"{base}/status", timeout=5, token=token)
         except AdminUnreachable:
             data = {}
         last = data.get("last_reload") or {}
@@ -72,12 +75,16 @@ def format_status(data: dict[str, Any]) -> str:
     last = data.get("last_reload") or {}
     if last.get("at"):
         outcome = "ok" if last.get("ok") else f"FAILED: {last.get('error')}"
+        if last.get("ok") and isinstance(last.get("changes"), dict):
+            outcome += f" ({describe(last['changes'])})"
         lines.append(f"last reload  {_when(last['at'])}  {outcome}")
     counts = data.get("reloads", {})
     lines.append(f"reloads  ok {counts.get('ok', 0)}  failed {counts.get('failed', 0)}  "
                  f"worker restarts {data.get('worker_restarts', 0)}")
     listeners = sorted({entry["listen"] for entry in data.get("listeners", [])})
     lines.append(f"listeners  {', '.join(listeners) or '-'}")
+    if data.get("workers_reason"):
+        lines.append(f"workers  {data.get('worker_count')} ({data['workers_reason']})")
     lines.append("")
     lines.append(f"{'SLOT':>4}  {'PID':>7}  {'GEN':>4}  {'STATE':<9} {'REQUESTS':>9}  "
                  f"{'CONNS':>6}  {'CACHE':>7}  {'CACHE SIZE':>10}  UPTIME")
@@ -91,4 +98,25 @@ def format_status(data: dict[str, Any]) -> str:
                      f"{w['requests']:>9}  {w.get('connections', 0):>6}  "
                      f"{'-' if entries is None else entries:>7}  "
                      f"{'-' if size is None else _size(size):>10}  {uptime}s")
+    upstreams = data.get("upstreams") or {}
+    if upstreams:
+        lines.append("")
+        lines.append(f"{'UPSTREAM':<16} {'TARGET':<32} {'ACTIVE CHECK':<14} EJECTED BY WORKERS")
+        for name, targets in sorted(upstreams.items()):
+            for url, t in targets.items():
+                lines.append(f"{name:<16} {url:<32} {_active(t):<14} {_passive(t)}")
     return "\n".join(lines)
+
+
+def _active(target: dict[str, Any]) -> str:
+    if not target.get("checked"):
+        return "-"
+    return "healthy" if target.get("healthy") else "UNHEALTHY"
+
+
+def _passive(target: dict[str, Any]) -> str:
+    if target.get("outlier_detection") is False:
+        return "-"
+    ejected, workers = target.get("ejected_by_workers", 0), target.get("workers", 0)
+    slots = ", ".join(str(s) for s in target.get("ejected_slots", []))
+    return f"{ejected}/{workers}" + (f" (slots {slots})" if slots else "")

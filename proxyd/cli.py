@@ -68,11 +68,50 @@ def _load_for_serving(config_path: str) -> tuple[GatewayConfig, list[ConfigIssue
     return config, warnings
 
 
+admin_option = click.option(
+    "--admin", "admin_url", envvar="PROXYD_ADMIN_URL", default=None,
+    help="Admin base URL (default: the address the master serving the config file recorded "
+         "when it started or last reloaded, else admin.listen of the file, else "
+         "127.0.0.1:9901).",
+)
+token_option = click.option("--token", envvar="PROXYD_ADMIN_TOKEN", default="",
+                            show_envvar=True, help="Admin bearer token.")
+
+
+def _admin_base(admin_url: str | None, config_path: str) -> str:
+    """Where the instance serving ``config_path`` listens for admin requests. What its master
+    recorded comes before the file: the file may be the rejected edit being reloaded, or
+    name an address the running instance does not (yet) listen on."""
+    if admin_url:
+        return admin_url.rstrip("/") if "://" in admin_url else f"http://{admin_url}"
+    from proxyd.runtime import read_state
+
+    if (state := read_state(config_path)) is not None:
+        return f"http://{state['admin']}"
+    try:
+        config, _ = load_config_with_warnings(config_path)
+        return f"http://{config.admin.listen}"
+    except (ConfigError, OSError):
+        return "http://127.0.0.1:9901"
+
+
+def _unauthorized() -> None:
+    click.echo("proxyd: the admin port answered 401 unauthorized: give its token with --token "
+               "or PROXYD_ADMIN_TOKEN", err=True)
+    sys.exit(EXIT_RUNTIME)
+
+
 @main.command("check-config")
 @config_option
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text",
               show_default=True, help="json: machine-readable result on stdout.")
-def check_config(config_path: str, fmt: str) -> None:
+@click.option("--diff", "against_running", is_flag=True,
+              help="Also say what the file changes against the running configuration (from "
+                   "the admin port; exit 3 when it cannot be reached).")
+@admin_option
+@token_option
+def check_config(config_path: str, fmt: str, against_running: bool, admin_url: str | None,
+                 token: str) -> None:
     """Validate a config file and summarise what it would run; exit 1 on any error."""
     try:
         config, warnings = _load_for_serving(config_path)
@@ -83,12 +122,38 @@ def check_config(config_path: str, fmt: str) -> None:
         else:
             _print_errors(exc)
         sys.exit(EXIT_CONFIG)
+    changes = _running_diff(config, config_path, admin_url, token) if against_running else None
     if fmt == "json":
         click.echo(json.dumps({"ok": True, "errors": [],
                                "warnings": [_issue_json(w) for w in warnings],
-                               "summary": summarize(config)}, indent=2))
+                               "summary": summarize(config),
+                               **({"diff": changes} if changes is not None else {})}, indent=2))
     else:
         click.echo(format_summary(config, config_path, warnings))
+        if changes is not None:
+            from proxyd.config.diff import describe
+
+            click.echo(f"against the running configuration (generation "
+                       f"{changes['generation']}): {describe(changes)}")
+
+
+def _running_diff(config: GatewayConfig, config_path: str, admin_url: str | None,
+                  token: str) -> dict[str, Any]:
+    from proxyd.config.diff import comparable, diff
+
+    base = _admin_base(admin_url, config_path)
+    try:
+        code, running = admin_request(f"{base}/config", token=token, timeout=10)
+    except AdminUnreachable as exc:
+        click.echo(f"proxyd: no running configuration to compare with: {exc}", err=True)
+        sys.exit(EXIT_RUNTIME)
+    if code == 401:
+        _unauthorized()
+    if code != 200 or not isinstance(running.get("config"), dict):
+        click.echo(f"proxyd: {base}/config answered {code}", err=True)
+        sys.exit(EXIT_RUNTIME)
+    return {**diff(running["config"], comparable(config)), "generation": running["generation"],
+            "running_sha256": running.get("sha256")}
 
 
 @main.command()
@@ -128,38 +193,28 @@ def run(config_path: str, pid_file: str | None) -> None:
     sys.exit(code)
 
 
-admin_option = click.option(
-    "--admin", "admin_url", envvar="PROXYD_ADMIN_URL", default=None,
-    help="Admin base URL (default: admin.listen of the config file, else 127.0.0.1:9901).",
-)
-token_option = click.option("--token", envvar="PROXYD_ADMIN_TOKEN", default="",
-                            help="Admin bearer token.")
-
-
-def _admin_base(admin_url: str | None, config_path: str) -> str:
-    if admin_url:
-        return admin_url.rstrip("/") if "://" in admin_url else f"http://{admin_url}"
-    try:
-        config, _ = load_config_with_warnings(config_path)
-        return f"http://{config.admin.listen}"
-    except (ConfigError, OSError):
-        return "http://127.0.0.1:9901"
 
 
 @main.command()
 @config_option
 @admin_option
+@token_option
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
-def status(config_path: str, admin_url: str | None, as_json: bool) -> None:
+def status(config_path: str, admin_url: str | None, token: str, as_json: bool) -> None:
     """Show the running instance's status from the admin port."""
     base = _admin_base(admin_url, config_path)
     try:
-        code, data = admin_request(f"{base}/status")
+        code, data = admin_request(f"{base}/status", token=token)
     except AdminUnreachable as exc:
         click.echo(f"proxyd: {exc}", err=True)
         sys.exit(EXIT_RUNTIME)
+    if code == 401:
+        _unauthorized()
+    if code != 200:
+        click.echo(f"proxyd: {base}/status answered {code}: {data.get('error', data)}",
+                   err=True)
+        sys.exit(EXIT_RUNTIME)
     click.echo(json.dumps(data, indent=2) if as_json else format_status(data))
-    sys.exit(EXIT_OK if code == 200 else EXIT_RUNTIME)
 
 
 @main.command()
@@ -178,11 +233,12 @@ def reload(config_path: str, admin_url: str | None, token: str, wait: bool,
         before = None
         if wait:
             with contextlib.suppress(AdminUnreachable):
-                before = admin_request(f"{base}/status")[1].get("last_reload", {}).get("at")
+                before = admin_request(f"{base}/status", token=token)[1].get(
+                    "last_reload", {}).get("at")
         os.kill(int(Path(pid_file).read_text().strip()), signal.SIGHUP)
         if not wait:
             return
-        result = wait_for_reload(base, before, timeout=RELOAD_WAIT)
+        result = wait_for_reload(base, before, timeout=RELOAD_WAIT, token=token)
     else:
         try:
             code, result = admin_request(f"{base}/reload?wait={int(wait)}", method="POST",
@@ -191,13 +247,16 @@ def reload(config_path: str, admin_url: str | None, token: str, wait: bool,
             click.echo(f"proxyd: {exc}", err=True)
             sys.exit(EXIT_RUNTIME)
         if code == 401:
-            click.echo("proxyd: the admin port refused the token", err=True)
-            sys.exit(EXIT_RUNTIME)
+            _unauthorized()
     if not wait:
         click.echo("reload requested")
         return
     if result.get("ok"):
-        click.echo(f"reloaded: generation {result.get('generation')}")
+        from proxyd.config.diff import describe
+
+        changes = result.get("changes")
+        click.echo(f"reloaded: generation {result.get('generation')}"
+                   + (f": {describe(changes)}" if isinstance(changes, dict) else ""))
         return
     click.echo(f"reload rejected, old configuration still serving:\n{result.get('error')}",
                err=True)
