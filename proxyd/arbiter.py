@@ -2,10 +2,11 @@
 
 Signal handlers only enqueue; ``run`` dispatches each to ``handle_<name>()``, which the Master
 (master.py) defines: reload, resize, recycling, crash recovery and shutdown. This core forks a
-worker on a slot, follows its control channel, learns of its exit, and replaces it (``replace``:
-fork the successor on the same slot, wait for its READY, then tell the predecessor to drain);
-``start`` brings the first generation up. The protocol as a whole: docs/architecture.md,
-"Reload, recycling and crash recovery".
+worker on a slot, follows its control channel, learns of its exit or of its silence (no
+message for HEARTBEAT_TIMEOUT: a stopped or hung worker), and replaces it (``replace``: fork the
+successor on the same slot, wait for its READY, then tell the predecessor to drain;
+one that has gone silent cannot drain and is killed); ``start`` brings the first generation up.
+The protocol as a whole: docs/architecture.md, "Reload, recycling and crash recovery".
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import contextlib
 import logging
 import os
 import random
-import resource
 import signal
 import socket
 import time
@@ -27,19 +27,27 @@ from prometheus_client import CollectorRegistry, Info
 from proxyd import __version__, build, systemd
 from proxyd.config.models import GatewayConfig
 from proxyd.control import Channel
+from proxyd.cpus import worker_choice
 from proxyd.errors import EXIT_RUNTIME
+from proxyd.fdlimit import limit_warnings, raise_nofile_limit
 from proxyd.observe.metrics import MasterMetrics
 from proxyd.purge import Purges
+from proxyd.runtime import write_state
 from proxyd.sockets import SocketSet
 
 # Imported by the master, before any fork: every worker runs the code the master loaded (an
 # edit on disk cannot reach a new generation halfway), and forked workers share these pages.
-from proxyd.worker import child_main, prepare_child
+from proxyd.worker import STATS_INTERVAL, child_main, prepare_child
 
 log = logging.getLogger("proxyd.master")
 
 READY_TIMEOUT = 30.0  # a new worker that is not READY by then is a failed reload
 KILL_GRACE = 5.0  # beyond drain_timeout, before a draining worker is killed
+# A worker's stats push is its heartbeat. Silent this long (five pushes missed: far beyond a
+# busy loop's jitter, short enough that a stopped worker's share of new connections does not
+# wait long), it is marked unresponsive and replaced.
+HEARTBEAT_TIMEOUT = 5 * STATS_INTERVAL
+SUPERVISE_INTERVAL = 1.0  # seconds between the master's checks of its children
 SIGNALS = {
     signal.SIGHUP: "hup", signal.SIGTERM: "term", signal.SIGINT: "int", signal.SIGQUIT: "quit",
     signal.SIGUSR1: "usr1", signal.SIGTTIN: "ttin", signal.SIGTTOU: "ttou",
@@ -57,7 +65,8 @@ class WorkerHandle:
     generation: int
     config: GatewayConfig
     started_at: float = field(default_factory=time.time)
-    state: str = "starting"  # starting → ready → draining; removed when reaped
+    # starting → ready (⇄ unresponsive) → draining; removed when reaped
+    state: str = "starting"
     requests: int = 0
     connections: int = 0
     cache: dict[str, Any] = field(default_factory=dict)
@@ -65,19 +74,12 @@ class WorkerHandle:
     channel: Channel | None = None
     ready: asyncio.Future[bool] = field(default_factory=lambda: _future())
     exited: asyncio.Future[int] = field(default_factory=lambda: _future())
+    heard_at: float = field(default_factory=time.monotonic)  # its last control message
 
     def describe(self) -> dict[str, Any]:
         return {"pid": self.pid, "slot": self.slot, "generation": self.generation,
                 "started_at": self.started_at, "requests": self.requests,
                 "connections": self.connections, "state": self.state, "cache": self.cache}
-
-
-def raise_nofile_limit() -> int:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 class Arbiter:
@@ -89,7 +91,7 @@ class Arbiter:
         self.sha256 = sha256
         self.loaded_at = time.time()
         self.generation = 1
-        self.worker_count = config.server.worker_count()
+        self.worker_count, self.workers_reason = worker_choice(config.server.workers)
         self.workers: dict[int, WorkerHandle] = {}
         self.sockets = SocketSet()
         self.queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
@@ -97,6 +99,7 @@ class Arbiter:
         self.last_reload: dict[str, Any] = {"ok": None, "error": None, "at": None}
         self.reload_counts = {"ok": 0, "failed": 0}
         self.worker_restarts = 0
+        self.workers_unresponsive = 0
         self.crashes: dict[int, list[float]] = {}
         self.purges = Purges()  # admin purges waiting for the workers' counts
         self.exit_code = 0
@@ -144,7 +147,9 @@ class Arbiter:
             "config": {"path": self.config_path, "sha256": self.sha256},
             "generation": self.generation, "loaded_at": self.loaded_at,
             "last_reload": self.last_reload, "reloads": self.reload_counts,
-            "worker_count": self.worker_count, "worker_restarts": self.worker_restarts,
+            "worker_count": self.worker_count, "workers_reason": self.workers_reason,
+            "worker_restarts": self.worker_restarts,
+            "workers_unresponsive": self.workers_unresponsive,
             "workers": [w.describe() for w in sorted(self.workers.values(),
                                                        key=lambda w: (w.slot, w.generation))],
             "listeners": self.sockets.describe(),
@@ -152,13 +157,27 @@ class Arbiter:
         }
 
     def _upstreams_status(self) -> dict[str, Any]:
-        """Active check results per target, and how many workers eject it passively."""
-        result = self.health.describe() if self.health is not None else {}
-        for handle in self.live():
+        """Per target of every upstream: the active check's results (``checked`` false and
+        ``healthy`` null without one), next to passive outlier detection: which of the live
+        workers eject it now (each ejects on its own failures)."""
+        active = self.health.describe() if self.health is not None else {}
+        live = [w for w in self.live() if w.state != "starting"]
+        result: dict[str, Any] = {}
+        for name, upstream in self.config.upstreams.items():
+            result[name] = {}
+            for target in upstream.targets:
+                state = active.get(name, {}).get(target.url) or {}
+                if not state.get("checked"):  # no active check: nothing it could say
+                    state = {"checked": False, "healthy": None}
+                result[name][target.url] = {
+                    **state, "outlier_detection": upstream.outlier_detection.enabled,
+                    "ejected_by_workers": 0, "ejected_slots": [], "workers": len(live)}
+        for handle in live:
             for name, url in handle.ejected:
                 target = result.get(name, {}).get(url)
                 if target is not None:
-                    target["ejected_by_workers"] = target.get("ejected_by_workers", 0) + 1
+                    target["ejected_by_workers"] += 1
+                    target["ejected_slots"].append(handle.slot)
         return result
 
     def push_health(self) -> None:
@@ -166,6 +185,8 @@ class Arbiter:
             self.broadcast(self.health.message())
 
     def is_ready(self) -> bool:
+        """Running, and every slot has a current worker that is ready (an unresponsive one
+        does not count: the connections its socket takes wait unanswered)."""
         if self.state != "running":
             return False
         ready_slots = {w.slot for w in self.live(self.generation) if w.state == "ready"}
@@ -233,6 +254,12 @@ class Arbiter:
         """Read one worker's control messages until it goes away."""
         channel = handle.channel = await Channel.open(sock)
         while (message := await channel.receive()) is not None:
+            handle.heard_at = time.monotonic()
+            if handle.state == "unresponsive":
+                # It was only slow (or stopped and continued): its successor, already on the
+                # way, still takes over, and it drains like any predecessor.
+                handle.state = "ready"
+                log.warning("worker %d responds again", handle.pid)
             kind = message.get("type")
             if kind == "ready":
                 if handle.state == "starting":
@@ -241,13 +268,17 @@ class Arbiter:
                     handle.ready.set_result(True)
                 if self.health is not None:
                     channel.send(self.health.message())  # what the checks know so far
+                # The live count (SIGTTIN/SIGTTOU change it), for what workers share by it; a
+                # reload's new generation runs with its config's count, which it has.
+                if handle.generation == self.generation:
+                    channel.send({"type": "workers", "count": self.worker_count})
             elif kind == "stats":
                 handle.requests = int(message.get("requests", 0))
                 handle.connections = int(message.get("connections", 0))
                 handle.cache = message.get("cache", {})
                 handle.ejected = message.get("ejected", [])
                 if "metrics" in message:
-                    self.metrics.update(handle.pid, message["metrics"])
+                    self.metrics.update(handle.pid, message["metrics"], handle.slot)
             elif kind == "retire":
                 self.enqueue("retire", handle)
             elif kind == "purged":
@@ -276,6 +307,13 @@ class Arbiter:
 
     def drain(self, handle: WorkerHandle) -> None:
         if handle.state == "draining" or handle.exited.done():
+            return
+        if handle.state == "unresponsive":
+            # It would not read a drain message nor act on SIGTERM (a stopped process keeps
+            # even that pending): what it holds is lost either way, and its slot is covered.
+            handle.state = "draining"
+            log.warning("killing unresponsive worker %d", handle.pid)
+            self._kill(handle, signal.SIGKILL)
             return
         handle.state = "draining"
         if handle.channel is not None:
@@ -316,6 +354,8 @@ class Arbiter:
         for sig, name in SIGNALS.items():
             loop.add_signal_handler(sig, self.enqueue, name)
         nofile = raise_nofile_limit()
+        for warning in limit_warnings(self.config, nofile, self.worker_count):
+            log.warning("%s", warning)
         server = self.config.server
         self.sockets.ensure(server.listen, self.worker_count, server.backlog)
         from proxyd.admin import AdminServer
@@ -336,15 +376,17 @@ class Arbiter:
         if not ready:
             raise RuntimeError("workers failed to start")
         self.state = "running"
-        log.info("proxyd %s ready: %d workers, listening on %s (nofile %d)", __version__,
-                 self.worker_count, ", ".join(str(a) for a in server.listen), nofile)
+        log.info("proxyd %s ready: %d workers (%s), listening on %s (nofile %d)", __version__,
+                 self.worker_count, self.workers_reason,
+                 ", ".join(str(a) for a in server.listen), nofile)
+        write_state(self.config_path, str(self.config.admin.listen))
         systemd.notify("READY=1", self._status_line(), f"MAINPID={os.getpid()}")
         if (interval := systemd.watchdog_interval()) is not None:
             self._spawn_task(self._watchdog(interval))
         if self.config.server.watch_config:
             from proxyd.watch import watch_config
             self._spawn_task(watch_config(self))  # type: ignore[arg-type]  # self is the Master
-        self._spawn_task(self._poll_children())
+        self._spawn_task(self._supervise())
 
     async def run(self) -> int:
         # Dispatch from the start: a worker that dies while starting is reaped through the
@@ -381,8 +423,17 @@ class Arbiter:
             systemd.notify("WATCHDOG=1")
             await asyncio.sleep(interval)
 
-    async def _poll_children(self) -> None:
-        # A safety net behind the pidfds: no exit goes unnoticed for long.
+    async def _supervise(self) -> None:
+        """Every second: reap (a safety net behind the pidfds: no exit goes unnoticed for
+        long), and report the ready workers that have gone silent (to handle_unresponsive)."""
+        loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(1.0)
+            slept_from = loop.time()
+            await asyncio.sleep(SUPERVISE_INTERVAL)
             self.enqueue("chld")
+            if loop.time() - slept_from > 2 * SUPERVISE_INTERVAL:
+                continue  # the master itself was held up: its workers' messages wait unread
+            now = time.monotonic()
+            for handle in list(self.workers.values()):
+                if handle.state == "ready" and now - handle.heard_at > HEARTBEAT_TIMEOUT:
+                    self.enqueue("unresponsive", handle)

@@ -20,6 +20,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 from proxyd import systemd
 from proxyd.arbiter import (
@@ -28,11 +29,14 @@ from proxyd.arbiter import (
     SIGNALS,
     Arbiter,
     WorkerHandle,
-    raise_nofile_limit,
 )
+from proxyd.config.diff import config_diff, describe
 from proxyd.config.isolated import load_isolated
 from proxyd.config.models import GatewayConfig
+from proxyd.cpus import worker_choice
 from proxyd.errors import ConfigError
+from proxyd.fdlimit import raise_nofile_limit
+from proxyd.runtime import remove_state, write_state
 
 __all__ = ["KILL_GRACE", "READY_TIMEOUT", "SIGNALS", "Master", "WorkerHandle",
            "raise_nofile_limit", "run_master"]
@@ -42,6 +46,8 @@ log = logging.getLogger("proxyd.master")
 
 class Master(Arbiter):
     """The arbiter with its handlers: one ``handle_<name>()`` per signal or event."""
+
+    _changes: dict[str, Any] | None = None  # what the reload in progress changed, once done
 
     # -- signal and event handlers ----------------------------------------------------------
     def handle_hup(self) -> None:
@@ -76,7 +82,9 @@ class Master(Arbiter):
                     ok, error = False, f"reload failed: {type(exc).__name__}: {exc}"
                 finally:
                     systemd.notify("READY=1", self._status_line())
-            self.last_reload = {"ok": ok, "error": error, "at": time.time()}
+            changes, self._changes = self._changes, None
+            self.last_reload = {"ok": ok, "error": error, "at": time.time(),
+                                "changes": changes}
             self.reload_counts["ok" if ok else "failed"] += 1
             self.metrics.master_counters["gateway_config_reloads_total"][
                 ("ok" if ok else "failed",)] = float(self.reload_counts["ok" if ok else "failed"])
@@ -84,7 +92,8 @@ class Master(Arbiter):
                 self.metrics.master_gauges[
                     "gateway_config_last_reload_success_timestamp_seconds"] = time.time()
             if ok:
-                log.info("reload complete: generation %d", self.generation)
+                log.info("reload complete: generation %d: %s", self.generation,
+                         describe(changes) if changes is not None else "no changes")
             else:
                 log.error("reload failed, old configuration keeps serving: %s", error)
             return ok, error
@@ -99,7 +108,7 @@ class Master(Arbiter):
         if self.state != "running":
             return False, f"not reloading while {self.state}"  # TERM arrived meanwhile
         config, sha256 = loaded.config, loaded.sha256
-        count = config.server.worker_count()
+        count, reason = worker_choice(config.server.workers)
         try:
             self.sockets.ensure(config.server.listen, count, config.server.backlog)
         except OSError as exc:
@@ -112,10 +121,13 @@ class Master(Arbiter):
             self._close_unused_sockets()
             return False, "new workers did not become ready; old generation kept"
         old = [w for w in self.live() if w.generation < generation]
+        self._changes = config_diff(self.config, config)
         self.config, self.sha256, self.generation = config, sha256, generation
         self.worker_count, self.loaded_at = count, time.time()
+        self.workers_reason = reason
         if self.admin is not None:
             await self.admin.reconfigure(config.admin)
+        write_state(self.config_path, str(config.admin.listen))  # the admin port may move
         if self.health is not None:
             self.health.configure(config)
             self.push_health()
@@ -187,6 +199,56 @@ class Master(Arbiter):
         if not await self.replace(slot, None):
             self._spawn_task(self._respawn(slot))
 
+    def handle_unresponsive(self, handle: WorkerHandle) -> None:
+        """A ready worker sent nothing for HEARTBEAT_TIMEOUT (stopped, or its loop blocked)."""
+        if handle.state != "ready" or handle.pid not in self.workers:
+            return  # it spoke, began draining or exited since the check
+        handle.state = "unresponsive"  # not ready: /health/ready answers 503 until replaced
+        self.workers_unresponsive += 1
+        self.metrics.master_counters["gateway_worker_unresponsive_total"][()] = float(
+            self.workers_unresponsive)
+        silent = time.monotonic() - handle.heard_at
+        if (self.state == "running" and handle.generation == self.generation
+                and handle.slot < self.worker_count):
+            log.error("worker %d (slot %d) has sent nothing for %.1fs; replacing it",
+                      handle.pid, handle.slot, silent)
+            self._spawn_task(self._replace_unresponsive(handle))
+        else:  # its slot is gone or already taken over (a reload, a resize): only kill it
+            log.error("worker %d (slot %d) has sent nothing for %.1fs; killing it",
+                      handle.pid, handle.slot, silent)
+            self.drain(handle)
+
+    async def _replace_unresponsive(self, handle: WorkerHandle) -> None:
+        """Try until a successor is READY (``replace`` then kills the silent worker, or drains
+        it if it answered meanwhile); called off when it answers before one could start, or
+        when shutdown, a reload or a resize has taken its slot over."""
+
+        def called_off() -> bool:
+            if handle.state == "ready":
+                log.info("worker %d answers again: no successor for it", handle.pid)
+                return True
+            return (handle.state != "unresponsive" or self.state != "running"
+                    or handle.generation != self.generation)
+
+        delay = 0.1
+        while not called_off():
+            # One successor at a time per slot: recycling or crash recovery (if it died
+            # meanwhile) may have one starting already; its READY ends this too.
+            mates = [w for w in self.live(self.generation)
+                     if w.slot == handle.slot and w is not handle]
+            if mates:
+                if await self.wait_ready(mates, READY_TIMEOUT):
+                    self.drain(handle)
+                    return
+            elif await self.replace(handle.slot, handle):
+                return
+            if called_off():
+                return
+            log.warning("slot %d has no responsive worker; trying again in %.1fs",
+                        handle.slot, delay)
+            await asyncio.sleep(delay)
+            delay = min(30.0, delay * 2)
+
     def handle_ttin(self) -> None:
         self._spawn_task(self._resize(self.worker_count + 1))
 
@@ -198,6 +260,7 @@ class Master(Arbiter):
         async with self._reload_lock:
             server = self.config.server
             old_count, self.worker_count = self.worker_count, count
+            self.workers_reason = f"resized from {old_count} by a signal"
             if count > old_count:
                 self.sockets.ensure(server.listen, count, server.backlog)
                 for slot in range(old_count, count):
@@ -207,6 +270,8 @@ class Master(Arbiter):
                 for handle in leaving:
                     self.drain(handle)
                 self._close_unused_sockets()
+            # Every live worker's share of what they share (memory rate limits) follows.
+            self.broadcast({"type": "workers", "count": count})
             log.info("worker count %d → %d", old_count, count)
 
     def handle_usr1(self) -> None:
@@ -261,6 +326,7 @@ class Master(Arbiter):
         if self.health is not None:
             await self.health.close()
         self.sockets.close_all()
+        remove_state(self.config_path)
         log.info("proxyd stopped")
         self._stopped.set()
 

@@ -20,6 +20,7 @@ import uvloop
 
 from proxyd.config.models import GatewayConfig
 from proxyd.control import Channel
+from proxyd.fdlimit import ExhaustionWatch
 from proxyd.proxy.downstream import PROXY_ERRORS, DownstreamProtocol
 from proxyd.proxy.headers import TrustedProxies
 from proxyd.proxy.pipeline import Pipeline
@@ -312,12 +313,27 @@ async def _child(
                     pipeline.cache_store.delete(key)
             elif kind == "health":
                 pipeline.set_health(message.get("upstreams", {}))
+            elif kind == "workers":
+                pipeline.set_workers(int(message.get("count", 0)))
+
+    fds = ExhaustionWatch(lambda: pipeline.metrics.inc("gateway_fd_exhausted_total", ()))
 
     async def report() -> None:
         retired = False
+        failed = False
         while True:
             await asyncio.sleep(STATS_INTERVAL)
-            channel.send(stats())
+            fds.check()  # here, off the request path: libuv hides the accepts it fails
+            # The push is also the heartbeat (the master replaces a worker silent for a few
+            # intervals): a fault in gathering the stats must not stop it.
+            try:
+                message = stats()
+            except Exception:
+                if not failed:
+                    log.exception("cannot gather stats; sending heartbeats only")
+                failed = True
+                message = {"type": "heartbeat"}
+            channel.send(message)
             if max_requests and not retired and pipeline.requests >= max_requests:
                 retired = True
                 channel.send({"type": "retire"})

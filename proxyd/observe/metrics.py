@@ -21,6 +21,8 @@ from prometheus_client.core import (
     Metric,
 )
 
+from proxyd.observe import process
+
 # The bounds as a list of float objects, for bucket(): compiled, a Final tuple literal of floats
 # is unboxed, and iterating or passing it boxes every element again on each use.
 _BOUNDS: Final[list[float]] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -65,6 +67,9 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
         "(write_error)", ("reason",)),
     "gateway_access_log_write_errors_total": ("Failed writes of the access log, by errno",
                                               ("errno",)),
+    "gateway_fd_exhausted_total": (
+        "Checks (one a second per worker) that found no file descriptor free: meanwhile new "
+        "client connections are closed without an answer and upstream connects fail", ()),
     "gateway_auth_total": (
         "Requests decided by an access element (jwt_auth, basic_auth, api_key, ip_access), by "
         "result: ok, missing (no credentials), invalid, expired, denied (ip_access), "
@@ -97,7 +102,12 @@ GAUGES: dict[str, tuple[str, tuple[str, ...]]] = {
     "gateway_upstream_circuit_open": ("Workers whose circuit breaker for the upstream is open",
                                       ("upstream",)),
     "gateway_websocket_connections_active": ("Relayed WebSocket connections", ()),
-    "gateway_redis_fallback_active": ("Workers whose Redis rate limiter is on its fallback", ()),
+    # One gauge per user of Redis: each fails over in its own way, and has its own alert.
+    "gateway_rate_limit_redis_fallback_active": (
+        "Workers whose Redis-backed rate limiter cannot reach Redis and applies "
+        "on_backend_error (local: its share of the limit, in memory)", ()),
+    "gateway_cache_redis_unavailable": (
+        "Workers whose Redis cache cannot reach Redis (lookups are misses meanwhile)", ()),
 }
 
 
@@ -156,12 +166,25 @@ class WorkerMetrics:
 
     def snapshot(self, gauges: dict[str, dict[tuple[str, ...], float]]) -> dict[str, Any]:
         return {
+            "process": process.sample(),  # memory, CPU, descriptors: per worker, by the master
             "counters": {n: [[[str(label) for label in k], v] for k, v in s.items()]
                          for n, s in self.counters.items()},
             "histograms": {n: [[list(k), v] for k, v in s.items()]
                            for n, s in self.histograms.items()},
             "gauges": {n: [[list(k), v] for k, v in s.items()] for n, s in gauges.items()},
         }
+
+
+PROCESS_HELP: Final = {
+    "resident_memory_bytes": "Resident memory; a worker slot's sums its processes (while a "
+                             "successor starts or a predecessor drains, two)",
+    "virtual_memory_bytes": "Virtual memory, summed per slot like resident memory",
+    "cpu_seconds_total": "User and system CPU time; a worker slot's includes every worker "
+                         "that has run in it, so it never goes back on recycling",
+    "open_fds": "Open file descriptors, summed per slot",
+    "max_fds": "The descriptor limit (RLIMIT_NOFILE) of each process of the slot",
+    "start_time_seconds": "Start time since the epoch; of a slot, its newest process",
+}
 
 
 def _rows(data: Iterable[list[Any]]) -> Iterator[tuple[tuple[str, ...], Any]]:
@@ -191,18 +214,28 @@ class MasterMetrics:
         }
         self.master_counters: dict[str, dict[tuple[str, ...], float]] = {
             "gateway_worker_restarts_total": {},
+            "gateway_worker_unresponsive_total": {},
             "gateway_config_reloads_total": {},
         }
         self.master_gauges: dict[str, float] = {}
+        self.slots: dict[int, str] = {}  # live worker pid → its slot, as a label
+        # CPU seconds of the workers that have exited, per slot: a slot's counter then never
+        # goes back when its worker is recycled or replaced.
+        self.retired_cpu: dict[str, float] = {}
 
-    def update(self, pid: int, snapshot: dict[str, Any]) -> None:
+    def update(self, pid: int, snapshot: dict[str, Any], slot: int | None = None) -> None:
         self.live[pid] = snapshot
+        if slot is not None:
+            self.slots[pid] = str(slot)
 
     def worker_exited(self, pid: int) -> None:
         """Fold a dead worker's last snapshot into the retired totals."""
         snapshot = self.live.pop(pid, None)
+        slot = self.slots.pop(pid, "")
         if snapshot is None:
             return
+        cpu = snapshot.get("process", {}).get("cpu_seconds_total", 0.0)
+        self.retired_cpu[slot] = self.retired_cpu.get(slot, 0.0) + cpu
         for name, rows in snapshot.get("counters", {}).items():
             _add_counts(self.retired_counters.setdefault(name, {}), rows)
         for name, rows in snapshot.get("histograms", {}).items():
@@ -225,6 +258,38 @@ class MasterMetrics:
         for snapshot in self.live.values():
             _add_counts(totals, snapshot.get("gauges", {}).get(name, []))
         return totals
+
+    def process_rows(self) -> dict[str, dict[tuple[str, str], float]]:
+        """Per field: (process, slot) → value, for the master and each worker slot."""
+        rows: dict[str, dict[tuple[str, str], float]] = {f: {} for f in process.FIELDS}
+        for field, value in process.sample().items():
+            rows[field][("master", "")] = value
+        for slot, cpu in self.retired_cpu.items():
+            rows["cpu_seconds_total"][("worker", slot)] = cpu
+        for pid, snapshot in self.live.items():
+            key = ("worker", self.slots.get(pid, ""))
+            for field, value in snapshot.get("process", {}).items():
+                series = rows.get(field)
+                if series is None:
+                    continue
+                if field in ("max_fds", "start_time_seconds"):  # of each process: not summed
+                    series[key] = max(series.get(key, value), value)
+                else:
+                    series[key] = series.get(key, 0.0) + value
+        return rows
+
+    def _processes(self) -> Iterator[Metric]:
+        for field, series in self.process_rows().items():
+            name = f"gateway_process_{field}"
+            family: Metric
+            if field == "cpu_seconds_total":
+                family = CounterMetricFamily(name.removesuffix("_total"), PROCESS_HELP[field],
+                                             labels=("process", "slot"))
+            else:
+                family = GaugeMetricFamily(name, PROCESS_HELP[field], labels=("process", "slot"))
+            for key, value in sorted(series.items()):
+                family.add_metric(list(key), value)
+            yield family
 
     def collect(self) -> Iterator[Metric]:
         """prometheus_client collector protocol."""
@@ -250,6 +315,13 @@ class MasterMetrics:
         restarts = CounterMetricFamily("gateway_worker_restarts", "Workers that died unexpectedly")
         restarts.add_metric([], sum(self.master_counters["gateway_worker_restarts_total"].values()))
         yield restarts
+        silent = CounterMetricFamily(
+            "gateway_worker_unresponsive", "Workers replaced for sending the master nothing "
+            "for the heartbeat timeout (stopped or blocked)")
+        silent.add_metric(
+            [], sum(self.master_counters["gateway_worker_unresponsive_total"].values()))
+        yield silent
+        yield from self._processes()
         reloads = CounterMetricFamily("gateway_config_reloads", "Config reloads by result",
                                       labels=("result",))
         for key, value in sorted(self.master_counters["gateway_config_reloads_total"].items()):

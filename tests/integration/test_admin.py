@@ -44,7 +44,9 @@ async def test_admin_endpoints_token_and_cli(origin: Origin, proxyd: StartProxyd
         async with s.post(reload_url, headers={"Authorization": f"Bearer {TOKEN}"}) as r:
             assert r.status == 200, await r.text()
             body = await r.json()
-    assert body == {"ok": True, "error": None, "generation": 2}
+    assert body == {"ok": True, "error": None, "generation": 2, "changes": {
+        "routes": {"added": [], "removed": [], "changed": [], "reordered": False},
+        "upstreams": {"added": [], "removed": [], "changed": []}, "sections": []}}
     st = await p.wait_generation(2)
 
     result = await p.cli("status", "--admin", p.admin_url)
