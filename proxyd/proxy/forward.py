@@ -21,6 +21,7 @@ from proxyd.middleware.base import BodyFilter, Response
 from proxyd.observe.throttle import ThrottledLog
 from proxyd.proxy.head import CRLF, upstream_head
 from proxyd.proxy.relay import NO_BODY_STATUSES, Abandoned, ResponseRelay
+from proxyd.proxy.upstream_conn import ERROR_RESET, ERROR_TIMEOUT
 
 if TYPE_CHECKING:
     from proxyd.proxy.downstream import DownstreamProtocol, Request
@@ -311,36 +312,34 @@ class Exchange(ResponseRelay):
         self._try(target)
         return True
 
-    def connect_failed(self, status: int, message: str) -> None:
+    def connect_failed(self, status: int, message: str, kind: str) -> None:
         """The pool could not connect for this try: nothing was sent, any method may retry."""
         if not self._retry(sent=False, same_ok=False):
-            self.upstream_failed(status, message)
+            self.upstream_failed(status, message, kind)
 
     def on_deadline(self) -> None:
         """The exchange's own deadline (timed exchanges only): per-try or total timeout."""
         now = self.pool.deadlines.now
         total = self.total_deadline
         if total and now >= total:
-            self.upstream_failed(504, "upstream total timeout")
+            self.upstream_failed(504, "upstream total timeout", ERROR_TIMEOUT)
             return
         if self.try_deadline and now >= self.try_deadline and not self.resp_status:
             self.try_deadline = 0.0
             if self.target is not None:
                 self.pool.try_failed(self.target)
             if not self._retry(sent=self.conn is not None, same_ok=False):
-                self.upstream_failed(504, "upstream per-try timeout")
+                self.upstream_failed(504, "upstream per-try timeout", ERROR_TIMEOUT)
             return
         self.deadline = total
 
-    def upstream_failed(self, status: int, message: str) -> None:
+    def upstream_failed(self, status: int, message: str, kind: str) -> None:
         """Connect error, bad response, timeout: an error answer if nothing was sent yet."""
         if self.done:
             return
         self.done = True
         if self.admitted or self.timed:
             self._leave()
-        kind = ("timeout" if status == 504 else "connect" if "connect" in message
-                else "reset" if "closed" in message else "protocol")
         self.ds.p.metrics.inc("gateway_upstream_errors_total", (self.pool.name, kind))
         conn, self.conn = self.conn, None
         if conn is not None:
@@ -372,7 +371,7 @@ class Exchange(ResponseRelay):
             self.conn = None
             if self._retry(sent=True, same_ok=stale):
                 return
-        self.upstream_failed(502, "upstream closed the connection")
+        self.upstream_failed(502, "upstream closed the connection", ERROR_RESET)
 
     def on_body_end_at_close(self) -> None:
         self._end_body()
@@ -386,7 +385,7 @@ class Exchange(ResponseRelay):
                 self.pool.try_failed(self.target)
             if self._retry(sent=True, same_ok=False):
                 return
-        self.upstream_failed(504, "upstream read timeout")
+        self.upstream_failed(504, "upstream read timeout", ERROR_TIMEOUT)
 
     def client_gone(self) -> None:
         """The client connection closed mid-exchange: the upstream one cannot be reused."""

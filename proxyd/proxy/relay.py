@@ -28,6 +28,7 @@ from proxyd.proxy.headers import (
     lower_name,
     name_shape,
 )
+from proxyd.proxy.upstream_conn import ERROR_PROTOCOL
 from proxyd.proxy.websocket import Tunnel, accept_key
 
 if TYPE_CHECKING:
@@ -97,7 +98,7 @@ class ResponseRelay:
     def _leave(self) -> None: ...
 
     @abstractmethod
-    def upstream_failed(self, status: int, message: str) -> None: ...
+    def upstream_failed(self, status: int, message: str, kind: str) -> None: ...
 
     # -- response side: llhttp callbacks ----------------------------------------------------
     def feed_response(self, data: Piece, whole: bytes | bytearray) -> None:
@@ -142,11 +143,12 @@ class ResponseRelay:
             if self.upgrade_headers is not None and self.req.ws_upstream_key is not None:
                 self._start_tunnel(bytes(data[exc.args[0]:]) if exc.args else b"")
             else:
-                self.upstream_failed(502, "upstream switched protocols on a plain HTTP route")
+                self.upstream_failed(502, "upstream switched protocols on a plain HTTP route",
+                                     ERROR_PROTOCOL)
             return False
         except httptools.HttpParserError as exc:
             if not self.done and not isinstance(exc.__context__, Abandoned):
-                self.upstream_failed(502, f"invalid upstream response: {exc}")
+                self.upstream_failed(502, f"invalid upstream response: {exc}", ERROR_PROTOCOL)
             return False
         return True
 
@@ -425,7 +427,8 @@ class ResponseRelay:
         assert req.ws_key is not None and req.ws_upstream_key is not None and conn is not None
         got = next((v.strip() for n, v in headers if n.lower() == b"sec-websocket-accept"), b"")
         if got != accept_key(req.ws_upstream_key):
-            self.upstream_failed(502, "upstream sent a wrong Sec-WebSocket-Accept")
+            self.upstream_failed(502, "upstream sent a wrong Sec-WebSocket-Accept",
+                                 ERROR_PROTOCOL)
             return
         chosen = [(name, value) for name, value in headers
                   if name.lower() in (b"sec-websocket-protocol", b"sec-websocket-extensions")]

@@ -23,7 +23,13 @@ from proxyd.proxy.resilience import Breaker, RetryBudget
 from proxyd.proxy.resolver import Resolver
 from proxyd.proxy.timers import Deadlines
 from proxyd.proxy.tls import client_context
-from proxyd.proxy.upstream_conn import ReadBuffer, Timeouts, UpstreamConnection
+from proxyd.proxy.upstream_conn import (
+    ERROR_CONNECT,
+    ERROR_TIMEOUT,
+    ReadBuffer,
+    Timeouts,
+    UpstreamConnection,
+)
 
 if TYPE_CHECKING:
     from proxyd.observe.metrics import WorkerMetrics
@@ -112,10 +118,11 @@ class TargetPool:
                         server_hostname=self.server_hostname,
                     )
         except TimeoutError:
-            self._connect_failed(exchange, attempt, 504, "upstream connect timeout")
+            self._connect_failed(exchange, attempt, 504, "upstream connect timeout",
+                                 ERROR_TIMEOUT)
         except OSError as exc:  # ssl.SSLError (e.g. verification) is one too
             self._connect_failed(exchange, attempt, 502,
-                                 f"upstream connect failed: {exc.strerror or exc}")
+                                 f"upstream connect failed: {exc.strerror or exc}", ERROR_CONNECT)
         else:
             sock = conn.transport.get_extra_info("socket") if conn.transport else None
             if sock is not None:
@@ -128,11 +135,11 @@ class TargetPool:
                 exchange.attach(conn)
 
     def _connect_failed(self, exchange: Exchange, attempt: int, status: int,
-                        message: str) -> None:
+                        message: str, kind: str) -> None:
         self.open -= 1
         self.upstream.try_failed(self)
         if exchange.tries == attempt and exchange.waiting_for(self):
-            exchange.connect_failed(status, message)
+            exchange.connect_failed(status, message, kind)
         self._serve_waiter()
 
     # -- passive outlier detection ------------------------------------------------------------

@@ -22,6 +22,13 @@ if TYPE_CHECKING:
     from proxyd.proxy.websocket import Tunnel
 
 
+# Why an upstream try failed: the label of gateway_upstream_errors_total{kind}, passed along
+# with the failure rather than read back out of its message.
+ERROR_CONNECT: Final = "connect"
+ERROR_TIMEOUT: Final = "timeout"
+ERROR_RESET: Final = "reset"
+ERROR_PROTOCOL: Final = "protocol"
+
 class Timeouts:
     """An exchange's time limits: the upstream's pool values, or a route's overrides of them."""
 
