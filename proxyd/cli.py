@@ -164,6 +164,14 @@ def schema() -> None:
     click.echo(json.dumps(json_schema(), indent=2))
 
 
+@main.command("config-reference")
+def config_reference() -> None:
+    """Print the configuration reference (Markdown), as docs/configuration.md holds it."""
+    from proxyd.config.reference import render
+
+    click.echo(render(), nl=False)
+
+
 @main.command()
 @config_option
 @click.option("--pid-file", type=click.Path(dir_okay=False), help="Write the master's pid here.")

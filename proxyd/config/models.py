@@ -60,7 +60,9 @@ class MiddlewareEntry(BaseModel):
     """One chain element; its options are checked by the middleware registry of its type."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
-    type: str
+    type: str = Field(
+        description="The middleware type (cors, rate_limit, cache, ...); the entry's other keys "
+        "are that type's options, listed in its own section below.")
 
 
 FinalStatus = Annotated[int, Field(ge=200, le=599)]
@@ -104,7 +106,13 @@ class Cache(Model):
 
 
 class Redis(Model):
-    url: str = "redis://127.0.0.1:6379/0"
+    """The Redis server of the shared cache (cache.backend: redis) and of rate limits with
+    backend: redis."""
+
+    url: str = Field(
+        "redis://127.0.0.1:6379/0", description="redis://[user:password@]host:port/db, "
+        "rediss:// for TLS or unix:// for a socket, as redis-py reads it; checked at load, "
+        "connected to only by what uses it.")
 
     @field_validator("url")
     @classmethod
@@ -167,17 +175,37 @@ class AccessLog(Model):
 
 
 class Metrics(Model):
-    enabled: bool = True
+    enabled: bool = Field(
+        True, description="false: workers do no per-request counting (the request, upstream "
+        "and cache metrics stay empty); the admin port's /metrics still answers.")
     path: str | None = Field(None, description="Also expose metrics on the traffic port here.")
 
 
 class GatewayConfig(Model):
-    server: Server = Field(default_factory=Server)
-    admin: Admin = Field(default_factory=Admin)
-    upstreams: dict[str, Upstream] = Field(default_factory=dict)
-    routes: list[Route] = Field(default_factory=list)
-    middleware: list[MiddlewareEntry] = Field(default_factory=list)
-    cache: Cache = Field(default_factory=Cache)
-    redis: Redis = Field(default_factory=Redis)
-    access_log: AccessLog = Field(default_factory=AccessLog)
-    metrics: Metrics = Field(default_factory=Metrics)
+    """The whole config file. Every section may be left out, and then takes its defaults."""
+
+    server: Server = Field(
+        default_factory=Server, description="Traffic listeners, workers, client limits and "
+        "timeouts.")
+    admin: Admin = Field(
+        default_factory=Admin, description="The admin HTTP server: status, metrics, reload.")
+    upstreams: dict[str, Upstream] = Field(
+        default_factory=dict, description="The upstreams, by the name routes give them in "
+        "route.upstream.")
+    routes: list[Route] = Field(
+        default_factory=list, description="The routes, tried in order: the first whose match "
+        "takes the request answers it; a request no route takes is answered 404.")
+    middleware: list[MiddlewareEntry] = Field(
+        default_factory=list, description="The middleware chain every route runs, in order; "
+        "a route may override an entry's options (route.middleware).")
+    cache: Cache = Field(
+        default_factory=Cache, description="The response cache's store and shared rules, used "
+        "by the cache middleware.")
+    redis: Redis = Field(
+        default_factory=Redis, description="The Redis server of the shared cache and of "
+        "Redis-backed rate limits.")
+    access_log: AccessLog = Field(
+        default_factory=AccessLog, description="One line per request: format, fields, "
+        "destination, sampling.")
+    metrics: Metrics = Field(
+        default_factory=Metrics, description="Prometheus metrics, aggregated by the master.")

@@ -15,11 +15,20 @@ from proxyd.config.types import ByteSize, Duration
 
 
 class Match(Model):
+    """What a request must have for the route to take it: every key given must match; none
+    given takes every request."""
+
     host: str | None = Field(None, description="Host header, exact or *.example.com.")
     path: str | None = Field(None, description="Exact path.")
-    path_prefix: str | None = None
-    path_regex: str | None = None
-    methods: list[str] | None = None
+    path_prefix: str | None = Field(
+        None, description="Path prefix, compared with the normalised path (/api also takes "
+        "/api/users).")
+    path_regex: str | None = Field(
+        None, description="Python regular expression searched in the normalised path (anchor "
+        "it with ^ and $ to match the whole path).")
+    methods: list[str] | None = Field(
+        None, description="Methods taken (any case); another method on a path this route "
+        "takes gets 405 with Allow. Unset: every method.")
     headers: dict[str, str] | None = Field(None, description="Required header values (exact).")
 
     @field_validator("methods")
@@ -29,8 +38,11 @@ class Match(Model):
 
 
 class Rewrite(Model):
-    regex: str
-    replacement: str
+    """The forwarded path's rewrite: the first match of regex is replaced (after strip_prefix)."""
+
+    regex: str = Field(description="Python regular expression searched in the path.")
+    replacement: str = Field(
+        description="What replaces the match; $1, $2... (or \\1) insert its groups.")
 
 
 class Respond(Model):
@@ -60,7 +72,9 @@ class RouteCache(Model):
 
 
 class WebSocket(Model):
-    enabled: bool = True
+    enabled: bool = Field(
+        True, description="Relay WebSocket upgrades on this route; false: an upgrade request "
+        "is forwarded as a plain request, without its Upgrade.")
     on_reload: Literal["keep", "close"] = Field(
         "keep", description="keep: live until they end or drain_timeout; close: 1001 at once."
     )
@@ -83,13 +97,22 @@ def _websocket_flag_schema(schema: dict[str, Any]) -> None:
 
 
 class Route(Model):
-    name: str = Field(min_length=1)
-    match: Match = Field(default_factory=Match)
-    upstream: str | None = None
-    respond: Respond | None = None
-    strip_prefix: str | None = None
-    rewrite: Rewrite | None = None
-    cache: RouteCache | None = None
+    name: str = Field(
+        min_length=1, description="The route's name, in logs, metrics and explain; unique.")
+    match: Match = Field(
+        default_factory=Match, description="Which requests the route takes; empty: all.")
+    upstream: str | None = Field(
+        None, description="The upstream (a key of upstreams) the requests go to; exactly one "
+        "of upstream and respond.")
+    respond: Respond | None = Field(
+        None, description="Answer directly instead of forwarding (redirects, fixed bodies).")
+    strip_prefix: str | None = Field(
+        None, description="Removed from the start of the path, when there, before forwarding "
+        "(/api/users → /users with /api).")
+    rewrite: Rewrite | None = Field(
+        None, description="Rewrite the forwarded path with a regular expression.")
+    cache: RouteCache | None = Field(
+        None, description="This route's cache settings; unset: the cache defaults apply.")
     middleware: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="Per-route overrides of middleware entries, by type."
     )

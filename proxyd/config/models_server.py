@@ -33,6 +33,8 @@ class Model(BaseModel):
 
 
 class Limits(Model):
+    """What a client may send and how slowly: exceeding a size answers the status named."""
+
     max_body_size: ByteSize = Field("10MiB", description="Largest request body; larger → 413.")  # type: ignore[assignment]
     max_header_size: ByteSize = Field("8KiB", description="Largest request header section → 431.")  # type: ignore[assignment]
     max_uri_size: ByteSize = Field("8KiB", description="Longest request target → 414.")  # type: ignore[assignment]
@@ -284,7 +286,9 @@ class Server(Model):
     drain_timeout: Duration = Field(  # type: ignore[assignment]
         "30s", description="Time in-flight requests get on reload/stop."
     )
-    limits: Limits = Field(default_factory=Limits)
+    limits: Limits = Field(
+        default_factory=Limits, description="Client-side size limits and timeouts, per request "
+        "and per connection.")
     trusted_proxies: list[str] = Field(
         default_factory=list,
         description="CIDRs whose X-Forwarded-* headers are trusted and extended, not replaced.",

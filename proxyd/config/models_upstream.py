@@ -56,7 +56,7 @@ class HealthCheck(Model):
 class OutlierDetection(Model):
     """Passive checks in each worker: targets that keep failing are ejected for a while."""
 
-    enabled: bool = True
+    enabled: bool = Field(True, description="false: failing targets are never ejected.")
     consecutive_failures: int = Field(
         5, ge=1, description="Failures in a row (connect errors, timeouts, failure_statuses) "
         "that eject a target."
@@ -154,20 +154,33 @@ class Upstream(Model):
         min_length=1, json_schema_extra=_short_targets_schema,
         description='The servers: [{url, weight}, ...], or URLs alone: ["http://host:port"].',
     )
-    balance: Literal["round_robin", "least_conn", "random", "hash"] = "round_robin"
-    pool: Pool = Field(default_factory=Pool)
+    balance: Literal["round_robin", "least_conn", "random", "hash"] = Field(
+        "round_robin", description="How a target is chosen among the healthy ones: "
+        "round_robin: smooth weighted round robin; least_conn: fewest connections in use "
+        "(this worker's) per unit of weight; random: the less loaded of two drawn by weight; "
+        "hash: a consistent hash of hash_key, so one client keeps its target.")
+    pool: Pool = Field(
+        default_factory=Pool, description="Connections to the targets and their timeouts.")
     hash_key: str | None = Field(
         None, description="balance: hash — client_ip (default), header:NAME or cookie:NAME; "
         "a request without it is hashed by client ip."
     )
-    health_check: HealthCheck | None = None
-    outlier_detection: OutlierDetection = Field(default_factory=OutlierDetection)
+    health_check: HealthCheck | None = Field(
+        None, description="Active health checks; unset: none, every target counts as healthy "
+        "unless outlier detection ejects it.")
+    outlier_detection: OutlierDetection = Field(
+        default_factory=OutlierDetection, description="Passive ejection of failing targets, on "
+        "by default.")
     panic_mode: bool = Field(
         False, description="When every target is out, try the least-bad one instead of 503."
     )
-    retries: Retries = Field(default_factory=Retries)
-    circuit_breaker: CircuitBreaker = Field(default_factory=CircuitBreaker)
-    tls: UpstreamTLS = Field(default_factory=UpstreamTLS)
+    retries: Retries = Field(
+        default_factory=Retries, description="Retries on another target, and their budget.")
+    circuit_breaker: CircuitBreaker = Field(
+        default_factory=CircuitBreaker, description="Concurrency caps and error-rate breaker; "
+        "off until max_concurrent or error_rate is set.")
+    tls: UpstreamTLS = Field(
+        default_factory=UpstreamTLS, description="TLS towards https:// targets.")
     preserve_host: bool = Field(
         True, description="Send the client's Host upstream (false: the target's host:port)."
     )

@@ -25,7 +25,7 @@ from proxyd.middleware.access.keys import (
     secret_key,
 )
 from proxyd.middleware.access.passwords import hash_problem
-from proxyd.middleware.options import Options
+from proxyd.middleware.options import TYPE, Options
 
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # a field name (RFC 9110 §5.1)
 _QUOTABLE = re.compile(r'^[ !#-\[\]-~]*$')  # printable ASCII but '"' and '\'
@@ -67,7 +67,7 @@ def _read_lines(path: str, what: str) -> list[tuple[int, str, str]]:
 
 
 class JwtAuthOptions(Options):
-    type: Literal["jwt_auth"] = "jwt_auth"
+    type: Literal["jwt_auth"] = Field("jwt_auth", description=TYPE)
     algorithms: list[str] = Field(
         description="The token algorithms (alg) accepted: HS256/384/512 with a shared secret, or "
         "RS*, PS*, ES256/384/512, EdDSA with public keys; never none, and never HS* together "
@@ -210,7 +210,7 @@ class JwtAuthOptions(Options):
 
 
 class BasicAuthOptions(Options):
-    type: Literal["basic_auth"] = "basic_auth"
+    type: Literal["basic_auth"] = Field("basic_auth", description=TYPE)
     realm: str = Field("proxyd", description='The realm in WWW-Authenticate: Basic realm="..."')
     users: dict[str, str] = Field(
         default_factory=dict, description="User → bcrypt or argon2 hash (`proxyd "
@@ -282,7 +282,7 @@ def _check_user(user: str, hashed: str, where: str) -> None:
 
 
 class ApiKeyOptions(Options):
-    type: Literal["api_key"] = "api_key"
+    type: Literal["api_key"] = Field("api_key", description=TYPE)
     header: str | None = Field("X-API-Key", description="Request header holding the key.")
     query: str | None = Field(
         None, description="Query parameter holding the key (tried after the header; it "
@@ -347,7 +347,7 @@ class ApiKeyOptions(Options):
 
 
 class IpAccessOptions(Options):
-    type: Literal["ip_access"] = "ip_access"
+    type: Literal["ip_access"] = Field("ip_access", description=TYPE)
     allow: list[str] = Field(
         default_factory=list, description="CIDRs allowed; when given, every other address is "
         "refused (403).")

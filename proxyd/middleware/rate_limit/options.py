@@ -8,30 +8,43 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from proxyd.config.types import Duration, RateValue
-from proxyd.middleware.options import Options
+from proxyd.middleware.options import TYPE, Options
 from proxyd.middleware.rate_limit.gcra import Limit
 
 
 class LimitSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    rate: RateValue
+    rate: RateValue = Field(description="Requests per period: 100/s, 20/m, 1000/h.")
     burst: int | None = Field(None, ge=1, description="Requests allowed at once (default: rate).")
 
 
 class RateLimitOptions(Options):
-    type: Literal["rate_limit"] = "rate_limit"
-    backend: Literal["memory", "redis"] = "memory"
-    rate: RateValue | None = None
-    burst: int | None = Field(None, ge=1)
+    type: Literal["rate_limit"] = Field("rate_limit", description=TYPE)
+    backend: Literal["memory", "redis"] = Field(
+        "memory", description="memory: each worker counts alone and enforces its share of the "
+        "limit (limit / workers), so the limit holds per proxyd instance; redis: one count "
+        "for every worker and instance (redis.url).")
+    rate: RateValue | None = Field(
+        None, description="Requests per period and key: 100/s, 20/m, 1000/h; rate or limits "
+        "is required.")
+    burst: int | None = Field(
+        None, ge=1, description="Requests allowed at once, for rate (default: rate's count).")
     limits: list[LimitSpec] = Field(default_factory=list, description="Several limits at once.")
     key: str | list[str] = Field(
         "client_ip", description="client_ip, header:NAME, route, consumer (the name an "
         "api_key, basic_auth or jwt_auth element earlier in the chain gave the client), "
         "or a list of them.")
-    on_backend_error: Literal["allow", "deny", "local"] = "local"
+    on_backend_error: Literal["allow", "deny", "local"] = Field(
+        "local", description="With backend: redis, when Redis fails or is slower than "
+        "redis_timeout: allow lets the request pass, deny answers 503, local counts in the "
+        "worker, which enforces limit / (workers * instances_hint).")
     instances_hint: int = Field(1, ge=1, description="proxyd instances sharing the limit.")
-    redis_timeout: Duration = "50ms"  # type: ignore[assignment]
-    headers: bool = True
+    redis_timeout: Duration = Field(  # type: ignore[assignment]
+        "50ms", description="Longest wait for Redis per request before on_backend_error "
+        "applies.")
+    headers: bool = Field(
+        True, description="Send RateLimit-Limit, RateLimit-Remaining and RateLimit-Reset on "
+        "responses (a 429 carries Retry-After either way).")
 
     @field_validator("key")
     @classmethod
