@@ -146,8 +146,9 @@ def _rate_limits(config: GatewayConfig, route_name: str, chain: Chain, ctx: Cont
 
 
 def _access(config: GatewayConfig, chain: Chain, ctx: Context) -> list[dict[str, str]]:
-    """What each access element (jwt_auth, basic_auth, api_key, ip_access) would decide, in
-    chain order; jwt_auth verifies only with keys from the config (a JWKS is not fetched)."""
+    """What each access element (jwt_auth, basic_auth, api_key, ip_access, forward_auth)
+    would decide, in chain order; jwt_auth verifies only with keys from the config (a JWKS is
+    not fetched), and forward_auth says what it would ask (the auth service is not asked)."""
     trusted = TrustedProxies(config.server.trusted_proxies)
     return [{"element": mw.type, "decision": mw.explain(ctx, trusted)}
             for mw in chain.middleware if isinstance(mw, ACCESS_TYPES)]

@@ -156,6 +156,10 @@ def _url_problem(url: str) -> str | None:
 
 def _check_upstreams(config: GatewayConfig, report: Report) -> None:
     used = {route.upstream for route in config.routes}
+    # An auth service (forward_auth's upstream) is used by the routes its element is on.
+    used |= {getattr(entry, "upstream", None) for entry in config.middleware}
+    used |= {override.get("upstream") for route in config.routes
+             for override in route.middleware.values() if isinstance(override, dict)}
     for name, upstream in config.upstreams.items():
         for k, target in enumerate(upstream.targets):
             if problem := _url_problem(target.url):

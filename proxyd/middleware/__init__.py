@@ -33,7 +33,7 @@ REGISTRY: dict[str, type[Middleware]] = {
 }
 # The elements that name the client (Context.consumer), and all that decide who may pass.
 AUTHENTICATING = ("jwt_auth", "basic_auth", "api_key")
-ACCESS = (*AUTHENTICATING, "ip_access")
+ACCESS = (*AUTHENTICATING, "ip_access", "forward_auth")
 
 Problem = tuple[tuple[str | int, ...], str]  # (key path, message)
 
@@ -94,7 +94,8 @@ def check_middleware(config: GatewayConfig) -> tuple[list[Problem], list[Problem
     errors: list[Problem] = []
     warnings: list[Problem] = []
     for i, entry in enumerate(config.middleware):
-        errors += _validate(entry.model_dump(), ("middleware", i))[1]
+        options, problems = _validate(entry.model_dump(), ("middleware", i))
+        errors += problems + _references(config, options, ("middleware", i))
     seen: dict[str, int] = {}
     for i, entry in enumerate(config.middleware):
         if entry.type in seen:
@@ -125,8 +126,23 @@ def check_middleware(config: GatewayConfig) -> tuple[list[Problem], list[Problem
         errors += problems
         for data, at in entries:
             if at[0] == "routes":
-                errors += _validate(data, at)[1]
+                options, problems = _validate(data, at)
+                errors += problems + _references(config, options, at)
     return errors, warnings
+
+
+def _references(config: GatewayConfig, options: Options | None, at: tuple[str | int, ...]
+                ) -> list[Problem]:
+    """Names an element's options give that the rest of the config must define."""
+    upstream = getattr(options, "upstream", None)
+    if options is None or options.type != "forward_auth" or upstream in config.upstreams:
+        return []
+    defined = sorted(config.upstreams)
+    close = difflib.get_close_matches(str(upstream), defined, n=1, cutoff=0.6)
+    hint = (f", did you mean '{close[0]}'?" if close
+            else f" (defined: {', '.join(defined)})" if defined
+            else " (no upstreams are defined)")
+    return [((*at, "upstream"), f"unknown upstream '{upstream}' for forward_auth{hint}")]
 
 
 def _access_warnings(config: GatewayConfig, seen: dict[str, int]) -> list[Problem]:

@@ -71,9 +71,11 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
         "Checks (one a second per worker) that found no file descriptor free: meanwhile new "
         "client connections are closed without an answer and upstream connects fail", ()),
     "gateway_auth_total": (
-        "Requests decided by an access element (jwt_auth, basic_auth, api_key, ip_access), by "
-        "result: ok, missing (no credentials), invalid, expired, denied (ip_access), "
-        "unavailable (jwt_auth without keys), busy (basic_auth's hash checks full)",
+        "Requests decided by an access element (jwt_auth, basic_auth, api_key, ip_access, "
+        "forward_auth), by result: ok, missing (no credentials), invalid, expired, denied "
+        "(ip_access; forward_auth's service refused), unavailable (jwt_auth without keys; "
+        "forward_auth's service down, slow or 5xx, refused with 503), busy (basic_auth's hash "
+        "checks full), error_allowed (forward_auth's service failed, on_error: allow)",
         ("route", "element", "result")),
     "gateway_jwks_refreshes_total": (
         "JWKS fetches by jwt_auth, by result (ok, error); after an error the last good keys "

@@ -19,10 +19,13 @@ OK: Final = "ok"  # authenticated, or an address allowed
 MISSING: Final = "missing"  # no credentials
 INVALID: Final = "invalid"  # wrong, malformed, unknown, or failed a claim check
 EXPIRED: Final = "expired"  # a token past its exp
-DENIED: Final = "denied"  # ip_access: an address refused
-UNAVAILABLE: Final = "unavailable"  # jwt_auth: no keys yet (the JWKS never fetched)
+DENIED: Final = "denied"  # ip_access: an address refused; forward_auth: the service said no
+# jwt_auth: no keys yet (the JWKS never fetched); forward_auth: the service failed, and the
+# request was refused (on_error: deny)
+UNAVAILABLE: Final = "unavailable"
 BUSY: Final = "busy"  # basic_auth: too many hash checks queued
-RESULTS: Final = (OK, MISSING, INVALID, EXPIRED, DENIED, UNAVAILABLE, BUSY)
+ERROR_ALLOWED: Final = "error_allowed"  # forward_auth: the service failed, on_error: allow
+RESULTS: Final = (OK, MISSING, INVALID, EXPIRED, DENIED, UNAVAILABLE, BUSY, ERROR_ALLOWED)
 METRIC: Final = "gateway_auth_total"
 
 

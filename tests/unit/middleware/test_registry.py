@@ -22,7 +22,7 @@ def config(middleware: list[dict[str, Any]], *routes: dict[str, Any]) -> Gateway
 def test_registry_lists_every_type() -> None:
     assert set(REGISTRY) == {"cors", "security_headers", "validation", "trace_id", "headers",
                              "rate_limit", "cache", "etag", "compression", "jwt_auth",
-                             "basic_auth", "api_key", "ip_access"}
+                             "basic_auth", "api_key", "ip_access", "forward_auth"}
     for name, cls in REGISTRY.items():
         assert cls.type == name
 
@@ -207,6 +207,7 @@ def test_option_defaults_are_parsed_like_configured_values() -> None:
             "u": "$2b$04$4AUipPXc.8XtD8lb1m3AB.m8a9mANC6DQ2nA9Wi8CNR9zobqZlds2"}},
         "api_key": {"keys": {"k": "sha256:" + "0" * 64}},
         "ip_access": {"allow": ["10.0.0.0/8"]},
+        "forward_auth": {"upstream": "auth"},
     }
     for name, cls in REGISTRY.items():  # every type builds from its defaults
         cls(cls.options_model.model_validate({"type": name, **required.get(name, {})}))

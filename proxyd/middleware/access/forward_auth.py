@@ -1,0 +1,269 @@
+"""The ``forward_auth`` element: an auth service decides whether each request may pass (the
+subrequest of nginx's auth_request, Traefik's ForwardAuth, Envoy's ext_authz).
+
+The request waits (Pending) while the element asks the service, with the client's credential
+headers and where the request was going (X-Forwarded-*), never its body. A 2xx answer lets it
+through, with the answer's chosen headers set on the upstream request; any other answer goes
+back to the client as the service gave it (its status, headers and a bounded body: the 401's
+WWW-Authenticate, the 302's Location to a login page). A service that is down, too slow or
+answers 5xx is not an answer: ``on_error`` decides, and by default the request is refused
+(503), since letting it through would make an outage of the auth service an open door.
+
+The target is chosen by the auth upstream's own balancer, so the master's health checks and
+this worker's outlier detection apply to it, and failures are reported back to that pool;
+the HTTP exchange itself runs on an aiohttp session of the element's (keep-alive pooled)
+until the data plane's upstream client can carry requests that start from a middleware.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Final
+
+import aiohttp
+from yarl import URL
+
+from proxyd.middleware.access import outcome
+from proxyd.middleware.access.forward_auth_options import ForwardAuthOptions
+from proxyd.middleware.access.outcome import Outcomes
+from proxyd.middleware.access.passwords import CredentialDigests
+from proxyd.middleware.access.verified import VerifiedCache
+from proxyd.middleware.base import Context, Middleware, Pending, Response, json_response
+from proxyd.proxy.headers import RESPONSE_DROP
+
+# The most of a refusal's body relayed to the client: an auth service's 401 or login
+# redirect is small, and the answer is held in memory (and in the cache) whole.
+MAX_BODY: Final = 64 * 1024
+
+
+class Decision:
+    """What the auth service answered, in the form the element applies to a request: fields
+    for the upstream request (a pass), or the answer for the client (a refusal)."""
+
+    __slots__ = ("body", "headers", "reason", "status")
+
+    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes = b"",
+                 reason: bytes = b"") -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+        self.reason = reason
+
+    @property
+    def passes(self) -> bool:
+        return 200 <= self.status < 300
+
+
+class ForwardAuth(Middleware):
+    type = "forward_auth"
+    options_model = ForwardAuthOptions
+
+    def __init__(self, options: ForwardAuthOptions) -> None:
+        super().__init__(options)
+        self.o = options
+        self.send = [(name.lower().encode(), name) for name in options.request_headers]
+        self.copy = [(name.lower().encode(), name.encode()) for name in options.response_headers]
+        # The service's fields, never the client's: inbound ones of those names go.
+        self.remove = {lname for lname, _ in self.copy}
+        self.ttl = options.cache_ttl
+        self.cache: VerifiedCache[Decision] = VerifiedCache(
+            options.cache_size if options.cache_ttl > 0 else 0)
+        self.digests = CredentialDigests()
+        self.deny_on_error = options.on_error == "deny"
+        self.outcomes = Outcomes()
+        self.pool: Any = None
+        self.trusted: Any = ()
+        self.session: aiohttp.ClientSession | None = None
+        self.tasks: set[asyncio.Task[Response | None]] = set()  # held: the loop keeps none
+
+    def bind(self, pipeline: Any, route: Any) -> None:
+        self.outcomes.bind(pipeline, route.name, self.type)
+        self.pool = pipeline.pools[self.o.upstream]
+        self.trusted = pipeline.trusted
+        pipeline.closers.append(self.close)
+
+    async def close(self) -> None:
+        session, self.session = self.session, None
+        if session is not None:
+            await session.close()
+
+    # -- per request ---------------------------------------------------------------------------
+    def on_request(self, ctx: Context) -> Response | Pending | None:
+        if self.remove:
+            ctx.remove_request.update(self.remove)
+        credentials = self._credentials(ctx)
+        key = None
+        if self.ttl > 0:
+            key = self._key(credentials)
+            hit = self.cache.get(key, time.monotonic())
+            if hit is not None:
+                return self._apply(ctx, hit)
+        task = asyncio.get_running_loop().create_task(self._decide(ctx, credentials, key))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return Pending(task)
+
+    def _credentials(self, ctx: Context) -> list[tuple[str, bytes | None]]:
+        """(name, value) of each request_headers field; repeated fields joined as a proxy
+        may join them (RFC 9110 §5.3; cookies with '; ', RFC 6265 §5.4)."""
+        found: list[tuple[str, bytes | None]] = []
+        for lname, name in self.send:
+            values = [value for key, _, value in ctx.headers if key == lname]
+            if not values:
+                found.append((name, None))
+            else:
+                found.append((name, (b"; " if lname == b"cookie" else b", ").join(values)))
+        return found
+
+    def _key(self, credentials: list[tuple[str, bytes | None]]) -> bytes:
+        # Length-prefixed, with absent told from empty: two different sets of fields never
+        # run together into the same bytes.
+        parts = []
+        for _, value in credentials:
+            parts.append(b"-" if value is None else b"%d:%b" % (len(value), value))
+        return self.digests.digest(b"|".join(parts))
+
+    async def _decide(self, ctx: Context, credentials: list[tuple[str, bytes | None]],
+                      key: bytes | None) -> Response | None:
+        decision = await self._ask(ctx, credentials)
+        if decision is None:
+            if self.deny_on_error:
+                self.outcomes.count(outcome.UNAVAILABLE)
+                return json_response(503, "authentication unavailable", ctx.id())
+            self.outcomes.count(outcome.ERROR_ALLOWED)
+            return None
+        if key is not None and (decision.passes or decision.status in (401, 403)) and not any(
+                lname == b"set-cookie" for lname, _ in _lower(decision.headers)):
+            # A refusal that sets a cookie is one client's (a login flow's state): never
+            # handed to the next request with the same credentials.
+            self.cache.put(key, decision, time.monotonic() + self.ttl)
+        return self._apply(ctx, decision)
+
+    def _apply(self, ctx: Context, decision: Decision) -> Response | None:
+        if decision.passes:
+            ctx.set_request.extend(decision.headers)
+            self.outcomes.count(outcome.OK)
+            return None
+        self.outcomes.count(outcome.DENIED)
+        # A new list each time: response hooks change the fields of the Response they get.
+        return Response(decision.status, list(decision.headers), decision.body,
+                        decision.reason)
+
+    # -- the subrequest ------------------------------------------------------------------------
+    def _session(self) -> aiohttp.ClientSession:
+        session = self.session
+        if session is None or session.closed:
+            # No cookie jar: a Set-Cookie the service sends to one client must never go back
+            # to it on another client's subrequest. No decompression: a refusal's body is
+            # relayed with the Content-Encoding it came with.
+            session = self.session = aiohttp.ClientSession(
+                cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False,
+                timeout=aiohttp.ClientTimeout(total=None))
+        return session
+
+    def _subrequest_headers(self, ctx: Context,
+                            credentials: list[tuple[str, bytes | None]]) -> list[tuple[str, str]]:
+        # latin-1 both ways: the field bytes the client sent are the bytes the service gets.
+        headers = [(name, value.decode("latin-1")) for name, value in credentials
+                   if value is not None]
+        ip = ctx.client_ip
+        trusted = ip.decode() in self.trusted
+        inbound_xff = ctx.header(b"x-forwarded-for")
+        xff = inbound_xff + b", " + ip if trusted and inbound_xff else ip
+        inbound_host = ctx.header(b"x-forwarded-host")
+        host = inbound_host if trusted and inbound_host else ctx.host
+        uri = ctx.path + b"?" + ctx.query if ctx.query else ctx.path
+        headers += [("X-Forwarded-Method", ctx.method.decode("latin-1")),
+                    ("X-Forwarded-Uri", uri.decode("latin-1")),
+                    ("X-Forwarded-Proto", ctx.scheme.decode("latin-1")),
+                    ("X-Forwarded-For", xff.decode("latin-1"))]
+        if host:
+            headers.append(("X-Forwarded-Host", host.decode("latin-1")))
+        return headers
+
+    async def _ask(self, ctx: Context,
+                   credentials: list[tuple[str, bytes | None]]) -> Decision | None:
+        """The service's answer, or None where it gave none that counts (down, too slow,
+        5xx, or no target up)."""
+        pool = self.pool
+        target = pool.pick()
+        if target is None:
+            return None
+        url = URL(f"{target.scheme}://{target.host_header.decode()}{self.o.path}",
+                  encoded=True)
+        extra: dict[str, Any] = {}
+        if target.ssl is not None:
+            extra = {"ssl": target.ssl, "server_hostname": target.server_hostname}
+        try:
+            async with asyncio.timeout(self.o.timeout), self._session().request(
+                    self.o.method, url, headers=self._subrequest_headers(ctx, credentials),
+                    allow_redirects=False, skip_auto_headers=("User-Agent", "Accept-Encoding"),
+                    **extra) as answer:
+                status = answer.status
+                if status >= 500:
+                    pool.response(target, status)
+                    return None
+                body, whole = await _read_bounded(answer.content)
+                raw = answer.raw_headers
+                reason = (answer.reason or "").encode("latin-1", "replace")
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
+            pool.try_failed(target)
+            return None
+        pool.response(target, status)
+        fields = list(raw)
+        if 200 <= status < 300:
+            wanted = {lname: name for lname, name in self.copy}
+            return Decision(status, [(wanted[lname], value) for lname, value in _lower(fields)
+                                     if lname in wanted])
+        headers = _relayed(fields)
+        if not whole:
+            # Too large to hold: the client gets the status and the fields that matter
+            # (WWW-Authenticate, Location) with an error body of ours instead.
+            error = json_response(status, "refused by the auth service", ctx.id())
+            kept = [(n, v) for n, v in headers
+                    if n.lower() not in (b"content-type", b"content-encoding")]
+            return Decision(status, error.headers + kept, error.body or b"", reason)
+        return Decision(status, headers, body, reason)
+
+    # -- proxyd explain ------------------------------------------------------------------------
+    def explain(self, ctx: Context, trusted: Any) -> str:
+        """What this element would do (the auth service is not asked)."""
+        o = self.o
+        sends = ", ".join(o.request_headers) or "no client headers"
+        copies = ", ".join(o.response_headers) or "no headers"
+        on_error = ("503" if o.on_error == "deny" else "passes unauthenticated")
+        text = (f"asks upstream {o.upstream}: {o.method} {o.path} with {sends} and "
+                f"X-Forwarded-*, within {o.timeout:g}s; 2xx passes, copying {copies}; any "
+                f"other answer goes back to the client; down, slow or 5xx: {on_error}")
+        if o.cache_ttl > 0:
+            text += f"; answers reused for {o.cache_ttl:g}s per credentials"
+        return text
+
+
+async def _read_bounded(content: aiohttp.StreamReader) -> tuple[bytes, bool]:
+    """(the body, True) when it is at most MAX_BODY; (b"", False) past that."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await content.read(MAX_BODY + 1 - size)
+        if not chunk:
+            return b"".join(chunks), True
+        size += len(chunk)
+        if size > MAX_BODY:
+            return b"", False
+        chunks.append(chunk)
+
+
+def _lower(fields: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    return [(name.lower(), value) for name, value in fields]
+
+
+def _relayed(fields: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """A refusal's fields for the client: those about the service's connection to proxyd,
+    and those its Connection field names, stay behind (RFC 9110 §7.6.1); the data plane
+    frames the body itself."""
+    named = {token.strip().lower() for name, value in fields if name.lower() == b"connection"
+             for token in value.split(b",")}
+    return [(name, value) for name, value in fields
+            if name.lower() not in RESPONSE_DROP and name.lower() not in named]
