@@ -13,7 +13,7 @@ from pydantic import Field, field_validator
 
 from proxyd.config.types import Duration
 from proxyd.middleware.access.options import _TOKEN, _header_name
-from proxyd.middleware.options import Options
+from proxyd.middleware.options import TYPE, Options
 
 # Sent on every subrequest, whatever request_headers says: where the request was going.
 FORWARDED_NAMES = ("X-Forwarded-Method", "X-Forwarded-Uri", "X-Forwarded-Host",
@@ -27,7 +27,7 @@ _FRAMING = frozenset({"host", "content-length", "transfer-encoding", "connection
 
 
 class ForwardAuthOptions(Options):
-    type: Literal["forward_auth"] = "forward_auth"
+    type: Literal["forward_auth"] = Field("forward_auth", description=TYPE)
     upstream: str = Field(
         description="The auth service: a name in upstreams. Its targets are chosen by that "
         "upstream's balancer, skipping those its health checks or outlier detection took out.")
@@ -49,9 +49,10 @@ class ForwardAuthOptions(Options):
         "deny", description="When the auth service is down, times out or answers 5xx: deny "
         "answers 503 (with the request id); allow lets the request through unauthenticated.")
     cache_ttl: Duration = Field(  # type: ignore[assignment]
-        "0s", description="How long a 2xx, 401 or 403 answer is reused for the same "
-        "credentials (the values of request_headers), without asking again; 0: never. The "
-        "answer must then depend on the credentials only, not on the path or method.")
+        "0s", description="How long a 2xx, 401 or 403 answer (without Set-Cookie) is reused "
+        "for the same credentials (the values of request_headers), without asking again; 0: "
+        "never. The answer must then depend on the credentials only, not on the path or "
+        "method.")
     cache_size: int = Field(
         10000, ge=1, description="Answers remembered per route and worker (least recently "
         "used go first).")
