@@ -16,9 +16,9 @@ Records are a compact JSON header (status, timings, vary, headers as latin-1 str
 newline, and the raw body; nothing is pickled.
 
 A small per-worker L1 (a few hundred entries, one second old at most) answers repeated hits
-without a round trip. Redis errors are misses, never errors: a circuit breaker stops sending
-commands after a few consecutive failures, logs once, probes in the background with PING and
-logs once more when Redis is back.
+without a round trip. Redis errors are misses, never errors: a circuit breaker
+(``proxyd/breaker.py``) stops sending commands after a few consecutive failures, logs once,
+probes in the background with PING and logs once more when Redis is back.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from proxyd.breaker import CLOSED, Breaker, Clock, Monotonic
 from proxyd.cache.memory import MemoryStore
 from proxyd.cache.policy import Headers, variant_key
 from proxyd.cache.store import Entry
@@ -150,7 +151,7 @@ class RedisStore:
 
     def __init__(self, url: str, max_entries: int, max_bytes: int, max_object_size: int,
                  spawn: Spawn, *, timeout: float = TIMEOUT, l1_max_age: float = L1_MAX_AGE,
-                 l1_entries: int = L1_ENTRIES) -> None:
+                 l1_entries: int = L1_ENTRIES, clock: Clock | None = None) -> None:
         self.url = url
         self.max_object_size = max_object_size
         self.max_bytes = max_bytes
@@ -160,13 +161,9 @@ class RedisStore:
                       l1_max_age)
         self._client: Any = None
         self._closed = False
-        # circuit breaker
-        self._failures = 0
-        self.open = False
-        self._cooldown = BREAKER_COOLDOWN
-        self._retry_at = 0.0
-        self._probing = False
-        self.trips = 0  # times the breaker opened (tests, metrics)
+        # Probed with PING in the background: a lookup never waits on a Redis that failed.
+        self.breaker = Breaker(clock or Monotonic(), failures=BREAKER_THRESHOLD,
+                               open_for=BREAKER_COOLDOWN, longest=BREAKER_MAX_COOLDOWN)
         self.errors = 0  # Redis errors seen, including those that did not trip it
         # Invalidations made while Redis was unreachable: (primary or prefix, is_prefix).
         self._deferred: dict[tuple[str, bool], None] = {}
@@ -194,47 +191,47 @@ class RedisStore:
             )
         return self._client
 
+    @property
+    def open(self) -> bool:
+        """Whether the breaker keeps commands from Redis (open, or half-open and probing)."""
+        return self.breaker.state != CLOSED
+
+    @property
+    def trips(self) -> int:
+        return self.breaker.trips
+
     def available(self) -> bool:
         """Whether commands may be sent now; while open, starts a background probe when due."""
-        if not self.open:
+        breaker = self.breaker
+        if breaker.state == CLOSED:
             return not self._closed
-        if not self._probing and not self._closed and time.monotonic() >= self._retry_at:
-            self._probing = True
+        # The probe is a PING of its own rather than the caller's command, so that no request
+        # waits on a Redis that failed: this one is a miss like the others.
+        if not self._closed and breaker.allow():
             self.spawn(self._probe())
         return False
 
     async def _probe(self) -> None:
         try:
             await self.client().ping()
-        except Exception as exc:  # any failure keeps the breaker open
-            self._cooldown = min(self._cooldown * 2, BREAKER_MAX_COOLDOWN)
-            self._retry_at = time.monotonic() + self._cooldown
+        except Exception as exc:  # the breaker opens again, for longer
+            self.breaker.record(False)
             log.debug("redis cache still unavailable: %s", exc)
         else:
             self._succeeded()
-        finally:
-            self._probing = False
 
     def _failed(self, exc: BaseException) -> None:
         if self._closed:
             return  # an operation cut short by shutdown, not an outage
         self.errors += 1
-        self._failures += 1
-        if not self.open and self._failures >= BREAKER_THRESHOLD:
-            self.open = True
-            self.trips += 1
-            self._cooldown = BREAKER_COOLDOWN
-            self._retry_at = time.monotonic() + self._cooldown
+        if self.breaker.record(False):
             log.warning("redis cache at %s unavailable (%s: %s); serving misses until it "
                         "answers again", self._safe_url(), type(exc).__name__, exc)
 
     def _succeeded(self) -> None:
-        self._failures = 0
-        if self.open:
-            self.open = False
-            self._cooldown = BREAKER_COOLDOWN
+        if self.breaker.record(True):
             log.warning("redis cache at %s available again", self._safe_url())
-        if self._deferred:
+        if self._deferred and self.breaker.state == CLOSED:
             deferred, self._deferred = list(self._deferred), {}
             self.spawn(self._replay(deferred))
 

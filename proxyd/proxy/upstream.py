@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 from proxyd.config.models import Pool, Upstream
 from proxyd.proxy.balance import HashRing, make_balancer
 from proxyd.proxy.proxy_protocol import header_v1, header_v2
-from proxyd.proxy.resilience import Breaker, RetryBudget
+from proxyd.proxy.resilience import RetryBudget, upstream_breaker
 from proxyd.proxy.resolver import Resolver
 from proxyd.proxy.timers import Deadlines
 from proxyd.proxy.tls import client_context
@@ -241,7 +241,7 @@ class UpstreamPool:
         self.failure_statuses = frozenset(self.outlier.failure_statuses if self.outlier else ())
         self.panic = cfg.panic_mode
         breaker = cfg.circuit_breaker
-        self.breaker = Breaker(breaker, deadlines)
+        self.breaker = upstream_breaker(breaker, deadlines)
         self.max_concurrent = breaker.max_concurrent
         self.max_pending = breaker.max_pending
         # Exchanges go through admit() only when something can refuse or queue them.

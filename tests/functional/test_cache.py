@@ -505,7 +505,7 @@ async def test_redis_store_is_shared_by_two_proxies(
         miss = await fetch(a)
         assert miss.header("Cache-Status") == "proxyd; fwd=miss; stored"
         key = b"proxyd:cache:http://test/r"
-        await wait_for(lambda: a.pipeline.cache_store._failures == 0 and not any(
+        await wait_for(lambda: a.pipeline.cache_store.errors == 0 and not any(
             t for t in a.pipeline._tasks), what="the background write")
         assert await client.exists(key) == 1
         hit = await fetch(b)

@@ -99,13 +99,12 @@ class RateLimit(Middleware):
         def answered(decisions: list[Decision] | BaseException) -> None:
             # Called from the Redis connection's data_received: no task per request.
             if isinstance(decisions, BaseException):  # any Redis trouble: the fallback answers
-                redis.breaker.failure(decisions)
+                redis.failure(decisions)
                 self._set_fallback_gauge(1.0)
                 result = self._fallback(ctx, key)
             else:
-                if redis.breaker.tripped:
+                if redis.success():  # Redis is back: this limiter leaves the fallback
                     self._set_fallback_gauge(0.0)
-                redis.breaker.success()
                 result = self._decide(ctx, decisions)
             if not future.done():
                 future.set_result(result)

@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
+from proxyd.breaker import Breaker, Clock, Monotonic
 from proxyd.middleware.rate_limit.gcra import Decision, Limit
 from proxyd.middleware.rate_limit.resp import RespClient, RespError, command
 
@@ -58,66 +58,22 @@ return out
 """
 
 KEY_PREFIX = "proxyd:rl:"
-
-
-class Breaker:
-    """Open after a failure for a cool-down that doubles while Redis keeps failing.
-
-    Once the cool-down has passed, one request probes Redis (half-open); the others stay on
-    the fallback until it answers or another cool-down passes. Only a failed probe doubles
-    the cool-down: the requests that were in flight when Redis died fail together, and they
-    are one outage, not several.
-    """
-
-    def __init__(self, first: float = 0.5, longest: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.first = first
-        self.longest = longest
-        self.clock = clock
-        self.cooldown = first
-        self.open_until = 0.0
-        self.tripped = False
-        self.probing = False
-
-    def allow(self) -> bool:
-        if not self.tripped:
-            return True
-        now = self.clock()
-        if now < self.open_until:
-            return False
-        # Half-open: this request probes; the next probe waits another cool-down.
-        self.probing = True
-        self.open_until = now + self.cooldown
-        return True
-
-    def failure(self, exc: BaseException) -> None:
-        if not self.tripped:
-            log.warning("redis rate limiting unavailable (%s); using the fallback", exc)
-            self.tripped = True
-            self.cooldown = self.first
-        elif self.probing:
-            self.cooldown = min(self.longest, self.cooldown * 2)
-        else:
-            return  # in flight before the trip: the breaker is already open
-        self.probing = False
-        self.open_until = self.clock() + self.cooldown
-
-    def success(self) -> None:
-        if self.tripped:
-            log.warning("redis rate limiting recovered")
-        self.tripped = False
-        self.probing = False
-        self.cooldown = self.first
+# The breaker opens at the first failure: each failed check is a request on the fallback
+# anyway, and a second one would cost another timeout. Its open time doubles per failed probe.
+BREAKER_OPEN_FOR = 0.5
+BREAKER_LONGEST = 30.0
 
 
 class RedisLimiter:
     """Every limit of one request in one EVALSHA, on this worker's pipelined connection."""
 
-    def __init__(self, url: str, limits: list[Limit], timeout: float) -> None:
+    def __init__(self, url: str, limits: list[Limit], timeout: float,
+                 clock: Clock | None = None) -> None:
         self.url = url
         self.limits = limits
         self.timeout = timeout
-        self.breaker = Breaker()
+        self.breaker = Breaker(clock or Monotonic(), failures=1, open_for=BREAKER_OPEN_FOR,
+                               longest=BREAKER_LONGEST)
         self._client: RespClient | None = None
         self._args = [max(1, round(x * 1e6)) for limit in limits
                       for x in (limit.interval, limit.tolerance)]
@@ -130,6 +86,19 @@ class RedisLimiter:
         self._eval = size + command(b"EVAL", GCRA_LUA.encode())[4:] + numkeys
         self._argv = b"".join(b"$%d\r\n%d\r\n" % (len(str(a)), a) for a in self._args)
         self._suffixes = [b":%d" % i for i in range(count)]
+
+    def failure(self, exc: BaseException) -> None:
+        """A check failed: the breaker hears of it, and the first failure of an outage is
+        logged (one line per outage, not one per request)."""
+        if self.breaker.record(False):
+            log.warning("redis rate limiting unavailable (%s); using the fallback", exc)
+
+    def success(self) -> bool:
+        """Redis answered a check: True when that ended an outage."""
+        if self.breaker.record(True):
+            log.warning("redis rate limiting recovered")
+            return True
+        return False
 
     def request(self, key: str, callback: Callable[[list[Decision] | BaseException], None]
                 ) -> None:

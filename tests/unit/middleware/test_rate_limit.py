@@ -11,11 +11,12 @@ from typing import Any, cast
 import pytest
 from pydantic import ValidationError
 
+from proxyd.breaker import CLOSED
 from proxyd.middleware.base import Pending, Response
 from proxyd.middleware.rate_limit import RateLimit, RateLimitOptions
 from proxyd.middleware.rate_limit.gcra import Decision, Limit, check, check_all
 from proxyd.middleware.rate_limit.memory import MemoryLimiter
-from proxyd.middleware.rate_limit.redis import Breaker, RedisLimiter
+from proxyd.middleware.rate_limit.redis import RedisLimiter
 from proxyd.proxy.headers import TrustedProxies
 
 from .helpers import make, make_ctx, response, values
@@ -26,6 +27,10 @@ class Clock:
         self.t = t
 
     def __call__(self) -> float:
+        return self.t
+
+    @property
+    def now(self) -> float:  # the breaker's kind of clock
         return self.t
 
     def advance(self, seconds: float) -> None:
@@ -338,63 +343,79 @@ def test_route_name_separates_routes() -> None:
 # -- the breaker ------------------------------------------------------------------------------
 
 
+def limiter(clock: Clock) -> RedisLimiter:
+    return RedisLimiter("redis://127.0.0.1:1/0", [Limit(1, 1.0, 1)], 0.05, clock)
+
+
 def test_breaker_opens_for_a_cooldown_then_lets_one_probe_through() -> None:
     clock = Clock()
-    b = Breaker(first=0.5, longest=30.0, clock=clock)
+    redis = limiter(clock)
+    b = redis.breaker
     assert b.allow()
-    b.failure(ConnectionError("refused"))
-    assert b.tripped and not b.allow()
+    redis.failure(ConnectionError("refused"))
+    assert b.state != CLOSED and not b.allow()
     clock.advance(0.49)
     assert not b.allow()
     clock.advance(0.01)
     assert b.allow()  # the probe
     assert not b.allow()  # everyone else waits for it
-    b.success()
-    assert not b.tripped and b.allow() and b.allow()
+    assert redis.success()
+    assert b.state == CLOSED and b.allow() and b.allow()
 
 
 def test_breaker_cooldown_doubles_per_failed_probe_up_to_the_longest() -> None:
     clock = Clock()
-    b = Breaker(first=0.5, longest=4.0, clock=clock)
-    b.failure(ConnectionError())
+    redis = limiter(clock)
+    b = redis.breaker
+    redis.failure(ConnectionError())
     cooldowns = []
-    for _ in range(6):
+    for _ in range(9):
         start = clock.t
         while not b.allow():
             clock.advance(0.125)
         cooldowns.append(clock.t - start)
-        b.failure(ConnectionError())
-    assert cooldowns == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+        redis.failure(ConnectionError())
+    assert cooldowns == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
     assert b.allow() is False
-    clock.advance(4.0)
+    clock.advance(30.0)
     assert b.allow()
-    b.success()
+    redis.success()
     assert b.cooldown == 0.5
-    b.failure(ConnectionError())  # a new outage starts from the first cool-down
+    redis.failure(ConnectionError())  # a new outage starts from the first cool-down
     clock.advance(0.5)
     assert b.allow()
 
 
 def test_breaker_failures_in_flight_at_the_trip_do_not_extend_it() -> None:
     clock = Clock()
-    b = Breaker(first=0.5, clock=clock)
+    redis = limiter(clock)
     for _ in range(50):  # fifty requests were waiting on Redis when it died
-        b.failure(ConnectionError())
-    assert b.cooldown == 0.5
+        redis.failure(ConnectionError())
+    assert redis.breaker.cooldown == 0.5
     clock.advance(0.5)
-    assert b.allow()
+    assert redis.breaker.allow()
+
+
+def test_breaker_answers_in_flight_at_the_trip_do_not_close_it() -> None:
+    """A check sent before the trip and answered after it proves nothing about Redis now:
+    the limiter stays on the fallback until its probe answers."""
+    clock = Clock()
+    redis = limiter(clock)
+    redis.failure(ConnectionError())
+    assert not redis.success()
+    assert redis.breaker.state != CLOSED and not redis.breaker.allow()
 
 
 def test_breaker_logs_once_per_outage(caplog: pytest.LogCaptureFixture) -> None:
     clock = Clock()
-    b = Breaker(clock=clock)
+    redis = limiter(clock)
     with caplog.at_level(logging.WARNING, logger="proxyd.rate_limit"):
         for _ in range(3):
-            b.failure(ConnectionError("refused"))
+            redis.failure(ConnectionError("refused"))
             clock.advance(60)
-            b.allow()
-        b.success()
-        b.success()
+            redis.breaker.allow()
+        redis.success()
+        redis.success()
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 2
     assert "unavailable" in messages[0] and "refused" in messages[0]
@@ -561,7 +582,7 @@ async def test_redis_failure_uses_the_local_share_and_sets_the_gauge() -> None:
     clock.advance(0.5)
     ctx = make_ctx()
     assert await settle(mw.on_request(ctx)) is None
-    assert pipeline.redis_fallback == 0.0 and not mw.redis.breaker.tripped
+    assert pipeline.redis_fallback == 0.0 and mw.redis.breaker.state == CLOSED
     resp = response()
     mw.on_response(ctx, resp)
     assert values(resp, b"ratelimit-remaining") == [b"19"]

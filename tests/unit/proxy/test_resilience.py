@@ -1,4 +1,5 @@
-"""Retry budget, circuit breaker and outlier ejection against a hand-driven clock."""
+"""Retry budget, the breaker an upstream's settings describe, and outlier ejection against a
+hand-driven clock."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 
 from proxyd.config.models import CircuitBreaker, GatewayConfig, Retries, Upstream
 from proxyd.config.semantic import check
-from proxyd.proxy.resilience import Breaker, RetryBudget
+from proxyd.proxy.resilience import RetryBudget, upstream_breaker
 from proxyd.proxy.resolver import Resolver
 from proxyd.proxy.timers import Deadlines
 from proxyd.proxy.upstream import UpstreamPool
@@ -47,7 +48,7 @@ def test_retry_budget_minimum_for_quiet_upstreams() -> None:
 
 def test_breaker_trips_half_opens_and_closes() -> None:
     clock = Clock()
-    breaker = Breaker(CircuitBreaker(error_rate=0.5, min_requests=4, open_for="2s",
+    breaker = upstream_breaker(CircuitBreaker(error_rate=0.5, min_requests=4, open_for="2s",
                                      half_open_requests=2), clock)
     for ok in (True, False, True):
         assert breaker.allow()
@@ -71,7 +72,8 @@ def test_breaker_trips_half_opens_and_closes() -> None:
 
 def test_breaker_lost_probes_expire() -> None:
     clock = Clock()
-    breaker = Breaker(CircuitBreaker(error_rate=0.5, min_requests=1, open_for="1s"), clock)
+    breaker = upstream_breaker(CircuitBreaker(error_rate=0.5, min_requests=1, open_for="1s"),
+                               clock)
     breaker.record(False)
     clock.now += 1.1
     assert breaker.allow()  # a probe whose client then went away: never reported
