@@ -21,6 +21,7 @@ from tests.functional.conftest import (
     assert_json_error,
     free_port,
     route,
+    wait_for,
 )
 
 ROUTES = [route("api", path_prefix="/api"),
@@ -52,6 +53,9 @@ class AuthService:
             return web.Response(status=403, text="no", headers={"X-Reason": "banned"})
         if auth == "Bearer broken":
             return web.Response(status=500)
+        if auth == "Bearer huge":
+            return web.Response(status=401, body=b"x" * (64 * 1024 + 1), headers={
+                "WWW-Authenticate": "Bearer", "Content-Type": "text/plain"})
         return web.Response(status=302, headers={
             "Location": "https://login.test/?rd=" + request.headers["X-Forwarded-Uri"],
             "Set-Cookie": "state=1; HttpOnly"})
@@ -146,9 +150,14 @@ async def test_401_403_and_302_go_back_to_the_client_and_the_origin_sees_nothing
     assert resp.status == 302
     assert resp.header("Location") == "https://login.test/?rd=/api/x?y=1"
     assert resp.header("Set-Cookie") == "state=1; HttpOnly"
+    # A refusal too large to hold keeps its status and challenge, with our body instead.
+    resp = await send(p, "/api/x", bearer("huge"))
+    body = assert_json_error(resp, 401)
+    assert resp.header("X-Request-ID") == body["request_id"]
+    assert resp.header("WWW-Authenticate") == "Bearer"
     assert origin.seen == []
-    assert auth.calls == 3
-    assert auth_counts(p) == {("api", "forward_auth", "denied"): 3.0}
+    assert auth.calls == 4
+    assert auth_counts(p) == {("api", "forward_auth", "denied"): 4.0}
 
 
 async def test_a_slow_service_is_refused_by_default_and_let_through_with_allow(
@@ -217,3 +226,26 @@ async def test_cache_ttl_asks_once_per_credentials(
     counted = auth_counts(p)
     assert counted[("api", "forward_auth", "ok")] == 3.0
     assert counted[("api", "forward_auth", "denied")] == 4.0
+
+
+async def test_requests_with_the_same_credentials_share_the_subrequest_in_flight(
+        upstreams: Upstreams, proxy: StartProxy) -> None:
+    auth = await AuthService().start(upstreams)
+    auth.gate = asyncio.Event()
+    try:
+        p, origin = await auth_proxy(upstreams, proxy, auth.url, cache_ttl="60s")
+        async with await RawClient.connect(p.port) as c1, \
+                await RawClient.connect(p.port) as c2, await RawClient.connect(p.port) as c3:
+            for c, who in ((c1, "alice"), (c2, "alice"), (c3, "bob")):
+                await c.send(get("/api/x", extra=f"Authorization: Bearer {who}\r\n"))
+            answers = [asyncio.ensure_future(c.response()) for c in (c1, c2, c3)]
+            # All three are in the chain, and the service holds its answers.
+            await wait_for(lambda: p.dispatched == 3 and auth.calls == 2,
+                           what="three requests waiting on two subrequests")
+            auth.gate.set()
+            for answer in answers:
+                assert (await answer).status == 200
+        assert sorted(s.header("X-User") or "" for s in origin.seen) == ["alice", "alice", "bob"]
+        assert auth.calls == 2
+    finally:
+        auth.gate.set()

@@ -9,6 +9,9 @@ WWW-Authenticate, the 302's Location to a login page). A service that is down, t
 answers 5xx is not an answer: ``on_error`` decides, and by default the request is refused
 (503), since letting it through would make an outage of the auth service an open door.
 
+With ``cache_ttl``, a pass or a plain refusal (401, 403) is reused for the same credentials,
+and requests that bring credentials already being asked about wait for that answer.
+
 The target is chosen by the auth upstream's own balancer, so the master's health checks and
 this worker's outlier detection apply to it, and failures are reported back to that pool;
 the HTTP exchange itself runs on an aiohttp session of the element's (keep-alive pooled)
@@ -41,18 +44,29 @@ class Decision:
     """What the auth service answered, in the form the element applies to a request: fields
     for the upstream request (a pass), or the answer for the client (a refusal)."""
 
-    __slots__ = ("body", "headers", "reason", "status")
+    __slots__ = ("body", "headers", "oversize", "reason", "status")
 
     def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes = b"",
-                 reason: bytes = b"") -> None:
+                 reason: bytes = b"", oversize: bool = False) -> None:
         self.status = status
         self.headers = headers
         self.body = body
         self.reason = reason
+        # A refusal whose body was too large to hold: each client gets an error body of ours
+        # (with its own request id) in its place.
+        self.oversize = oversize
 
     @property
     def passes(self) -> bool:
         return 200 <= self.status < 300
+
+    @property
+    def shareable(self) -> bool:
+        """Whether the answer holds for any request with the same credentials: a pass or a
+        plain refusal. A redirect, or anything that sets a cookie, may carry one client's
+        state (a login flow's), and is never handed to another."""
+        return (self.passes or self.status in (401, 403)) and not self.oversize and not any(
+            name.lower() == b"set-cookie" for name, _ in self.headers)
 
 
 class ForwardAuth(Middleware):
@@ -76,6 +90,10 @@ class ForwardAuth(Middleware):
         self.trusted: Any = ()
         self.session: aiohttp.ClientSession | None = None
         self.tasks: set[asyncio.Task[Response | None]] = set()  # held: the loop keeps none
+        # With cache_ttl: credentials → the subrequest in flight for them. Requests that bring
+        # the same credentials meanwhile wait for its answer instead of asking again (a
+        # page's burst of requests costs the service one).
+        self.asking: dict[bytes, asyncio.Task[Decision | None]] = {}
 
     def bind(self, pipeline: Any, route: Any) -> None:
         self.outcomes.bind(pipeline, route.name, self.type)
@@ -126,19 +144,42 @@ class ForwardAuth(Middleware):
 
     async def _decide(self, ctx: Context, credentials: list[tuple[str, bytes | None]],
                       key: bytes | None) -> Response | None:
-        decision = await self._ask(ctx, credentials)
+        if key is None:
+            decision = await self._ask(ctx, credentials)
+        else:
+            decision = await self._shared(ctx, credentials, key)
         if decision is None:
             if self.deny_on_error:
                 self.outcomes.count(outcome.UNAVAILABLE)
                 return json_response(503, "authentication unavailable", ctx.id())
             self.outcomes.count(outcome.ERROR_ALLOWED)
             return None
-        if key is not None and (decision.passes or decision.status in (401, 403)) and not any(
-                lname == b"set-cookie" for lname, _ in _lower(decision.headers)):
-            # A refusal that sets a cookie is one client's (a login flow's state): never
-            # handed to the next request with the same credentials.
-            self.cache.put(key, decision, time.monotonic() + self.ttl)
         return self._apply(ctx, decision)
+
+    async def _shared(self, ctx: Context, credentials: list[tuple[str, bytes | None]],
+                      key: bytes) -> Decision | None:
+        """The answer for these credentials: from the subrequest already in flight for them,
+        or from a new one, which then goes into the cache if it is shareable."""
+        task = self.asking.get(key)
+        if task is not None:
+            # shield: a request that stops waiting must not cancel the others' subrequest.
+            decision = await asyncio.shield(task)
+            if decision is None or decision.shareable:
+                return decision
+            return await self._ask(ctx, credentials)  # not for this client: its own
+        task = asyncio.get_running_loop().create_task(self._ask(ctx, credentials))
+        self.asking[key] = task
+
+        def done(f: asyncio.Task[Decision | None]) -> None:  # before the waiters resume
+            if self.asking.get(key) is f:
+                del self.asking[key]
+            if not f.cancelled() and f.exception() is None:
+                decision = f.result()
+                if decision is not None and decision.shareable:
+                    self.cache.put(key, decision, time.monotonic() + self.ttl)
+
+        task.add_done_callback(done)
+        return await asyncio.shield(task)
 
     def _apply(self, ctx: Context, decision: Decision) -> Response | None:
         if decision.passes:
@@ -146,6 +187,10 @@ class ForwardAuth(Middleware):
             self.outcomes.count(outcome.OK)
             return None
         self.outcomes.count(outcome.DENIED)
+        if decision.oversize:
+            error = json_response(decision.status, "refused by the auth service", ctx.id())
+            error.headers.extend(decision.headers)
+            return error
         # A new list each time: response hooks change the fields of the Response they get.
         return Response(decision.status, list(decision.headers), decision.body,
                         decision.reason)
@@ -220,10 +265,9 @@ class ForwardAuth(Middleware):
         if not whole:
             # Too large to hold: the client gets the status and the fields that matter
             # (WWW-Authenticate, Location) with an error body of ours instead.
-            error = json_response(status, "refused by the auth service", ctx.id())
             kept = [(n, v) for n, v in headers
                     if n.lower() not in (b"content-type", b"content-encoding")]
-            return Decision(status, error.headers + kept, error.body or b"", reason)
+            return Decision(status, kept, reason=reason, oversize=True)
         return Decision(status, headers, body, reason)
 
     # -- proxyd explain ------------------------------------------------------------------------
