@@ -31,6 +31,7 @@ class TraceId(Middleware):
         self.traceparent = options.traceparent
         self.start = options.start_traces
         self.new_flags = b"01" if options.sampled else b"00"
+        self.flags_tail = "-01" if options.sampled else "-00"
 
     def on_request(self, ctx: Context) -> Response | Pending | None:
         incoming = ctx.header(self.lname) if self.trust else None
@@ -55,23 +56,32 @@ class TraceId(Middleware):
         trace = _valid(ctx, parent) if parent is not None else None
         if trace is not None:
             trace_id, flags = trace
+            # Random, not secret: Python's generator (reseeded in each forked worker) costs no
+            # system call, where os.urandom would cost one or two per request.
+            span = (getrandbits(64) | 1).to_bytes(8, "big").hex().encode()
+            line = b"00-" + trace_id + b"-" + span + b"-" + flags
         elif parent is not None or self.start:
-            trace_id, flags = b"%032x" % (getrandbits(128) or 1), self.new_flags
+            # A new trace: its id and proxyd's span id from one draw, rendered in one pass (the
+            # start of every trace is on the request path).
+            ids = new_ids(getrandbits(192))
+            line = ("00-" + ids[:32] + "-" + ids[32:] + self.flags_tail).encode()
             # A tracestate belongs to the traceparent it came with: never to a new trace.
             ctx.remove_request.add(b"tracestate")
         else:
             return
-        # Random, not secret: Python's generator (reseeded in each forked worker) costs no
-        # system call, where os.urandom would cost one or two per request.
-        span = b"%016x" % (getrandbits(64) or 1)
         ctx.remove_request.add(b"traceparent")
-        ctx.set_request.append((b"traceparent", b"-".join((b"00", trace_id, span, flags))))
-        ctx.state["trace_id"] = trace_id.decode()
+        ctx.set_request.append((b"traceparent", line))
 
     def on_response(self, ctx: Context, resp: Response) -> None:
         if self.echo and not resp.has(self.lname):
             rid = ctx.id_bytes
             resp.add(self.name, rid if rid is not None else ctx.id().encode(), self.lname)
+
+
+def new_ids(bits: int) -> str:
+    """A new trace id (32 hex digits) and span id (16) from 192 random bits; the low bit of
+    each set, so that neither is all zeros, which W3C Trace Context forbids."""
+    return (bits | 1 << 64 | 1).to_bytes(24, "big").hex()
 
 
 def _valid(ctx: Context, value: bytes) -> tuple[bytes, bytes] | None:
