@@ -119,8 +119,18 @@ def _table(rows: list[tuple[str, str, str]], sep: str) -> list[str]:
 
 
 def _listener(address: object) -> str:
+    parts = []
     tls = getattr(address, "tls", None)
-    return f"{address} (TLS {tls.min_version}+, cert {tls.cert})" if tls else str(address)
+    if tls is not None:
+        parts.append(f"TLS {tls.min_version}+, cert {tls.cert}")
+        if tls.certificates:
+            names = sum(len(c.names) for c in tls.certificates)
+            parts.append(f"{len(tls.certificates)} more by SNI ({names} names)")
+        if tls.client_ca is not None:
+            parts.append(f"client certificates {tls.client_auth} ({tls.client_ca})")
+    if getattr(address, "proxy_protocol", False):
+        parts.append("PROXY protocol from " + ", ".join(address.proxy_protocol_from))  # type: ignore[attr-defined]
+    return f"{address} ({'; '.join(parts)})" if parts else str(address)
 
 
 def format_summary(config: GatewayConfig, filename: str, warnings: list[ConfigIssue]) -> str:
