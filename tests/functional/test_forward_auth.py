@@ -249,3 +249,21 @@ async def test_requests_with_the_same_credentials_share_the_subrequest_in_flight
         assert auth.calls == 2
     finally:
         auth.gate.set()
+
+
+async def test_an_open_circuit_breaker_keeps_the_service_from_being_asked(
+        upstreams: Upstreams, proxy: StartProxy) -> None:
+    auth = await AuthService().start(upstreams)
+    origin = await upstreams.aiohttp()
+    entry = {"type": "forward_auth", "upstream": "auth", "path": "/verify"}
+    breaker = {"error_rate": 0.5, "min_requests": 2, "window": "10s", "open_for": "30s"}
+    p = await proxy(ROUTES, {"backend": origin.url,
+                             "auth": {"targets": [auth.url], "circuit_breaker": breaker}},
+                    middleware=[entry])
+    for _ in range(2):  # two 5xx: half of the answers failed, the breaker opens
+        assert (await send(p, "/api/x", bearer("broken"))).status == 503
+    asked = auth.calls
+    resp = await send(p, "/api/x", bearer("alice"))
+    assert resp.status == 503  # on_error: deny, without a subrequest
+    assert auth.calls == asked
+    assert origin.seen == []

@@ -232,6 +232,8 @@ class ForwardAuth(Middleware):
         """The service's answer, or None where it gave none that counts (down, too slow,
         5xx, or no target up)."""
         pool = self.pool
+        if not pool.breaker.allow():
+            return None  # the auth upstream's circuit breaker is open: not asked at all
         target = pool.pick()
         if target is None:
             return None
