@@ -21,10 +21,10 @@ import uvloop
 from proxyd.config.models import GatewayConfig
 from proxyd.control import Channel
 from proxyd.fdlimit import ExhaustionWatch
-from proxyd.proxy.downstream import PROXY_ERRORS, DownstreamProtocol
+from proxyd.proxy.downstream import DownstreamProtocol
 from proxyd.proxy.headers import TrustedProxies
 from proxyd.proxy.pipeline import Pipeline
-from proxyd.proxy.proxy_protocol import ListenerPolicy, TLSGate
+from proxyd.proxy.proxy_protocol import ListenerPolicy, TLSGate, refused
 from proxyd.sockets import listen_socket
 from proxyd.tls import server_context
 
@@ -73,7 +73,7 @@ class Worker:
                 # The PROXY header precedes the TLS handshake: taken off the socket first.
                 gate = TLSGate(loop, sock, make, ctx, proxy,
                                self.config.server.limits.header_timeout,
-                               lambda ip, why: refuse_proxy(pipeline, ip, why))
+                               lambda ip, why: refused(pipeline.metrics, ip, why))
                 sock.listen(self.config.server.backlog)
                 gate.start()
                 self.gates.append(gate)
@@ -164,12 +164,6 @@ class Worker:
                         make, conn, ssl=ctx,  # type: ignore[type-var]  # duck-typed protocol
                         ssl_handshake_timeout=timeout if ctx is not None else None)))
         return handshakes
-
-
-def refuse_proxy(pipeline: Pipeline, ip: str, reason: str) -> None:
-    """A connection a TLSGate closed: counted and logged as the plain listeners' are."""
-    pipeline.metrics.inc("gateway_client_limits_total", ("proxy_protocol",))
-    PROXY_ERRORS.warning("closing a connection from %s: %s", ip, reason)
 
 
 def run_single(config: GatewayConfig, config_path: str | None = None,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 from abc import abstractmethod
 from collections import deque
-from time import monotonic
 from typing import Final
 
 from proxyd.middleware.base import Context, Pending, Response, json_response
@@ -27,7 +26,7 @@ from proxyd.proxy.head import (
 from proxyd.proxy.headers import REQUEST_DROP, Piece, forwarded_fields
 from proxyd.proxy.path import BadPath, needs_normalizing, normalize_path
 from proxyd.proxy.pipeline import Pipeline, req_id
-from proxyd.proxy.request import Request
+from proxyd.proxy.request import Reject, Request
 from proxyd.proxy.router import DirectResponse, normalize_host
 from proxyd.proxy.websocket import Tunnel, new_key
 
@@ -35,21 +34,6 @@ from proxyd.proxy.websocket import Tunnel, new_key
 PAUSE_PIPELINE: Final = 1  # a pipelined request waits for the one in flight
 PAUSE_UPSTREAM: Final = 2  # the upstream socket's write buffer is full
 PAUSE_PENDING: Final = 4  # body bytes piled up while the upstream connection is being opened
-
-
-def refusal_reason(status: int, message: str) -> str:
-    """The gateway_client_limits_total label of a request the parser or a limit refused."""
-    if status == 400:
-        if "version" in message or "protocol" in message:
-            return "bad_version"
-        if "underscore" in message:
-            return "underscore_header"
-        return "malformed"
-    return REFUSALS.get(status, "malformed")
-
-
-REFUSALS: Final = {408: "header_timeout", 413: "body_too_large", 414: "uri_too_long",
-                   431: "header_too_large"}
 
 
 class Answering:
@@ -141,7 +125,8 @@ class Answering:
         self.requests += 1
         p = self.p
         p.requests += 1
-        req.started = monotonic()  # uvloop's loop.time() has 1 ms steps
+        # The clock this read refreshed (timers.Deadlines): no second reading per request.
+        req.started = p.deadlines.now
         path, _, query = req.url.partition(b"?")
         if needs_normalizing(path):
             # Routed and forwarded in one form only, or a spelling could dodge a route.
@@ -387,7 +372,7 @@ class Answering:
         else:
             self._advance()
 
-    def _reject(self, status: int, message: str) -> None:
+    def _reject(self, refusal: Reject) -> None:
         """A request that cannot be parsed safely: answer (in turn) and close."""
         active = self.active
         if active is not None and active is self.req:
@@ -408,11 +393,12 @@ class Answering:
             self.close_after = True
             return
         req = self.req or Request()
-        data = error_response(status, message, self.request_id(req), close=True)
+        status = refusal.status
+        data = error_response(status, refusal.message, self.request_id(req), close=True)
         self.send(data)
         # Refused by the parser or a limit, dispatched or not: logged and counted like every
         # answered request (route "none" when it never reached one), and the reason counted.
-        self.p.metrics.inc("gateway_client_limits_total", (refusal_reason(status, message),))
+        self.p.metrics.inc("gateway_client_limits_total", (refusal.reason,))
         if not req.started:
             req.started = self.p.deadlines.now
         req.status = status

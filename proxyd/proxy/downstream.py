@@ -11,24 +11,20 @@ Answering mixin of answer.py.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections import deque
 from time import monotonic
 from typing import Final, cast
 
 import httptools
 
-from proxyd.observe.throttle import ThrottledLog
 from proxyd.proxy.answer import PAUSE_PENDING, PAUSE_PIPELINE, PAUSE_UPSTREAM, Answering
 from proxyd.proxy.head import error_response
 from proxyd.proxy.headers import REQUEST_NAMES, Piece, lower_name, write_pieces
 from proxyd.proxy.pipeline import Pipeline
-from proxyd.proxy.proxy_protocol import HeaderReader, ListenerPolicy
+from proxyd.proxy.proxy_protocol import HeaderReader, ListenerPolicy, refused
 from proxyd.proxy.request import SPECIAL, Reject, Request, special_header
 from proxyd.proxy.websocket import Tunnel
 from proxyd.tls import client_cert_fields
-
-PROXY_ERRORS: Final = ThrottledLog(logging.getLogger("proxyd.proxy_protocol"))
 
 __all__ = ["PAUSE_PENDING", "PAUSE_PIPELINE", "PAUSE_UPSTREAM", "DownstreamProtocol", "Request",
            "SendWatch"]
@@ -242,8 +238,7 @@ class DownstreamProtocol(Answering):
     def refuse_proxy_header(self, reason: str) -> None:
         """A missing, malformed or unwelcome PROXY protocol header: the connection is closed
         without an answer (its peer is a balancer out of step, or a client forging one)."""
-        self.p.metrics.inc("gateway_client_limits_total", ("proxy_protocol",))
-        PROXY_ERRORS.warning("closing a connection from %s: %s", self.client_ip.decode(), reason)
+        refused(self.p.metrics, self.client_ip.decode(), reason)
         self.closed = True
         if self.transport is not None:
             self.transport.abort()
@@ -299,7 +294,7 @@ class DownstreamProtocol(Answering):
             if self.req is not None:
                 # A header section begun and not finished in time (slowloris, or a client
                 # that stalled): answered 408, logged and counted, then closed.
-                self._reject(408, "request header timeout")
+                self._reject(Reject(408, "request header timeout"))
             else:
                 self.transport.close()  # idle keep-alive (or nothing ever sent): no one waits
 
@@ -486,11 +481,11 @@ class DownstreamProtocol(Answering):
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
             if isinstance(cause, Reject):
-                self._reject(cause.status, cause.message)
+                self._reject(cause)
             else:
                 raise
         except httptools.HttpParserError as exc:
-            self._reject(400, f"malformed request: {exc}")
+            self._reject(Reject(400, f"malformed request: {exc}"))
         else:
             req = self.req
             if req is not None and not req.method and (req is before or before is None):
@@ -499,7 +494,7 @@ class DownstreamProtocol(Answering):
                 # without bound; this caps the buffering at the limits plus one read.
                 req.head_bytes += len(data)
                 if req.head_bytes > self.p.max_head_bytes:
-                    self._reject(431, "request header section too large")
+                    self._reject(Reject(431, "request header section too large"))
         self.parsing = False
         self.read = None  # not kept: an idle connection would hold its last read
         self.flush()
@@ -545,7 +540,7 @@ class DownstreamProtocol(Answering):
         if policy == "allow":
             return False
         if policy == "reject":
-            raise Reject(400, "underscore in a header field name")
+            raise Reject(400, "underscore in a header field name", "underscore_header")
         return True
 
     def on_headers_complete(self) -> None:
@@ -561,14 +556,14 @@ class DownstreamProtocol(Answering):
         else:
             version = parser.get_http_version()
             if version not in ("1.1", "1.0"):
-                raise Reject(400, f"unsupported HTTP version {version}")
+                raise Reject(400, f"unsupported HTTP version {version}", "bad_version")
             req.http11 = version == "1.1"
         req.method = method = parser.get_method()
         req.keep_alive = keep_alive
         read = self.read
         if read is not None and (method == b"SOURCE" or read.find(b" RTSP/") >= 0) \
                 and foreign_protocol(read, req):
-            raise Reject(400, "not an HTTP request (protocol is not HTTP)")
+            raise Reject(400, "not an HTTP request (protocol is not HTTP)", "bad_version")
         if req.http11 and req.host is None:
             raise Reject(400, "missing Host header")
         if req.chunked and not req.http11:

@@ -115,9 +115,12 @@ class Exchange(ResponseRelay):
         req = self.req
         req.exchange = self
         pool = self.pool
-        # Fresh: a start may come from a callback that is no read (middleware that waited on
-        # Redis), and the total deadline is armed from it (timers.Deadlines).
-        self.started_at = pool.deadlines.now = monotonic()
+        # Inside the client's read the clock is fresh; a start from another callback
+        # (middleware that waited on Redis) reads it again, as the total deadline is armed
+        # from it (timers.Deadlines).
+        if not self.ds.parsing:
+            pool.deadlines.now = monotonic()
+        self.started_at = pool.deadlines.now
         route = req.route
         if route is not None and route.timeouts is not None:
             self.timeouts = route.timeouts

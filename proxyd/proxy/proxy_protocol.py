@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import socket
 import ssl
 import struct
@@ -19,6 +20,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
 import httptools
+
+from proxyd.observe.metrics import WorkerMetrics
+from proxyd.observe.throttle import ThrottledLog
 
 if TYPE_CHECKING:
     from proxyd.proxy.downstream import DownstreamProtocol
@@ -113,6 +117,16 @@ def header_v2(src: str, src_port: int, dst: str, dst_port: int) -> bytes:
         return V2_SIGNATURE + b"\x21\x21" + struct.pack("!H", len(body)) + body
     body = (socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!HH", src_port, dst_port))
     return V2_SIGNATURE + b"\x21\x11" + struct.pack("!H", len(body)) + body
+
+
+PROXY_ERRORS: Final = ThrottledLog(logging.getLogger("proxyd.proxy_protocol"))
+
+
+def refused(metrics: WorkerMetrics, ip: str, reason: str) -> None:
+    """A connection closed for its PROXY protocol header (missing, malformed, unwelcome):
+    counted and logged (throttled), whichever listener it came to."""
+    metrics.inc("gateway_client_limits_total", ("proxy_protocol",))
+    PROXY_ERRORS.warning("closing a connection from %s: %s", ip, reason)
 
 
 class ListenerPolicy:

@@ -22,13 +22,20 @@ SPECIAL: Final = frozenset({
 })
 
 
-class Reject(Exception):
-    """Raised inside a parser callback: answer ``status`` and close."""
+# gateway_client_limits_total{limit} of a refused request, by its status where that says it.
+REFUSALS: Final = {408: "header_timeout", 413: "body_too_large", 414: "uri_too_long",
+                   431: "header_too_large"}
 
-    def __init__(self, status: int, message: str) -> None:
+
+class Reject(Exception):
+    """Raised inside a parser callback: answer ``status`` and close. ``reason`` is the label
+    it is counted under; by default the status's (REFUSALS), else "malformed"."""
+
+    def __init__(self, status: int, message: str, reason: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.reason = reason or REFUSALS.get(status, "malformed")
 
 
 class Request:
