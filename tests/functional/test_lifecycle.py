@@ -11,8 +11,8 @@ import asyncio
 import re
 import socket
 import struct
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -31,13 +31,16 @@ class World:
     proxy: Proxy
     upstream: RawUpstream
     release: asyncio.Event  # lets /wait answer
+    clients: list[RawClient] = field(default_factory=list)  # closed at teardown, pass or fail
 
     @property
     def port(self) -> int:
         return self.proxy.port
 
     async def client(self) -> RawClient:
-        return await RawClient.connect(self.port)
+        c = await RawClient.connect(self.port)
+        self.clients.append(c)
+        return c
 
     def drain(self) -> asyncio.Task[None]:
         return asyncio.get_running_loop().create_task(self.proxy.worker.drain(5.0))
@@ -64,7 +67,7 @@ OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
 
 @pytest.fixture
-async def world(upstreams: Upstreams, proxy: StartProxy) -> World:
+async def world(upstreams: Upstreams, proxy: StartProxy) -> AsyncIterator[World]:
     release = asyncio.Event()
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
@@ -129,11 +132,17 @@ async def world(upstreams: Upstreams, proxy: StartProxy) -> World:
             await writer.drain()
 
     up = await upstreams.raw(handler)
-    pool = {"read_timeout": "0.5s"}
+    # Well apart from body_timeout: the two must never fire in the same sweep.
+    pool = {"read_timeout": "2s"}
     p = await proxy(CATCH_ALL, {"backend": {"targets": [up.url], "pool": pool,
                                             "retries": {"attempts": 1}}},
                     limits=LIMITS, server=SERVER)
-    return World(p, up, release)
+    w = World(p, up, release)
+    try:
+        yield w
+    finally:
+        for c in w.clients:
+            await c.close()
 
 
 Cell = Callable[[World], Awaitable[None]]
