@@ -75,7 +75,8 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
         "forward_auth), by result: ok, missing (no credentials), invalid, expired, denied "
         "(ip_access; forward_auth's service refused), unavailable (jwt_auth without keys; "
         "forward_auth's service down, slow or 5xx, refused with 503), busy (basic_auth's hash "
-        "checks full), error_allowed (forward_auth's service failed, on_error: allow)",
+        "checks full; forward_auth's subrequests at max_pending: 503), error_allowed "
+        "(forward_auth's service failed, on_error: allow)",
         ("route", "element", "result")),
     "gateway_jwks_refreshes_total": (
         "JWKS fetches by jwt_auth, by result (ok, error); after an error the last good keys "

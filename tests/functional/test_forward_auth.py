@@ -267,3 +267,42 @@ async def test_an_open_circuit_breaker_keeps_the_service_from_being_asked(
     assert resp.status == 503  # on_error: deny, without a subrequest
     assert auth.calls == asked
     assert origin.seen == []
+
+
+async def test_past_max_pending_subrequests_requests_get_503_at_once(
+        upstreams: Upstreams, proxy: StartProxy) -> None:
+    auth = await AuthService().start(upstreams)
+    auth.gate = asyncio.Event()
+    try:
+        # on_error: allow must not let the overflow through: that is a 503 whatever it says.
+        p, origin = await auth_proxy(upstreams, proxy, auth.url, max_pending=3, timeout="5s",
+                                     on_error="allow")
+        clients = [await RawClient.connect(p.port) for _ in range(6)]
+        try:
+            held = []
+            for c in clients[:3]:
+                await c.send(get("/api/x", extra="Authorization: Bearer alice\r\n"))
+                held.append(asyncio.ensure_future(c.response()))
+            await wait_for(lambda: auth.calls == 3, what="three subrequests held by the service")
+            for c in clients[3:]:  # the service still holds every slot: refused at once
+                await c.send(get("/api/x", extra="Authorization: Bearer bob\r\n"))
+                resp = await c.response()
+                body = assert_json_error(resp, 503)
+                assert resp.header("Retry-After") == "1"
+                assert body["error"] == "authentication busy"
+            assert not any(answer.done() for answer in held)
+            assert auth.calls == 3 and origin.seen == []
+            auth.gate.set()
+            for answer in held:
+                assert (await answer).status == 200
+        finally:
+            for c in clients:
+                await c.close()
+        # The slots are free again: the route serves as before.
+        resp = await send(p, "/api/x", bearer("bob"))
+        assert resp.status == 200 and origin.seen[-1].header("X-User") == "bob"
+        counted = auth_counts(p)
+        assert counted[("api", "forward_auth", "busy")] == 3.0
+        assert counted[("api", "forward_auth", "ok")] == 4.0
+    finally:
+        auth.gate.set()

@@ -12,6 +12,13 @@ answers 5xx is not an answer: ``on_error`` decides, and by default the request i
 With ``cache_ttl``, a pass or a plain refusal (401, 403) is reused for the same credentials,
 and requests that bring credentials already being asked about wait for that answer.
 
+At most ``max_pending`` subrequests are in flight per route and worker; a request that would
+start one more gets 503 with Retry-After at once (counted as ``busy``), so a stalled service
+holds a bounded number of requests and sockets instead of everything that arrives meanwhile.
+That refusal ignores ``on_error: allow``: Envoy's ext_authz lets failure_mode_allow cover an
+overflowing auth cluster too, but then whoever can send enough concurrent requests gets past
+the service unauthenticated.
+
 The target is chosen by the auth upstream's own balancer, so the master's health checks and
 this worker's outlier detection apply to it, and failures are reported back to that pool;
 the HTTP exchange itself runs on an aiohttp session of the element's (keep-alive pooled)
@@ -90,6 +97,10 @@ class ForwardAuth(Middleware):
         self.trusted: Any = ()
         self.session: aiohttp.ClientSession | None = None
         self.tasks: set[asyncio.Task[Response | None]] = set()  # held: the loop keeps none
+        # Requests that hold a subrequest slot (at most max_pending): taken in on_request,
+        # before the task runs, so a burst within one turn of the loop cannot overshoot.
+        self.in_flight = 0
+        self.max_pending = options.max_pending
         # With cache_ttl: credentials → the subrequest in flight for them. Requests that bring
         # the same credentials meanwhile wait for its answer instead of asking again (a
         # page's burst of requests costs the service one).
@@ -117,10 +128,22 @@ class ForwardAuth(Middleware):
             hit = self.cache.get(key, time.monotonic())
             if hit is not None:
                 return self._apply(ctx, hit)
+        asks = key is None or key not in self.asking  # else it waits for that subrequest
+        if asks:
+            if self.in_flight >= self.max_pending:
+                self.outcomes.count(outcome.BUSY)
+                return json_response(503, "authentication busy", ctx.id(),
+                                     [(b"Retry-After", b"1")])
+            self.in_flight += 1
         task = asyncio.get_running_loop().create_task(self._decide(ctx, credentials, key))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+        if asks:
+            task.add_done_callback(self._release)
         return Pending(task)
+
+    def _release(self, _: asyncio.Task[Response | None]) -> None:
+        self.in_flight -= 1
 
     def _credentials(self, ctx: Context) -> list[tuple[str, bytes | None]]:
         """(name, value) of each request_headers field; repeated fields joined as a proxy
@@ -202,7 +225,10 @@ class ForwardAuth(Middleware):
             # No cookie jar: a Set-Cookie the service sends to one client must never go back
             # to it on another client's subrequest. No decompression: a refusal's body is
             # relayed with the Content-Encoding it came with.
+            # The connector's limit is max_pending: past aiohttp's own default (100) an
+            # admitted subrequest would wait in a queue of aiohttp's, unseen and uncounted.
             session = self.session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self.max_pending),
                 cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False,
                 timeout=aiohttp.ClientTimeout(total=None))
         return session
@@ -284,6 +310,8 @@ class ForwardAuth(Middleware):
                 f"other answer goes back to the client; down, slow or 5xx: {on_error}")
         if o.cache_ttl > 0:
             text += f"; answers reused for {o.cache_ttl:g}s per credentials"
+        text += (f"; at most {o.max_pending} subrequests in flight per worker, beyond that "
+                 "503 with Retry-After")
         return text
 
 

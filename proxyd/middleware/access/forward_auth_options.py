@@ -56,6 +56,13 @@ class ForwardAuthOptions(Options):
     cache_size: int = Field(
         10000, ge=1, description="Answers remembered per route and worker (least recently "
         "used go first).")
+    max_pending: int = Field(
+        256, ge=1, description="Subrequests in flight per route and worker; a request that "
+        "would start one more gets 503 with Retry-After at once, whatever on_error says (a "
+        "flood must not turn a slow service into an open door). Requests that bring "
+        "credentials already being asked about wait for that answer and do not count. The "
+        "default leaves room for a busy worker with a service answering in tens of "
+        "milliseconds, and bounds the requests and sockets a stalled service can hold.")
     forward_body: Literal[False] = Field(
         False, description="The request body is never sent to the auth service (false is the "
         "only value): the request would otherwise wait for its whole body before the auth "

@@ -23,7 +23,8 @@ DENIED: Final = "denied"  # ip_access: an address refused; forward_auth: the ser
 # jwt_auth: no keys yet (the JWKS never fetched); forward_auth: the service failed, and the
 # request was refused (on_error: deny)
 UNAVAILABLE: Final = "unavailable"
-BUSY: Final = "busy"  # basic_auth: too many hash checks queued
+# basic_auth: too many hash checks queued; forward_auth: max_pending subrequests in flight
+BUSY: Final = "busy"
 ERROR_ALLOWED: Final = "error_allowed"  # forward_auth: the service failed, on_error: allow
 RESULTS: Final = (OK, MISSING, INVALID, EXPIRED, DENIED, UNAVAILABLE, BUSY, ERROR_ALLOWED)
 METRIC: Final = "gateway_auth_total"

@@ -26,6 +26,7 @@ def test_defaults() -> None:
                                                                       "deny", 0.0)
     assert o.request_headers == ["Authorization", "Cookie"]
     assert o.response_headers == [] and o.forward_body is False
+    assert o.max_pending == 256
 
 
 @pytest.mark.parametrize(("kw", "message"), [
@@ -41,6 +42,7 @@ def test_defaults() -> None:
     ({"on_error": "maybe"}, "'deny' or 'allow'"),
     ({"forward_body": True}, "False"),
     ({"cache_size": 0}, "greater than or equal to 1"),
+    ({"max_pending": 0}, "greater than or equal to 1"),
 ])
 def test_invalid_options_are_refused(kw: dict[str, Any], message: str) -> None:
     with pytest.raises(ValidationError) as info:
@@ -80,6 +82,14 @@ def test_an_unknown_upstream_is_an_error_at_its_line() -> None:
     assert override.line == 9 and "unknown upstream 'nowhere'" in override.message
 
 
+def test_max_pending_is_checked_at_its_line() -> None:
+    text = YAML.replace("timeout: 500ms", "max_pending: -1")
+    with pytest.raises(ConfigError) as info:
+        load_config_text(text, "g.yaml", {})
+    [issue] = [i for i in info.value.issues if i.key_path == "middleware[0].max_pending"]
+    assert issue.line == 13 and "greater than or equal to 1" in issue.message
+
+
 def test_the_auth_upstream_counts_as_used() -> None:
     text = YAML.replace("upstream: auth", "upstream: authz").replace(
         "forward_auth: {upstream: nowhere}", "forward_auth: {timeout: 2s}")
@@ -97,7 +107,8 @@ def test_explain_says_what_would_be_asked() -> None:
     assert decision == {"element": "forward_auth", "decision": (
         "asks upstream authz: GET /auth with Authorization, Cookie and X-Forwarded-*, within "
         "0.5s; 2xx passes, copying no headers; any other answer goes back to the client; "
-        "down, slow or 5xx: 503; answers reused for 30s per credentials")}
+        "down, slow or 5xx: 503; answers reused for 30s per credentials; at most 256 "
+        "subrequests in flight per worker, beyond that 503 with Retry-After")}
     assert "access     forward_auth: asks upstream authz" in format_explain(ok, result)
 
 
