@@ -39,7 +39,7 @@ COMPILED = [
     "proxyd/middleware/etag.py",
     "proxyd/middleware/headers.py",
     "proxyd/middleware/rate_limit/gcra.py",
-    "proxyd/middleware/rate_limit/memory.py",
+    "proxyd/middleware/rate_limit/memory_store.py",
     "proxyd/middleware/rate_limit/middleware.py",
     "proxyd/middleware/security_headers.py",
     "proxyd/middleware/trace_id.py",

@@ -117,9 +117,10 @@ class Redis(Model):
     @field_validator("url")
     @classmethod
     def _readable(cls, v: str) -> str:
-        # Read as the rate limiter's client will read it (and as redis-py does, for the
-        # cache): a URL that cannot work fails here, with file:line, not on each request.
-        from proxyd.middleware.rate_limit.resp import Target
+        # Read as both clients read it (redis-py's URL and TLS reading, for the cache and
+        # the rate limiter): a URL that cannot work fails here, with file:line, not on each
+        # request.
+        from proxyd.middleware.rate_limit.redis_client import Target
 
         Target(v)
         return v

@@ -222,7 +222,7 @@ async def test_lua_script_against_real_redis(redis_server: RedisServer,
                                              redis_client: Any) -> None:
     """The script itself: burst, refusal with retry-after, atomic limits, expiring keys."""
     from proxyd.middleware.rate_limit.gcra import Limit
-    from proxyd.middleware.rate_limit.redis import RedisLimiter
+    from proxyd.middleware.rate_limit.redis_store import RedisLimiter
 
     limiter = RedisLimiter(redis_server.url, [Limit(10, 1.0, 10), Limit(3, 60.0, 3)], 0.25)
     try:

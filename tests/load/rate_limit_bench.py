@@ -140,7 +140,7 @@ def redis_reference(url: str, n: int) -> tuple[float, float, float]:
     import uvloop
 
     from proxyd.middleware.rate_limit.gcra import Limit
-    from proxyd.middleware.rate_limit.redis import GCRA_LUA, RedisLimiter
+    from proxyd.middleware.rate_limit.redis_store import GCRA_LUA, RedisLimiter
 
     client = redis.Redis.from_url(url)
     script = client.register_script(GCRA_LUA)

@@ -9,9 +9,9 @@ from typing import Any, Final
 from proxyd.middleware.base import Context, Middleware, Pending, Response, json_response
 from proxyd.middleware.client_address import client_address
 from proxyd.middleware.rate_limit.gcra import Decision, policy
-from proxyd.middleware.rate_limit.memory import MemoryLimiter
+from proxyd.middleware.rate_limit.memory_store import MemoryLimiter
 from proxyd.middleware.rate_limit.options import RateLimitOptions
-from proxyd.middleware.rate_limit.redis import RedisLimiter
+from proxyd.middleware.rate_limit.redis_store import RedisLimiter
 
 HEADER_LNAMES: Final = [b"ratelimit-policy", b"ratelimit-limit", b"ratelimit-remaining",
                  b"ratelimit-reset"]

@@ -15,8 +15,8 @@ from proxyd.breaker import CLOSED
 from proxyd.middleware.base import Pending, Response
 from proxyd.middleware.rate_limit import RateLimit, RateLimitOptions
 from proxyd.middleware.rate_limit.gcra import Decision, Limit, check, check_all
-from proxyd.middleware.rate_limit.memory import MemoryLimiter
-from proxyd.middleware.rate_limit.redis import RedisLimiter
+from proxyd.middleware.rate_limit.memory_store import MemoryLimiter
+from proxyd.middleware.rate_limit.redis_store import RedisLimiter
 from proxyd.proxy.headers import TrustedProxies
 
 from .helpers import make, make_ctx, response, values
@@ -210,7 +210,7 @@ def test_limit_scaled_splits_the_rate_exactly() -> None:
 
 
 def test_memory_sweep_drops_expired_keys_and_backs_off(monkeypatch: pytest.MonkeyPatch) -> None:
-    import proxyd.middleware.rate_limit.memory as memory
+    import proxyd.middleware.rate_limit.memory_store as memory
 
     monkeypatch.setattr(memory, "SWEEP_AT", 4)
     clock = Clock()

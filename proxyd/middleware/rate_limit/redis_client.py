@@ -1,10 +1,14 @@
-"""A pipelined RESP2 client for the rate limiter's one command: no task, no lock per request.
+"""The rate limiter's connection to Redis: pipelined, no task and no lock per request.
 
-redis-py's asyncio client costs a pool checkout, a lock and a coroutine per command, which
-measured more than the round trip itself (docs/performance.md). A rate check is one EVALSHA
-whose reply is a flat array of integers, so the limiter speaks RESP itself: one connection per
-worker, commands written as they come (pipelined), replies matched to callers in order and
-handed to plain callbacks straight from ``data_received``.
+redis-py's asyncio client costs a pool checkout, a lock, a coroutine and (called from the
+middleware's protocol callbacks) a Task per command: measured, that is about four times the
+client CPU of this connection per check (docs/performance.md, "Rate limiting"). So the
+limiter keeps one connection per worker whose commands are written as they come (pipelined)
+and whose replies are matched to callers in order and handed to plain callbacks straight
+from ``data_received``. What is not specific to that stays redis-py's: the URL is read by
+redis-py's ``parse_url`` and the TLS context built by its ``RedisSSLContext`` (so the cache's
+client and this one read every URL alike), replies are parsed by hiredis (redis-py's own
+fast parser), and error replies are redis-py's ``ResponseError``.
 
 Failure is the caller's business (the breaker and the fallback): a connection that fails,
 closes, or lets its oldest command wait past that command's deadline fails every command on
@@ -15,21 +19,20 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import functools
+import inspect
 import logging
 import ssl
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+
+import hiredis
+from redis.asyncio.connection import RedisSSLContext, parse_url
+from redis.exceptions import RedisError, ResponseError
 
 log = logging.getLogger("proxyd.rate_limit")
 
 Callback = Callable[[Any], None]  # gets the reply, or an exception instance on failure
-
-
-class RespError(Exception):
-    """An error reply (``-ERR ...``, ``-NOSCRIPT ...``): the connection itself is fine."""
 
 
 class ProtocolError(ConnectionError):
@@ -39,40 +42,11 @@ class ProtocolError(ConnectionError):
 INCOMPLETE: Any = object()
 
 
-def parse(buf: bytearray, pos: int) -> Any:
-    """One reply at ``pos``: (value, next position), or INCOMPLETE until more bytes come."""
-    end = buf.find(b"\r\n", pos)
-    if end < 0:
-        return INCOMPLETE
-    kind = buf[pos]
-    if kind == 58:  # ':' integer
-        return int(buf[pos + 1:end]), end + 2
-    if kind == 42:  # '*' array
-        count = int(buf[pos + 1:end])
-        pos = end + 2
-        if count < 0:
-            return None, pos
-        items = []
-        for _ in range(count):
-            item = parse(buf, pos)
-            if item is INCOMPLETE:
-                return INCOMPLETE
-            items.append(item[0])
-            pos = item[1]
-        return items, pos
-    if kind == 36:  # '$' bulk string
-        size = int(buf[pos + 1:end])
-        if size < 0:
-            return None, end + 2
-        stop = end + 2 + size
-        if len(buf) < stop + 2:
-            return INCOMPLETE
-        return bytes(buf[end + 2:stop]), stop + 2
-    if kind == 43:  # '+' simple string
-        return bytes(buf[pos + 1:end]), end + 2
-    if kind == 45:  # '-' error
-        return RespError(buf[pos + 1:end].decode("utf-8", "replace")), end + 2
-    raise ProtocolError(f"not a RESP2 reply: {bytes(buf[pos:pos + 32])!r}")
+def reader() -> hiredis.Reader:
+    """A RESP2 reply parser: bytes stay bytes, ``-ERR ...`` replies become ResponseError
+    instances (returned, not raised: the connection itself is fine)."""
+    return hiredis.Reader(protocolError=ProtocolError, replyError=ResponseError,
+                          notEnoughData=INCOMPLETE)
 
 
 def command(*args: bytes) -> bytes:
@@ -83,72 +57,52 @@ def command(*args: bytes) -> bytes:
     return b"".join(parts)
 
 
-_TRUE = {"1", "true", "yes", "on", "y"}
-
-
 class Target:
-    """Where and how to connect, from a redis://, rediss:// or unix:// URL, read as redis-py's
-    ``from_url`` reads it (the response cache hands the same URL to redis-py): user and
-    password from the URL or ``?username=``/``?password=``, the database from ``?db=`` or a
-    numeric path, and for rediss ``ssl_cert_reqs``, ``ssl_ca_certs``, ``ssl_certfile``,
-    ``ssl_keyfile`` and ``ssl_check_hostname``. Raises ValueError on what cannot work (a missing
-    certificate file too): config checks call it."""
+    """Where and how to connect: a redis://, rediss:// or unix:// URL read by redis-py's
+    ``parse_url`` (user and password from the URL or ``?username=``/``?password=``, the
+    database from ``?db=`` or a numeric path), with redis-py's defaults, and for rediss the
+    TLS context redis-py's ``RedisSSLContext`` builds from the URL's ``ssl_*`` options
+    (``ssl_cert_reqs``, ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``,
+    ``ssl_check_hostname``, ...). Certificate checks default to required, hostname
+    included. Raises ValueError on what cannot work (a missing certificate file too): config
+    checks call it. No message shows the URL: it may hold a password."""
 
     def __init__(self, url: str) -> None:
-        parts = urlsplit(url)
-        # parse_qs decodes; the first of repeated values wins, as in redis-py.
-        query = {k: v[0] for k, v in parse_qs(parts.query).items() if v}
-        self.scheme = parts.scheme
-        if self.scheme not in ("redis", "rediss", "unix"):
-            # (Never the URL itself in a message: it may hold a password.)
-            raise ValueError("a Redis URL must start with redis://, rediss:// or unix://")
         try:
-            port = parts.port
-        except ValueError:
-            raise ValueError("the port of the Redis URL is not a number from 0 to 65535") \
-                from None
-        self.host = unquote(parts.hostname) if parts.hostname else "127.0.0.1"
-        self.port = port or 6379
-        self.path = unquote(parts.path) if self.scheme == "unix" else ""
+            options: dict[str, Any] = dict(parse_url(url))
+        except ValueError as exc:
+            raise ValueError(f"the Redis URL is not one redis-py reads: {exc}") from None
+        options.pop("connection_class", None)
+        self.scheme = url.partition(":")[0].lower()
+        self.host: str = options.pop("host", "localhost")
+        self.port: int = options.pop("port", 6379)
+        self.path: str = options.pop("path", "") if self.scheme == "unix" else ""
         if self.scheme == "unix" and not self.path:
             raise ValueError("a unix:// Redis URL needs the socket's path")
-        self.db = 0
-        if "db" in query:
-            try:
-                self.db = int(query["db"])
-            except ValueError:
-                raise ValueError("the db of the Redis URL is not a number") from None
-        elif self.scheme != "unix" and parts.path:
-            with contextlib.suppress(ValueError):  # redis-py ignores a non-numeric path
-                self.db = int(unquote(parts.path).replace("/", ""))
-        self.username = unquote(parts.username) if parts.username else query.get("username")
-        self.password = unquote(parts.password) if parts.password else query.get("password")
+        self.db: int = options.pop("db", 0)
+        self.username: str | None = options.pop("username", None) or None
+        self.password: str | None = options.pop("password", None) or None
         self.ssl: ssl.SSLContext | None = None
         if self.scheme == "rediss":
+            # The names redis-py's SSLConnection takes, less their prefix.
+            tls = {name[4:]: value for name, value in options.items()
+                   if name.startswith("ssl_")}
+            tls.setdefault("cert_reqs", "required")
+            tls.setdefault("check_hostname", True)
+            unknown = sorted(set(tls) - set(inspect.signature(RedisSSLContext).parameters))
+            if unknown:  # redis-py's own client would fail on each connect
+                raise ValueError("unknown TLS option in the Redis URL: "
+                                 + ", ".join(f"ssl_{name}" for name in unknown))
             try:
-                self.ssl = ssl.create_default_context(cafile=query.get("ssl_ca_certs"))
-            except (OSError, ssl.SSLError) as exc:
-                raise ValueError(f"ssl_ca_certs {query.get('ssl_ca_certs')}: "
-                                 f"{getattr(exc, 'strerror', None) or exc}") from None
-            reqs = query.get("ssl_cert_reqs", "required").lower()
-            if reqs not in ("none", "cert_none", "optional", "cert_optional", "required",
-                            "cert_required"):
+                self.ssl = RedisSSLContext(**tls).get()
+            except RedisError:
                 raise ValueError("ssl_cert_reqs in the Redis URL must be none, optional or "
-                                 "required")
-            check = query.get("ssl_check_hostname", "true").lower() in _TRUE
-            if reqs in ("none", "cert_none"):
-                self.ssl.check_hostname = False
-                self.ssl.verify_mode = ssl.CERT_NONE
-            else:
-                self.ssl.check_hostname = check
-                if reqs in ("optional", "cert_optional"):
-                    self.ssl.verify_mode = ssl.CERT_OPTIONAL
-            if "ssl_certfile" in query:  # a client certificate (Redis's tls-auth-clients)
-                try:
-                    self.ssl.load_cert_chain(query["ssl_certfile"], query.get("ssl_keyfile"))
-                except (OSError, ssl.SSLError) as exc:
-                    raise ValueError(f"ssl_certfile {query['ssl_certfile']}: "
-                                     f"{getattr(exc, 'strerror', None) or exc}") from None
+                                 "required") from None
+            except (OSError, ssl.SSLError) as exc:
+                files = " ".join(str(tls[n]) for n in ("ca_certs", "ca_path", "certfile",
+                                                       "keyfile") if tls.get(n))
+                raise ValueError(f"TLS files of the Redis URL ({files}): "
+                                 f"{getattr(exc, 'strerror', None) or exc}") from None
 
     def handshake(self) -> list[bytes]:
         """Commands sent first on every connection (their replies must be OK)."""
@@ -167,7 +121,7 @@ class _Connection(asyncio.Protocol):
     def __init__(self, on_lost: Callable[[_Connection], None]) -> None:
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
-        self.buf = bytearray()
+        self.reader = reader()
         self.waiting: collections.deque[tuple[Callback, float]] = collections.deque()
         self.watchdog: asyncio.TimerHandle | None = None
         self.watch_at = 0.0
@@ -208,26 +162,21 @@ class _Connection(asyncio.Protocol):
             self.watchdog = self.loop.call_at(soonest, self._check_deadline)
 
     def data_received(self, data: bytes) -> None:
-        buf = self.buf
-        buf += data
-        pos = 0
+        reader = self.reader
+        reader.feed(data)
         waiting = self.waiting
         try:
-            while waiting:
-                item = parse(buf, pos)
-                if item is INCOMPLETE:
-                    break
-                pos = item[1]
-                callback = waiting.popleft()[0]
-                deliver(callback, item[0])
+            while True:
+                reply = reader.gets()
+                if reply is INCOMPLETE:
+                    return
+                if not waiting:
+                    raise ProtocolError("a reply nobody asked for")
+                deliver(waiting.popleft()[0], reply)
                 if self.dead is not None:
                     return  # a callback failed the connection (a refused handshake)
-            if not waiting and len(buf) > pos:
-                raise ProtocolError("a reply nobody asked for")
-        except (ValueError, IndexError, ProtocolError) as exc:
-            self.fail(ProtocolError(str(exc)))
-            return
-        del buf[:pos]
+        except ProtocolError as exc:
+            self.fail(exc)
 
     def fail(self, exc: BaseException) -> None:
         """Every caller on this connection gets ``exc``; the connection is closed."""
@@ -254,7 +203,7 @@ def deliver(callback: Callback, value: Any) -> None:
         log.exception("rate limit reply callback failed")
 
 
-class RespClient:
+class PipelinedClient:
     """Lazily connected; ``call`` never blocks and never raises: the callback learns all."""
 
     def __init__(self, url: str, connect_timeout: float) -> None:
@@ -330,7 +279,7 @@ class RespClient:
 
     @staticmethod
     def _handshake_reply(conn: _Connection, reply: Any) -> None:
-        if isinstance(reply, RespError):
+        if isinstance(reply, ResponseError):
             conn.fail(ConnectionError(f"redis refused the handshake: {reply}"))
 
     def _lost(self, conn: _Connection) -> None:

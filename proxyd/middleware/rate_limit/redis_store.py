@@ -1,7 +1,7 @@
 """GCRA in Redis: one Lua script per request checks every limit atomically, on Redis's clock.
 
-EVALSHA with an EVAL fallback on NOSCRIPT, over the limiter's own pipelined RESP connection
-(resp.py); keys expire when their bucket is full again. A circuit breaker stops asking a
+EVALSHA with an EVAL fallback on NOSCRIPT, over the limiter's own pipelined connection
+(redis_client.py); keys expire when their bucket is full again. A circuit breaker stops asking a
 Redis that fails: while open, the caller's fallback decides, and no request pays a timeout.
 """
 
@@ -13,9 +13,11 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from redis.exceptions import ResponseError
+
 from proxyd.breaker import Breaker, Clock, Monotonic
 from proxyd.middleware.rate_limit.gcra import Decision, Limit
-from proxyd.middleware.rate_limit.resp import RespClient, RespError, command
+from proxyd.middleware.rate_limit.redis_client import PipelinedClient, command
 
 log = logging.getLogger("proxyd.rate_limit")
 
@@ -74,7 +76,7 @@ class RedisLimiter:
         self.timeout = timeout
         self.breaker = Breaker(clock or Monotonic(), failures=1, open_for=BREAKER_OPEN_FOR,
                                longest=BREAKER_LONGEST)
-        self._client: RespClient | None = None
+        self._client: PipelinedClient | None = None
         self._args = [max(1, round(x * 1e6)) for limit in limits
                       for x in (limit.interval, limit.tolerance)]
         # The request's constant parts, encoded once: only the keys change per request.
@@ -108,7 +110,7 @@ class RedisLimiter:
             # Created in the worker's loop, after fork. The connect timeout is the check's:
             # a slow Redis must cost milliseconds, then the breaker takes over.
             try:
-                client = self._client = RespClient(self.url, self.timeout)
+                client = self._client = PipelinedClient(self.url, self.timeout)
             except (ValueError, OSError) as exc:  # config checks catch these; never raise
                 callback(ConnectionError(f"bad redis.url: {exc}"))
                 return
@@ -121,7 +123,7 @@ class RedisLimiter:
                         for suffix in self._suffixes)
 
         def on_reply(reply: Any) -> None:
-            if isinstance(reply, RespError) and str(reply).startswith("NOSCRIPT"):
+            if isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT"):
                 # Not cached in this Redis (restarted, SCRIPT FLUSH): EVAL loads it again,
                 # within what is left of this check's time.
                 left = max(0.001, deadline - loop.time())
@@ -139,7 +141,7 @@ class RedisLimiter:
             return reply
         limits = self.limits
         if not isinstance(reply, list) or len(reply) != 1 + 3 * len(limits):
-            return RespError(f"unexpected reply to the rate limit script: {reply!r:.200}")
+            return ResponseError(f"unexpected reply to the rate limit script: {reply!r:.200}")
         allowed = reply[0] == 1
         decisions = []
         for i, limit in enumerate(limits):

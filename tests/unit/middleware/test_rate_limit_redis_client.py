@@ -1,4 +1,4 @@
-"""The rate limiter's pipelined RESP client: the parser, URLs, and a real redis-server.
+"""The rate limiter's pipelined Redis client: replies, URLs, and a real redis-server.
 
 A server that speaks broken RESP cannot be a real Redis: those two tests use a tiny asyncio
 server on 127.0.0.1 that answers garbage.
@@ -15,42 +15,50 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from redis.exceptions import ResponseError
 
 from proxyd.middleware.rate_limit.gcra import Limit
-from proxyd.middleware.rate_limit.redis import KEY_PREFIX, RedisLimiter
-from proxyd.middleware.rate_limit.resp import (
+from proxyd.middleware.rate_limit.redis_client import (
     INCOMPLETE,
+    PipelinedClient,
     ProtocolError,
-    RespClient,
-    RespError,
     Target,
     command,
-    parse,
+    reader,
 )
+from proxyd.middleware.rate_limit.redis_store import KEY_PREFIX, RedisLimiter
 from tests.redis_server import RedisServer, needs_redis, redis_server  # noqa: F401
 
-# -- the parser -----------------------------------------------------------------------------------
+# -- replies -------------------------------------------------------------------------------------
 
 REPLY = b"*5\r\n:1\r\n:-42\r\n$3\r\nabc\r\n*2\r\n+OK\r\n$-1\r\n-ERR boom\r\n"
 
 
-def test_parse_every_reply_type() -> None:
-    value, end = parse(bytearray(REPLY), 0)
-    assert end == len(REPLY)
+def test_every_reply_type() -> None:
+    parser = reader()
+    parser.feed(REPLY + b"*-1\r\n$0\r\n\r\n")
+    value = parser.gets()
     assert value[:4] == [1, -42, b"abc", [b"OK", None]]
-    assert isinstance(value[4], RespError) and str(value[4]) == "ERR boom"
-    assert parse(bytearray(b"*-1\r\n"), 0) == (None, 5)
-    assert parse(bytearray(b"$0\r\n\r\n"), 0) == (b"", 6)
+    assert isinstance(value[4], ResponseError) and str(value[4]) == "ERR boom"
+    assert parser.gets() is None
+    assert parser.gets() == b""
+    assert parser.gets() is INCOMPLETE
 
 
-def test_parse_waits_for_the_whole_reply_at_every_split() -> None:
-    for cut in range(len(REPLY)):
-        assert parse(bytearray(REPLY[:cut]), 0) is INCOMPLETE, cut
+def test_a_reply_waits_for_all_its_bytes_at_every_split() -> None:
+    for cut in range(1, len(REPLY)):
+        parser = reader()
+        parser.feed(REPLY[:cut])
+        assert parser.gets() is INCOMPLETE, cut
+        parser.feed(REPLY[cut:])
+        assert parser.gets()[0] == 1, cut
 
 
-def test_parse_rejects_what_is_not_resp() -> None:
+def test_what_is_not_resp_is_a_protocol_error() -> None:
+    parser = reader()
+    parser.feed(b"?what\r\n")
     with pytest.raises(ProtocolError):
-        parse(bytearray(b"?what\r\n"), 0)
+        parser.gets()
 
 
 def test_command_encoding() -> None:
@@ -84,12 +92,14 @@ def test_target_reads_redis_urls_as_redis_py_does() -> None:
 
 
 @pytest.mark.parametrize(("url", "message"), [
-    ("http://:pw@h/0", "must start with redis://"),
-    ("redis://:pw@h:port/0", "port of the Redis URL"),
-    ("redis://h/0?db=x", "db of the Redis URL"),
+    ("http://:pw@h/0", r"must specify one of the following schemes \(redis://"),
+    ("redis://:pw@h:port/0", "Port could not be cast to integer"),
+    ("redis://:pw@h:99999/0", "Port out of range"),
+    ("redis://h/0?db=x", "Invalid value for 'db'"),
     ("unix://", "socket's path"),
     ("rediss://h/0?ssl_cert_reqs=maybe", "ssl_cert_reqs"),
     ("rediss://h/0?ssl_ca_certs=/nonexistent/ca.pem", "/nonexistent/ca.pem"),
+    ("rediss://:pw@h/0?ssl_no_such_option=1", "unknown TLS option in the Redis URL: ssl_no_such"),
 ])
 def test_target_rejects_what_cannot_work_without_showing_the_url(url: str, message: str
                                                                  ) -> None:
@@ -104,7 +114,8 @@ def test_a_bad_url_fails_check_config_and_never_raises_at_request_time() -> None
     with pytest.raises(ConfigError) as info:
         load_config_text('redis:\n  url: "redis://:hunter2@h:port/0"\n', "g.yaml")
     text = str(info.value)
-    assert "g.yaml:2:8: redis.url: the port of the Redis URL" in text and "hunter2" not in text
+    assert "g.yaml:2:8: redis.url: the Redis URL is not one redis-py reads: Port" in text
+    assert "hunter2" not in text
     limiter = RedisLimiter("redis://h:port/0", [Limit(1, 1.0, 1)], 0.05)
     got: list[Any] = []
 
@@ -142,7 +153,7 @@ class Replies:
         return self.got
 
 
-async def ask(client: RespClient, *args: bytes, timeout: float = 2.0) -> Any:
+async def ask(client: PipelinedClient, *args: bytes, timeout: float = 2.0) -> Any:
     """One command: its reply, or the exception delivered for it."""
     replies = Replies()
     client.call(command(*args), replies.callback(0), timeout)
@@ -161,7 +172,7 @@ async def until(condition: Any, timeout: float = 2.0) -> bool:
 
 @needs_redis
 async def test_pipelined_replies_reach_their_callers_in_order(redis_server: RedisServer) -> None:  # noqa: F811
-    client = RespClient(redis_server.url, 1.0)
+    client = PipelinedClient(redis_server.url, 1.0)
     replies = Replies()
     try:
         # All written before any reply arrives: one connection, matched by order.
@@ -176,13 +187,13 @@ async def test_pipelined_replies_reach_their_callers_in_order(redis_server: Redi
 
 @needs_redis
 async def test_error_replies_leave_the_connection_usable(redis_server: RedisServer) -> None:  # noqa: F811
-    client = RespClient(redis_server.url, 1.0)
+    client = PipelinedClient(redis_server.url, 1.0)
     replies = Replies()
     try:
         client.call(command(b"NOSUCHCOMMAND"), replies.callback(0), 2.0)
         client.call(command(b"PING"), replies.callback(1), 2.0)
         got = await replies.wait()
-        assert isinstance(got[0], RespError) and "unknown command" in str(got[0]).lower()
+        assert isinstance(got[0], ResponseError) and "unknown command" in str(got[0]).lower()
         assert got[1] == b"PONG"
     finally:
         await client.close()
@@ -193,7 +204,7 @@ async def test_password_and_database_from_the_url(tmp_path: Path) -> None:
     server = RedisServer(tmp_path, ("--requirepass", "s3cr:t"))
     server.start()
     try:
-        good = RespClient(f"redis://:s3cr%3At@127.0.0.1:{server.port}/5", 1.0)
+        good = PipelinedClient(f"redis://:s3cr%3At@127.0.0.1:{server.port}/5", 1.0)
         replies = Replies()
         good.call(command(b"SET", b"where", b"db5"), replies.callback(0), 2.0)
         good.call(command(b"CLIENT", b"INFO"), replies.callback(1), 2.0)
@@ -201,7 +212,7 @@ async def test_password_and_database_from_the_url(tmp_path: Path) -> None:
         assert got[0] == b"OK" and b" db=5 " in got[1]
         await good.close()
 
-        bad = RespClient(f"redis://:wrong@127.0.0.1:{server.port}/0", 1.0)
+        bad = PipelinedClient(f"redis://:wrong@127.0.0.1:{server.port}/0", 1.0)
         refused = await ask(bad, b"PING")
         assert isinstance(refused, ConnectionError) and "handshake" in str(refused)
         await bad.close()
@@ -213,7 +224,7 @@ async def test_password_and_database_from_the_url(tmp_path: Path) -> None:
 async def test_a_paused_redis_fails_every_waiting_call_at_its_deadline(
     redis_server: RedisServer,  # noqa: F811
 ) -> None:
-    client = RespClient(redis_server.url, 0.5)
+    client = PipelinedClient(redis_server.url, 0.5)
     assert redis_server.proc is not None
     try:
         await ask(client, b"PING", timeout=1.0)  # connected
@@ -239,7 +250,7 @@ async def test_a_paused_redis_fails_every_waiting_call_at_its_deadline(
 async def test_a_killed_redis_fails_the_calls_then_a_restarted_one_serves(
     redis_server: RedisServer,  # noqa: F811
 ) -> None:
-    client = RespClient(redis_server.url, 0.5)
+    client = PipelinedClient(redis_server.url, 0.5)
     try:
         await ask(client, b"PING", timeout=1.0)
         redis_server.stop()
@@ -257,7 +268,7 @@ async def test_a_killed_redis_fails_the_calls_then_a_restarted_one_serves(
 
 @needs_redis
 async def test_close_fails_what_waits_and_what_comes_later(redis_server: RedisServer) -> None:  # noqa: F811
-    client = RespClient(redis_server.url, 1.0)
+    client = PipelinedClient(redis_server.url, 1.0)
     replies = Replies()
     client.call(command(b"BLPOP", b"nothing", b"5"), replies.callback(0), 5.0)
     assert await until(lambda: client._conn is not None and client._conn.waiting)
@@ -271,13 +282,13 @@ async def test_close_fails_what_waits_and_what_comes_later(redis_server: RedisSe
 async def test_a_script_error_reaches_the_limiter_as_an_exception(
     redis_server: RedisServer,  # noqa: F811
 ) -> None:
-    """A key of the wrong type makes the script fail: the caller sees RespError (and the
+    """A key of the wrong type makes the script fail: the caller sees ResponseError (and the
     middleware then answers from its fallback), and the connection stays usable."""
     limiter = RedisLimiter(redis_server.url, [Limit(10, 1.0, 10)], 0.5)
-    helper = RespClient(redis_server.url, 1.0)
+    helper = PipelinedClient(redis_server.url, 1.0)
     await ask(helper, b"LPUSH", f"{KEY_PREFIX}{{bad}}:0".encode(), b"x")
     try:
-        with pytest.raises(RespError, match="WRONGTYPE"):
+        with pytest.raises(ResponseError, match="WRONGTYPE"):
             await limiter.check("bad")
         decisions = await limiter.check("good")
         assert decisions[0].allowed and decisions[0].remaining == 9
@@ -305,7 +316,7 @@ async def garbage_server(answer: bytes) -> tuple[asyncio.Server, str]:
 @pytest.mark.parametrize("answer", [b"HTTP/1.1 400 Bad Request\r\n\r\n", b"+PONG\r\n+PONG\r\n"])
 async def test_a_server_that_breaks_resp_fails_the_connection(answer: bytes) -> None:
     server, url = await garbage_server(answer)
-    client = RespClient(url, 1.0)
+    client = PipelinedClient(url, 1.0)
     try:
         got = await ask(client, b"PING")
         if answer.startswith(b"+PONG"):
@@ -321,8 +332,8 @@ async def test_a_server_that_breaks_resp_fails_the_connection(answer: bytes) -> 
 
 @needs_redis
 async def test_a_connection_redis_closes_is_replaced(redis_server: RedisServer) -> None:  # noqa: F811
-    client = RespClient(redis_server.url, 1.0)
-    helper = RespClient(redis_server.url, 1.0)
+    client = PipelinedClient(redis_server.url, 1.0)
+    helper = PipelinedClient(redis_server.url, 1.0)
     try:
         first_id = await ask(client, b"CLIENT", b"ID")
         killed = await ask(helper, b"CLIENT", b"KILL", b"ID", b"%d" % first_id)
@@ -363,7 +374,7 @@ def test_redis_hanging_up_on_a_new_connection_answers_every_caller(tmp_path: Pat
     hog = socket.create_connection(("127.0.0.1", server.port))  # takes the one slot
     try:
         async def calls() -> None:
-            client = RespClient(server.url, 0.5)
+            client = PipelinedClient(server.url, 0.5)
             try:
                 for _ in range(2):
                     replies = Replies()
@@ -371,7 +382,7 @@ def test_redis_hanging_up_on_a_new_connection_answers_every_caller(tmp_path: Pat
                         client.call(command(b"PING"), replies.callback(i), 1.0)
                     got = await replies.wait(3.0)
                     # The -ERR reply itself, or the connection's end: a failure for each.
-                    assert all(isinstance(r, (RespError, ConnectionError))
+                    assert all(isinstance(r, (ResponseError, ConnectionError))
                                for r in got.values()), got
             finally:
                 await client.close()
@@ -387,7 +398,7 @@ def test_close_while_connecting_answers_the_queued_calls(
     redis_server: RedisServer,  # noqa: F811
 ) -> None:
     async def close_at_once() -> None:
-        client = RespClient(redis_server.url, 1.0)
+        client = PipelinedClient(redis_server.url, 1.0)
         replies = Replies()
         client.call(command(b"PING"), replies.callback(0), 2.0)  # connect task not yet run
         await client.close()
@@ -403,7 +414,7 @@ async def test_a_short_deadline_behind_a_long_one_is_kept(
 ) -> None:
     """Routes may set different redis_timeout values on one connection: a command with a
     short timeout queued behind one with a long timeout still fails at its own deadline."""
-    client = RespClient(redis_server.url, 1.0)
+    client = PipelinedClient(redis_server.url, 1.0)
     assert redis_server.proc is not None
     try:
         await ask(client, b"PING", timeout=1.0)  # connected
