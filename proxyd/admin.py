@@ -1,33 +1,31 @@
 """The admin HTTP server, inside the master: health, readiness, status, reload.
 
-aiohttp is right here: nothing on this port is hot, and the master's state is read in-process.
+aiohttp is right here: nothing on this port is hot, and the master's state is read in-process,
+through the narrow ``MasterApi`` (master_api.py), never the master's internals.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-from typing import TYPE_CHECKING
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxyd.config.models import Admin
 from proxyd.config.redact import redact_value
-
-if TYPE_CHECKING:
-    from proxyd.master import Master
+from proxyd.master_api import MasterApi, ReloadResult
 
 
 class AdminServer:
-    def __init__(self, master: Master) -> None:
+    def __init__(self, master: MasterApi) -> None:
         self.master = master
         self.config: Admin | None = None
         self.runner: web.AppRunner | None = None
         self.site: web.TCPSite | None = None
         # Callers of POST /reload waiting for its result: answered at stop if still waiting,
         # or stopping would wait for their handlers (aiohttp's shutdown grace, 60 s).
-        self._waiting: set[asyncio.Future[tuple[bool, str | None]]] = set()
+        self._waiting: set[asyncio.Future[ReloadResult]] = set()
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -66,7 +64,9 @@ class AdminServer:
     async def stop(self) -> None:
         for reply in self._waiting:
             if not reply.done():
-                reply.set_result((False, "proxyd is shutting down; the reload was abandoned"))
+                reply.set_result(ReloadResult(
+                    False, "proxyd is shutting down; the reload was abandoned",
+                    self.master.generation))
         if self.runner is not None:
             await self.runner.cleanup()
 
@@ -102,22 +102,18 @@ class AdminServer:
         if not self._authorized(request):
             return web.json_response({"error": "unauthorized"}, status=401,
                                      headers={"WWW-Authenticate": "Bearer"})
-        reply: asyncio.Future[tuple[bool, str | None]] = (
-            asyncio.get_running_loop().create_future()
-        )
-        self.master.enqueue("reload", reply)
+        reply = self.master.request_reload()
         if request.query.get("wait", "1") in ("0", "false", "no"):
             return web.json_response({"accepted": True}, status=202)
         self._waiting.add(reply)
         try:
-            ok, error = await reply
+            result = await reply
         finally:
             self._waiting.discard(reply)
-        changes = self.master.last_reload.get("changes") if ok else None
         return web.json_response(
-            {"ok": ok, "error": error, "generation": self.master.generation,
-             "changes": changes},
-            status=200 if ok else 422,
+            {"ok": result.ok, "error": result.error, "generation": result.generation,
+             "changes": result.changes if result.ok else None},
+            status=200 if result.ok else 422,
         )
 
     async def running_config(self, request: web.Request) -> web.Response:
@@ -137,7 +133,7 @@ class AdminServer:
     async def metrics(self, request: web.Request) -> web.Response:
         if (refused := self._read_refused(request)) is not None:
             return refused
-        body = generate_latest(self.master.registry)
+        body = self.master.metrics_text()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def purge(self, request: web.Request) -> web.Response:
@@ -151,5 +147,5 @@ class AdminServer:
             return web.json_response({"error": "give key= or prefix="}, status=400)
         # How many entries went: summed over the workers' stores (memory), or what Redis
         # removed; workers that do not answer in time are left out, and say so.
-        result = await self.master.purges.run(self.master.live(), key, prefix)
+        result = await self.master.purge(key, prefix)
         return web.json_response({**result, "key": key, "prefix": prefix})

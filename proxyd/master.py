@@ -1,14 +1,13 @@
-"""The master: what it does on each signal and event that it dispatches to ``handle_<name>()``.
+"""The master: owns the config, the listening sockets and the workers; never serves traffic.
 
-Reload (SIGHUP, POST /reload, watch_config), worker recycling (``max_requests``), crash
-recovery, resizing (TTIN/TTOU), log reopening (USR1) and shutdown (TERM drains, INT and QUIT
-stop at once). Reload, recycling and crash recovery share one path (``replace``): fork the
-successor on the same slot, wait for its READY, then tell the predecessor to drain;
-a reload that fails changes nothing, and every reload ends in ``/status``, the reload metric, the
-log and the caller's answer, whatever it failed on. The new file is read in a child process
-(config/isolated.py), never on the master's loop. Forking, following and replacing workers, and
-the loop that dispatches to these handlers, are the Arbiter's (arbiter.py). The protocol as a
-whole: docs/architecture.md, "Reload, recycling and crash recovery".
+Signal handlers and the other sources of events (worker messages, the admin port, the config
+watcher, the supervision tick) only put an event on one queue; ``_dispatch`` takes them one at a
+time. What workers should exist is decided in one place, ``reconcile`` (the plan is
+reconcile.py's), so reload, recycling, crash recovery, silent workers and resizing all end the
+same way: a slot's successor is started, and its predecessor drains once the successor is
+READY. Each worker process is a ``WorkerProcess`` (worker_process.py). A reload is a
+transaction (reload.py): its new generation must all be READY before it is committed. The
+protocol as a whole: docs/architecture.md, "Reload, recycling and crash recovery".
 """
 
 from __future__ import annotations
@@ -19,310 +18,399 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-from proxyd import systemd
-from proxyd.arbiter import (
-    KILL_GRACE,
-    READY_TIMEOUT,
-    SIGNALS,
-    Arbiter,
-    WorkerHandle,
-)
-from proxyd.config.diff import config_diff, describe
-from proxyd.config.isolated import load_isolated
+from prometheus_client import CollectorRegistry, Info, generate_latest
+
+from proxyd import __version__, build, systemd
+from proxyd.admin import AdminServer
+from proxyd.config.diff import config_diff
 from proxyd.config.models import GatewayConfig
 from proxyd.cpus import worker_choice
-from proxyd.errors import ConfigError
-from proxyd.fdlimit import raise_nofile_limit
+from proxyd.errors import EXIT_RUNTIME
+from proxyd.events import SIGNALS, Event, Message, Reload, Retire, Unresponsive
+from proxyd.fdlimit import limit_warnings, raise_nofile_limit
+from proxyd.master_api import ReloadResult
+from proxyd.master_status import upstreams_status
+from proxyd.observe.metrics import MasterMetrics
+from proxyd.purge import Purges
+from proxyd.reconcile import READY, STARTING
+from proxyd.reload import ReloadRecord, new_generation
 from proxyd.runtime import remove_state, write_state
+from proxyd.sockets import SocketSet
+from proxyd.watch import watch_config
+from proxyd.worker_process import (
+    HEARTBEAT_TIMEOUT,
+    KILL_GRACE,
+    READY_TIMEOUT,
+    WorkerProcess,
+    wait_ready,
+)
+from proxyd.workers import Desired, WorkerSet
 
-__all__ = ["KILL_GRACE", "READY_TIMEOUT", "SIGNALS", "Master", "WorkerHandle",
-           "raise_nofile_limit", "run_master"]
+__all__ = ["HEARTBEAT_TIMEOUT", "KILL_GRACE", "READY_TIMEOUT", "SUPERVISE_INTERVAL", "Master",
+           "run_master"]
 
 log = logging.getLogger("proxyd.master")
 
+SUPERVISE_INTERVAL = 1.0  # seconds between the master's checks of its children
 
-class Master(Arbiter):
-    """The arbiter with its handlers: one ``handle_<name>()`` per signal or event."""
 
-    _changes: dict[str, Any] | None = None  # what the reload in progress changed, once done
+class Master:
+    def __init__(self, config_path: str, config: GatewayConfig, sha256: str) -> None:
+        self.config_path = config_path
+        self.config = config
+        self.sha256 = sha256
+        self.loaded_at = time.time()
+        self.generation = 1
+        self.worker_count, self.workers_reason = worker_choice(config.server.workers)
+        self.sockets = SocketSet()
+        self.workers = WorkerSet(self.sockets, self, self._desired(), SIGNALS)
+        self.queue: asyncio.Queue[Message] = asyncio.Queue()
+        self.state = "starting"
+        self.reloads = ReloadRecord()
+        self.purges = Purges()  # admin purges waiting for the workers' counts
+        self.exit_code = 0
+        self.admin = AdminServer(self)
+        self.health: Any = None  # proxyd.proxy.health.HealthChecker, from start()
+        self.reload_lock = asyncio.Lock()  # one reload or resize at a time
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stopped = asyncio.Event()
+        self.metrics = MasterMetrics()
+        self.registry = CollectorRegistry()
+        self.registry.register(self.metrics)
+        Info("gateway_build", "proxyd build", registry=self.registry).info(
+            {"version": __version__})
+        self._shutting_down = False
 
-    # -- signal and event handlers ----------------------------------------------------------
-    def handle_hup(self) -> None:
-        self._spawn_task(self.reload())
+    def _desired(self) -> Desired:
+        return Desired(self.config, self.generation, self.worker_count)
 
-    def handle_reload(self, reply: asyncio.Future[tuple[bool, str | None]]) -> None:
-        """POST /reload: the same path as SIGHUP, with the result for the caller."""
+    # -- what the admin port may ask (master_api.MasterApi) -----------------------------------
+    def request_reload(self) -> asyncio.Future[ReloadResult]:
+        reply: asyncio.Future[ReloadResult] = asyncio.get_running_loop().create_future()
+        self.enqueue(Reload(reply))
+        return reply
 
-        async def run() -> None:
-            result: tuple[bool, str | None] = (False, "the reload was interrupted")
+    def status(self) -> dict[str, Any]:
+        active = self.health.describe() if self.health is not None else {}
+        workers = sorted(self.workers, key=lambda w: (w.slot, w.generation))
+        return {
+            "version": __version__, "build": build(), "pid": os.getpid(), "state": self.state,
+            "config": {"path": self.config_path, "sha256": self.sha256},
+            "generation": self.generation, "loaded_at": self.loaded_at,
+            "last_reload": self.reloads.last, "reloads": self.reloads.counts,
+            "worker_count": self.worker_count, "workers_reason": self.workers_reason,
+            "worker_restarts": self.workers.restarts,
+            "workers_unresponsive": self.workers.unresponsive,
+            "workers": [w.describe() for w in workers],
+            "listeners": self.sockets.describe(),
+            "upstreams": upstreams_status(
+                self.config, active, [w for w in self.workers.live() if w.state != STARTING]),
+        }
+
+    def is_ready(self) -> bool:
+        """Running, and every slot has a current worker that is ready (an unresponsive one
+        does not count: the connections its socket takes wait unanswered)."""
+        if self.state != "running":
+            return False
+        ready_slots = {w.slot for w in self.workers.live(self.generation) if w.state == READY}
+        return ready_slots >= set(range(self.worker_count))
+
+    async def purge(self, key: str | None, prefix: str | None) -> dict[str, Any]:
+        return await self.purges.run(self.workers.live(), key, prefix)
+
+    def metrics_text(self) -> bytes:
+        return generate_latest(self.registry)
+
+    # -- what workers tell (worker_process.WorkerEvents) --------------------------------------
+    def start_task(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def worker_ready(self, worker: WorkerProcess) -> None:
+        if self.health is not None:
+            worker.send(self.health.message())  # what the checks know so far
+        # The live count (SIGTTIN/SIGTTOU change it), for what workers share by it; a
+        # reload's new generation runs with its config's count, which it has.
+        if worker.generation == self.generation:
+            worker.send({"type": "workers", "count": self.worker_count})
+        self.enqueue(Event.RECONCILE)  # its predecessor may drain now
+
+    def worker_responsive(self, worker: WorkerProcess) -> None:
+        self.enqueue(Event.RECONCILE)  # its replacement may be called off
+
+    def worker_message(self, worker: WorkerProcess, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        if kind == "stats":
+            if "metrics" in message:
+                self.metrics.update(worker.pid, message["metrics"], worker.slot)
+        elif kind == "retire":
+            self.enqueue(Retire(worker))
+        elif kind == "purged":
+            self.purges.answered(worker.pid, message)
+        elif kind == "invalidate":  # keys one worker's memory cache invalidated
+            for other in self.workers.live():
+                if other is not worker:
+                    other.send(message)
+
+    def worker_gone(self, worker: WorkerProcess) -> None:
+        # The channel ends after the worker's final stats: fold its counters into the totals
+        # of retired workers, so sums never go backwards across recycling or crashes.
+        self.metrics.worker_exited(worker.pid)
+
+    def child_exited(self) -> None:
+        self.enqueue(Event.CHLD)
+
+    def other_child_exited(self, pid: int, code: int) -> None:
+        pass  # not a worker: config/isolated.py's reader, which waits for its own child
+
+    def reconcile_later(self) -> None:
+        self.enqueue(Event.RECONCILE)
+
+    # -- events -------------------------------------------------------------------------------
+    def enqueue(self, message: Message) -> None:
+        self.queue.put_nowait(message)
+
+    async def _dispatch(self) -> None:
+        while True:
+            message = await self.queue.get()
             try:
-                result = await self.reload()
-            finally:  # cancelled by shutdown: the caller still gets an answer
-                if not reply.done():
-                    reply.set_result(result)
+                self._handle(message)
+            except Exception:
+                log.exception("error handling %s", message)
 
-        self._spawn_task(run())
+    def _handle(self, message: Message) -> None:
+        match message:
+            case Event.RECONCILE:
+                self.workers.reconcile()
+            case Event.CHLD:
+                self.workers.reap()
+                self._count_supervision()
+                self.workers.reconcile()
+            case Event.HUP:
+                self.start_task(self.reload())
+            case Reload(reply):
+                self.start_task(self._reload_for(reply))
+            case Retire(worker):
+                if (worker.state == READY and self.state == "running"
+                        and worker in self.workers.live()):
+                    log.info("worker %d served %d requests; recycling", worker.pid,
+                             worker.requests)
+                    worker.replace_reason = "retire"
+                    self.workers.reconcile()
+            case Unresponsive(worker):
+                self.workers.mark_unresponsive(worker, time.monotonic() - worker.heard_at)
+                self._count_supervision()
+                self.workers.reconcile()
+            case Event.TTIN:
+                self.start_task(self._resize(self.worker_count + 1))
+            case Event.TTOU:
+                if self.worker_count > 1:
+                    self.start_task(self._resize(self.worker_count - 1))
+            case Event.USR1:
+                self.workers.broadcast({"type": "reopen"})
+                log.info("reopening log files")
+            case Event.TERM:
+                self.start_task(self._terminate())
+            case Event.INT | Event.QUIT:
+                self._quit()
 
-    async def reload(self) -> tuple[bool, str | None]:
-        async with self._reload_lock:
+    def _count_supervision(self) -> None:
+        counters = self.metrics.master_counters
+        counters["gateway_worker_restarts_total"][()] = float(self.workers.restarts)
+        counters["gateway_worker_unresponsive_total"][()] = float(self.workers.unresponsive)
+
+    async def _resize(self, count: int) -> None:
+        async with self.reload_lock:
+            if self.state != "running":
+                return
+            server = self.config.server
+            old_count, self.worker_count = self.worker_count, count
+            self.workers_reason = f"resized from {old_count} by a signal"
+            self.sockets.ensure(server.listen, count, server.backlog)
+            self.workers.desired = self._desired()
+            self.workers.reconcile()
+            # Every live worker's share of what they share (memory rate limits) follows.
+            self.workers.broadcast({"type": "workers", "count": count})
+            log.info("worker count %d → %d", old_count, count)
+
+    # -- reload -------------------------------------------------------------------------------
+    async def _reload_for(self, reply: asyncio.Future[ReloadResult]) -> None:
+        result = ReloadResult(False, "the reload was interrupted", self.generation)
+        try:
+            result = await self.reload()
+        finally:  # cancelled by shutdown: the caller still gets an answer
+            if not reply.done():
+                reply.set_result(result)
+
+    async def reload(self) -> ReloadResult:
+        async with self.reload_lock:
+            changes: dict[str, Any] | None = None
             error: str | None
             if self.state != "running":
                 ok, error = False, f"not reloading while {self.state}"
             else:
                 systemd.reloading()
                 try:
-                    ok, error = await self._reload()
+                    ok, error, changes = await self._reload()
                 except Exception as exc:
                     # A bug, not a bad file; still a failed reload like any other, reported
                     # everywhere a failure is (the traceback goes to the log).
                     log.exception("reload failed unexpectedly")
                     ok, error = False, f"reload failed: {type(exc).__name__}: {exc}"
                 finally:
-                    systemd.notify("READY=1", self._status_line())
-            changes, self._changes = self._changes, None
-            self.last_reload = {"ok": ok, "error": error, "at": time.time(),
-                                "changes": changes}
-            self.reload_counts["ok" if ok else "failed"] += 1
-            self.metrics.master_counters["gateway_config_reloads_total"][
-                ("ok" if ok else "failed",)] = float(self.reload_counts["ok" if ok else "failed"])
-            if ok:
-                self.metrics.master_gauges[
-                    "gateway_config_last_reload_success_timestamp_seconds"] = time.time()
-            if ok:
-                log.info("reload complete: generation %d: %s", self.generation,
-                         describe(changes) if changes is not None else "no changes")
-            else:
-                log.error("reload failed, old configuration keeps serving: %s", error)
-            return ok, error
+                    systemd.notify("READY=1", self.status_line())
+            self.reloads.record(ok, error, changes, self.metrics, self.generation)
+            return ReloadResult(ok, error, self.generation, changes)
 
-    async def _reload(self) -> tuple[bool, str | None]:
-        try:
-            # In a child: a file that takes long or much to read costs the master nothing.
-            # Its TLS files are checked there too, before any new worker is forked.
-            loaded = await load_isolated(self.config_path)
-        except ConfigError as exc:
-            return False, str(exc)
-        if self.state != "running":
-            return False, f"not reloading while {self.state}"  # TERM arrived meanwhile
-        config, sha256 = loaded.config, loaded.sha256
-        count, reason = worker_choice(config.server.workers)
-        try:
-            self.sockets.ensure(config.server.listen, count, config.server.backlog)
-        except OSError as exc:
-            return False, f"cannot listen: {exc}"
-        generation = self.generation + 1
-        new = [self.spawn(slot, config, generation) for slot in range(count)]
-        if not await self.wait_ready(new, READY_TIMEOUT):
-            for handle in new:
-                self._abandon(handle)
-            self._close_unused_sockets()
-            return False, "new workers did not become ready; old generation kept"
-        old = [w for w in self.live() if w.generation < generation]
-        self._changes = config_diff(self.config, config)
-        self.config, self.sha256, self.generation = config, sha256, generation
-        self.worker_count, self.loaded_at = count, time.time()
-        self.workers_reason = reason
-        if self.admin is not None:
-            await self.admin.reconfigure(config.admin)
-        write_state(self.config_path, str(config.admin.listen))  # the admin port may move
+    async def _reload(self) -> tuple[bool, str | None, dict[str, Any] | None]:
+        new = await new_generation(
+            self.config_path, self.generation + 1, self.workers,
+            lambda: None if self.state == "running" else self.state)
+        if isinstance(new, str):
+            return False, new, None
+        # Committed: the reconcile step drains the old generation (every slot of the new one
+        # is READY) and the sockets no serving worker needs are closed.
+        changes = config_diff(self.config, new.config)
+        self.config, self.sha256, self.generation = new.config, new.sha256, new.generation
+        self.worker_count, self.workers_reason = new.count, new.reason
+        self.loaded_at = time.time()
+        await self.admin.reconfigure(new.config.admin)
+        write_state(self.config_path, str(new.config.admin.listen))  # the admin port may move
         if self.health is not None:
-            self.health.configure(config)
+            self.health.configure(new.config)
             self.push_health()
-        for handle in old:
-            self.drain(handle)
-        self._close_unused_sockets()
-        return True, None
+        self.workers.desired = self._desired()
+        self.workers.reconcile()
+        return True, None, changes
 
-    def _close_unused_sockets(self) -> None:
-        """Let go of sockets no serving worker needs, at once, not when their drainers exit.
+    def push_health(self) -> None:
+        if self.health is not None:
+            self.workers.broadcast(self.health.message())
 
-        A draining worker still holds its copy until it stops accepting; that close is then
-        the last, and the socket leaves the SO_REUSEPORT group right away. Kept open here, it
-        would stay in the group, taking its share of new connections with nobody accepting,
-        then reset them all when the drainer exits.
-        """
-        wanted = {(listener, slot) for listener in self.config.server.listen
-                  for slot in range(self.worker_count)}
-        for handle in self.workers.values():
-            if handle.state != "draining":
-                wanted |= {(listener, handle.slot) for listener in handle.config.server.listen}
-        for listener, slot in self.sockets.close_unused(wanted):
-            log.info("closed listener %s slot %d", listener, slot)
+    # -- start and stop -----------------------------------------------------------------------
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig, event in SIGNALS.items():
+            loop.add_signal_handler(sig, self.enqueue, event)
+        nofile = raise_nofile_limit()
+        for warning in limit_warnings(self.config, nofile, self.worker_count):
+            log.warning("%s", warning)
+        server = self.config.server
+        self.sockets.ensure(server.listen, self.worker_count, server.backlog)
+        await self.admin.start(self.config.admin)
+        from proxyd.proxy.health import HealthChecker
 
-    def handle_retire(self, handle: WorkerHandle) -> None:
-        if handle.state == "ready" and self.state == "running" and handle.pid in self.workers:
-            log.info("worker %d served %d requests; recycling", handle.pid, handle.requests)
-            self._spawn_task(self.replace(handle.slot, handle))
+        self.health = HealthChecker(self.push_health)  # active checks: once, here
+        self.health.configure(self.config)
+        if self.state != "starting":
+            return  # TERM, INT or QUIT while starting: already on the way out
+        first = [self.workers.spawn(slot, self.config, self.generation)
+                 for slot in range(self.worker_count)]
+        ready = await wait_ready(first, READY_TIMEOUT)
+        if self.state != "starting":
+            return  # TERM, INT or QUIT while starting: already on the way out
+        if not ready:
+            raise RuntimeError("workers failed to start")
+        self.state = "running"
+        self.workers.active = True
+        log.info("proxyd %s ready: %d workers (%s), listening on %s (nofile %d)", __version__,
+                 self.worker_count, self.workers_reason,
+                 ", ".join(str(a) for a in server.listen), nofile)
+        write_state(self.config_path, str(self.config.admin.listen))
+        systemd.notify("READY=1", self.status_line(), f"MAINPID={os.getpid()}")
+        if (interval := systemd.watchdog_interval()) is not None:
+            self.start_task(self._watchdog(interval))
+        if self.config.server.watch_config:
+            self.start_task(watch_config(
+                self.config_path, self.sha256, lambda: self.enqueue(Event.HUP),
+                lambda: self.state == "running" and self.config.server.watch_config))
+        self.start_task(self._supervise())
 
-    def handle_chld(self) -> None:
+    async def run(self) -> int:
+        # Dispatch from the start: a worker that dies while starting is reaped through the
+        # queue, and only that ends the wait for its READY before READY_TIMEOUT.
+        dispatcher = asyncio.get_running_loop().create_task(self._dispatch())
+        try:
+            await self.start()
+        except RuntimeError as exc:
+            log.error("cannot start: %s", exc)
+            self.exit_code = EXIT_RUNTIME
+            self._quit()
+        await self._stopped.wait()
+        dispatcher.cancel()
+        return self.exit_code
+
+    def status_line(self) -> str:
+        return f"STATUS=generation {self.generation}, {len(self.workers.live())} workers"
+
+    async def _watchdog(self, interval: float) -> None:
         while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            handle = self.workers.pop(pid, None)
-            if handle is None:
-                continue
-            code = os.waitstatus_to_exitcode(status)
-            if not handle.exited.done():
-                handle.exited.set_result(code)
-            if not handle.ready.done():
-                handle.ready.set_result(False)
-            if handle.state == "draining" or self.state != "running":
-                log.info("worker %d exited (%d)", pid, code)
-                continue
-            self.worker_restarts += 1
-            self.metrics.master_counters["gateway_worker_restarts_total"][()] = float(
-                self.worker_restarts)
-            log.error("worker %d (slot %d) died unexpectedly: %s", pid, handle.slot,
-                      f"exit {code}" if code >= 0 else signal.Signals(-code).name)
-            if handle.generation == self.generation and handle.slot < self.worker_count:
-                self._spawn_task(self._respawn(handle.slot))
+            systemd.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
 
-    async def _respawn(self, slot: int) -> None:
-        """Crash recovery: immediate the first time, backing off when a slot keeps dying."""
-        now = time.monotonic()
-        recent = [t for t in self.crashes.get(slot, []) if now - t < 60] + [now]
-        self.crashes[slot] = recent
-        delay = 0.0 if len(recent) <= 1 else min(30.0, 0.1 * 2 ** (len(recent) - 2))
-        if delay:
-            log.warning("slot %d crashed %d times in a minute; respawning in %.1fs",
-                        slot, len(recent), delay)
-            await asyncio.sleep(delay)
-        if self.state != "running" or any(w.slot == slot for w in self.live(self.generation)):
-            return  # shutting down, or the slot was refilled meanwhile (e.g. by a reload)
-        if not await self.replace(slot, None):
-            self._spawn_task(self._respawn(slot))
+    async def _supervise(self) -> None:
+        """Every second: reap (a safety net behind the pidfds: no exit goes unnoticed for
+        long; the reconcile after it abandons starts that overran READY_TIMEOUT), and report
+        the ready workers that have gone silent."""
+        loop = asyncio.get_running_loop()
+        while True:
+            slept_from = loop.time()
+            await asyncio.sleep(SUPERVISE_INTERVAL)
+            self.enqueue(Event.CHLD)
+            if loop.time() - slept_from > 2 * SUPERVISE_INTERVAL:
+                continue  # the master itself was held up: its workers' messages wait unread
+            now = time.monotonic()
+            for worker in self.workers:
+                if worker.state == READY and now - worker.heard_at > HEARTBEAT_TIMEOUT:
+                    self.enqueue(Unresponsive(worker))
 
-    def handle_unresponsive(self, handle: WorkerHandle) -> None:
-        """A ready worker sent nothing for HEARTBEAT_TIMEOUT (stopped, or its loop blocked)."""
-        if handle.state != "ready" or handle.pid not in self.workers:
-            return  # it spoke, began draining or exited since the check
-        handle.state = "unresponsive"  # not ready: /health/ready answers 503 until replaced
-        self.workers_unresponsive += 1
-        self.metrics.master_counters["gateway_worker_unresponsive_total"][()] = float(
-            self.workers_unresponsive)
-        silent = time.monotonic() - handle.heard_at
-        if (self.state == "running" and handle.generation == self.generation
-                and handle.slot < self.worker_count):
-            log.error("worker %d (slot %d) has sent nothing for %.1fs; replacing it",
-                      handle.pid, handle.slot, silent)
-            self._spawn_task(self._replace_unresponsive(handle))
-        else:  # its slot is gone or already taken over (a reload, a resize): only kill it
-            log.error("worker %d (slot %d) has sent nothing for %.1fs; killing it",
-                      handle.pid, handle.slot, silent)
-            self.drain(handle)
-
-    async def _replace_unresponsive(self, handle: WorkerHandle) -> None:
-        """Try until a successor is READY (``replace`` then kills the silent worker, or drains
-        it if it answered meanwhile); called off when it answers before one could start, or
-        when shutdown, a reload or a resize has taken its slot over."""
-
-        def called_off() -> bool:
-            if handle.state == "ready":
-                log.info("worker %d answers again: no successor for it", handle.pid)
-                return True
-            return (handle.state != "unresponsive" or self.state != "running"
-                    or handle.generation != self.generation)
-
-        delay = 0.1
-        while not called_off():
-            # One successor at a time per slot: recycling or crash recovery (if it died
-            # meanwhile) may have one starting already; its READY ends this too.
-            mates = [w for w in self.live(self.generation)
-                     if w.slot == handle.slot and w is not handle]
-            if mates:
-                if await self.wait_ready(mates, READY_TIMEOUT):
-                    self.drain(handle)
-                    return
-            elif await self.replace(handle.slot, handle):
-                return
-            if called_off():
-                return
-            log.warning("slot %d has no responsive worker; trying again in %.1fs",
-                        handle.slot, delay)
-            await asyncio.sleep(delay)
-            delay = min(30.0, delay * 2)
-
-    def handle_ttin(self) -> None:
-        self._spawn_task(self._resize(self.worker_count + 1))
-
-    def handle_ttou(self) -> None:
-        if self.worker_count > 1:
-            self._spawn_task(self._resize(self.worker_count - 1))
-
-    async def _resize(self, count: int) -> None:
-        async with self._reload_lock:
-            server = self.config.server
-            old_count, self.worker_count = self.worker_count, count
-            self.workers_reason = f"resized from {old_count} by a signal"
-            if count > old_count:
-                self.sockets.ensure(server.listen, count, server.backlog)
-                for slot in range(old_count, count):
-                    await self.replace(slot, None)
-            else:
-                leaving = [w for w in self.live() if w.slot >= count]
-                for handle in leaving:
-                    self.drain(handle)
-                self._close_unused_sockets()
-            # Every live worker's share of what they share (memory rate limits) follows.
-            self.broadcast({"type": "workers", "count": count})
-            log.info("worker count %d → %d", old_count, count)
-
-    def handle_usr1(self) -> None:
-        for handle in self.workers.values():
-            if handle.channel is not None:
-                handle.channel.send({"type": "reopen"})
-        log.info("reopening log files")
-
-    async def handle_term(self) -> None:
+    async def _terminate(self) -> None:
         if self.state == "stopping":
-            self.handle_quit()  # a second TERM: stop now
+            self._quit()  # a second TERM: stop now
             return
-        self.state = "stopping"
-        systemd.notify("STOPPING=1")
+        self._stopping()
         log.info("graceful shutdown: draining %d workers", len(self.workers))
-        handles = list(self.workers.values())
-        for handle in handles:
-            self.drain(handle)
+        workers = list(self.workers)
+        for worker in workers:
+            worker.drain()
         # Each worker's close is then the last: the port refuses new connections as soon as
         # the workers stop accepting, instead of queueing them until the drain ends, then
         # resetting them.
         self.sockets.close_all()
-        if handles:
-            await asyncio.wait([h.exited for h in handles])
+        if workers:
+            await asyncio.wait([w.exited for w in workers])
         await self._shutdown()
 
-    def handle_int(self) -> None:
-        self.handle_quit()
-
-    def handle_quit(self) -> None:
+    def _stopping(self) -> None:
         self.state = "stopping"
+        self.workers.active = False
         systemd.notify("STOPPING=1")
-        for handle in self.workers.values():
-            self._kill(handle, signal.SIGQUIT)
-        self._spawn_task(self._quit_after_exit())
+
+    def _quit(self) -> None:
+        self._stopping()
+        for worker in self.workers:
+            worker.kill(signal.SIGQUIT)
+        self.start_task(self._quit_after_exit())
 
     async def _quit_after_exit(self) -> None:
-        handles = [h for h in self.workers.values() if not h.exited.done()]
-        if handles:
-            _, _pending = await asyncio.wait([h.exited for h in handles], timeout=2.0)
-            for handle in handles:
-                if not handle.exited.done():
-                    self._kill(handle, signal.SIGKILL)
+        workers = [w for w in self.workers if not w.exited.done()]
+        if workers:
+            await asyncio.wait([w.exited for w in workers], timeout=2.0)
+            for worker in workers:
+                if not worker.exited.done():
+                    worker.kill(signal.SIGKILL)
         await self._shutdown()
 
     async def _shutdown(self) -> None:
         if self._shutting_down:
             return  # TERM then QUIT both end here; the admin runner cleans up once
         self._shutting_down = True
-        if self.admin is not None:
-            await self.admin.stop()
+        await self.admin.stop()
         if self.health is not None:
             await self.health.close()
         self.sockets.close_all()

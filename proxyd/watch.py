@@ -1,8 +1,8 @@
 """``server.watch_config``: reload when the config file's content changes.
 
-The watcher only decides *that* the file changed; the reload itself is the SIGHUP path
-(``master.enqueue("hup")``), so an invalid edit is rejected exactly as a bad SIGHUP is: the old
-generation keeps serving and ``/status`` shows the error.
+The watcher only decides *that* the file changed; the reload itself is the SIGHUP path (the
+master hands in ``on_change``, which enqueues it), so an invalid edit is rejected exactly as a
+bad SIGHUP is: the old generation keeps serving and ``/status`` shows the error.
 
 Polling, not inotify: a Kubernetes ConfigMap volume updates by writing a new timestamped
 directory and atomically swapping the ``..data`` symlink that ``gateway.yaml`` resolves through.
@@ -19,11 +19,8 @@ import asyncio
 import hashlib
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from proxyd.master import Master
 
 log = logging.getLogger("proxyd.watch")
 
@@ -87,12 +84,16 @@ def check(path: str, previous: FileState) -> tuple[bool, FileState]:
     return current.sha256 != previous.sha256, current
 
 
-async def watch_config(master: Master, interval: float = POLL_INTERVAL) -> None:
-    """Poll ``master.config_path``; on a content change, reload through the SIGHUP path."""
-    path = master.config_path
+async def watch_config(path: str, sha256: str, on_change: Callable[[], None],
+                       watching: Callable[[], bool], interval: float = POLL_INTERVAL) -> None:
+    """Poll ``path``; on a content change, call ``on_change`` (the SIGHUP path) while
+    ``watching()`` (the master runs, and its config still asks for watching).
+
+    ``sha256``: the running config's.
+    """
     # No stat key: the first poll hashes the file and compares it with the running config's
     # hash, so an edit made between the load and now is not missed.
-    state = FileState(None, None, master.sha256)
+    state = FileState(None, None, sha256)
     log.info("watching %s for changes (every %.1fs)", path, interval)
     while True:
         await asyncio.sleep(interval)
@@ -104,7 +105,7 @@ async def watch_config(master: Master, interval: float = POLL_INTERVAL) -> None:
         if snapshot(path, candidate) != candidate:
             continue  # still being written: decide on the next poll
         state = candidate
-        if master.state != "running" or not master.config.server.watch_config:
+        if not watching():
             continue  # stopping, or a reload turned watching off
         log.info("%s changed (sha256 %.12s); reloading", path, state.sha256)
-        master.enqueue("hup")
+        on_change()

@@ -17,7 +17,7 @@ from typing import Any
 
 import aiohttp
 
-from proxyd.arbiter import HEARTBEAT_TIMEOUT, SUPERVISE_INTERVAL
+from proxyd.master import HEARTBEAT_TIMEOUT, SUPERVISE_INTERVAL
 from proxyd.worker import STATS_INTERVAL
 from tests.integration.conftest import (
     Origin,

@@ -108,16 +108,17 @@ def test_configmap_symlink_swap_is_a_change(tmp_path: Path) -> None:
 # -- the watcher task -------------------------------------------------------------------------
 
 
-class FakeMaster:
-    def __init__(self, path: Path, sha256: str | None) -> None:
-        self.config_path = str(path)
+class Reloads:
+    """What the watcher is handed: the file, its loaded hash, and where a change goes."""
+
+    def __init__(self, path: Path, sha256: str) -> None:
+        self.path = str(path)
         self.sha256 = sha256
-        self.state = "running"
-        self.config = GatewayConfig.model_validate({"server": {"watch_config": True}})
         self.events: list[str] = []
 
-    def enqueue(self, name: str, arg: Any = None) -> None:
-        self.events.append(name)
+    def watch(self) -> Any:
+        return watch.watch_config(self.path, self.sha256, lambda: self.events.append("hup"),
+                                  lambda: True, interval=0.05)
 
 
 async def until(probe: Callable[[], T], timeout: float = 5.0) -> T:
@@ -131,8 +132,10 @@ async def until(probe: Callable[[], T], timeout: float = 5.0) -> T:
 async def test_watcher_enqueues_hup_on_change(tmp_path: Path) -> None:
     path = tmp_path / "gateway.yaml"
     path.write_text("a: 1\n")
-    master = FakeMaster(path, snapshot(str(path)).sha256)
-    task = asyncio.create_task(watch.watch_config(master, interval=0.05))  # type: ignore[arg-type]
+    sha256 = snapshot(str(path)).sha256
+    assert sha256 is not None
+    master = Reloads(path, sha256)
+    task = asyncio.create_task(master.watch())
     try:
         await asyncio.sleep(0.3)
         write(path, "a: 1\n")
@@ -151,8 +154,8 @@ async def test_watcher_enqueues_hup_on_change(tmp_path: Path) -> None:
 async def test_watcher_catches_an_edit_made_before_it_started(tmp_path: Path) -> None:
     path = tmp_path / "gateway.yaml"
     path.write_text("a: 2\n")
-    master = FakeMaster(path, "sha256-of-what-was-loaded")
-    task = asyncio.create_task(watch.watch_config(master, interval=0.05))  # type: ignore[arg-type]
+    master = Reloads(path, "sha256-of-what-was-loaded")
+    task = asyncio.create_task(master.watch())
     try:
         await until(lambda: master.events)
         assert master.events == ["hup"]

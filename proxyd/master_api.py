@@ -1,0 +1,50 @@
+"""What the admin port may ask of the master, and the answers it gets.
+
+The admin server (admin.py) holds a ``MasterApi``, not the master: it reads status, asks for
+a reload and waits for the result, purges the workers' caches. The master
+(master.py) satisfies this protocol; neither module imports the other's internals, and this one
+imports neither.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from proxyd.config.models import GatewayConfig
+
+
+@dataclass(frozen=True)
+class ReloadResult:
+    ok: bool
+    error: str | None
+    generation: int
+    changes: dict[str, Any] | None = None  # what the reload changed (config/diff.py)
+
+
+class MasterApi(Protocol):
+    @property
+    def config(self) -> GatewayConfig: ...
+
+    @property
+    def config_path(self) -> str: ...
+
+    @property
+    def sha256(self) -> str: ...
+
+    @property
+    def generation(self) -> int: ...
+
+    @property
+    def state(self) -> str: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+    def is_ready(self) -> bool: ...
+
+    def request_reload(self) -> asyncio.Future[ReloadResult]: ...
+
+    async def purge(self, key: str | None, prefix: str | None) -> dict[str, Any]: ...
+
+    def metrics_text(self) -> bytes: ...
