@@ -36,7 +36,7 @@ def compiled() -> bool:
     modules load from, found without importing them."""
     from importlib.util import find_spec
 
-    spec = find_spec("proxyd.proxy.downstream")
+    spec = find_spec("proxyd.proxy.connection")
     return spec is not None and spec.origin is not None and not spec.origin.endswith(".py")
 
 

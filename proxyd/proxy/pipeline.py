@@ -26,7 +26,7 @@ from proxyd.proxy.upstream import UpstreamPool
 from proxyd.proxy.upstream_conn import ReadBuffer
 
 if TYPE_CHECKING:
-    from proxyd.proxy.forward import Exchange
+    from proxyd.proxy.exchange import Exchange
     from proxyd.proxy.request import Request
     from proxyd.proxy.websocket import Tunnel
 
@@ -180,8 +180,8 @@ class Pipeline:
         upstream = ""
         tries = 0
         target_url = ""
-        if exchange is not None and exchange.started_at:
-            pool = exchange.pool
+        pool = exchange.pool if exchange is not None else None
+        if exchange is not None and pool is not None:
             upstream = pool.name
             tries = exchange.tries
             # Timed only when a try began: a request the circuit breaker, a full queue or no

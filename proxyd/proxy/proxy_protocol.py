@@ -25,7 +25,7 @@ from proxyd.observe.metrics import WorkerMetrics
 from proxyd.observe.throttle import ThrottledLog
 
 if TYPE_CHECKING:
-    from proxyd.proxy.downstream import DownstreamProtocol
+    from proxyd.proxy.connection import ClientConnection
     from proxyd.proxy.headers import TrustedProxies
 
 V2_SIGNATURE: Final = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -144,7 +144,7 @@ class HeaderReader:
 
     __slots__ = ("buffer", "ds", "required")
 
-    def __init__(self, ds: DownstreamProtocol, required: bool) -> None:
+    def __init__(self, ds: ClientConnection, required: bool) -> None:
         self.ds = ds
         self.required = required
         self.buffer = b""
@@ -199,7 +199,7 @@ class TLSGate:
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
-                 make: Callable[[], DownstreamProtocol], ctx: ssl.SSLContext,
+                 make: Callable[[], ClientConnection], ctx: ssl.SSLContext,
                  policy: ListenerPolicy, header_timeout: float,
                  refuse: Callable[[str, str], None]) -> None:
         self.loop = loop
@@ -293,7 +293,7 @@ class TLSGate:
         protocol = self.make()
         protocol.client_address = address
 
-        def made() -> DownstreamProtocol:
+        def made() -> ClientConnection:
             return protocol
 
         task = self.loop.create_task(self.loop.connect_accepted_socket(

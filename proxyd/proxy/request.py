@@ -8,7 +8,7 @@ from proxyd.proxy.headers import connection_tokens
 
 if TYPE_CHECKING:
     from proxyd.middleware.base import Context
-    from proxyd.proxy.forward import Exchange
+    from proxyd.proxy.exchange import Exchange
     from proxyd.proxy.router import CompiledRoute
 
 from proxyd.middleware.chain import Chain
@@ -120,7 +120,7 @@ class Request:
         self.observed = False
         self.upgrade: bytes | None = None
         # Asked to upgrade and has a body: llhttp skipped the body (it reads everything after
-        # the head as the new protocol); a second parser reads it (downstream.UpgradeBody).
+        # the head as the new protocol); a second parser reads it (connection.UpgradeBody).
         self.upgrade_body = False
         self.ws_key: bytes | None = None  # the client's Sec-WebSocket-Key
         self.ws_upstream_key: bytes | None = None  # ours, towards the upstream

@@ -33,7 +33,7 @@ from proxyd.proxy.upstream_conn import (
 
 if TYPE_CHECKING:
     from proxyd.observe.metrics import WorkerMetrics
-    from proxyd.proxy.forward import Exchange
+    from proxyd.proxy.exchange import Exchange
 
 __all__ = ["TargetPool", "Timeouts", "UpstreamConnection", "UpstreamPool"]
 
@@ -388,7 +388,7 @@ class UpstreamPool:
             limit = self.max_concurrent or 0
             while self.queue and self.active < limit:
                 exchange = self.queue.popleft()
-                if not exchange.done:
+                if exchange.queued():
                     self.active += 1
                     exchange.admitted = True
                     exchange.begin()

@@ -1,9 +1,13 @@
-"""One pooled upstream connection: an asyncio.Protocol per TCP connection, and its time limits.
+"""One pooled HTTP/1.1 upstream connection: an asyncio.Protocol per TCP connection, its time
+limits, and the adapter between its response parser and the exchange using it.
 
-A connection's response parser belongs to the exchange using it (see forward.py), so parser
-state never leaks from one exchange to the next. Writes are queued and flushed once per event;
-reading pauses while the client is not keeping up, and the read timeout with it. The pools that
-open, lend and keep these connections are in upstream.py.
+The exchange (exchange.py) never parses an upstream's bytes: this connection runs llhttp
+(httptools) and calls the exchange's on_head, on_interim, on_body, on_raw, on_end and
+on_upgrade, and tells it of a close (upstream_lost) or a read timeout (upstream_timeout). Each
+exchange gets a fresh parser (start), so parser state never leaks from one exchange to the
+next. Writes are queued and flushed once per event; reading pauses while the client is not
+keeping up, and the read timeout with it. The pools that open, lend and keep these
+connections are in upstream.py.
 """
 
 from __future__ import annotations
@@ -13,11 +17,13 @@ from sys import getrefcount
 from time import monotonic
 from typing import TYPE_CHECKING, Any, Final, cast
 
+import httptools
+
 from proxyd.config.models import RouteTimeouts
 from proxyd.proxy.headers import Piece, write_pieces
 
 if TYPE_CHECKING:
-    from proxyd.proxy.forward import Exchange
+    from proxyd.proxy.exchange import Exchange
     from proxyd.proxy.upstream import TargetPool
     from proxyd.proxy.websocket import Tunnel
 
@@ -51,6 +57,13 @@ class Timeouts:
         )
 
 
+# An exchange's limits until it meets an upstream (its route's or the upstream's then).
+NO_TIMEOUTS: Final = Timeouts(0.0, 0.0, None, None)
+
+# Reads at least this large that open a 2xx response have their head parsed apart from the
+# body (UpstreamConnection._feed_split); the head must end within them.
+SPLIT_READ: Final = 16 * 1024
+
 # What one upstream read may bring (the loop reads up to this much at once).
 READ_SIZE: Final = 128 * 1024
 
@@ -60,7 +73,7 @@ class ReadBuffer:
     reads one at a time), shared by all its upstream connections.
 
     uvloop's own read path copies every read into a new bytes object; with a buffer of ours
-    (the buffered-protocol path) a body that goes past the parser (ResponseRelay._relay_raw)
+    (the buffered-protocol path) a body that goes past the parser (UpstreamConnection._relay_raw)
     reaches the client as a view of the read, never copied in user space. A view may outlive
     its read, queued behind a slow client: the buffer is then left to it and a new one made.
     """
@@ -88,6 +101,11 @@ class ReadBuffer:
         return self.buf
 
 
+class Abandoned(Exception):
+    """Raised from a response-parser callback: the exchange let go of this connection (a
+    retry on another target has begun, or it ended at the head); the parser stops at once."""
+
+
 # Not an asyncio.Protocol subclass: the event loop only calls these methods, and a class with
 # a non-native base would lose the compiled build's fixed attribute layout (docs/architecture.md,
 # "The compiled build").
@@ -96,13 +114,18 @@ class UpstreamConnection:
         "_out",
         "deadline",
         "exchange",
+        "fields",
+        "interim",
         "parser",
         "pool",
+        "raw_left",
         "read_paused",
         "reads",
+        "reason",
         "reused",
         "transport",
         "tunnel",
+        "upgrade_fields",
     )
 
     def __init__(self, pool: TargetPool) -> None:
@@ -110,12 +133,46 @@ class UpstreamConnection:
         self.reads = pool.reads
         self.transport: asyncio.Transport | None = None
         self.exchange: Exchange | None = None
-        self.parser: Any = None  # httptools.HttpResponseParser bound to the exchange
+        self.parser: Any = None  # httptools.HttpResponseParser of the current exchange
         self.deadline = 0.0
         self.reused = False
         self.tunnel: Tunnel | None = None
         self.read_paused = False
         self._out: list[Piece] = []
+        # The response being parsed: its reason phrase and fields, whether it is a 1xx, the
+        # fields of a 101, and how many body bytes still go past the parser (_relay_raw).
+        self.reason = b""
+        self.fields: list[tuple[bytes, bytes]] = []
+        self.interim = False
+        self.upgrade_fields: list[tuple[bytes, bytes]] | None = None
+        self.raw_left = 0
+
+    def start(self, exchange: Exchange) -> None:
+        """Lent to ``exchange``: a fresh parser, and the read timeout runs."""
+        self.exchange = exchange
+        self.parser = httptools.HttpResponseParser(self)
+        self.reason = b""
+        self.fields = []
+        self.interim = False
+        self.raw_left = 0
+        self.deadline = self.pool.deadlines.now + exchange.timeouts.read
+
+    def drop(self) -> None:
+        """The exchange lets go of a connection that cannot be reused: it is closed."""
+        self.exchange = None
+        self.close()
+
+    def become_tunnel(self, tunnel: Tunnel) -> None:
+        """The upstream switched protocols: this connection is one end of a relay now."""
+        self.exchange = None
+        self.parser = None
+        self.deadline = 0.0  # the relay's idle timeout runs on the client side
+        self.tunnel = tunnel
+        self.pool.detach(self)  # relays are long-lived: they must not starve the pool
+
+    def keeps_alive(self) -> bool:
+        """Whether the response so far lets this connection carry another."""
+        return self.parser is not None and bool(self.parser.should_keep_alive())
 
     # -- writing: callers queue with send() and flush() once per event, so a request head and
     # the body bytes that arrived with it leave in one syscall.
@@ -169,7 +226,7 @@ class UpstreamConnection:
             self._idle_read(bytes(data))  # a tunnel's frames are read as bytes
             return
         self.deadline = deadlines.now + exchange.timeouts.read
-        exchange.feed_response(data, buf)
+        self._read(data, buf, exchange)
 
     def data_received(self, data: bytes) -> None:
         deadlines = self.pool.deadlines
@@ -179,7 +236,7 @@ class UpstreamConnection:
             self._idle_read(data)
             return
         self.deadline = deadlines.now + exchange.timeouts.read
-        exchange.feed_response(data, data)
+        self._read(data, data, exchange)
 
     def _idle_read(self, data: bytes) -> None:
         if self.tunnel is not None:
@@ -194,9 +251,10 @@ class UpstreamConnection:
         if self.tunnel is None:
             self.pool.lost(self)  # a relay was handed back to the pool's count at upgrade
         self.pool.deadlines.discard(self)
+        self.parser = None
         exchange, self.exchange = self.exchange, None
         if exchange is not None:
-            exchange.upstream_lost(self, exc)
+            exchange.upstream_lost(self)
         if self.tunnel is not None:
             self.tunnel.lost()
 
@@ -217,3 +275,114 @@ class UpstreamConnection:
             self.exchange.upstream_timeout()
         else:
             self.close()  # idle past keepalive_expiry
+
+    # -- the response: one read at a time ---------------------------------------------------
+    def _read(self, data: Piece, whole: bytes | bytearray, exchange: Exchange) -> None:
+        """One read from the upstream: bytes, or a view of the read buffer, which is
+        ``whole`` (to search the head in; the read starts at its offset 0)."""
+        left = self.raw_left
+        if left:
+            self._relay_raw(data, left, exchange)
+        # A large read that opens a 2xx response (b"2" is 50): see _feed_split.
+        elif len(data) >= SPLIT_READ and whole.startswith(b"HTTP/1.") and whole[9] == 50 \
+                and (end := whole.find(b"\r\n\r\n", 0, SPLIT_READ)) >= 0:
+            self._feed_split(data, end + 4, exchange)
+        else:
+            self._feed(data)
+        # What this read produced goes to the client. (An exchange that ended in it has
+        # flushed, and one that let go of this connection for a retry produced nothing.)
+        if self.exchange is exchange:
+            exchange.read_done()
+
+    def _feed_split(self, data: Piece, end: int, exchange: Exchange) -> None:
+        """The head alone through the parser; a body that on_head lets go past the parser
+        (_relay_raw) is then sent as a view of this read. Through llhttp, on_body would
+        first copy it into a new bytes object: 64 KiB per /big response."""
+        view = memoryview(data)
+        if self._feed(view[:end]) and self.exchange is exchange:
+            rest = view[end:]
+            left = self.raw_left
+            if left and rest:
+                self._relay_raw(rest, left, exchange)
+            elif rest:
+                self._feed(rest)  # not raw (chunked, a filter, ...): the parser has it all
+        # (Let go of already, with bytes past the head: a HEAD's answer or an upstream out
+        # of step; dropped, as the parser would have dropped them.)
+
+    def _feed(self, data: Piece) -> bool:
+        """Through the parser; False when it stopped (an error, a retry, an upgrade)."""
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            exchange = self.exchange
+            if exchange is not None:
+                exchange.on_upgrade(self.upgrade_fields,
+                                    bytes(data[exc.args[0]:]) if exc.args else b"")
+            return False
+        except httptools.HttpParserError as exc:
+            exchange = self.exchange
+            if exchange is not None and not isinstance(exc.__context__, Abandoned):
+                exchange.protocol_error(f"invalid upstream response: {exc}")
+            return False
+        return True
+
+    def _relay_raw(self, data: Piece, left: int, exchange: Exchange) -> None:
+        """What follows the head's read of a Content-Length body, past the parser: each read
+        goes to the client as it came. (Through llhttp, every read would be copied into a new
+        bytes object for on_body: ~64 KiB of copying per /big response, for no decision.)"""
+        n = len(data)
+        if n < SPLIT_READ and not isinstance(data, bytes):
+            # A small piece of the read buffer: copied, so that a slow client's queue does
+            # not keep a whole buffer (ReadBuffer) for a few bytes.
+            data = bytes(data)
+        excess = n > left
+        if excess:  # bytes past the body: the upstream is out of step
+            data = data[:left]
+            n = left
+        self.raw_left = left - n
+        exchange.on_raw(data)
+        if not self.raw_left:
+            exchange.on_end(bool(self.parser.should_keep_alive()) and not excess)
+
+    # -- llhttp callbacks -------------------------------------------------------------------
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.fields.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        exchange = self.exchange
+        if exchange is None:
+            return
+        status = self.parser.get_status_code()
+        fields, self.fields = self.fields, []
+        reason, self.reason = self.reason, b""
+        if status < 200:
+            self.interim = True
+            if status == 101:
+                self.upgrade_fields = fields  # llhttp raises HttpParserUpgrade right after
+            else:
+                exchange.on_interim(status, reason, fields)
+            return
+        self.raw_left = exchange.on_head(status, reason, fields)
+        if self.exchange is not exchange:
+            raise Abandoned  # a retry, or ended at the head: nothing more of this response
+
+    def on_body(self, data: bytes) -> None:
+        exchange = self.exchange
+        if exchange is None:
+            return
+        if self.raw_left:
+            self.raw_left -= len(data)
+        exchange.on_body(data)
+
+    def on_message_complete(self) -> None:
+        exchange = self.exchange
+        if exchange is None:
+            return
+        if self.interim:
+            self.interim = False  # a 1xx ended; the final response follows
+            return
+        self.raw_left = 0
+        exchange.on_end(bool(self.parser.should_keep_alive()))

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from proxyd.config.models import WebSocket
-    from proxyd.proxy.downstream import DownstreamProtocol
+    from proxyd.proxy.connection import ClientConnection
     from proxyd.proxy.pipeline import Pipeline
     from proxyd.proxy.upstream import UpstreamConnection
 
@@ -152,7 +152,7 @@ class Tunnel:
         "up",
     )
 
-    def __init__(self, ds: DownstreamProtocol, conn: UpstreamConnection, pipeline: Pipeline,
+    def __init__(self, ds: ClientConnection, conn: UpstreamConnection, pipeline: Pipeline,
                  options: WebSocket) -> None:
         self.ds = ds
         self.conn = conn

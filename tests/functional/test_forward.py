@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 from aiohttp import web
 
-from proxyd.proxy.downstream import PAUSE_UPSTREAM, DownstreamProtocol
+from proxyd.proxy.connection import PAUSE_UPSTREAM, ClientConnection
 from proxyd.proxy.upstream import UpstreamConnection
 from tests.functional._http import (
     Message,
@@ -48,9 +48,9 @@ async def raw_proxy(
     return await proxy(CATCH_ALL, {"backend": up.url}, **kw), up
 
 
-def downstream(p: Proxy) -> DownstreamProtocol:
+def downstream(p: Proxy) -> ClientConnection:
     (conn,) = p.pipeline.connections
-    assert isinstance(conn, DownstreamProtocol)
+    assert isinstance(conn, ClientConnection)
     return conn
 
 
@@ -902,7 +902,7 @@ async def test_a_body_queued_for_a_slow_client_is_not_overwritten_by_later_reads
         await loop.sock_connect(slow, ("127.0.0.1", p.port))
         await loop.sock_sendall(slow, get("/a"))
         # The proxy's writes to this client wait (it stopped reading /a's answer for them).
-        await wait_for(lambda: any(isinstance(ds, DownstreamProtocol) and ds.write_paused
+        await wait_for(lambda: any(isinstance(ds, ClientConnection) and ds.write_paused
                                    for ds in p.pipeline.connections),
                        what="the slow client's writes to back up")
         async with await RawClient.connect(p.port) as c:

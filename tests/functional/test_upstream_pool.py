@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from proxyd.proxy.lifecycle import RELAYING
 from tests.functional._http import RawClient, RawConn, RawUpstream, get
 from tests.functional.conftest import (
     CATCH_ALL,
@@ -77,7 +78,7 @@ async def test_answer_before_body_end_drops_the_upstream_connection(
         await c.send(b"POST /early HTTP/1.1\r\nHost: t\r\nContent-Length: 20\r\n\r\n" + b"x" * 10)
         await wait_for(lambda: any(getattr(ds, "active", None) is not None and ds.active.status
                                    == 0 and ds.active.exchange is not None
-                                   and ds.active.exchange.resp_started
+                                   and ds.active.exchange.state == RELAYING
                                    for ds in p.pipeline.connections), what="the early head")
         await c.send(b"y" * 10)  # the rest of the body, after the head, before the end
         await wait_for(lambda: all(getattr(ds, "req", None) is None

@@ -2,7 +2,7 @@
 
 The benchmark (bench.py) measures what users see, but on a shared 2-core machine its numbers
 move by ±20% from run to run, too much to judge a change worth a few per cent. This drives a
-worker's DownstreamProtocol and a pooled UpstreamConnection with in-memory transports, so what
+worker's ClientConnection and a pooled UpstreamConnection with in-memory transports, so what
 it times is proxyd's own work per request (parsers, routing, middleware, relay, metrics): the
 syscalls the real path adds are the same for every version of that work.
 
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402
 
 from proxyd.config.loader import load_config  # noqa: E402
-from proxyd.proxy.downstream import DownstreamProtocol  # noqa: E402
+from proxyd.proxy.connection import ClientConnection  # noqa: E402
 from proxyd.proxy.pipeline import Pipeline  # noqa: E402
 from proxyd.proxy.upstream_conn import UpstreamConnection  # noqa: E402
 
@@ -112,14 +112,14 @@ class Driver:
         conn.connection_made(Transport(asked))  # type: ignore[arg-type]
         target.open = 1
         target.idle.append(conn)
-        self.ds = ds = DownstreamProtocol(p)
+        self.ds = ds = ClientConnection(p)
         self.client = Transport()
         ds.connection_made(self.client)  # type: ignore[arg-type]
 
     def one(self) -> None:
         if self.ds.closed:  # max_keepalive_requests: the client opens another connection
             self.ds.connection_lost(None)
-            self.ds = DownstreamProtocol(self.pipeline)
+            self.ds = ClientConnection(self.pipeline)
             self.client.closing = False
             self.ds.connection_made(self.client)  # type: ignore[arg-type]
         self.ds.data_received(self.request)

@@ -121,8 +121,8 @@ def observe_cost(variant: str, tmp: Path, n: int = 200_000) -> float:
     import asyncio
 
     from proxyd.config.models import GatewayConfig
-    from proxyd.proxy.downstream import DownstreamProtocol
-    from proxyd.proxy.forward import Exchange
+    from proxyd.proxy.connection import ClientConnection
+    from proxyd.proxy.exchange import Exchange
     from proxyd.proxy.pipeline import Pipeline
     from proxyd.proxy.request import Request
 
@@ -138,7 +138,8 @@ def observe_cost(variant: str, tmp: Path, n: int = 200_000) -> float:
         req.route_name, req.status, req.bytes_out, req.started = "all", 200, 1200, 0.0
         requests.append(req)
     # A real exchange (the compiled build checks types): only its pool and start time are read.
-    exchange = Exchange(DownstreamProtocol(pipeline), requests[0], pipeline.pools["origin"])
+    exchange = Exchange(ClientConnection(pipeline), requests[0])
+    exchange.pool = pipeline.pools["origin"]
     exchange.started_at = 1e-9
     started = time.perf_counter()
     for req in requests:

@@ -30,7 +30,7 @@ def test_the_list_names_existing_modules_of_the_data_plane() -> None:
     assert len(COMPILED) >= 20, COMPILED
     for path in COMPILED:
         assert (REPO / path).is_file(), path
-    assert "proxyd/proxy/downstream.py" in COMPILED
+    assert "proxyd/proxy/connection.py" in COMPILED
 
 
 def test_compiled_or_pure_as_a_whole() -> None:
@@ -74,7 +74,7 @@ def test_no_compiled_module_left_from_an_older_list() -> None:
 
 
 def test_proxyd_pure_loads_the_source() -> None:
-    code = ("import proxyd, proxyd.proxy.downstream as d, proxyd.middleware.chain as c; "
+    code = ("import proxyd, proxyd.proxy.connection as d, proxyd.middleware.chain as c; "
             "print(proxyd.compiled(), d.__file__, c.__file__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "PROXYD_PURE": "1"}, cwd=REPO, check=True).stdout

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from proxyd.config.models import GatewayConfig
-from proxyd.proxy.downstream import DownstreamProtocol, SendWatch
+from proxyd.proxy.connection import ClientConnection, SendWatch
 from proxyd.proxy.pipeline import Pipeline
 
 
@@ -42,10 +42,10 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
 
 
 def make(loop: asyncio.AbstractEventLoop, size: int
-         ) -> tuple[SendWatch, DownstreamProtocol, FakeTransport]:
+         ) -> tuple[SendWatch, ClientConnection, FakeTransport]:
     config = GatewayConfig.model_validate({"server": {"listen": ["127.0.0.1:0"],
                                                       "limits": {"send_timeout": "5s"}}})
-    ds = DownstreamProtocol(Pipeline(config, loop))
+    ds = ClientConnection(Pipeline(config, loop))
     transport = FakeTransport(size)
     ds.connection_made(transport)  # type: ignore[arg-type]
     ds.p.deadlines.now = 100.0

@@ -1,11 +1,15 @@
-"""The client side: one asyncio.Protocol per accepted connection, llhttp (httptools) parsing.
+"""The HTTP/1.1 client connection: one asyncio.Protocol per accepted connection.
+
+It parses (llhttp, through httptools), enforces the limits and the framing rules
+(docs/architecture.md, "HTTP rules") before anything reaches an upstream, queues pipelined
+requests, writes, pauses and resumes reading, keeps the client's deadlines, drains and closes
+(in stages when the client may still be sending). It knows nothing of routes, chains or
+upstreams: each request, in its turn, becomes an Exchange (exchange.py), which writes through
+send/flush and tells the connection when it is over (exchange_ended).
 
 Requests on a connection are answered strictly in order. A pipelined request that arrives while
 another is in flight is queued with its body (reading pauses, so the queue is bounded by one
-read); the framing rules (docs/architecture.md, "HTTP rules") are enforced here, before
-anything reaches an upstream. This module owns the connection (its lifecycle, deadlines,
-reading and writing, parsing); the answering side (dispatch, local answers, errors) is the
-Answering mixin of answer.py.
+read).
 """
 
 from __future__ import annotations
@@ -17,17 +21,22 @@ from typing import Final, cast
 
 import httptools
 
-from proxyd.proxy.answer import PAUSE_PENDING, PAUSE_PIPELINE, PAUSE_UPSTREAM, Answering
-from proxyd.proxy.head import error_response
+from proxyd.proxy.exchange import Exchange
+from proxyd.proxy.head import body_length, error_response
 from proxyd.proxy.headers import REQUEST_NAMES, Piece, lower_name, write_pieces
-from proxyd.proxy.pipeline import Pipeline
+from proxyd.proxy.pipeline import Pipeline, req_id
 from proxyd.proxy.proxy_protocol import HeaderReader, ListenerPolicy, refused
 from proxyd.proxy.request import SPECIAL, Reject, Request, special_header
 from proxyd.proxy.websocket import Tunnel
 from proxyd.tls import client_cert_fields
 
-__all__ = ["PAUSE_PENDING", "PAUSE_PIPELINE", "PAUSE_UPSTREAM", "DownstreamProtocol", "Request",
+__all__ = ["PAUSE_PENDING", "PAUSE_PIPELINE", "PAUSE_UPSTREAM", "ClientConnection", "Request",
            "SendWatch"]
+
+# Reasons to stop reading from the client; reading resumes when none is left.
+PAUSE_PIPELINE: Final = 1  # a pipelined request waits for the one in flight
+PAUSE_UPSTREAM: Final = 2  # the upstream socket's write buffer is full
+PAUSE_PENDING: Final = 4  # body bytes piled up while the upstream connection is being opened
 
 
 class _Discard:
@@ -46,7 +55,7 @@ class SendWatch:
 
     __slots__ = ("buffered", "deadline", "ds")
 
-    def __init__(self, ds: DownstreamProtocol) -> None:
+    def __init__(self, ds: ClientConnection) -> None:
         self.ds = ds
         self.deadline = 0.0
         self.buffered = 0
@@ -109,7 +118,7 @@ class UpgradeBody:
 
     __slots__ = ("ds", "in_body")
 
-    def __init__(self, ds: DownstreamProtocol) -> None:
+    def __init__(self, ds: ClientConnection) -> None:
         self.ds = ds
         self.in_body = True
 
@@ -166,7 +175,7 @@ REFUSED_LINGER: Final = 1.0
 
 
 # Not an asyncio.Protocol subclass, for the same reason as UpstreamConnection.
-class DownstreamProtocol(Answering):
+class ClientConnection:
     def __init__(self, pipeline: Pipeline, tls: bool = False,
                  proxy: ListenerPolicy | None = None, client_certs: bool = False) -> None:
         self.p = pipeline
@@ -267,15 +276,11 @@ class DownstreamProtocol(Answering):
         self.p.deadlines.discard(self)
         if self.send_watch is not None:
             self.p.deadlines.discard(self.send_watch)
-        for req in (self.active, *self.queue):
-            if req is not None and req.exchange is not None:
-                req.exchange.client_gone()
+        # The request being answered ends as 499 ("client closed request", as nginx logs it);
+        # those queued behind it were never dispatched.
         active = self.active
-        if active is not None and not active.observed:
-            active.status = 499  # nginx's "client closed request"
-            if active.exchange is not None:
-                active.bytes_out = active.exchange.bytes_out  # what was relayed before
-            self.p.observe(active, self.client_ip, active.exchange, self.tls_version)
+        if active is not None and active.exchange is not None:
+            active.exchange.client_gone()
         self.queue.clear()
 
     def on_deadline(self) -> None:
@@ -308,11 +313,10 @@ class DownstreamProtocol(Answering):
             return
         ex = req.exchange
         if ex is not None:
-            ex.client_gone()  # the upstream has part of a body: that exchange cannot finish
-            if ex.resp_started:
-                self.abort()  # the response is cut short: the client must see it truncated
-                return
-        self.send_error(req, 408, "request body timeout")  # and close: the body is unfinished
+            # The upstream has part of a body: that exchange cannot finish. A 408, and the
+            # close (the body is unfinished); or a response cut short, which the client must
+            # see truncated.
+            ex.fail(408, "request body timeout")
 
     def send_timed_out(self) -> None:
         """send_timeout: the client has read nothing for that long; its upstream connection
@@ -373,15 +377,6 @@ class DownstreamProtocol(Answering):
             return
         self.deadline = min(self.p.deadlines.now + LINGER_TIMEOUT, self.linger_end)
 
-    def abort(self) -> None:
-        """End a response that cannot be completed: the client must see it truncated."""
-        req, self.active = self.active, None
-        if req is not None and req.exchange is not None:
-            req.status = req.exchange.resp_status or 502
-            req.bytes_out = req.exchange.bytes_out
-            self.p.observe(req, self.client_ip, req.exchange, self.tls_version)
-        self.close()
-
     def pause_writing(self) -> None:
         self.write_paused = True
         p = self.p
@@ -395,8 +390,8 @@ class DownstreamProtocol(Answering):
             self.tunnel.conn.pause_reading()
             return
         ex = self.active.exchange if self.active is not None else None
-        if ex is not None and ex.conn is not None:
-            ex.conn.pause_reading()
+        if ex is not None:
+            ex.pause_upstream()
 
     def resume_writing(self) -> None:
         self.write_paused = False
@@ -406,8 +401,8 @@ class DownstreamProtocol(Answering):
             self.tunnel.conn.resume_reading()
             return
         ex = self.active.exchange if self.active is not None else None
-        if ex is not None and ex.conn is not None:
-            ex.conn.resume_reading()
+        if ex is not None:
+            ex.resume_upstream()
 
     def _pause(self, reason: int) -> None:
         if not self._paused and self.transport is not None:
@@ -433,6 +428,107 @@ class DownstreamProtocol(Answering):
 
     def resume_reading_for_pending(self) -> None:
         self._resume(PAUSE_PENDING)
+
+    # -- exchanges --------------------------------------------------------------------------
+    def _advance(self) -> None:
+        """Start queued requests, in order, while nothing is in flight."""
+        if self._advancing:
+            return  # called from inside a dispatch; the outer loop continues
+        self._advancing = True
+        p = self.p
+        try:
+            while self.active is None and self.queue and not self.closed:
+                req = self.active = self.queue.popleft()
+                self.requests += 1
+                p.requests += 1
+                Exchange(self, req).dispatch()
+        finally:
+            self._advancing = False
+        if not self.queue:
+            self._resume(PAUSE_PIPELINE)
+        if self.active is None and not self.closed:
+            if self.req is None:
+                if p.draining:
+                    self.close()  # idle between requests: the only state a drain closes
+                else:
+                    self.deadline = p.deadlines.now + p.keepalive_timeout
+            elif not self.reading_body:
+                # The next request's head began while this one was in flight (pipelined) and
+                # is still unfinished: it gets the header timeout, or it could idle forever.
+                self.deadline = p.deadlines.now + p.header_timeout
+
+    def exchange_ended(self, ex: Exchange) -> None:
+        """An exchange is over (exchange.Exchange._end): recorded once, then the connection
+        closes (as the exchange decided), goes on to the next request, or reads and drops
+        the rest of this one's body first."""
+        req = ex.req
+        self.p.observe(req, self.client_ip, ex, self.tls_version)
+        req.exchange = None  # the Request <-> Exchange cycle: freed by refcount, not the GC
+        if self.active is not req:
+            return  # the connection is gone, or has moved on (a refusal)
+        self._resume(PAUSE_PENDING)  # a body held for the upstream is not wanted any more
+        if ex.close_client or self.close_after:
+            self.active = None
+            self.close()
+        elif req.body_done:
+            self.active = None
+            self._advance()
+        else:
+            req.discard = True  # on_message_complete releases the connection
+            req.pending.clear()
+        if not self.parsing:
+            self.flush()  # (else data_received flushes once the whole read is parsed)
+
+    def start_tunnel(self, tunnel: Tunnel, ex: Exchange) -> None:
+        """The upstream accepted the upgrade: this connection is a WebSocket relay now."""
+        self.p.observe(ex.req, self.client_ip, ex, self.tls_version)
+        ex.req.exchange = None
+        self.active = None
+        self.queue.clear()
+        self.tunnel = tunnel
+        tunnel.touch()
+        early, self.ws_early = self.ws_early or [], []
+        for data in early:
+            tunnel.from_client(data)
+        self._paused = 0
+        if self.transport is not None:
+            self.transport.resume_reading()
+
+    def _reject(self, refusal: Reject) -> None:
+        """A request that cannot be parsed safely: answer (in turn) and close."""
+        active = self.active
+        if active is not None and active is self.req:
+            # The request in flight is the bad one (its body went over the limit).
+            self.queue.clear()
+            ex = active.exchange
+            if ex is None:  # answered already; its body was being dropped
+                self.active = None
+                self.close()
+                return
+            self.p.metrics.inc("gateway_client_limits_total", (refusal.reason,))
+            # The answer and the close; or, once the client has part of the response, a
+            # response cut short, which the client must see truncated.
+            ex.fail(refusal.status, refusal.message)
+            return
+        self.queue.clear()
+        if self.active is not None:
+            # An earlier response is still streaming: let it finish, then close unanswered.
+            self._pause(PAUSE_PIPELINE)
+            self.close_after = True
+            return
+        req = self.req or Request()
+        status = refusal.status
+        data = error_response(status, refusal.message, req_id(req, self.p), close=True)
+        self.send(data)
+        # Refused by the parser or a limit, dispatched or not: logged and counted like every
+        # answered request (route "none" when it never reached one), and the reason counted.
+        self.p.metrics.inc("gateway_client_limits_total", (refusal.reason,))
+        if not req.started:
+            req.started = self.p.deadlines.now
+        req.status = status
+        req.bytes_out = body_length(data)
+        self.p.observe(req, self.client_ip, None, self.tls_version)
+        self.close()
 
     # -- parsing ----------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
@@ -499,8 +595,8 @@ class DownstreamProtocol(Answering):
         self.read = None  # not kept: an idle connection would hold its last read
         self.flush()
         ex = self.active.exchange if self.active is not None else None
-        if ex is not None and ex.conn is not None:
-            ex.conn.flush()
+        if ex is not None:
+            ex.flush_upstream()
 
     def on_message_begin(self) -> None:
         self.req = Request()
@@ -599,10 +695,11 @@ class DownstreamProtocol(Answering):
         self.deadline = self.p.deadlines.now + self.p.body_timeout
         if req.discard:
             return
-        if req.exchange is not None:
-            req.exchange.body(chunk)
+        ex = req.exchange
+        if ex is not None:
+            ex.body(chunk)
         else:
-            req.pending.append(chunk)
+            req.pending.append(chunk)  # queued behind the request in flight
 
     def on_message_complete(self) -> None:
         req = self.req
