@@ -9,11 +9,14 @@ broken certificate is a config error, and the old workers keep serving.
 from __future__ import annotations
 
 import hashlib
+import logging
 import ssl
-from typing import cast
+from typing import Final, cast
 
 from proxyd.config.models import TLS, GatewayConfig
 from proxyd.errors import ConfigIssue
+from proxyd.observe.metrics import WorkerMetrics
+from proxyd.observe.throttle import ThrottledLog
 
 VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
@@ -96,6 +99,89 @@ def server_context(tls: TLS) -> ssl.SSLContext:
     if tls.certificates:
         ctx.sni_callback = ServerNames(tls).callback
     return ctx
+
+
+# -- handshakes ----------------------------------------------------------------------------------
+# gateway_tls_handshake_errors_total's reasons: a fixed set an operator can alert on, each
+# pointing at one cause (a client that speaks HTTP to the port, clients too old for
+# min_version, a missing or untrusted client certificate, clients that do not trust proxyd's
+# own certificate, slow or silent clients).
+PLAIN_HTTP: Final = "plain_http"  # a plain HTTP request on the TLS port
+PROTOCOL: Final = "protocol"  # no TLS version, cipher or group in common; not TLS at all
+NO_CERTIFICATE: Final = "no_certificate"  # client_auth: required, and the client sent none
+BAD_CERTIFICATE: Final = "bad_certificate"  # the client's certificate failed verification
+# The client refused proxyd's certificate (an alert: unknown CA, expired, bad): a renewal
+# gone wrong, or clients without the right CA.
+CERTIFICATE_REFUSED: Final = "certificate_refused"
+TIMEOUT: Final = "timeout"  # not done within header_timeout
+# The client closed or reset the connection mid-handshake; a TCP port check (connect, close)
+# is one. Counted, never logged: load balancers do it all day.
+CLOSED: Final = "closed"
+OTHER: Final = "other"
+HANDSHAKE_REASONS: Final = (PLAIN_HTTP, PROTOCOL, NO_CERTIFICATE, BAD_CERTIFICATE,
+                            CERTIFICATE_REFUSED, TIMEOUT, CLOSED, OTHER)
+
+# OpenSSL's reason codes (SSLError.reason) → a reason above.
+_REASONS: Final = {
+    "HTTP_REQUEST": PLAIN_HTTP, "HTTPS_PROXY_REQUEST": PLAIN_HTTP,
+    "UNSUPPORTED_PROTOCOL": PROTOCOL, "WRONG_VERSION_NUMBER": PROTOCOL,
+    "VERSION_TOO_LOW": PROTOCOL, "UNKNOWN_PROTOCOL": PROTOCOL,
+    "NO_PROTOCOLS_AVAILABLE": PROTOCOL, "NO_SHARED_CIPHER": PROTOCOL,
+    "NO_SHARED_GROUPS": PROTOCOL, "NO_SUITABLE_SIGNATURE_ALGORITHM": PROTOCOL,
+    "NO_SUITABLE_KEY_SHARE": PROTOCOL, "INAPPROPRIATE_FALLBACK": PROTOCOL,
+    "TLSV1_ALERT_PROTOCOL_VERSION": PROTOCOL, "TLSV1_ALERT_INSUFFICIENT_SECURITY": PROTOCOL,
+    "SSLV3_ALERT_HANDSHAKE_FAILURE": PROTOCOL, "NO_APPLICATION_PROTOCOL": PROTOCOL,
+    "TLSV1_ALERT_NO_APPLICATION_PROTOCOL": PROTOCOL, "RECORD_LAYER_FAILURE": PROTOCOL,
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": NO_CERTIFICATE,
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED": NO_CERTIFICATE,
+    "CERTIFICATE_VERIFY_FAILED": BAD_CERTIFICATE,
+    "TLSV1_ALERT_UNKNOWN_CA": CERTIFICATE_REFUSED,
+    "SSLV3_ALERT_BAD_CERTIFICATE": CERTIFICATE_REFUSED,
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": CERTIFICATE_REFUSED,
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": CERTIFICATE_REFUSED,
+    "SSLV3_ALERT_CERTIFICATE_REVOKED": CERTIFICATE_REFUSED,
+    "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE": CERTIFICATE_REFUSED,
+}
+
+
+def handshake_reason(exc: BaseException) -> str:
+    """Why a handshake failed, as one of HANDSHAKE_REASONS. Both event loops (uvloop's and
+    asyncio's) end a server-side handshake the same way: the OpenSSL error as raised,
+    ConnectionAbortedError for the handshake timeout, ConnectionResetError for a client that
+    closed (or reset) before finishing."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return BAD_CERTIFICATE
+    if isinstance(exc, ssl.SSLError):
+        return _REASONS.get(exc.reason or "", OTHER)
+    if isinstance(exc, ConnectionAbortedError):
+        return TIMEOUT
+    if isinstance(exc, OSError):  # reset, broken pipe, closed
+        return CLOSED
+    return OTHER
+
+
+HANDSHAKE_ERRORS: Final = ThrottledLog(logging.getLogger("proxyd.tls"))
+
+
+class Handshakes:
+    """One TLS listener's handshake outcomes: counted (failures by reason, successes by TLS
+    version), failures also logged, throttled, with the client's address."""
+
+    __slots__ = ("listener", "metrics")
+
+    def __init__(self, metrics: WorkerMetrics, listener: str) -> None:
+        self.metrics = metrics
+        self.listener = listener
+
+    def done(self, version: str | None) -> None:
+        self.metrics.inc("gateway_tls_handshakes_total", (self.listener, version or "unknown"))
+
+    def failed(self, ip: str, exc: BaseException) -> None:
+        reason = handshake_reason(exc)
+        self.metrics.inc("gateway_tls_handshake_errors_total", (self.listener, reason))
+        if reason != CLOSED:
+            HANDSHAKE_ERRORS.warning("TLS handshake from %s on %s failed (%s): %s", ip,
+                                     self.listener, reason, exc)
 
 
 def describe(exc: BaseException) -> str:

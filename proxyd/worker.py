@@ -21,12 +21,12 @@ import uvloop
 from proxyd.config.models import GatewayConfig
 from proxyd.control import Channel
 from proxyd.fdlimit import ExhaustionWatch
-from proxyd.proxy.connection import ClientConnection
+from proxyd.proxy.downstream import DownstreamProtocol
 from proxyd.proxy.headers import TrustedProxies
 from proxyd.proxy.pipeline import Pipeline
 from proxyd.proxy.proxy_protocol import ListenerPolicy, TLSGate, refused
 from proxyd.sockets import listen_socket
-from proxyd.tls import server_context
+from proxyd.tls import Handshakes, server_context
 
 log = logging.getLogger("proxyd.worker")
 STATS_INTERVAL = 1.0  # seconds between stats pushes to the master; each is also a heartbeat
@@ -42,7 +42,7 @@ class Worker:
         self.pipeline: Pipeline | None = None
         self.servers: list[asyncio.AbstractServer | TLSGate] = []
         # Per socket, what its server makes of a connection: for the queue left at drain.
-        self.accepting: list[tuple[socket.socket, Callable[[], ClientConnection],
+        self.accepting: list[tuple[socket.socket, Callable[[], DownstreamProtocol],
                                    ssl.SSLContext | None, TLSGate | None]] = []
         self.gates: list[TLSGate] = []
         self.stopped = asyncio.Event()
@@ -53,9 +53,9 @@ class Worker:
         pipeline.start()
 
         def factory_for(tls: bool, proxy: ListenerPolicy | None, client_certs: bool
-                        ) -> Callable[[], ClientConnection]:
-            def factory() -> ClientConnection:
-                return ClientConnection(pipeline, tls, proxy, client_certs)
+                        ) -> Callable[[], DownstreamProtocol]:
+            def factory() -> DownstreamProtocol:
+                return DownstreamProtocol(pipeline, tls, proxy, client_certs)
             return factory
 
         listeners = self.config.server.listen  # in the order of the sockets (for_slot)
@@ -69,11 +69,14 @@ class Worker:
             ctx = server_context(tls) if tls is not None else None
             make = factory_for(ctx is not None, proxy if ctx is None else None, tls is not None
                                and tls.client_ca is not None and tls.client_cert_headers)
-            if ctx is not None and proxy is not None:
-                # The PROXY header precedes the TLS handshake: taken off the socket first.
+            if ctx is not None:
+                # The gate accepts, so that it sees how each handshake ends (a server's own
+                # accept path reports a failed one nowhere); with the PROXY protocol, the
+                # header that precedes the handshake is taken off the socket first.
                 gate = TLSGate(loop, sock, make, ctx, proxy,
                                self.config.server.limits.header_timeout,
-                               lambda ip, why: refused(pipeline.metrics, ip, why))
+                               lambda ip, why: refused(pipeline.metrics, ip, why),
+                               Handshakes(pipeline.metrics, str(listener)))
                 sock.listen(self.config.server.backlog)
                 gate.start()
                 self.gates.append(gate)
@@ -81,13 +84,9 @@ class Worker:
                 self.accepting.append((sock, make, ctx, gate))
                 continue
             # asyncio re-listens on a passed socket; without backlog it would shrink to 100.
-            # A TLS handshake counts against header_timeout: a client that never finishes it
-            # must not hold a connection (it is not in the pipeline's connections yet).
             server = await loop.create_server(  # duck-typed protocol
                 make, sock=sock,  # type: ignore[arg-type]
-                backlog=self.config.server.backlog, ssl=ctx,
-                ssl_handshake_timeout=(self.config.server.limits.header_timeout or None)
-                if ctx is not None else None,
+                backlog=self.config.server.backlog,
             )
             self.servers.append(server)
             self.accepting.append((sock, make, ctx, None))
@@ -127,13 +126,13 @@ class Worker:
         for tunnel in list(pipeline.tunnels):
             tunnel.close()
         for conn in list(pipeline.connections):
-            if isinstance(conn, ClientConnection):
+            if isinstance(conn, DownstreamProtocol):
                 conn.close()
         pipeline.close()
         self.stopped.set()
 
 
-    def _accept_queued(self, spares: list[tuple[socket.socket, Callable[[], ClientConnection],
+    def _accept_queued(self, spares: list[tuple[socket.socket, Callable[[], DownstreamProtocol],
                                                 ssl.SSLContext | None, TLSGate | None]]
                        ) -> list[asyncio.Task[object]]:
         """Accept what waits in the sockets' queues, then let go of them.

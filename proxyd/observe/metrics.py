@@ -70,6 +70,15 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "gateway_fd_exhausted_total": (
         "Checks (one a second per worker) that found no file descriptor free: meanwhile new "
         "client connections are closed without an answer and upstream connects fail", ()),
+    "gateway_tls_handshake_errors_total": (
+        "Failed TLS handshakes on a listener, by reason: plain_http (HTTP to the TLS port), "
+        "protocol (no TLS version, cipher or group in common), no_certificate (client_auth: "
+        "required, none sent), bad_certificate (the client's failed verification), "
+        "certificate_refused (the client refused proxyd's), timeout (header_timeout), closed "
+        "(the client closed or reset mid-handshake; port checks too), other",
+        ("listener", "reason")),
+    "gateway_tls_handshakes_total": ("Completed TLS handshakes on a listener, by TLS version",
+                                     ("listener", "version")),
     "gateway_auth_total": (
         "Requests decided by an access element (jwt_auth, basic_auth, api_key, ip_access, "
         "forward_auth), by result: ok, missing (no credentials), invalid, expired, denied "

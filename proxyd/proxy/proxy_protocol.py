@@ -11,27 +11,33 @@ limits, ``ip_access`` and X-Forwarded-For use.
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import logging
 import socket
 import ssl
 import struct
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
 from proxyd.observe.metrics import WorkerMetrics
 from proxyd.observe.throttle import ThrottledLog
+from proxyd.tls import Handshakes
 
 if TYPE_CHECKING:
-    from proxyd.proxy.connection import ClientConnection
+    from proxyd.proxy.downstream import DownstreamProtocol
     from proxyd.proxy.headers import TrustedProxies
 
 V2_SIGNATURE: Final = b"\r\n\r\n\x00\r\nQUIT\n"
 V1_PREFIX: Final = b"PROXY "
 V1_MAX: Final = 107  # the longest v1 line, CRLF included (the specification's bound)
 V2_MAX: Final = 16 + 65535
+# Out of descriptors (or kernel memory), accepting fails while the socket stays readable: the
+# gate stops watching it for this long instead of spinning on it.
+ACCEPT_PAUSE: Final = 0.1
+_OUT_OF: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class ProxyHeaderError(Exception):
@@ -144,7 +150,7 @@ class HeaderReader:
 
     __slots__ = ("buffer", "ds", "required")
 
-    def __init__(self, ds: ClientConnection, required: bool) -> None:
+    def __init__(self, ds: DownstreamProtocol, required: bool) -> None:
         self.ds = ds
         self.required = required
         self.buffer = b""
@@ -189,19 +195,26 @@ class HeaderReader:
 
 
 class TLSGate:
-    """Accepts for a TLS listener that takes the PROXY protocol.
+    """Accepts for a TLS listener, and sees each handshake's end.
 
-    There the header comes before the TLS handshake, so it must be taken off the socket
-    before TLS reads a byte: each new connection's bytes are peeked at, and exactly the
-    header's are consumed (bytes peeked before the header is complete all belong to it, so
-    they are consumed as they come: no busy loop on a slow sender). Then the socket goes to
-    the TLS server as any accepted one, with the header's address as its client's.
+    Each accepted socket's handshake is awaited (``connect_accepted_socket``), because that is
+    the one place either event loop tells how it ended: a server's own accept path reports a
+    failed handshake nowhere (the protocol never hears of the connection, and the loop's
+    exception handler is not called for an ``OSError``, which ``ssl.SSLError`` is). So every
+    outcome is counted, by reason or TLS version, and a failure logged with the client's
+    address (``Handshakes``); the cost is a task per connection, not per request.
+
+    With the PROXY protocol (``policy``) the header comes before the TLS handshake, so it
+    must be taken off the socket before TLS reads a byte: each new connection's bytes are
+    peeked at, and exactly the header's are consumed (bytes peeked before the header is
+    complete all belong to it, so they are consumed as they come: no busy loop on a slow
+    sender). Then the socket goes to the handshake, with the header's address as its client's.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
-                 make: Callable[[], ClientConnection], ctx: ssl.SSLContext,
-                 policy: ListenerPolicy, header_timeout: float,
-                 refuse: Callable[[str, str], None]) -> None:
+                 make: Callable[[], DownstreamProtocol], ctx: ssl.SSLContext,
+                 policy: ListenerPolicy | None, header_timeout: float,
+                 refuse: Callable[[str, str], None], outcomes: Handshakes) -> None:
         self.loop = loop
         self.sock = sock
         self.make = make
@@ -209,14 +222,21 @@ class TLSGate:
         self.policy = policy
         self.timeout = header_timeout or None
         self.refuse = refuse
+        self.outcomes = outcomes
         self.pending: dict[int, _Pending] = {}  # by descriptor: connections still at the header
         self.handshakes: set[asyncio.Task[object]] = set()
+        self.paused: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
-        self.loop.add_reader(self.sock.fileno(), self._accept)
+        self.paused = None
+        if self.sock.fileno() >= 0:
+            self.loop.add_reader(self.sock.fileno(), self._accept)
 
     def close(self) -> None:
         """Stop accepting; this worker's copy of the socket goes (as a server's close)."""
+        if self.paused is not None:
+            self.paused.cancel()
+            self.paused = None
         if self.sock.fileno() >= 0:
             self.loop.remove_reader(self.sock.fileno())
             self.sock.close()
@@ -228,12 +248,20 @@ class TLSGate:
         while True:
             try:
                 conn, addr = self.sock.accept()
-            except OSError:
-                return  # none left (EAGAIN), or out of descriptors: the rest stays queued
+            except OSError as exc:
+                if exc.errno in _OUT_OF:  # the rest stays queued; try again shortly
+                    self.loop.remove_reader(self.sock.fileno())
+                    self.paused = self.loop.call_later(ACCEPT_PAUSE, self.start)
+                if exc.errno == errno.ECONNABORTED:
+                    continue  # gone before it was accepted: the next one
+                return  # none left (EAGAIN)
             self.admit(conn, addr[0])
 
     def admit(self, conn: socket.socket, ip: str) -> None:
         conn.setblocking(False)
+        if self.policy is None:
+            self._handshake(conn, ip, None)
+            return
         pending = _Pending(conn, ip, ip in self.policy.trusted)
         if self.timeout:
             pending.timer = self.loop.call_later(self.timeout, self._drop, pending,
@@ -290,22 +318,37 @@ class TLSGate:
 
     def _hand_off(self, pending: _Pending, address: str | None) -> None:
         self._forget(pending)
+        self._handshake(pending.conn, address or pending.ip, address)
+
+    def _handshake(self, conn: socket.socket, ip: str, address: str | None) -> None:
+        """``ip``: the client's address for the log; ``address``: the PROXY header's, if any
+        (the connection's client address)."""
         protocol = self.make()
         protocol.client_address = address
 
-        def made() -> ClientConnection:
+        def made() -> DownstreamProtocol:
             return protocol
 
         task = self.loop.create_task(self.loop.connect_accepted_socket(
-            made, pending.conn, ssl=self.ctx,  # type: ignore[type-var]  # duck-typed protocol
+            made, conn, ssl=self.ctx,  # type: ignore[type-var]  # duck-typed protocol
             ssl_handshake_timeout=self.timeout))
         self.handshakes.add(task)
-        task.add_done_callback(self._handshaken)
+        task.add_done_callback(lambda t: self._handshaken(t, ip))
 
-    def _handshaken(self, task: asyncio.Task[object]) -> None:
+    def _handshaken(self, task: asyncio.Task[object], ip: str) -> None:
         self.handshakes.discard(task)
-        if not task.cancelled():
-            task.exception()  # a failed handshake is the client's business, not an error
+        if task.cancelled():
+            return  # the drain's deadline: not the client's doing
+        exc = task.exception()
+        if exc is not None:
+            self.outcomes.failed(ip, exc)
+            return
+        transport = cast("tuple[asyncio.BaseTransport, object]", task.result())[0]
+        sslobj = transport.get_extra_info("ssl_object")
+        if sslobj is None:  # lost before the handshake ended, without an error to say so
+            self.outcomes.failed(ip, ConnectionResetError("closed during the handshake"))
+        else:
+            self.outcomes.done(sslobj.version())
 
 
 class _Pending:
