@@ -4,8 +4,8 @@ The client connection (connection.py) parses a request and, in its turn, makes a
 it. The exchange normalises the path, routes, runs the chain's request hooks (and waits for
 them), and ends at its endpoint: a direct response, an answer proxyd makes (a chain's answer,
 an error), or the upstream — a try on a pooled connection (tries, retries, per-try and total
-timeouts, the request body re-framed), the response head made fit for the client (relay.py),
-its body relayed, filtered or held, or a WebSocket tunnel.
+timeouts, the request body re-framed), the response head made fit for the client
+(response_fields.py), its body relayed, filtered or held, or a WebSocket tunnel.
 
 Where an exchange is, is its ``state`` (lifecycle.py), and every move is checked against the
 table there. One method ends an exchange (``_end``), and one decides whether the client

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     import asyncio
 
 # What a protocol queues for its transport: bytes, or a view of a read relayed as it came
-# (ResponseRelay.feed_response: no copy of a large body).
+# (UpstreamConnection._read: no copy of a large body).
 Piece = bytes | memoryview
 
 # Fields that describe one connection, never forwarded (RFC 9110 §7.6.1), plus the framing

@@ -546,7 +546,7 @@ async def test_a_large_response_in_one_read_is_relayed_whole_and_keeps_both_conn
     upstreams: Upstreams, proxy: StartProxy, chain: list[dict[str, str]] | None, framing: str
 ) -> None:
     """Head and body in one write (one read on the proxy's side, as loopback delivers it):
-    the head is parsed apart from the body (ResponseRelay._feed_split), and the body goes
+    the head is parsed apart from the body (UpstreamConnection._feed_split), and the body goes
     past the parser or through it, by its framing."""
     if framing == "length":
         answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(BIG_READ), BIG_READ)
