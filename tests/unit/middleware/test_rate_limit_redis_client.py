@@ -429,3 +429,131 @@ async def test_a_short_deadline_behind_a_long_one_is_kept(
     finally:
         os.kill(redis_server.proc.pid, signal.SIGCONT)
         await client.close()
+
+
+# -- TLS ------------------------------------------------------------------------------------------
+
+
+@needs_redis
+async def test_rediss_verifies_redis_and_presents_the_client_certificate(tmp_path: Path) -> None:
+    """A real redis-server on TLS that requires a client certificate and a password: the
+    URL's ssl_* options, read as redis-py reads them, decide what the limiter trusts and
+    presents."""
+    import socket
+
+    import trustme
+
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(tmp_path / "ca.pem")
+    server_cert = ca.issue_cert("127.0.0.1")
+    server_cert.private_key_pem.write_to_path(tmp_path / "server.key")
+    server_cert.cert_chain_pems[0].write_to_path(tmp_path / "server.pem")
+    client_cert = ca.issue_cert("proxyd")
+    client_cert.private_key_pem.write_to_path(tmp_path / "client.key")
+    client_cert.cert_chain_pems[0].write_to_path(tmp_path / "client.pem")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        tls_port = s.getsockname()[1]
+    server = RedisServer(tmp_path, (
+        "--tls-port", str(tls_port), "--tls-cert-file", str(tmp_path / "server.pem"),
+        "--tls-key-file", str(tmp_path / "server.key"),
+        "--tls-ca-cert-file", str(tmp_path / "ca.pem"), "--tls-auth-clients", "yes",
+        "--requirepass", "s3cret"))
+    server.start()
+    base = f"rediss://:s3cret@127.0.0.1:{tls_port}/4"
+    trust = f"ssl_ca_certs={tmp_path / 'ca.pem'}"
+    present = f"ssl_certfile={tmp_path / 'client.pem'}&ssl_keyfile={tmp_path / 'client.key'}"
+    try:
+        client = PipelinedClient(f"{base}?{trust}&{present}", 2.0)
+        try:
+            info = await ask(client, b"CLIENT", b"INFO")
+            assert b" db=4 " in info, info
+        finally:
+            await client.close()
+        limiter = RedisLimiter(f"{base}?{trust}&{present}", [Limit(10, 1.0, 10)], 2.0)
+        try:
+            assert (await limiter.check("tls"))[0].remaining == 9
+        finally:
+            await limiter.close()
+        for url in (f"{base}?{present}",  # Redis's certificate, not by a CA trusted here
+                    f"{base}?{trust}"):  # no client certificate
+            client = PipelinedClient(url, 2.0)
+            try:
+                got = await ask(client, b"PING", timeout=3.0)
+                assert isinstance(got, ConnectionError), (url, got)
+            finally:
+                await client.close()
+        # ssl_cert_reqs=none: no check of Redis's certificate (the client's is still sent).
+        client = PipelinedClient(f"{base}?ssl_cert_reqs=none&{present}", 2.0)
+        try:
+            assert await ask(client, b"PING") == b"PONG"
+        finally:
+            await client.close()
+    finally:
+        server.stop()
+
+
+# -- a restart under traffic ----------------------------------------------------------------------
+
+
+@needs_redis
+async def test_a_redis_restart_under_traffic_opens_the_breaker_and_it_closes_once_redis_is_back(
+    redis_server: RedisServer,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Checks keep coming, as the middleware makes them, while Redis dies and comes back:
+    every check is answered (by Redis, by a failure, or by the fallback while the breaker is
+    open), the breaker opens once for the outage and closes once after it, with one warning
+    each, and afterwards the checks are Redis's again."""
+    # A killed Redis fails its checks at once (reset, refused): the timeout is generous so that
+    # a busy machine cannot add a second outage.
+    limiter = RedisLimiter(redis_server.url, [Limit(1_000_000, 1.0, 1_000_000)], 2.0)
+    counts = {"asked": 0, "redis": 0, "failed": 0, "fallback": 0}
+    stop = asyncio.Event()
+
+    def check(i: int) -> None:
+        counts["asked"] += 1
+        if not limiter.breaker.allow():
+            counts["fallback"] += 1
+            return
+
+        def answered(result: Any) -> None:
+            if isinstance(result, BaseException):
+                limiter.failure(result)
+                counts["failed"] += 1
+            else:
+                limiter.success()
+                counts["redis"] += 1
+
+        limiter.request(f"k{i % 8}", answered)
+
+    async def traffic() -> None:
+        i = 0
+        while not stop.is_set():
+            for _ in range(8):  # a few at once: they share the connection's writes
+                check(i)
+                i += 1
+            await asyncio.sleep(0.002)
+
+    def answered() -> int:
+        return counts["redis"] + counts["failed"] + counts["fallback"]
+
+    caplog.set_level("WARNING", logger="proxyd.rate_limit")
+    running = asyncio.get_running_loop().create_task(traffic())
+    try:
+        assert await until(lambda: counts["redis"] > 100, 10.0)
+        redis_server.stop()
+        assert await until(lambda: limiter.breaker.trips >= 1 and counts["fallback"] > 0, 10.0)
+        await asyncio.to_thread(redis_server.start)
+        served = counts["redis"]
+        # The open time doubles per failed probe (0.5 s at first); the outage was short.
+        assert await until(lambda: limiter.breaker.state == "closed"
+                           and counts["redis"] > served + 100, 30.0), counts
+    finally:
+        stop.set()
+        await running
+    assert await until(lambda: answered() == counts["asked"], 5.0), counts
+    await limiter.close()
+    warnings = [r.getMessage() for r in caplog.records]
+    assert sum("unavailable" in m for m in warnings) == 1, warnings
+    assert sum("recovered" in m for m in warnings) == 1, warnings
