@@ -21,7 +21,7 @@ import uvloop
 from proxyd.config.models import GatewayConfig
 from proxyd.control import Channel
 from proxyd.fdlimit import ExhaustionWatch
-from proxyd.proxy.downstream import DownstreamProtocol
+from proxyd.proxy.connection import ClientConnection
 from proxyd.proxy.headers import TrustedProxies
 from proxyd.proxy.pipeline import Pipeline
 from proxyd.proxy.proxy_protocol import ListenerPolicy, TLSGate, refused
@@ -42,7 +42,7 @@ class Worker:
         self.pipeline: Pipeline | None = None
         self.servers: list[asyncio.AbstractServer | TLSGate] = []
         # Per socket, what its server makes of a connection: for the queue left at drain.
-        self.accepting: list[tuple[socket.socket, Callable[[], DownstreamProtocol],
+        self.accepting: list[tuple[socket.socket, Callable[[], ClientConnection],
                                    ssl.SSLContext | None, TLSGate | None]] = []
         self.gates: list[TLSGate] = []
         self.stopped = asyncio.Event()
@@ -53,9 +53,9 @@ class Worker:
         pipeline.start()
 
         def factory_for(tls: bool, proxy: ListenerPolicy | None, client_certs: bool
-                        ) -> Callable[[], DownstreamProtocol]:
-            def factory() -> DownstreamProtocol:
-                return DownstreamProtocol(pipeline, tls, proxy, client_certs)
+                        ) -> Callable[[], ClientConnection]:
+            def factory() -> ClientConnection:
+                return ClientConnection(pipeline, tls, proxy, client_certs)
             return factory
 
         listeners = self.config.server.listen  # in the order of the sockets (for_slot)
@@ -126,13 +126,13 @@ class Worker:
         for tunnel in list(pipeline.tunnels):
             tunnel.close()
         for conn in list(pipeline.connections):
-            if isinstance(conn, DownstreamProtocol):
+            if isinstance(conn, ClientConnection):
                 conn.close()
         pipeline.close()
         self.stopped.set()
 
 
-    def _accept_queued(self, spares: list[tuple[socket.socket, Callable[[], DownstreamProtocol],
+    def _accept_queued(self, spares: list[tuple[socket.socket, Callable[[], ClientConnection],
                                                 ssl.SSLContext | None, TLSGate | None]]
                        ) -> list[asyncio.Task[object]]:
         """Accept what waits in the sockets' queues, then let go of them.

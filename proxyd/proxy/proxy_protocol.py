@@ -27,7 +27,7 @@ from proxyd.observe.throttle import ThrottledLog
 from proxyd.tls import Handshakes
 
 if TYPE_CHECKING:
-    from proxyd.proxy.downstream import DownstreamProtocol
+    from proxyd.proxy.connection import ClientConnection
     from proxyd.proxy.headers import TrustedProxies
 
 V2_SIGNATURE: Final = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -150,7 +150,7 @@ class HeaderReader:
 
     __slots__ = ("buffer", "ds", "required")
 
-    def __init__(self, ds: DownstreamProtocol, required: bool) -> None:
+    def __init__(self, ds: ClientConnection, required: bool) -> None:
         self.ds = ds
         self.required = required
         self.buffer = b""
@@ -212,7 +212,7 @@ class TLSGate:
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
-                 make: Callable[[], DownstreamProtocol], ctx: ssl.SSLContext,
+                 make: Callable[[], ClientConnection], ctx: ssl.SSLContext,
                  policy: ListenerPolicy | None, header_timeout: float,
                  refuse: Callable[[str, str], None], outcomes: Handshakes) -> None:
         self.loop = loop
@@ -326,7 +326,7 @@ class TLSGate:
         protocol = self.make()
         protocol.client_address = address
 
-        def made() -> DownstreamProtocol:
+        def made() -> ClientConnection:
             return protocol
 
         task = self.loop.create_task(self.loop.connect_accepted_socket(
