@@ -1,8 +1,8 @@
 """The rate limiter's connection to Redis: pipelined, no task and no lock per request.
 
 redis-py's asyncio client costs a pool checkout, a lock, a coroutine and (called from the
-middleware's protocol callbacks) a Task per command: measured, that is about four times the
-client CPU of this connection per check (docs/performance.md, "Rate limiting"). So the
+middleware's protocol callbacks) a Task per command: measured, several times the client CPU
+of this connection per check (docs/performance.md, "Costs behind the code"). So the
 limiter keeps one connection per worker whose commands are written as they come (pipelined)
 and whose replies are matched to callers in order and handed to plain callbacks straight
 from ``data_received``. What is not specific to that stays redis-py's: the URL is read by
