@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import socket
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxyd.config.models import Admin
 from proxyd.config.redact import redact_value
-from proxyd.master_api import MasterApi, ReloadResult
+from proxyd.master_api import MasterApi, ReloadResult, UpgradeResult
 
 
 class AdminServer:
@@ -22,10 +23,14 @@ class AdminServer:
         self.master = master
         self.config: Admin | None = None
         self.runner: web.AppRunner | None = None
-        self.site: web.TCPSite | None = None
+        self.site: web.SockSite | None = None
+        # The admin port's listening socket, made here rather than by aiohttp: a code upgrade
+        # hands it to the new master (upgrade.py), so the port never refuses a connection.
+        self.socket: socket.socket | None = None
         # Callers of POST /reload waiting for its result: answered at stop if still waiting,
         # or stopping would wait for their handlers (aiohttp's shutdown grace, 60 s).
         self._waiting: set[asyncio.Future[ReloadResult]] = set()
+        self._upgrading: set[asyncio.Future[UpgradeResult]] = set()
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -33,23 +38,39 @@ class AdminServer:
         app.router.add_get("/health/ready", self.ready)
         app.router.add_get("/status", self.status)
         app.router.add_post("/reload", self.reload)
+        app.router.add_post("/upgrade", self.upgrade)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/config", self.running_config)
         app.router.add_delete("/cache", self.purge)
         return app
 
-    async def start(self, config: Admin) -> None:
+    async def start(self, config: Admin, inherited: socket.socket | None = None) -> None:
+        """Listen on ``config.listen``; on ``inherited`` when it is that address (an upgrade's
+        predecessor listened there)."""
         self.config = config
         self.runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
         await self.runner.setup()
-        await self._listen(config)
+        if inherited is not None and inherited.getsockname()[:2] != (
+                config.listen.host, config.listen.port):
+            inherited.close()
+            inherited = None
+        await self._listen(config, inherited)
 
-    async def _listen(self, config: Admin) -> None:
+    async def _listen(self, config: Admin, sock: socket.socket | None = None) -> None:
         assert self.runner is not None
-        site = web.TCPSite(self.runner, config.listen.host, config.listen.port,
-                           reuse_address=True, backlog=128)
+        if sock is None:
+            family = socket.AF_INET6 if ":" in config.listen.host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((config.listen.host, config.listen.port))
+                sock.listen(128)
+            except BaseException:
+                sock.close()
+                raise
+        site = web.SockSite(self.runner, sock)
         await site.start()
-        self.site = site
+        self.site, self.socket = site, sock
 
     async def reconfigure(self, config: Admin) -> None:
         """A reload may move the admin port: listen on the new one, then leave the old."""
@@ -62,6 +83,9 @@ class AdminServer:
             await old_site.stop()
 
     async def stop(self) -> None:
+        for upgrade in self._upgrading:
+            if not upgrade.done():
+                upgrade.set_result(UpgradeResult(False, "proxyd is shutting down"))
         for reply in self._waiting:
             if not reply.done():
                 reply.set_result(ReloadResult(
@@ -115,6 +139,22 @@ class AdminServer:
              "changes": result.changes if result.ok else None},
             status=200 if result.ok else 422,
         )
+
+    async def upgrade(self, request: web.Request) -> web.Response:
+        """POST /upgrade: a new master from the installed code takes over; answered once it
+        serves (200) or has failed and this one serves on (422)."""
+        if not self._authorized(request):
+            return web.json_response({"error": "unauthorized"}, status=401,
+                                     headers={"WWW-Authenticate": "Bearer"})
+        reply = self.master.request_upgrade()
+        self._upgrading.add(reply)
+        try:
+            result = await reply
+        finally:
+            self._upgrading.discard(reply)
+        return web.json_response(
+            {"ok": result.ok, "error": result.error, "pid": result.pid,
+             "version": result.version}, status=200 if result.ok else 422)
 
     async def running_config(self, request: web.Request) -> web.Response:
         """The configuration being served, secrets masked (``check-config --diff``). It says

@@ -52,6 +52,26 @@ def wait_for_reload(base: str, before: float | None, timeout: float = 60.0,
     return {"ok": False, "error": "timed out waiting for the reload result"}
 
 
+def wait_for_upgrade(base: str, old_pid: int | None, before: float | None, timeout: float,
+                     token: str = "", new_pid: int | None = None) -> dict[str, Any]:
+    """After an upgrade began: poll /status until a new master answers it (its pid, ``new_pid``
+    when known) or the old one records a failed upgrade newer than ``before``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            _, data = admin_request(f"{base}/status", timeout=5, token=token)
+        except AdminUnreachable:
+            data = {}
+        pid = data.get("pid")
+        if pid is not None and pid != old_pid and new_pid in (None, pid):
+            return {"ok": True, "error": None, "pid": pid, "version": data.get("version")}
+        last = (data.get("upgrades") or {}).get("last") or {}
+        if pid == old_pid and last.get("at") not in (None, before) and not last.get("ok"):
+            return {"ok": False, "error": last.get("error")}
+        time.sleep(0.1)
+    return {"ok": False, "error": "timed out waiting for a new master to answer"}
+
+
 def _when(ts: float | None) -> str:
     return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
 
@@ -78,6 +98,14 @@ def format_status(data: dict[str, Any]) -> str:
         if last.get("ok") and isinstance(last.get("changes"), dict):
             outcome += f" ({describe(last['changes'])})"
         lines.append(f"last reload  {_when(last['at'])}  {outcome}")
+    upgrades = data.get("upgrades") or {}
+    if (last_upgrade := upgrades.get("last")) is not None:
+        outcome = ("ok" if last_upgrade.get("ok")
+                   else f"FAILED: {last_upgrade.get('error')}")
+        lines.append(f"last upgrade  {_when(last_upgrade.get('at'))}  "
+                     f"{last_upgrade.get('from_version')} → {last_upgrade.get('to_version')}  "
+                     f"{outcome}  (ok {upgrades.get('ok', 0)}, failed "
+                     f"{upgrades.get('failed', 0)})")
     counts = data.get("reloads", {})
     lines.append(f"reloads  ok {counts.get('ok', 0)}  failed {counts.get('failed', 0)}  "
                  f"worker restarts {data.get('worker_restarts', 0)}")

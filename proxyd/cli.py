@@ -19,6 +19,7 @@ from proxyd.admin_client import (
     admin_request,
     format_status,
     wait_for_reload,
+    wait_for_upgrade,
 )
 from proxyd.config import GatewayConfig, load_config_with_warnings
 from proxyd.config.summary import format_summary, summarize
@@ -28,6 +29,9 @@ DEFAULT_CONFIG = "/etc/proxyd/gateway.yaml"
 # How long `reload --wait` waits for the result: the master may take its parse deadline (30 s)
 # and then its workers' READY deadline (30 s) to decide.
 RELOAD_WAIT = 90.0
+# How long `upgrade` waits: the new master's start (its config, then its workers' READY) is
+# given up by the old one after 90 s; then the new one takes the admin port over.
+UPGRADE_WAIT = 120.0
 
 config_option = click.option(
     "-c", "--config", "config_path",
@@ -187,17 +191,15 @@ def run(config_path: str, pid_file: str | None) -> None:
     # Imported here: the data plane (uvloop, httptools) is not needed to check a config.
     from proxyd.master import run_master
 
-    if pid_file:
-        Path(pid_file).write_text(f"{os.getpid()}\n")
     try:
-        # Absolute: reloads must find the file whatever the working directory becomes.
-        code = run_master(os.path.abspath(config_path), config)
+        # Absolute: reloads and upgrades must find the files whatever the working directory
+        # becomes. The master writes the pid file (an upgrade's new master, once it took over)
+        # and removes it while it still names it.
+        code = run_master(os.path.abspath(config_path), config,
+                          os.path.abspath(pid_file) if pid_file else None)
     except OSError as exc:
         click.echo(f"proxyd: cannot start: {exc}", err=True)
         code = EXIT_RUNTIME
-    finally:
-        if pid_file:
-            Path(pid_file).unlink(missing_ok=True)
     sys.exit(code)
 
 
@@ -269,6 +271,46 @@ def reload(config_path: str, admin_url: str | None, token: str, wait: bool,
     click.echo(f"reload rejected, old configuration still serving:\n{result.get('error')}",
                err=True)
     sys.exit(EXIT_CONFIG)
+
+
+@main.command()
+@config_option
+@admin_option
+@token_option
+@click.option("--pid-file", type=click.Path(dir_okay=False),
+              help="Send SIGUSR2 to the pid in this file instead of using the admin port.")
+def upgrade(config_path: str, admin_url: str | None, token: str, pid_file: str | None) -> None:
+    """Replace the running master with one from the code installed now, without dropping a
+    connection; exit 1 if the new one cannot start (the running one keeps serving)."""
+    base = _admin_base(admin_url, config_path)
+    try:
+        before = admin_request(f"{base}/status", token=token, timeout=10)[1]
+    except AdminUnreachable as exc:
+        click.echo(f"proxyd: {exc}", err=True)
+        sys.exit(EXIT_RUNTIME)
+    if pid_file:
+        seen = (before.get("upgrades") or {}).get("last") or {}
+        os.kill(int(Path(pid_file).read_text().strip()), signal.SIGUSR2)
+        result = wait_for_upgrade(base, before.get("pid"), seen.get("at"), timeout=UPGRADE_WAIT,
+                                  token=token)
+    else:
+        try:
+            code, result = admin_request(f"{base}/upgrade", method="POST", token=token,
+                                         timeout=UPGRADE_WAIT)
+        except AdminUnreachable as exc:
+            click.echo(f"proxyd: {exc}", err=True)
+            sys.exit(EXIT_RUNTIME)
+        if code == 401:
+            _unauthorized()
+        if result.get("ok"):
+            result = wait_for_upgrade(base, before.get("pid"), None, timeout=UPGRADE_WAIT,
+                                      token=token, new_pid=result.get("pid"))
+    if not result.get("ok"):
+        click.echo(f"upgrade failed, the running master keeps serving:\n{result.get('error')}",
+                   err=True)
+        sys.exit(EXIT_CONFIG)
+    click.echo(f"upgraded: proxyd {before.get('version')} (pid {before.get('pid')}) → "
+               f"proxyd {result.get('version')} (pid {result.get('pid')})")
 
 
 @main.command()

@@ -12,7 +12,7 @@ import enum
 import signal
 from dataclasses import dataclass
 
-from proxyd.master_api import ReloadResult
+from proxyd.master_api import ReloadResult, UpgradeResult
 from proxyd.worker_process import WorkerProcess
 
 
@@ -24,6 +24,7 @@ class Event(enum.Enum):
     USR1 = "usr1"
     TTIN = "ttin"
     TTOU = "ttou"
+    USR2 = "usr2"  # upgrade the code
     CHLD = "chld"  # a child may have exited
     RECONCILE = "reconcile"  # something changed that may call for a spawn or a drain
 
@@ -31,6 +32,11 @@ class Event(enum.Enum):
 @dataclass(frozen=True)
 class Reload:  # POST /reload: the SIGHUP path, with the result for the caller
     reply: asyncio.Future[ReloadResult]
+
+
+@dataclass(frozen=True)
+class Upgrade:  # POST /upgrade: the SIGUSR2 path, with the result for the caller
+    reply: asyncio.Future[UpgradeResult]
 
 
 @dataclass(frozen=True)
@@ -43,10 +49,10 @@ class Unresponsive:  # a ready worker sent nothing for HEARTBEAT_TIMEOUT
     worker: WorkerProcess
 
 
-Message = Event | Reload | Retire | Unresponsive
+Message = Event | Reload | Upgrade | Retire | Unresponsive
 
 SIGNALS: dict[signal.Signals, Event] = {
     signal.SIGHUP: Event.HUP, signal.SIGTERM: Event.TERM, signal.SIGINT: Event.INT,
     signal.SIGQUIT: Event.QUIT, signal.SIGUSR1: Event.USR1, signal.SIGTTIN: Event.TTIN,
-    signal.SIGTTOU: Event.TTOU,
+    signal.SIGTTOU: Event.TTOU, signal.SIGUSR2: Event.USR2,
 }

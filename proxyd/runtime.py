@@ -85,6 +85,21 @@ def read_state(config_path: str) -> dict[str, Any] | None:
     return None
 
 
+def write_pid_file(path: str) -> None:
+    """``--pid-file``: this process is the master (at start, or once an upgrade handed over)."""
+    temporary = Path(f"{path}.{os.getpid()}.tmp")
+    temporary.write_text(f"{os.getpid()}\n")
+    temporary.replace(path)
+
+
+def remove_pid_file(path: str) -> None:
+    """Remove the pid file if it still names this process (after an upgrade it names the new
+    master, which outlives this one)."""
+    with contextlib.suppress(OSError, ValueError):
+        if int(Path(path).read_text().strip()) == os.getpid():
+            Path(path).unlink()
+
+
 def _ours(directory: Path) -> bool:
     """A directory in the shared temporary directory: ours, and writable by us alone."""
     info = directory.stat()

@@ -75,6 +75,15 @@ class SocketSet:
                 self._socks.pop(key).close()
             raise
 
+    def adopt(self, key: Key, sock: socket.socket) -> None:
+        """A socket handed over by the master this one upgrades (upgrade.py): the same kernel
+        socket, bound and listening, that the predecessor's workers accept on."""
+        self._socks[key] = sock
+
+    def named(self) -> list[tuple[str, int, socket.socket]]:
+        """(listener as text, slot, socket) for each socket: what an upgrade hands over."""
+        return [(str(listener), slot, sock) for (listener, slot), sock in self._socks.items()]
+
     def for_slot(self, listeners: Sequence[HostPort], slot: int) -> list[socket.socket]:
         return [self._socks[(listener, slot)] for listener in listeners]
 
