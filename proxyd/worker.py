@@ -269,7 +269,8 @@ async def _child(
     drain = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, drain.set)
     loop.add_signal_handler(signal.SIGQUIT, os._exit, 0)
-    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU):
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN,
+                signal.SIGTTOU):
         loop.add_signal_handler(sig, lambda: None)  # the master decides; a terminal's ^C too
 
     def stats() -> dict[str, object]:
