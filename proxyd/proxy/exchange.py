@@ -48,7 +48,7 @@ from proxyd.proxy.lifecycle import (
     ROUTING,
     SENDING,
     TUNNEL,
-    IllegalMove,
+    illegal_move,
 )
 from proxyd.proxy.path import BadPath, needs_normalizing, normalize_path
 from proxyd.proxy.pipeline import req_id
@@ -147,7 +147,7 @@ class Exchange:
 
     def _move(self, to: int) -> None:
         if not MOVES[self.state] >> to & 1:
-            raise IllegalMove(self.state, to)
+            raise illegal_move(self.state, to)
         self.state = to
 
     def request_id(self) -> str:

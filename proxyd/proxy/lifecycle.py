@@ -35,8 +35,9 @@ def _moves(*targets: int) -> int:
 
 # MOVES[state] has bit ``to`` set when ``state -> to`` is legal. A retry goes back to
 # CONNECTING from any state before the client saw a byte of the response; every live state may
-# end (DONE): an answer, an error, or the client gone.
-MOVES: Final = (
+# end (DONE): an answer, an error, or the client gone. (Typed as a variable-length tuple: the
+# compiled build keeps a fixed-length one unboxed and boxes all of it again for every lookup.)
+MOVES: Final[tuple[int, ...]] = (
     _moves(IN_CHAIN, CONNECTING, DONE),  # ROUTING
     _moves(IN_CHAIN, CONNECTING, DONE),  # IN_CHAIN (a resumed chain may wait again)
     _moves(CONNECTING, SENDING, AWAITING_HEAD, DONE),  # CONNECTING
@@ -55,11 +56,10 @@ RETRYABLE: Final = _moves(CONNECTING, SENDING, AWAITING_HEAD)
 UPSTREAM: Final = _moves(CONNECTING, SENDING, AWAITING_HEAD, BUFFERING, RELAYING)
 
 
-class IllegalMove(RuntimeError):
-    """A move the table does not allow: a bug in the data plane, never a client's doing."""
-
-    def __init__(self, state: int, to: int) -> None:
-        super().__init__(f"exchange cannot move from {NAMES[state]} to {NAMES[to]}")
+def illegal_move(state: int, to: int) -> RuntimeError:
+    """A move the table does not allow: a bug in the data plane, never a client's doing.
+    (A function, not an exception class: the compiled build cannot subclass RuntimeError.)"""
+    return RuntimeError(f"exchange cannot move from {NAMES[state]} to {NAMES[to]}")
 
 
 def legal(state: int, to: int) -> bool:
