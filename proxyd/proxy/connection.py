@@ -237,6 +237,9 @@ class ClientConnection:
             return
         p.connections.add(self)
         p.deadlines.add(self)
+        # Armed from a fresh clock, as on every read (timers.Deadlines): the sweep's last
+        # reading may be a tick old, and the deadline would fire that much early.
+        p.deadlines.now = monotonic()
         self.deadline = p.deadlines.now + p.header_timeout
 
     def set_client_address(self, address: str) -> None:
