@@ -193,7 +193,14 @@ class _Connection(asyncio.Protocol):
             deliver(waiting.popleft()[0], exc)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.fail(exc or ConnectionError("redis closed the connection"))
+        # Every way the connection can end reaches the callers as a ConnectionError: a TLS
+        # alert after the handshake (a client certificate refused under TLS 1.3) arrives
+        # here as an SSLError, a reset as an OSError.
+        if exc is None:
+            exc = ConnectionError("redis closed the connection")
+        elif not isinstance(exc, ConnectionError):
+            exc = ConnectionError(f"redis connection lost: {exc!r}")
+        self.fail(exc)
 
 
 def deliver(callback: Callback, value: Any) -> None:
