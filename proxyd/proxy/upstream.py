@@ -33,7 +33,7 @@ from proxyd.proxy.upstream_conn import (
 
 if TYPE_CHECKING:
     from proxyd.observe.metrics import WorkerMetrics
-    from proxyd.proxy.exchange import Exchange
+    from proxyd.proxy.upstream_conn import Borrower
 
 __all__ = ["TargetPool", "Timeouts", "UpstreamConnection", "UpstreamPool"]
 
@@ -74,14 +74,14 @@ class TargetPool:
         self.read_timeout = cfg.read_timeout
         self.idle: list[UpstreamConnection] = []
         self.open = 0  # connected or connecting
-        self.waiters: deque[Exchange] = deque()
+        self.waiters: deque[Borrower] = deque()
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def in_use(self) -> int:
         return self.open - len(self.idle)
 
-    def acquire(self, exchange: Exchange) -> None:
+    def acquire(self, exchange: Borrower) -> None:
         idle = self.idle
         while idle:
             conn = idle.pop()
@@ -97,13 +97,13 @@ class TargetPool:
         else:
             self.waiters.append(exchange)
 
-    def _connect_for(self, exchange: Exchange) -> None:
+    def _connect_for(self, exchange: Borrower) -> None:
         self.open += 1
         task = asyncio.get_running_loop().create_task(self._connect(exchange, exchange.tries))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _connect(self, exchange: Exchange, attempt: int) -> None:
+    async def _connect(self, exchange: Borrower, attempt: int) -> None:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(exchange.timeouts.connect):
@@ -134,7 +134,7 @@ class TargetPool:
             else:
                 exchange.attach(conn)
 
-    def _connect_failed(self, exchange: Exchange, attempt: int, status: int,
+    def _connect_failed(self, exchange: Borrower, attempt: int, status: int,
                         message: str, kind: str) -> None:
         self.open -= 1
         self.upstream.try_failed(self)
@@ -249,7 +249,7 @@ class UpstreamPool:
         # on_headers_complete reports statuses only when something counts them.
         self.watch_status = bool(self.failure_statuses) or self.breaker.enabled
         self.active = 0  # exchanges admitted and not finished
-        self.queue: deque[Exchange] = deque()  # waiting for one of max_concurrent
+        self.queue: deque[Borrower] = deque()  # waiting for one of max_concurrent
         self._dequeuing = False
         # balancing
         self.kind = cfg.balance
@@ -362,7 +362,7 @@ class UpstreamPool:
             self.breaker.record(status < 500)
 
     # -- admission (circuit breaking) ---------------------------------------------------------
-    def admit(self, exchange: Exchange) -> bool:
+    def admit(self, exchange: Borrower) -> bool:
         """True: go ahead now. False: refused with a 503, or queued for a slot."""
         if not self.breaker.allow():
             exchange.refuse("open", "upstream circuit breaker is open")

@@ -23,9 +23,17 @@ from proxyd.config.models import RouteTimeouts
 from proxyd.proxy.headers import Piece, write_pieces
 
 if TYPE_CHECKING:
+    from typing import TypeAlias
+
     from proxyd.proxy.exchange import Exchange
+    from proxyd.proxy.subrequest import Subrequest
     from proxyd.proxy.upstream import TargetPool
     from proxyd.proxy.websocket import Tunnel
+
+    # Who a connection is lent to: a client request's exchange, or a request proxyd makes
+    # itself (subrequest.py). The exchange comes first: the compiled build tests for it
+    # first and calls it natively.
+    Borrower: TypeAlias = Exchange | Subrequest
 
 
 # Why an upstream try failed: the label of gateway_upstream_errors_total{kind}, passed along
@@ -132,7 +140,7 @@ class UpstreamConnection:
         self.pool = pool
         self.reads = pool.reads
         self.transport: asyncio.Transport | None = None
-        self.exchange: Exchange | None = None
+        self.exchange: Borrower | None = None
         self.parser: Any = None  # httptools.HttpResponseParser of the current exchange
         self.deadline = 0.0
         self.reused = False
@@ -147,7 +155,7 @@ class UpstreamConnection:
         self.upgrade_fields: list[tuple[bytes, bytes]] | None = None
         self.raw_left = 0
 
-    def start(self, exchange: Exchange) -> None:
+    def start(self, exchange: Borrower) -> None:
         """Lent to ``exchange``: a fresh parser, and the read timeout runs."""
         self.exchange = exchange
         self.parser = httptools.HttpResponseParser(self)
@@ -277,7 +285,7 @@ class UpstreamConnection:
             self.close()  # idle past keepalive_expiry
 
     # -- the response: one read at a time ---------------------------------------------------
-    def _read(self, data: Piece, whole: bytes | bytearray, exchange: Exchange) -> None:
+    def _read(self, data: Piece, whole: bytes | bytearray, exchange: Borrower) -> None:
         """One read from the upstream: bytes, or a view of the read buffer, which is
         ``whole`` (to search the head in; the read starts at its offset 0)."""
         left = self.raw_left
@@ -294,7 +302,7 @@ class UpstreamConnection:
         if self.exchange is exchange:
             exchange.read_done()
 
-    def _feed_split(self, data: Piece, end: int, exchange: Exchange) -> None:
+    def _feed_split(self, data: Piece, end: int, exchange: Borrower) -> None:
         """The head alone through the parser; a body that on_head lets go past the parser
         (_relay_raw) is then sent as a view of this read. Through llhttp, on_body would
         first copy it into a new bytes object: 64 KiB per /big response."""
@@ -326,7 +334,7 @@ class UpstreamConnection:
             return False
         return True
 
-    def _relay_raw(self, data: Piece, left: int, exchange: Exchange) -> None:
+    def _relay_raw(self, data: Piece, left: int, exchange: Borrower) -> None:
         """What follows the head's read of a Content-Length body, past the parser: each read
         goes to the client as it came. (Through llhttp, every read would be copied into a new
         bytes object for on_body: ~64 KiB of copying per /big response, for no decision.)"""
