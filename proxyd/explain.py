@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-from types import SimpleNamespace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -137,8 +136,7 @@ def _rate_limits(config: GatewayConfig, route_name: str, chain: Chain, ctx: Cont
         # What bind() sets without making limiters: the route name, and the trusted proxies
         # that decide which X-Forwarded-For hop is the client.
         mw.route_name = route_name
-        mw.pipeline = SimpleNamespace(
-            trusted=TrustedProxies(config.server.trusted_proxies))
+        mw.trusted = TrustedProxies(config.server.trusted_proxies)
         found.append({"key": mw.key(ctx), "backend": mw.o.backend,
                       "limits": [f"{limit.count}/{limit.period:g}s burst {limit.burst}"
                                  for limit in mw.limits]})

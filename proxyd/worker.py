@@ -265,7 +265,7 @@ async def _child(
                 loop.call_soon(send_invalidated)
             invalidated.extend(keys)
 
-        pipeline.cache_invalidated = invalidate
+        pipeline.cache.invalidated = invalidate
     drain = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, drain.set)
     loop.add_signal_handler(signal.SIGQUIT, os._exit, 0)
@@ -274,7 +274,7 @@ async def _child(
         loop.add_signal_handler(sig, lambda: None)  # the master decides; a terminal's ^C too
 
     def stats() -> dict[str, object]:
-        store = pipeline.cache_store
+        store = pipeline.cache.store
         return {"type": "stats", "requests": pipeline.requests,
                 "connections": len(pipeline.connections),
                 "cache": {"entries": len(store), "bytes": store.bytes},
@@ -304,7 +304,7 @@ async def _child(
                 pipeline.spawn(purge(message))
             elif kind == "invalidate":  # a sibling's invalidation (memory stores)
                 for key in message.get("keys", []):
-                    pipeline.cache_store.delete(key)
+                    pipeline.cache.store.delete(key)
             elif kind == "health":
                 pipeline.set_health(message.get("upstreams", {}))
             elif kind == "workers":

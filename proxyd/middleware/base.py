@@ -20,7 +20,9 @@ from proxyd.middleware.options import Options
 
 if TYPE_CHECKING:
     from proxyd.middleware.cache_request import CacheRequest
+    from proxyd.middleware.services import Services
     from proxyd.proxy.head import Block
+    from proxyd.proxy.router import CompiledRoute
 
 
 class BodyFilter(Protocol):
@@ -418,7 +420,7 @@ class Middleware:
     def on_response(self, ctx: Context, resp: Response) -> None:
         """Adjust the response head; ``resp.body`` is bytes when buffered or local."""
 
-    def bind(self, pipeline: Any, route: Any) -> None:
+    def bind(self, services: Services, route: CompiledRoute) -> None:
         """After fork, in the worker: take shared resources (cache store, Redis client)."""
 
     def wants_body(self, ctx: Context, resp: Response) -> bool:

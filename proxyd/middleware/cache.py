@@ -41,7 +41,8 @@ from proxyd.proxy.headers import content_length
 from proxyd.proxy.path import BadPath, needs_normalizing, normalize_path
 
 if TYPE_CHECKING:
-    from proxyd.proxy.pipeline import Pipeline
+    from proxyd.cache.service import CacheService
+    from proxyd.middleware.services import Services
     from proxyd.proxy.router import CompiledRoute
 
 SAFE: Final = policy.SAFE_METHODS
@@ -88,7 +89,8 @@ class Cache(Middleware):
         self.store: Any = None
         self.remote = False  # the store answers asynchronously past its L1 (Redis)
         self._lookups: set[asyncio.Task[Entry | None]] = set()
-        self.pipeline: Pipeline | None = None
+        self.service: CacheService | None = None
+        self.services: Services | None = None
         self.route: CompiledRoute | None = None
         self.rules = policy.Rules(allow_set_cookie=options.allow_set_cookie,
                                   targeted=(b"cdn-cache-control",))
@@ -96,18 +98,21 @@ class Cache(Middleware):
         self.not_stored = NOT_STORED
         self.enabled = True
 
-    def bind(self, pipeline: Pipeline, route: CompiledRoute) -> None:
-        cfg = pipeline.config.cache
-        self.pipeline = pipeline
+    def bind(self, services: Services, route: CompiledRoute) -> None:
+        cfg = services.config.cache
+        service = services.cache
+        assert service is not None
+        self.services = services
+        self.service = service
         self.route = route
-        self.store = pipeline.cache_store
+        self.store = service.store
         self.remote = bool(getattr(self.store, "remote", False))
         self.max_object_size = int(self.store.max_object_size)
         route_cfg = route.config.cache if route.config is not None else None
         if route_cfg is not None:
             self.enabled = route_cfg.enabled
         self.rules = policy.Rules(
-            heuristic_ttl(pipeline.config, route_cfg),
+            heuristic_ttl(services.config, route_cfg),
             route_cfg.force_ttl if route_cfg is not None else None,
             cfg.statuses, [name.lower().encode() for name in cfg.targeted_fields],
             self.o.allow_set_cookie)
@@ -118,8 +123,8 @@ class Cache(Middleware):
         self.not_stored = NOT_STORED | frozenset(
             getattr(mw, "lname", b"") for mw in after if mw.type == "trace_id")
         # Coalescing state is per worker, shared by every route's instance of the middleware.
-        self.inflight = pipeline.cache_inflight
-        self.refreshing = pipeline.cache_refreshing
+        self.inflight = service.inflight
+        self.refreshing = service.refreshing
 
     # -- keys and headers ---------------------------------------------------------------------
     def primary(self, ctx: Context, path: bytes | None = None, query: bytes | None = None
@@ -474,12 +479,13 @@ class Cache(Middleware):
             keys.append(self.primary(ctx, path, query))
         for key in keys:
             self.store.delete(key)
-        share = self.pipeline.cache_invalidated if self.pipeline is not None else None
+        share = self.service.invalidated if self.service is not None else None
         if share is not None:
             share(keys)
 
     def _refresh_in_background(self, ctx: Context, key: str, entry: Entry) -> None:
-        if key in self.refreshing or self.pipeline is None or self.route is None:
+        if (key in self.refreshing or self.service is None or self.services is None
+                or self.route is None):
             return
         self.refreshing.add(key)
         headers = [(n, v) for n, _, v in ctx.headers
@@ -494,9 +500,9 @@ class Cache(Middleware):
 
         async def refresh() -> None:
             try:
-                assert self.pipeline is not None and self.route is not None
+                assert self.service is not None and self.route is not None
                 asked = time.time()
-                result = await self.pipeline.fetch(self.route, ctx.path, ctx.query, headers)
+                result = await self.service.fetch(self.route, ctx.path, ctx.query, headers)
                 if result is None:
                     return
                 status, resp_headers, body = result
@@ -517,4 +523,4 @@ class Cache(Middleware):
             finally:
                 self.refreshing.discard(key)
 
-        self.pipeline.spawn(refresh())
+        self.services.spawn(refresh())

@@ -7,12 +7,15 @@ key, ip_access's lists), so that they can never disagree about who the client is
 
 from __future__ import annotations
 
-from collections.abc import Container
+from typing import TYPE_CHECKING
 
 from proxyd.middleware.base import Context
 
+if TYPE_CHECKING:
+    from proxyd.proxy.headers import TrustedProxies
 
-def client_address(ctx: Context, trusted: Container[str] | None) -> bytes:
+
+def client_address(ctx: Context, trusted: TrustedProxies | None) -> bytes:
     """The peer, or — behind trusted proxies only — the last untrusted X-Forwarded-For hop.
 
     Read from the right: each trusted proxy appended the address it received the request

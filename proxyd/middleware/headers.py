@@ -7,10 +7,14 @@ without placeholders costs nothing per request beyond appending it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 from proxyd.middleware.base import Context, Middleware, Pending, Response
 from proxyd.middleware.options import PLACEHOLDER, PLACEHOLDER_NAMES, HeaderOps, HeadersOptions
+
+if TYPE_CHECKING:
+    from proxyd.middleware.services import Services
+    from proxyd.proxy.router import CompiledRoute
 
 PLACEHOLDERS: dict[str, Callable[[Context], bytes]] = {
     "client_ip": lambda c: c.client_ip,
@@ -83,7 +87,7 @@ class Headers(Middleware):
         self.request = CompiledOps(options.request)
         self.response = CompiledOps(options.response)
 
-    def bind(self, pipeline: Any, route: Any) -> None:
+    def bind(self, services: Services, route: CompiledRoute) -> None:
         self.request.bind_route(route.name)
         self.response.bind_route(route.name)
 

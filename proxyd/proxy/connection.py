@@ -68,7 +68,7 @@ class SendWatch:
         ds = self.ds
         transport = ds.transport
         if transport is not None and transport.get_write_buffer_size() < self.buffered:
-            self.arm(transport, ds.p.deadlines.now, ds.p.send_timeout)  # it reads: wait on
+            self.arm(transport, ds.p.deadlines.now, ds.limits.send_timeout)  # it reads: wait on
         else:
             ds.send_timed_out()
 
@@ -179,6 +179,7 @@ class ClientConnection:
     def __init__(self, pipeline: Pipeline, tls: bool = False,
                  proxy: ListenerPolicy | None = None, client_certs: bool = False) -> None:
         self.p = pipeline
+        self.limits = pipeline.limits
         self.proxy = proxy  # the listener reads a PROXY protocol header first
         self.client_certs = client_certs  # tell upstreams who a client certificate named
         self.cert_fields = b""  # ... in these lines
@@ -221,7 +222,7 @@ class ClientConnection:
         if self.client_address is not None:
             ip = self.client_address
         self.client_ip = ip.encode()
-        self.trusted_peer = ip in self.p.trusted
+        self.trusted_peer = ip in self.limits.trusted
         if self.scheme == b"https":  # once per connection: the handshake is done by now
             ssl_object = transport.get_extra_info("ssl_object")
             if ssl_object is not None:
@@ -232,7 +233,7 @@ class ClientConnection:
         if self.proxy is not None:
             # The header comes first: read by a stand-in for the parser (no cost to others).
             self.parser = HeaderReader(self, ip in self.proxy.trusted)  # type: ignore[assignment]
-        if len(p.connections) >= p.max_connections:
+        if len(p.connections) >= self.limits.max_connections:
             self._refuse()
             return
         p.connections.add(self)
@@ -240,12 +241,12 @@ class ClientConnection:
         # Armed from a fresh clock, as on every read (timers.Deadlines): the sweep's last
         # reading may be a tick old, and the deadline would fire that much early.
         p.deadlines.now = monotonic()
-        self.deadline = p.deadlines.now + p.header_timeout
+        self.deadline = p.deadlines.now + self.limits.header_timeout
 
     def set_client_address(self, address: str) -> None:
         """The client's address as a PROXY protocol header gave it."""
         self.client_ip = address.encode()
-        self.trusted_peer = address in self.p.trusted
+        self.trusted_peer = address in self.limits.trusted
 
     def refuse_proxy_header(self, reason: str) -> None:
         """A missing, malformed or unwelcome PROXY protocol header: the connection is closed
@@ -261,7 +262,7 @@ class ClientConnection:
         p, transport = self.p, self.transport
         assert transport is not None
         p.metrics.inc("gateway_client_limits_total", ("max_connections",))
-        transport.write(error_response(503, "too many connections", p.next_request_id(),
+        transport.write(error_response(503, "too many connections", p.ids.next(),
                                        close=True, extra=b"Retry-After: 1\r\n"))
         p.deadlines.add(self)
         self._linger(transport, REFUSED_LINGER)
@@ -383,11 +384,11 @@ class ClientConnection:
     def pause_writing(self) -> None:
         self.write_paused = True
         p = self.p
-        if p.send_timeout:
+        if self.limits.send_timeout:
             watch = self.send_watch
             if watch is None:
                 watch = self.send_watch = SendWatch(self)
-            watch.arm(self.transport, p.deadlines.now, p.send_timeout)
+            watch.arm(self.transport, p.deadlines.now, self.limits.send_timeout)
             p.deadlines.add(watch)
         if self.tunnel is not None:
             self.tunnel.conn.pause_reading()
@@ -418,7 +419,7 @@ class ClientConnection:
             if not self._paused and self.transport is not None and not self.closed:
                 self.transport.resume_reading()
                 if self.reading_body:  # the client's turn again: body_timeout starts afresh
-                    self.deadline = self.p.deadlines.now + self.p.body_timeout
+                    self.deadline = self.p.deadlines.now + self.limits.body_timeout
 
     def pause_reading_for_upstream(self) -> None:
         self._pause(PAUSE_UPSTREAM)
@@ -454,11 +455,11 @@ class ClientConnection:
                 if p.draining:
                     self.close()  # idle between requests: the only state a drain closes
                 else:
-                    self.deadline = p.deadlines.now + p.keepalive_timeout
+                    self.deadline = p.deadlines.now + self.limits.keepalive_timeout
             elif not self.reading_body:
                 # The next request's head began while this one was in flight (pipelined) and
                 # is still unfinished: it gets the header timeout, or it could idle forever.
-                self.deadline = p.deadlines.now + p.header_timeout
+                self.deadline = p.deadlines.now + self.limits.header_timeout
 
     def exchange_ended(self, ex: Exchange) -> None:
         """An exchange is over (exchange.Exchange._end): recorded once, then the connection
@@ -592,7 +593,7 @@ class ClientConnection:
                 # field until its line ends, so on_header alone would let one endless line grow
                 # without bound; this caps the buffering at the limits plus one read.
                 req.head_bytes += len(data)
-                if req.head_bytes > self.p.max_head_bytes:
+                if req.head_bytes > self.limits.max_head_bytes:
                     self._reject(Reject(431, "request header section too large"))
         self.parsing = False
         self.read = None  # not kept: an idle connection would hold its last read
@@ -604,22 +605,22 @@ class ClientConnection:
     def on_message_begin(self) -> None:
         self.req = Request()
         if self.active is None:
-            self.deadline = self.p.deadlines.now + self.p.header_timeout
+            self.deadline = self.p.deadlines.now + self.limits.header_timeout
 
     def on_url(self, url: bytes) -> None:
         req = self.req
         assert req is not None
         req.url += url
-        if len(req.url) > self.p.max_uri_size:
+        if len(req.url) > self.limits.max_uri_size:
             raise Reject(414, "request URI too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         req = self.req
         assert req is not None
         req.header_bytes += len(name) + len(value) + 4
-        if req.header_bytes > self.p.max_header_size:
+        if req.header_bytes > self.limits.max_header_size:
             raise Reject(431, "request header section too large")
-        if len(req.headers) >= self.p.max_headers:
+        if len(req.headers) >= self.limits.max_headers:
             raise Reject(431, "too many request header fields")
         lname = REQUEST_NAMES.get(name)
         if lname is None:
@@ -635,7 +636,7 @@ class ClientConnection:
     def _underscore_dropped(self) -> bool:
         """server.headers_with_underscores: some servers read X_Forwarded_For as the dashed
         name, so a client could pass one past a proxy that sets or strips the dashed one."""
-        policy = self.p.underscores
+        policy = self.limits.underscores
         if policy == "allow":
             return False
         if policy == "reject":
@@ -671,16 +672,16 @@ class ClientConnection:
             raise Reject(400, "Transfer-Encoding in an HTTP/1.0 request")
         if not req.url.startswith(b"/") and not (req.url == b"*" and method == b"OPTIONS"):
             absolute_form(req)
-        if req.content_length is not None and req.content_length > self.p.max_body_size:
+        if req.content_length is not None and req.content_length > self.limits.max_body_size:
             raise Reject(413, "request body too large")
-        req.body_limit = self.p.max_body_size
+        req.body_limit = self.limits.max_body_size
         req.has_body = req.chunked or bool(req.content_length)
         req.body_done = not req.has_body
         if req.has_body and req.upgrade is not None and parser.should_upgrade():
             req.upgrade_body = True  # never upgraded; the body is read as HTTP (UpgradeBody)
         if req.has_body:
             self.reading_body = True
-            self.deadline = self.p.deadlines.now + self.p.body_timeout
+            self.deadline = self.p.deadlines.now + self.limits.body_timeout
         else:
             self.deadline = 0.0
         self.queue.append(req)
@@ -695,7 +696,7 @@ class ClientConnection:
         req.body_size += len(chunk)
         if req.body_size > req.body_limit:
             raise Reject(413, "request body too large")
-        self.deadline = self.p.deadlines.now + self.p.body_timeout
+        self.deadline = self.p.deadlines.now + self.limits.body_timeout
         if req.discard:
             return
         ex = req.exchange

@@ -168,7 +168,7 @@ class Exchange:
                 # An upgrade the upstream refused: what the client sent after it is not HTTP.
                 or req.ws_upstream_key is not None
                 # The keep-alive cap: the last request a connection may carry says so.
-                or ds.requests >= p.max_keepalive_requests):
+                or ds.requests >= ds.limits.max_keepalive_requests):
             return True
         if req.body_done:
             return False
@@ -214,7 +214,7 @@ class Exchange:
         if needs_normalizing(path):
             # Routed and forwarded in one form only, or a spelling could dodge a route.
             try:
-                path = normalize_path(path, p.keep_encoded_slashes)
+                path = normalize_path(path, p.limits.keep_encoded_slashes)
             except BadPath as exc:
                 p.metrics.inc("gateway_client_limits_total", ("bad_path",))
                 self.error(400, exc.message)

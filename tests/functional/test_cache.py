@@ -446,7 +446,7 @@ async def test_a_lost_leader_does_not_block_the_key(upstreams: Upstreams,
     await wait_for(lambda: len(up.seen) == 1, what="the leader upstream")
     await c.close()  # the leader's client goes away before its response
     await asyncio.sleep(0.3)
-    assert p.pipeline.cache_inflight == {}
+    assert p.pipeline.cache.inflight == {}
     origin.delay = 0.0
     assert (await fetch(p)).status == 200
 
@@ -499,14 +499,14 @@ async def test_redis_store_is_shared_by_two_proxies(
 ) -> None:
     a, b, up = await two_proxies(upstreams, proxy, Origin(lambda r: ok(r, "shared")),
                                  redis_server.url)
-    assert isinstance(a.pipeline.cache_store, RedisStore)
+    assert isinstance(a.pipeline.cache.store, RedisStore)
     client = aioredis.from_url(redis_server.url)
     try:
         miss = await fetch(a)
         assert miss.header("Cache-Status") == "proxyd; fwd=miss; stored"
         key = b"proxyd:cache:http://test/r"
-        await wait_for(lambda: a.pipeline.cache_store.errors == 0 and not any(
-            t for t in a.pipeline._tasks), what="the background write")
+        await wait_for(lambda: a.pipeline.cache.store.errors == 0
+                       and not a.pipeline.services.background, what="the background write")
         assert await client.exists(key) == 1
         hit = await fetch(b)
         assert (hit.status, hit.body, hit.header("X-Cache")) == (200, b"shared", "HIT")
@@ -514,7 +514,7 @@ async def test_redis_store_is_shared_by_two_proxies(
         assert len(up.seen) == 1
         # An invalidation through b reaches a once a's L1 copy has aged out.
         assert (await fetch(b, method="POST", body=b"x")).status == 200
-        await wait_for(lambda: not any(b.pipeline._tasks), what="the background delete")
+        await wait_for(lambda: not b.pipeline.services.background, what="the background delete")
         assert await client.exists(key) == 0
         await asyncio.sleep(1.1)
         assert (await fetch(a)).header("X-Cache") == "MISS"
@@ -535,7 +535,7 @@ async def test_redis_lookups_coalesce_concurrent_misses(
     assert statuses.count("proxyd; fwd=miss; stored") == 1
     assert statuses.count("proxyd; hit; collapsed") == 49
     assert len(up.seen) == 1
-    await wait_for(lambda: not any(a.pipeline._tasks), what="the background write")
+    await wait_for(lambda: not a.pipeline.services.background, what="the background write")
     assert (await fetch(b)).header("Cache-Status") == "proxyd; hit"
     assert len(up.seen) == 1
 
@@ -555,7 +555,7 @@ async def test_redis_stopped_means_misses_not_errors(
     resp = await fetch(a, "/r")
     assert (resp.status, resp.body, resp.header("X-Cache")) == (200, b"fine", "MISS")
     for p in (a, b):
-        store = p.pipeline.cache_store
+        store = p.pipeline.cache.store
         assert isinstance(store, RedisStore) and store.open  # the breaker tripped
     assert all(r.status == 200 for r in await asyncio.gather(*(fetch(b, f"/p{i}")
                                                                for i in range(20))))

@@ -44,7 +44,7 @@ class Pair:
     async def settle(self) -> None:
         """Background writes to Redis done (nothing to wait for with memory)."""
         for p in {id(self.first): self.first, id(self.second): self.second}.values():
-            await wait_for(lambda p=p: not any(p.pipeline._tasks), what="background writes")
+            await wait_for(lambda p=p: not p.pipeline.services.background, what="background writes")
 
     @property
     def hits(self) -> int:

@@ -159,7 +159,7 @@ async def test_metrics_disabled_and_no_access_log_record_nothing_per_request(
         for _ in range(3):
             assert (await c.request(get("/x"))).status == 200
     metrics = p.pipeline.metrics
-    assert not p.pipeline.observing
+    assert not p.pipeline.observer.observing
     assert not metrics.requests and not metrics.durations and not metrics.upstream_durations
 
 

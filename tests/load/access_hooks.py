@@ -17,7 +17,6 @@ import sys
 import tempfile
 import timeit
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
@@ -26,10 +25,13 @@ sys.path.insert(0, str(REPO / "tests" / "load"))
 
 import bench  # noqa: E402
 
+from proxyd.config.models import GatewayConfig  # noqa: E402
 from proxyd.middleware import REGISTRY  # noqa: E402
 from proxyd.middleware.base import Context, Pending  # noqa: E402
+from proxyd.middleware.services import Fallbacks, Services, WorkerCount  # noqa: E402
 from proxyd.observe.metrics import WorkerMetrics  # noqa: E402
 from proxyd.proxy.headers import TrustedProxies  # noqa: E402
+from proxyd.proxy.router import CompiledRoute  # noqa: E402
 
 COMMON = [(b"host", b"Host", b"127.0.0.1:8080"), (b"user-agent", b"User-Agent", b"wrk")]
 
@@ -41,9 +43,10 @@ def element(entry: dict[str, Any]) -> Any:
 
 async def measure(name: str, mw: Any, headers: dict[str, str], rounds: int) -> float:
     fields = COMMON + [(k.lower().encode(), k.encode(), v.encode()) for k, v in headers.items()]
-    mw.bind(SimpleNamespace(trusted=TrustedProxies(["127.0.0.1/32"]), metrics=WorkerMetrics(),
-                            metrics_enabled=True, loop=asyncio.get_running_loop(), closers=[]),
-            SimpleNamespace(name="all"))
+    config = GatewayConfig.model_validate({})
+    services = Services(config, asyncio.get_running_loop(), WorkerMetrics(), True,
+                        TrustedProxies(["127.0.0.1/32"]), {}, None, WorkerCount(1), Fallbacks())
+    mw.bind(services, CompiledRoute(name="all", upstream=None))
 
     def ctx() -> Context:
         return Context(b"GET", b"/", b"", b"127.0.0.1:8080", fields, b"127.0.0.1", "all",

@@ -11,13 +11,17 @@ configured, a request header for the upstream.
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_to_bytes
 
 from proxyd.middleware.access import outcome
 from proxyd.middleware.access.options import ApiKeyOptions
 from proxyd.middleware.access.outcome import Outcomes, header_value, quoted, unauthorized
 from proxyd.middleware.base import Context, Middleware, Pending, Response
+
+if TYPE_CHECKING:
+    from proxyd.middleware.services import Services
+    from proxyd.proxy.router import CompiledRoute
 
 
 class ApiKey(Middleware):
@@ -43,8 +47,8 @@ class ApiKey(Middleware):
         self.remove = remove
         self.outcomes = Outcomes()
 
-    def bind(self, pipeline: Any, route: Any) -> None:
-        self.outcomes.bind(pipeline, route.name, self.type)
+    def bind(self, services: Services, route: CompiledRoute) -> None:
+        self.outcomes.bind(services, route.name, self.type)
 
     def presented(self, ctx: Context) -> bytes | None:
         """The key the request carries: the header's, else the query parameter's."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import binascii
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from proxyd.middleware.access import outcome
 from proxyd.middleware.access.options import BasicAuthOptions
@@ -32,6 +32,10 @@ from proxyd.middleware.access.passwords import (
 )
 from proxyd.middleware.access.verified import VerifiedCache
 from proxyd.middleware.base import Context, Middleware, Pending, Response, json_response
+
+if TYPE_CHECKING:
+    from proxyd.middleware.services import Services
+    from proxyd.proxy.router import CompiledRoute
 
 
 class BasicAuth(Middleware):
@@ -60,8 +64,8 @@ class BasicAuth(Middleware):
         self.remove = remove
         self.outcomes = Outcomes()
 
-    def bind(self, pipeline: Any, route: Any) -> None:
-        self.outcomes.bind(pipeline, route.name, self.type)
+    def bind(self, services: Services, route: CompiledRoute) -> None:
+        self.outcomes.bind(services, route.name, self.type)
 
     def on_request(self, ctx: Context) -> Response | Pending | None:
         if self.remove:

@@ -13,13 +13,17 @@ whatever the client writes): a returning client costs one lookup.
 from __future__ import annotations
 
 import ipaddress
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from proxyd.middleware.access import outcome
 from proxyd.middleware.access.options import IpAccessOptions
 from proxyd.middleware.access.outcome import Outcomes, forbidden
 from proxyd.middleware.base import Context, Middleware, Pending, Response
 from proxyd.middleware.client_address import client_address
+
+if TYPE_CHECKING:
+    from proxyd.middleware.services import Services
+    from proxyd.proxy.router import CompiledRoute
 
 REMEMBERED: Final = 4096  # decisions kept per element and worker
 
@@ -38,9 +42,9 @@ class IpAccess(Middleware):
         self.trusted: Any = None
         self.outcomes = Outcomes()
 
-    def bind(self, pipeline: Any, route: Any) -> None:
-        self.trusted = pipeline.trusted
-        self.outcomes.bind(pipeline, route.name, self.type)
+    def bind(self, services: Services, route: CompiledRoute) -> None:
+        self.trusted = services.trusted
+        self.outcomes.bind(services, route.name, self.type)
 
     def on_request(self, ctx: Context) -> Response | Pending | None:
         ip = client_address(ctx, self.trusted)

@@ -23,7 +23,7 @@ import asyncio
 import json
 import time
 from hashlib import sha256
-from typing import Any, Final, NamedTuple
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 import jwt
 
@@ -34,6 +34,10 @@ from proxyd.middleware.access.options import JwtAuthOptions
 from proxyd.middleware.access.outcome import Outcomes, header_value, quoted, unauthorized
 from proxyd.middleware.access.verified import VerifiedCache
 from proxyd.middleware.base import Context, Middleware, Pending, Response, json_response
+
+if TYPE_CHECKING:
+    from proxyd.middleware.services import Services
+    from proxyd.proxy.router import CompiledRoute
 
 # How long a verified token without exp is remembered (only where require drops exp).
 NO_EXP_TTL: Final = 300.0
@@ -81,15 +85,16 @@ class JwtAuth(Middleware):
         self.cache: VerifiedCache[Verified] = VerifiedCache(options.cache_size)
         self.outcomes = Outcomes()
 
-    def bind(self, pipeline: Any, route: Any) -> None:
-        self.outcomes.bind(pipeline, route.name, self.type)
+    def bind(self, services: Services, route: CompiledRoute) -> None:
+        self.outcomes.bind(services, route.name, self.type)
         o = self.o
         if o.jwks_url is not None:
-            metrics = pipeline.metrics if getattr(pipeline, "metrics_enabled", True) else None
-            self.source = JwksSource.acquire(pipeline.loop, o.jwks_url, o.jwks_refresh,
+            metrics = services.metrics if services.metrics_enabled else None
+            assert services.loop is not None
+            self.source = JwksSource.acquire(services.loop, o.jwks_url, o.jwks_refresh,
                                              o.jwks_timeout, o.jwks_min_interval, self.allowed,
                                              metrics)
-            pipeline.closers.append(self.source.release)
+            services.closers.append(self.source.release)
 
     # -- per request ---------------------------------------------------------------------------
     def on_request(self, ctx: Context) -> Response | Pending | None:

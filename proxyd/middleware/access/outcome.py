@@ -10,9 +10,12 @@ says whether the name or the secret was wrong.
 
 from __future__ import annotations
 
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from proxyd.middleware.base import Context, Response, json_response
+
+if TYPE_CHECKING:
+    from proxyd.middleware.services import Services
 
 # gateway_auth_total's results.
 OK: Final = "ok"  # authenticated, or an address allowed
@@ -39,10 +42,10 @@ class Outcomes:
         self._metrics: Any = None
         self._labels: dict[str, tuple[str, str, str]] = {}
 
-    def bind(self, pipeline: Any, route: str, element: str) -> None:
+    def bind(self, services: Services, route: str, element: str) -> None:
         """In the worker: count into its metrics, unless metrics are off."""
-        if getattr(pipeline, "metrics_enabled", True):
-            self._metrics = pipeline.metrics
+        if services.metrics_enabled:
+            self._metrics = services.metrics
         self._labels = {result: (route, element, result) for result in RESULTS}
 
     def count(self, result: str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from proxyd.middleware.base import Context, Middleware, Pending, Response, json_response
 from proxyd.middleware.client_address import client_address
@@ -12,6 +12,11 @@ from proxyd.middleware.rate_limit.gcra import Decision, policy
 from proxyd.middleware.rate_limit.memory_store import MemoryLimiter
 from proxyd.middleware.rate_limit.options import RateLimitOptions
 from proxyd.middleware.rate_limit.redis_store import RedisLimiter
+
+if TYPE_CHECKING:
+    from proxyd.middleware.services import Services
+    from proxyd.proxy.headers import TrustedProxies
+    from proxyd.proxy.router import CompiledRoute
 
 HEADER_LNAMES: Final = [b"ratelimit-policy", b"ratelimit-limit", b"ratelimit-remaining",
                  b"ratelimit-reset"]
@@ -36,23 +41,25 @@ class RateLimit(Middleware):
         self.redis: RedisLimiter | None = None
         # The worker's Pipeline, typed loosely: the unit tests bind a stand-in that has only
         # what this uses (config, trusted, metrics, closers, the fallback gauge).
-        self.pipeline: Any = None
+        self.services: Services | None = None
+        self.trusted: TrustedProxies | None = None  # whose X-Forwarded-For hops are believed
         self.route_name = ""
 
-    def bind(self, pipeline: Any, route: Any) -> None:  # stand-ins in the unit tests
-        self.pipeline = pipeline
+    def bind(self, services: Services, route: CompiledRoute) -> None:
+        self.services = services
+        self.trusted = services.trusted
         self.route_name = route.name
-        workers = pipeline.workers
+        workers = services.workers.count
         if self.o.backend == "memory":
             self.memory = MemoryLimiter([limit.scaled(workers) for limit in self.limits])
             self.policy = self.memory.policy  # the share: what this worker enforces
         else:
-            self.redis = RedisLimiter(pipeline.config.redis.url, self.limits,
+            self.redis = RedisLimiter(services.config.redis.url, self.limits,
                                       self.o.redis_timeout)
             share = workers * self.o.instances_hint
             self.fallback = MemoryLimiter([limit.scaled(share) for limit in self.limits])
-            pipeline.closers.append(self.redis.close)
-        pipeline.on_workers.append(self.set_workers)
+            services.closers.append(self.redis.close)
+        services.workers.listeners.append(self.set_workers)
 
     def set_workers(self, workers: int) -> None:
         """The master changed the number of workers (SIGTTIN, SIGTTOU): each one's share
@@ -67,8 +74,7 @@ class RateLimit(Middleware):
     # -- keys ---------------------------------------------------------------------------------
     def client_ip(self, ctx: Context) -> bytes:
         """The client's address as the gateway establishes it (client_address)."""
-        pipeline = self.pipeline
-        return client_address(ctx, pipeline.trusted if pipeline is not None else None)
+        return client_address(ctx, self.trusted)
 
     def key(self, ctx: Context) -> str:
         if self.ip_key:  # the default key: no list to join
@@ -91,7 +97,7 @@ class RateLimit(Middleware):
         if self.memory is not None:
             return self._decide(ctx, self.memory.check(key))
         redis = self.redis
-        assert redis is not None and self.pipeline is not None
+        assert redis is not None and self.services is not None
         if not redis.breaker.allow():
             return self._fallback(ctx, key)
         future: asyncio.Future[Response | None] = asyncio.get_running_loop().create_future()
@@ -114,15 +120,8 @@ class RateLimit(Middleware):
 
     def _set_fallback_gauge(self, value: float) -> None:
         """The worker's gauge: 1 while any of its routes' limiters is on the fallback."""
-        pipeline = self.pipeline
-        if pipeline is None:
-            return
-        on_fallback = pipeline.limiters_on_fallback
-        if value:
-            on_fallback.add(self)
-        else:
-            on_fallback.discard(self)
-        pipeline.redis_fallback = 1.0 if on_fallback else 0.0
+        if self.services is not None:
+            self.services.fallbacks.set(self, bool(value))
 
     def _fallback(self, ctx: Context, key: str) -> Response | None:
         mode = self.o.on_backend_error
@@ -143,8 +142,8 @@ class RateLimit(Middleware):
             if all(d.allowed for d in decisions):
                 return None
         retry = max(d.retry_after for d in decisions)
-        if self.pipeline is not None:
-            self.pipeline.metrics.inc("gateway_rate_limited_total", (self.route_name,))
+        if self.services is not None:
+            self.services.metrics.inc("gateway_rate_limited_total", (self.route_name,))
         resp = json_response(429, "rate limit exceeded", ctx.id(),
                              [(b"Retry-After", str(max(1, math.ceil(retry))).encode())])
         self.on_response(ctx, resp)  # an answer from this element: its own headers too

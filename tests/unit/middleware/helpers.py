@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from proxyd.config.models import GatewayConfig
 from proxyd.middleware import REGISTRY
 from proxyd.middleware.base import Context, Middleware, Response
+from proxyd.middleware.services import Fallbacks, Services, WorkerCount
+from proxyd.observe.metrics import WorkerMetrics
+from proxyd.proxy.headers import TrustedProxies
+from proxyd.proxy.router import CompiledRoute
 
 
 def make_ctx(method: bytes = b"GET", path: bytes = b"/", query: bytes = b"",
@@ -29,3 +34,23 @@ def response(status: int = 200, headers: list[tuple[bytes, bytes]] | None = None
 
 def values(resp: Response, lname: bytes) -> list[bytes]:
     return [v for n, v in resp.headers if n.lower() == lname]
+
+
+def worker_services(workers: int = 1, trusted: tuple[str, ...] = (),
+                    metrics_enabled: bool = True) -> Services:
+    """A worker's services as Pipeline builds them, with no loop, pools or cache: what
+    middleware that are bound outside a worker may use."""
+    config = GatewayConfig.model_validate({"redis": {"url": "redis://127.0.0.1:1/0"}})
+    return Services(config, None, WorkerMetrics(), metrics_enabled, TrustedProxies(trusted), {},
+                    None, WorkerCount(workers), Fallbacks())
+
+
+def route(name: str = "api") -> CompiledRoute:
+    return CompiledRoute(name=name, upstream=None)
+
+
+def counts(metrics: WorkerMetrics) -> dict[tuple[str, tuple[str, ...]], float]:
+    """Every counter the worker's metrics hold, by (name, labels)."""
+    return {(name, tuple(labels)): value
+            for name, rows in metrics.snapshot({})["counters"].items()
+            for labels, value in rows}

@@ -13,8 +13,7 @@ from proxyd.middleware.access.api_key import ApiKey, query_value
 from proxyd.middleware.base import Response
 from proxyd.middleware.rate_limit import RateLimit
 
-from .helpers import make, make_ctx
-from .test_rate_limit import FakePipeline
+from .helpers import make, make_ctx, route, worker_services
 
 
 def hashed(key: str) -> str:
@@ -109,7 +108,7 @@ def test_rate_limit_keys_on_the_consumer() -> None:
     mw = api_key()
     limit = make("rate_limit", rate="1/m", burst=1, key="consumer")
     assert isinstance(limit, RateLimit)
-    limit.bind(FakePipeline(), type("R", (), {"name": "api"})())
+    limit.bind(worker_services(), route("api"))
 
     def request(key: bytes, ip: bytes) -> object:
         ctx = make_ctx(headers=[(b"X-API-Key", key)], client_ip=ip)

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 from pydantic import ValidationError
 
 from proxyd.middleware.headers import Headers, HeadersOptions, compile_template, render
 
-from .helpers import make, make_ctx, response, values
+from .helpers import make, make_ctx, response, route, values, worker_services
 
 
 def headers_mw(**options: object) -> Headers:
@@ -78,7 +76,7 @@ def test_placeholders_are_rendered_per_request() -> None:
 def test_route_placeholder_is_filled_in_at_bind() -> None:
     mw = headers_mw(request={"set": {"X-R": "{route}", "X-M": "{route}:{method}"}},
                     response={"set": {"X-Route": "r={route}"}})
-    mw.bind(None, SimpleNamespace(name="orders"))
+    mw.bind(worker_services(), route("orders"))
     assert mw.request.append[0][2] == b"orders"  # static now: no per-request rendering
     assert mw.response.append[0][2] == b"r=orders"
     ctx = make_ctx(b"PUT", route="orders")

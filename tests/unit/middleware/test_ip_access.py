@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -10,19 +9,17 @@ from pydantic import ValidationError
 
 from proxyd.middleware.access.ip_access import REMEMBERED, IpAccess
 from proxyd.middleware.base import Response
-from proxyd.proxy.headers import TrustedProxies
+from proxyd.observe.metrics import WorkerMetrics
 
-from .helpers import make, make_ctx
-from .test_rate_limit import FakeMetrics
+from .helpers import counts, make, make_ctx, route, worker_services
 
 
-def ip_access(trusted: tuple[str, ...] = (), **options: Any) -> tuple[IpAccess, FakeMetrics]:
+def ip_access(trusted: tuple[str, ...] = (), **options: Any) -> tuple[IpAccess, WorkerMetrics]:
     mw = make("ip_access", **options)
     assert isinstance(mw, IpAccess)
-    metrics = FakeMetrics()
-    mw.bind(SimpleNamespace(trusted=TrustedProxies(trusted), metrics=metrics,
-                            metrics_enabled=True), SimpleNamespace(name="admin"))
-    return mw, metrics
+    services = worker_services(trusted=trusted)
+    mw.bind(services, route("admin"))
+    return mw, services.metrics
 
 
 def passes(mw: IpAccess, ip: bytes, xff: bytes | None = None) -> bool:
@@ -50,7 +47,7 @@ def test_allow_list_refuses_everyone_else() -> None:
     assert passes(mw, b"2001:db8::7")
     assert not passes(mw, b"192.0.2.1")
     assert not passes(mw, b"192.0.2.1")  # remembered, same answer
-    assert metrics.counts == {
+    assert counts(metrics) == {
         ("gateway_auth_total", ("admin", "ip_access", "ok")): 2.0,
         ("gateway_auth_total", ("admin", "ip_access", "denied")): 2.0,
     }

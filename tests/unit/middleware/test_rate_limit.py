@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from types import SimpleNamespace
-from typing import Any, cast
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
@@ -17,9 +16,10 @@ from proxyd.middleware.rate_limit import RateLimit, RateLimitOptions
 from proxyd.middleware.rate_limit.gcra import Decision, Limit, check, check_all
 from proxyd.middleware.rate_limit.memory_store import MemoryLimiter
 from proxyd.middleware.rate_limit.redis_store import RedisLimiter
-from proxyd.proxy.headers import TrustedProxies
+from proxyd.middleware.services import Services
 
-from .helpers import make, make_ctx, response, values
+from .helpers import counts, make, make_ctx, response, values, worker_services
+from .helpers import route as make_route
 
 
 class Clock:
@@ -37,42 +37,16 @@ class Clock:
         self.t += seconds
 
 
-class FakeMetrics:
-    def __init__(self) -> None:
-        self.counts: dict[tuple[str, tuple[str, ...]], float] = {}
-
-    def inc(self, name: str, labels: tuple[str, ...], amount: float = 1.0) -> None:
-        self.counts[(name, labels)] = self.counts.get((name, labels), 0.0) + amount
-
-
-class FakePipeline:
-    """What RateLimit.bind and the request path use of a Pipeline, and nothing else."""
-
-    def __init__(self, workers: int = 1, trusted: tuple[str, ...] = ()) -> None:
-        self.config = SimpleNamespace(redis=SimpleNamespace(url="redis://127.0.0.1:1/0"))
-        self.workers = workers
-        self.on_workers: list[Any] = []
-        self.trusted = TrustedProxies(trusted)
-        self.metrics = FakeMetrics()
-        self.closers: list[Any] = []
-        self.redis_fallback = 0.0
-        self.limiters_on_fallback: set[Any] = set()
-        self.tasks: list[asyncio.Task[None]] = []
-
-    def spawn(self, coro: Any) -> None:
-        self.tasks.append(asyncio.get_running_loop().create_task(coro))
-
-
 def bound(workers: int = 1, trusted: tuple[str, ...] = (), clock: Clock | None = None,
-          route: str = "api", **options: Any) -> tuple[RateLimit, FakePipeline]:
+          route: str = "api", **options: Any) -> tuple[RateLimit, Services]:
     mw = make("rate_limit", **options)
     assert isinstance(mw, RateLimit)
-    pipeline = FakePipeline(workers, trusted)
-    mw.bind(cast(Any, pipeline), cast(Any, SimpleNamespace(name=route)))
+    services = worker_services(workers, trusted)
+    mw.bind(services, make_route(route))
     for limiter in (mw.memory, mw.fallback):
         if limiter is not None and clock is not None:
             limiter.clock = clock
-    return mw, pipeline
+    return mw, services
 
 
 # -- GCRA arithmetic ------------------------------------------------------------------------------
@@ -446,7 +420,7 @@ def test_allowed_responses_carry_the_ratelimit_headers() -> None:
 
 def test_the_429_has_retry_after_a_json_body_and_the_headers() -> None:
     clock = Clock()
-    mw, pipeline = bound(rate="20/m", burst=2, clock=clock)
+    mw, services = bound(rate="20/m", burst=2, clock=clock)
     assert mw.on_request(make_ctx()) is None
     assert mw.on_request(make_ctx()) is None
     clock.advance(0.5)
@@ -460,7 +434,7 @@ def test_the_429_has_retry_after_a_json_body_and_the_headers() -> None:
     assert values(resp, b"ratelimit-remaining") == [b"0"]
     assert values(resp, b"ratelimit-limit") == [b"20"]
     assert values(resp, b"ratelimit-reset") == [b"6"]  # 5.5 s until both cells are back
-    assert pipeline.metrics.counts[("gateway_rate_limited_total", ("api",))] == 1
+    assert counts(services.metrics)[("gateway_rate_limited_total", ("api",))] == 1
 
 
 def test_retry_after_is_at_least_one_second() -> None:
@@ -522,10 +496,9 @@ def test_memory_backend_headers_describe_the_worker_share() -> None:
 
 def test_the_share_follows_the_live_worker_count() -> None:
     clock = Clock()
-    mw, pipeline = bound(workers=2, rate="20/m", burst=20, clock=clock)
+    mw, services = bound(workers=2, rate="20/m", burst=20, clock=clock)
     assert mw.on_request(make_ctx()) is None  # a key with state before the change
-    for listener in pipeline.on_workers:  # what Pipeline.set_workers does on SIGTTIN
-        listener(4)
+    services.workers.set(4)  # what a worker does on the master's count after SIGTTIN
     assert mw.memory is not None and mw.memory.limits == [Limit(20, 240.0, 5)]
     assert len(mw.memory.state) == 1  # kept: no key starts over with a full burst
     ctx = make_ctx()
@@ -533,20 +506,19 @@ def test_the_share_follows_the_live_worker_count() -> None:
     resp = response()
     mw.on_response(ctx, resp)
     assert values(resp, b"ratelimit-policy") == [b"20;w=240;burst=5"]
-    for listener in pipeline.on_workers:  # SIGTTOU down to one: the whole limit
-        listener(1)
+    services.workers.set(1)  # SIGTTOU down to one: the whole limit
     assert mw.memory.limits == mw.limits
 
 
 # -- the Redis path, with Redis replaced ----------------------------------------------------------
 
 
-def redis_bound(workers: int = 2, **options: Any) -> tuple[RateLimit, FakePipeline, Clock]:
+def redis_bound(workers: int = 2, **options: Any) -> tuple[RateLimit, Services, Clock]:
     clock = Clock()
-    mw, pipeline = bound(workers=workers, clock=clock, backend="redis", **options)
+    mw, services = bound(workers=workers, clock=clock, backend="redis", **options)
     assert mw.redis is not None and mw.fallback is not None
     mw.redis.breaker.clock = clock
-    return mw, pipeline, clock
+    return mw, services, clock
 
 
 async def settle(answer: Response | Pending | None) -> Response | None:
@@ -555,10 +527,10 @@ async def settle(answer: Response | Pending | None) -> Response | None:
 
 
 async def test_redis_failure_uses_the_local_share_and_sets_the_gauge() -> None:
-    mw, pipeline, clock = redis_bound(rate="20/m", burst=20, instances_hint=2)
+    mw, services, clock = redis_bound(rate="20/m", burst=20, instances_hint=2)
     assert mw.redis is not None and mw.fallback is not None
     assert mw.fallback.limits == [Limit(20, 240.0, 5)]  # 2 workers x 2 instances
-    assert pipeline.closers == [mw.redis.close]
+    assert services.closers == [mw.redis.close]
     calls = 0
 
     def down(key: str, callback: Any) -> None:
@@ -568,7 +540,7 @@ async def test_redis_failure_uses_the_local_share_and_sets_the_gauge() -> None:
 
     mw.redis.request = down  # type: ignore[method-assign]
     assert await settle(mw.on_request(make_ctx())) is None
-    assert calls == 1 and pipeline.redis_fallback == 1.0
+    assert calls == 1 and services.fallbacks.active == 1.0
     # Breaker open: answered at once from the fallback, Redis not asked.
     answers = [mw.on_request(make_ctx()) for _ in range(6)]
     assert calls == 1
@@ -582,7 +554,7 @@ async def test_redis_failure_uses_the_local_share_and_sets_the_gauge() -> None:
     clock.advance(0.5)
     ctx = make_ctx()
     assert await settle(mw.on_request(ctx)) is None
-    assert pipeline.redis_fallback == 0.0 and mw.redis.breaker.state == CLOSED
+    assert services.fallbacks.active == 0.0 and mw.redis.breaker.state == CLOSED
     resp = response()
     mw.on_response(ctx, resp)
     assert values(resp, b"ratelimit-remaining") == [b"19"]
@@ -590,7 +562,7 @@ async def test_redis_failure_uses_the_local_share_and_sets_the_gauge() -> None:
 
 
 async def test_fallback_answers_announce_the_fallback_share() -> None:
-    mw, pipeline, _ = redis_bound(rate="20/m", burst=20, instances_hint=2)
+    mw, services, _ = redis_bound(rate="20/m", burst=20, instances_hint=2)
     assert mw.redis is not None
 
     def down(key: str, callback: Any) -> None:
@@ -602,8 +574,7 @@ async def test_fallback_answers_announce_the_fallback_share() -> None:
     resp = response()
     mw.on_response(ctx, resp)
     assert values(resp, b"ratelimit-policy") == [b"20;w=240;burst=5"]
-    for listener in pipeline.on_workers:
-        listener(4)
+    services.workers.set(4)
     assert mw.fallback is not None and mw.fallback.limits == [Limit(20, 480.0, 2)]
 
 
@@ -626,21 +597,21 @@ async def test_redis_failure_allow_or_deny(mode: str, status: int | None) -> Non
 
 async def test_redis_unreachable_for_real_falls_back_quickly() -> None:
     """Nothing listens on port 1: the real client fails fast and the fallback answers."""
-    mw, pipeline, _ = redis_bound(rate="1/m", burst=2)
+    mw, services, _ = redis_bound(rate="1/m", burst=2)
     loop = asyncio.get_running_loop()
     started = loop.time()
     assert await settle(mw.on_request(make_ctx())) is None
     assert loop.time() - started < 1.0
-    assert pipeline.redis_fallback == 1.0
+    assert services.fallbacks.active == 1.0
     assert mw.redis is not None
     await mw.redis.close()
 
 
 async def test_the_gauge_stays_up_while_any_route_is_on_the_fallback() -> None:
-    one, pipeline, clock = redis_bound(rate="1/m")
+    one, services, clock = redis_bound(rate="1/m")
     two = make("rate_limit", backend="redis", rate="1/m")
     assert isinstance(two, RateLimit)
-    two.bind(cast(Any, pipeline), cast(Any, SimpleNamespace(name="other")))
+    two.bind(services, make_route("other"))
     assert one.redis is not None and two.redis is not None
     two.redis.breaker.clock = clock
 
@@ -654,11 +625,11 @@ async def test_the_gauge_stays_up_while_any_route_is_on_the_fallback() -> None:
     two.redis.request = down  # type: ignore[method-assign]
     await settle(one.on_request(make_ctx()))
     await settle(two.on_request(make_ctx(route="other")))
-    assert pipeline.redis_fallback == 1.0
+    assert services.fallbacks.active == 1.0
     clock.advance(0.5)
     one.redis.request = up  # type: ignore[method-assign]
     await settle(one.on_request(make_ctx()))
-    assert pipeline.redis_fallback == 1.0  # "other" is still on its fallback
+    assert services.fallbacks.active == 1.0  # "other" is still on its fallback
     two.redis.request = up  # type: ignore[method-assign]
     await settle(two.on_request(make_ctx(route="other")))
-    assert pipeline.redis_fallback == 0.0
+    assert services.fallbacks.active == 0.0
