@@ -19,10 +19,11 @@ That refusal ignores ``on_error: allow``: Envoy's ext_authz lets failure_mode_al
 overflowing auth cluster too, but then whoever can send enough concurrent requests gets past
 the service unauthenticated.
 
-The target is chosen by the auth upstream's own balancer, so the master's health checks and
-this worker's outlier detection apply to it, and failures are reported back to that pool;
-the HTTP exchange itself runs on an aiohttp session of the element's (keep-alive pooled)
-until the data plane's upstream client can carry requests that start from a middleware.
+The subrequest goes through the auth upstream's pool like any request to it
+(proxy/subrequest.py): its balancer, the master's health checks and this worker's outlier
+detection choose the target; its circuit breaker, admission, connect and read timeouts and
+retries apply; outcomes are reported back to it; and the subrequest rides that pool's
+keep-alive connections, counted in its connection metrics.
 """
 
 from __future__ import annotations
@@ -31,9 +32,6 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any, Final
 
-import aiohttp
-from yarl import URL
-
 from proxyd.middleware.access import outcome
 from proxyd.middleware.access.forward_auth_options import ForwardAuthOptions
 from proxyd.middleware.access.outcome import Outcomes
@@ -41,6 +39,7 @@ from proxyd.middleware.access.passwords import CredentialDigests
 from proxyd.middleware.access.verified import VerifiedCache
 from proxyd.middleware.base import Context, Middleware, Pending, Response, json_response
 from proxyd.proxy.headers import RESPONSE_DROP
+from proxyd.proxy.subrequest import ERROR_TOO_LARGE, Subrequest, SubrequestError
 
 if TYPE_CHECKING:
     from proxyd.middleware.services import Services
@@ -99,7 +98,6 @@ class ForwardAuth(Middleware):
         self.outcomes = Outcomes()
         self.pool: Any = None
         self.trusted: Any = ()
-        self.session: aiohttp.ClientSession | None = None
         self.tasks: set[asyncio.Task[Response | None]] = set()  # held: the loop keeps none
         # Requests that hold a subrequest slot (at most max_pending): taken in on_request,
         # before the task runs, so a burst within one turn of the loop cannot overshoot.
@@ -114,12 +112,6 @@ class ForwardAuth(Middleware):
         self.outcomes.bind(services, route.name, self.type)
         self.pool = services.pools[self.o.upstream]
         self.trusted = services.trusted
-        services.closers.append(self.close)
-
-    async def close(self) -> None:
-        session, self.session = self.session, None
-        if session is not None:
-            await session.close()
 
     # -- per request ---------------------------------------------------------------------------
     def on_request(self, ctx: Context) -> Response | Pending | None:
@@ -223,25 +215,10 @@ class ForwardAuth(Middleware):
                         decision.reason)
 
     # -- the subrequest ------------------------------------------------------------------------
-    def _session(self) -> aiohttp.ClientSession:
-        session = self.session
-        if session is None or session.closed:
-            # No cookie jar: a Set-Cookie the service sends to one client must never go back
-            # to it on another client's subrequest. No decompression: a refusal's body is
-            # relayed with the Content-Encoding it came with.
-            # The connector's limit is max_pending: past aiohttp's own default (100) an
-            # admitted subrequest would wait in a queue of aiohttp's, unseen and uncounted.
-            session = self.session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self.max_pending),
-                cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False,
-                timeout=aiohttp.ClientTimeout(total=None))
-        return session
-
-    def _subrequest_headers(self, ctx: Context,
-                            credentials: list[tuple[str, bytes | None]]) -> list[tuple[str, str]]:
-        # latin-1 both ways: the field bytes the client sent are the bytes the service gets.
-        headers = [(name, value.decode("latin-1")) for name, value in credentials
-                   if value is not None]
+    def _subrequest_headers(self, ctx: Context, credentials: list[tuple[str, bytes | None]]
+                            ) -> list[tuple[bytes, bytes]]:
+        # The field bytes the client sent are the bytes the service gets.
+        headers = [(name.encode(), value) for name, value in credentials if value is not None]
         ip = ctx.client_ip
         trusted = ip.decode() in self.trusted
         inbound_xff = ctx.header(b"x-forwarded-for")
@@ -249,46 +226,34 @@ class ForwardAuth(Middleware):
         inbound_host = ctx.header(b"x-forwarded-host")
         host = inbound_host if trusted and inbound_host else ctx.host
         uri = ctx.path + b"?" + ctx.query if ctx.query else ctx.path
-        headers += [("X-Forwarded-Method", ctx.method.decode("latin-1")),
-                    ("X-Forwarded-Uri", uri.decode("latin-1")),
-                    ("X-Forwarded-Proto", ctx.scheme.decode("latin-1")),
-                    ("X-Forwarded-For", xff.decode("latin-1"))]
+        headers += [(b"X-Forwarded-Method", ctx.method),
+                    (b"X-Forwarded-Uri", uri),
+                    (b"X-Forwarded-Proto", ctx.scheme),
+                    (b"X-Forwarded-For", xff)]
         if host:
-            headers.append(("X-Forwarded-Host", host.decode("latin-1")))
+            headers.append((b"X-Forwarded-Host", host))
         return headers
 
     async def _ask(self, ctx: Context,
                    credentials: list[tuple[str, bytes | None]]) -> Decision | None:
         """The service's answer, or None where it gave none that counts (down, too slow,
-        5xx, or no target up)."""
-        pool = self.pool
-        if not pool.breaker.allow():
-            return None  # the auth upstream's circuit breaker is open: not asked at all
-        target = pool.pick()
-        if target is None:
-            return None
-        url = URL(f"{target.scheme}://{target.host_header.decode()}{self.o.path}",
-                  encoded=True)
-        extra: dict[str, Any] = {}
-        if target.ssl is not None:
-            extra = {"ssl": target.ssl, "server_hostname": target.server_hostname}
+        5xx, no target up, or its circuit breaker open: then it is not asked at all)."""
+        o = self.o
+        sub = Subrequest(self.pool, o.method.encode(), o.path.encode(),
+                         self._subrequest_headers(ctx, credentials), timeout=o.timeout,
+                         max_body=MAX_BODY)
+        whole = True
         try:
-            async with asyncio.timeout(self.o.timeout), self._session().request(
-                    self.o.method, url, headers=self._subrequest_headers(ctx, credentials),
-                    allow_redirects=False, skip_auto_headers=("User-Agent", "Accept-Encoding"),
-                    **extra) as answer:
-                status = answer.status
-                if status >= 500:
-                    pool.response(target, status)
-                    return None
-                body, whole = await _read_bounded(answer.content)
-                raw = answer.raw_headers
-                reason = (answer.reason or "").encode("latin-1", "replace")
-        except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
-            pool.try_failed(target)
+            answer = await sub.start()
+        except SubrequestError as exc:
+            if exc.kind != ERROR_TOO_LARGE or exc.head is None:
+                return None
+            answer = exc.head
+            whole = False
+        status = answer.status
+        if status >= 500:
             return None
-        pool.response(target, status)
-        fields = list(raw)
+        fields = answer.headers
         if 200 <= status < 300:
             wanted = {lname: name for lname, name in self.copy}
             return Decision(status, [(wanted[lname], value) for lname, value in _lower(fields)
@@ -299,8 +264,8 @@ class ForwardAuth(Middleware):
             # (WWW-Authenticate, Location) with an error body of ours instead.
             kept = [(n, v) for n, v in headers
                     if n.lower() not in (b"content-type", b"content-encoding")]
-            return Decision(status, kept, reason=reason, oversize=True)
-        return Decision(status, headers, body, reason)
+            return Decision(status, kept, reason=answer.reason, oversize=True)
+        return Decision(status, headers, answer.body, answer.reason)
 
     # -- proxyd explain ------------------------------------------------------------------------
     def explain(self, ctx: Context, trusted: Any) -> str:
@@ -317,20 +282,6 @@ class ForwardAuth(Middleware):
         text += (f"; at most {o.max_pending} subrequests in flight per worker, beyond that "
                  "503 with Retry-After")
         return text
-
-
-async def _read_bounded(content: aiohttp.StreamReader) -> tuple[bytes, bool]:
-    """(the body, True) when it is at most MAX_BODY; (b"", False) past that."""
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        chunk = await content.read(MAX_BODY + 1 - size)
-        if not chunk:
-            return b"".join(chunks), True
-        size += len(chunk)
-        if size > MAX_BODY:
-            return b"", False
-        chunks.append(chunk)
 
 
 def _lower(fields: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
