@@ -401,11 +401,10 @@ class Subrequest:
                 conn.drop()
         pool = self.pool
         if self.timed:
-            self.timed = False
             pool.deadlines.discard(self)
         if self.admitted:
-            self.admitted = False
             pool.leave()
+        self.timed = self.admitted = False  # (this runs once: the state is DONE now)
 
 
 async def fetch(pools: Mapping[str, UpstreamPool], route: CompiledRoute, path: bytes,

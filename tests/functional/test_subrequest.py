@@ -18,7 +18,14 @@ from proxyd.proxy.subrequest import (
 )
 from proxyd.proxy.upstream import UpstreamPool
 from proxyd.proxy.upstream_conn import ERROR_RESET, ERROR_TIMEOUT
-from tests.functional._http import Message, RawClient, RawConn, get, serve_keepalive
+from tests.functional._http import (
+    Message,
+    RawClient,
+    RawConn,
+    RawUpstream,
+    get,
+    serve_keepalive,
+)
 from tests.functional.conftest import (
     CATCH_ALL,
     Proxy,
@@ -34,25 +41,26 @@ def ok(body: bytes = b"hello") -> bytes:
     return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nX-From: raw\r\n\r\n%b" % (len(body), body)
 
 
-async def keepalive_upstream(upstreams: Upstreams, response: bytes = ok()):  # type: ignore[no-untyped-def]
-    upstream = None
+async def keepalive_upstream(upstreams: Upstreams, response: bytes = ok()) -> RawUpstream:
+    """Answers every request on a connection with ``response`` until the proxy closes it."""
+    started: list[RawUpstream] = []
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                       conn: RawConn) -> None:
-        assert upstream is not None
-        await serve_keepalive(upstream, reader, writer, conn, lambda req, c: response)
+        await serve_keepalive(started[0], reader, writer, conn, lambda req, c: response)
 
-    upstream = await upstreams.raw(handler)
-    return upstream
-
-
-def pool(p: Proxy, name: str = "backend") -> UpstreamPool:
-    return p.pipeline.pools[name]
+    started.append(await upstreams.raw(handler))
+    return started[0]
 
 
-async def ask(p: Proxy, target: bytes = b"/sub", name: str = "backend", **kw: object) -> Answer:
-    sub = Subrequest(pool(p, name), kw.pop("method", b"GET"), target,  # type: ignore[arg-type]
-                     [(b"X-Asked-By", b"test")], **kw)  # type: ignore[arg-type]
+def pool(p: Proxy) -> UpstreamPool:
+    return p.pipeline.pools["backend"]
+
+
+async def ask(p: Proxy, method: bytes = b"GET", body: bytes = b"",
+              timeout: float | None = None, max_body: int = 64 * 1024) -> Answer:
+    sub = Subrequest(pool(p), method, b"/sub", [(b"X-Asked-By", b"test")], body,
+                     timeout=timeout, max_body=max_body)
     return await sub.start()
 
 
@@ -137,8 +145,8 @@ async def test_a_body_past_max_body_is_an_error_and_its_connection_is_closed(
         head = failed.value.head
         assert head is not None and head.body == b""
         assert head.status in (200, 401)
-        await wait_for(lambda u=upstream: u.conns[0].eof.is_set(),  # type: ignore[misc]
-                       what="the connection closed")
+        first = upstream.conns[0]
+        await wait_for(first.eof.is_set, what="the connection closed")
         assert p.target().open == 0
         assert (await ask(p, max_body=1000)).status == head.status
         assert len(upstream.conns) == 2
