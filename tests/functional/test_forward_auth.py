@@ -306,3 +306,19 @@ async def test_past_max_pending_subrequests_requests_get_503_at_once(
         assert counted[("api", "forward_auth", "ok")] == 4.0
     finally:
         auth.gate.set()
+
+
+async def test_subrequests_ride_the_auth_upstreams_keepalive_connections(
+        upstreams: Upstreams, proxy: StartProxy) -> None:
+    auth = await AuthService().start(upstreams)
+    p, origin = await auth_proxy(upstreams, proxy, auth.url)
+    for who in ("expired", "alice", "bob"):
+        await send(p, "/api/x", bearer(who))
+    assert len(origin.seen) == 2
+    assert auth.server is not None
+    expired, alice, bob = (seen.peer_port for seen in auth.server.seen)
+    # The 401 said Connection: close, so its connection was not kept; the next two shared
+    # one connection of the auth upstream's pool, which counts it.
+    assert alice == bob != expired
+    target = p.target("auth")
+    assert target.open == 1 and len(target.idle) == 1
