@@ -18,6 +18,26 @@ from proxyd.config.redact import redact_value
 from proxyd.master_api import MasterApi, ReloadResult, UpgradeResult
 
 
+def admin_socket(config: Admin, inherited: socket.socket | None = None) -> socket.socket:
+    """A listening socket for the admin port: ``inherited`` (a code upgrade's predecessor's)
+    while it is bound to ``config.listen``, else a new one."""
+    listen = config.listen
+    if inherited is not None:
+        if inherited.getsockname()[:2] == (listen.host, listen.port):
+            return inherited
+        inherited.close()
+    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((listen.host, listen.port))
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 class AdminServer:
     def __init__(self, master: MasterApi) -> None:
         self.master = master
@@ -44,30 +64,18 @@ class AdminServer:
         app.router.add_delete("/cache", self.purge)
         return app
 
-    async def start(self, config: Admin, inherited: socket.socket | None = None) -> None:
-        """Listen on ``config.listen``; on ``inherited`` when it is that address (an upgrade's
-        predecessor listened there)."""
+    async def start(self, config: Admin, sock: socket.socket | None = None) -> None:
+        """Listen on ``config.listen``, or serve ``sock`` (an upgrade's successor got it from
+        ``admin_socket`` before its predecessor let go)."""
         self.config = config
         self.runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
         await self.runner.setup()
-        if inherited is not None and inherited.getsockname()[:2] != (
-                config.listen.host, config.listen.port):
-            inherited.close()
-            inherited = None
-        await self._listen(config, inherited)
+        await self._listen(config, sock)
 
     async def _listen(self, config: Admin, sock: socket.socket | None = None) -> None:
         assert self.runner is not None
         if sock is None:
-            family = socket.AF_INET6 if ":" in config.listen.host else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.bind((config.listen.host, config.listen.port))
-                sock.listen(128)
-            except BaseException:
-                sock.close()
-                raise
+            sock = admin_socket(config)
         site = web.SockSite(self.runner, sock)
         await site.start()
         self.site, self.socket = site, sock

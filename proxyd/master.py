@@ -6,43 +6,42 @@ time. What workers should exist is decided in one place, ``reconcile`` (the plan
 reconcile.py's), so reload, recycling, crash recovery, silent workers and resizing all end the
 same way: a slot's successor is started, and its predecessor drains once the successor is
 READY. Each worker process is a ``WorkerProcess`` (worker_process.py). A reload is a
-transaction (reload.py): its new generation must all be READY before it is committed. The
-protocol as a whole: docs/architecture.md, "Reload, recycling and crash recovery".
+transaction (reload.py): its new generation must all be READY before it is committed. A code
+upgrade hands the sockets to a new master (upgrade.py, through ``UpgradeHost``). The protocol
+as a whole: docs/architecture.md, "Reload, recycling and crash recovery".
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Info, generate_latest
+from prometheus_client import CollectorRegistry, Info, generate_latest
 
-from proxyd import __version__, build, systemd
-from proxyd import upgrade as upgrading
+from proxyd import __version__, build, handover, systemd
 from proxyd.admin import AdminServer
 from proxyd.config.diff import config_diff
 from proxyd.config.models import GatewayConfig
-from proxyd.control import Channel
 from proxyd.cpus import worker_choice
 from proxyd.errors import EXIT_RUNTIME
 from proxyd.events import SIGNALS, Event, Message, Reload, Retire, Unresponsive, Upgrade
 from proxyd.fdlimit import limit_warnings, raise_nofile_limit
-from proxyd.master_api import ReloadResult, UpgradeResult
-from proxyd.master_status import upstreams_status
+from proxyd.master_api import ReloadResult, UpgradeResult, upstreams_status
 from proxyd.observe.metrics import MasterMetrics
 from proxyd.purge import Purges
 from proxyd.reconcile import READY, STARTING
 from proxyd.reload import ReloadRecord, new_generation
 from proxyd.runtime import remove_pid_file, remove_state, write_pid_file, write_state
 from proxyd.sockets import SocketSet
+from proxyd.upgrade import Upgrades
 from proxyd.watch import watch_config
 from proxyd.worker_process import (
     HEARTBEAT_TIMEOUT,
@@ -64,10 +63,9 @@ SUPERVISE_INTERVAL = 1.0  # seconds between the master's checks of its children
 class Master:
     def __init__(self, config_path: str, config: GatewayConfig, sha256: str,
                  pid_file: str | None = None,
-                 inheritance: upgrading.Inheritance | None = None) -> None:
+                 inheritance: handover.Inheritance | None = None) -> None:
         self.config_path = config_path
         self.pid_file = pid_file
-        self.inheritance = inheritance  # set when this master takes over from another
         self.config = config
         self.sha256 = sha256
         self.loaded_at = time.time()
@@ -90,11 +88,8 @@ class Master:
         self.registry.register(self.metrics)
         Info("gateway_build", "proxyd build", registry=self.registry).info(
             {"version": __version__})
-        self.upgrades = upgrading.UpgradeHistory()
-        self.upgrade_counter = Counter("gateway_upgrades", "Code upgrades by result",
-                                       ["result"], registry=self.registry)
-        self.successor: upgrading.Successor | None = None  # a master this one is starting
-        self.handover: Channel | None = None  # to the master this one takes over from
+        # inheritance: set when this master takes over from another (upgrade.py)
+        self.upgrades = Upgrades(self, self.registry, inheritance)
         # Whether systemd hears this master: not while it is a successor that has not taken
         # over, nor once it has handed over (systemd would refuse a non-main pid anyway).
         self.notifying = inheritance is None
@@ -122,7 +117,7 @@ class Master:
             "config": {"path": self.config_path, "sha256": self.sha256},
             "generation": self.generation, "loaded_at": self.loaded_at,
             "last_reload": self.reloads.last, "reloads": self.reloads.counts,
-            "upgrades": self.upgrades.describe(),
+            "upgrades": self.upgrades.history.describe(),
             "worker_count": self.worker_count, "workers_reason": self.workers_reason,
             "worker_restarts": self.workers.restarts,
             "workers_unresponsive": self.workers.unresponsive,
@@ -187,9 +182,7 @@ class Master:
         self.enqueue(Event.CHLD)
 
     def other_child_exited(self, pid: int, code: int) -> None:
-        successor = self.successor
-        if successor is not None and successor.pid == pid and not successor.exited.done():
-            successor.exited.set_result(code)
+        self.upgrades.child_exited(pid, code)  # the only other child: a new master
 
     def reconcile_later(self) -> None:
         self.enqueue(Event.RECONCILE)
@@ -241,6 +234,10 @@ class Master:
             case Event.USR1:
                 self.workers.broadcast({"type": "reopen"})
                 log.info("reopening log files")
+            case Event.TERM if self.state == "upgraded":
+                # Already leaving, once its workers have drained; the new master is the
+                # service now, and stopping the service is its business.
+                log.info("handed over to a new master; leaving once the workers have drained")
             case Event.TERM:
                 self.start_task(self._terminate())
             case Event.INT | Event.QUIT:
@@ -316,7 +313,7 @@ class Master:
         self.workers.reconcile()
         return True, None, changes
 
-    # -- code upgrade (upgrade.py) ----------------------------------------------------------------
+    # -- code upgrade (upgrade.py) ------------------------------------------------------------
     async def _upgrade_for(self, reply: asyncio.Future[UpgradeResult]) -> None:
         result = UpgradeResult(False, "the upgrade was interrupted")
         try:
@@ -326,77 +323,26 @@ class Master:
                 reply.set_result(result)
 
     async def upgrade(self) -> UpgradeResult:
-        """Start a new master from the installed code; hand over once its workers are READY."""
         async with self.reload_lock:
             if self.state != "running":
                 return UpgradeResult(False, f"not upgrading while {self.state}")
-            log.info("upgrade: starting a new master from the installed code")
-            exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-            try:
-                successor = self.successor = await upgrading.spawn(
-                    self.config_path, self.pid_file, self.sockets.named(), self.admin.socket,
-                    exited)
-            except OSError as exc:
-                return self._upgrade_done(False, f"cannot start a new master: {exc}", None)
-            self.child_exited_soon(successor.pid)
-            answer = await upgrading.wait_ready(successor, upgrading.UPGRADE_TIMEOUT)
-            if isinstance(answer, str) or self.state != "running":
-                upgrading.stop(successor)
-                why = answer if isinstance(answer, str) else f"{self.state} meanwhile"
-                return self._upgrade_done(False, why, None)
-            result = self._upgrade_done(True, None, answer)
-            # From here the new master is the service: systemd follows it, and this one
-            # stops reconciling and leaves once its workers have drained.
-            self._notify(f"MAINPID={result.pid}")
-            self.notifying = False
-            self.state = "upgraded"
-            self.workers.active = False
-            self.start_task(self._hand_over(successor))
-            return result
+            return await self.upgrades.upgrade()
 
-    def _upgrade_done(self, ok: bool, error: str | None,
-                      answer: dict[str, Any] | None) -> UpgradeResult:
-        to_pid = int(answer["pid"]) if answer else None
-        record = upgrading.entry(ok, error, os.getpid(), to_pid,
-                               str(answer["version"]) if answer else None)
-        self.upgrades.record(record)
-        self.upgrade_counter.labels("ok" if ok else "failed").inc()
-        if ok:
-            log.info("upgrade: the new master %s (proxyd %s) is ready; handing over", to_pid,
-                     record["to_version"])
-        else:
-            log.error("upgrade failed, this master keeps serving: %s", error)
-        return upgrading.result(record)
+    def handed_sockets(self) -> tuple[handover.Named, socket.socket | None]:
+        return self.sockets.named(), self.admin.socket
 
-    async def _hand_over(self, successor: upgrading.Successor) -> None:
-        # The caller's answer first; then the admin port goes quiet here (its socket stays
-        # open in the new master: connections wait in its queue) until the new one serves it.
-        await asyncio.sleep(0.05)
+    def step_down(self, successor_pid: int) -> None:
+        self._notify(f"MAINPID={successor_pid}")
+        self.notifying = False
+        self.state = "upgraded"
+        self.workers.active = False
+
+    async def quiet_admin(self) -> None:
         await self.admin.stop()
-        await successor.channel.send_and_flush(
-            {"type": "take_over", "upgrades": self.upgrades.encode()})
-        successor.channel.close()
-        workers = list(self.workers)
-        log.info("upgrade: draining %d workers", len(workers))
-        for worker in workers:
-            worker.drain()
-        self.sockets.close_all()  # not the last copies: the new master holds them
-        if workers:
-            await asyncio.wait([w.exited for w in workers])
-        await self._shutdown()
 
-    def child_exited_soon(self, pid: int) -> None:
-        """Learn of a non-worker child's exit at once (a pidfd), not at the next tick."""
-        with contextlib.suppress(AttributeError, OSError):
-            pidfd = os.pidfd_open(pid)
-            loop = asyncio.get_running_loop()
-
-            def readable() -> None:
-                loop.remove_reader(pidfd)
-                os.close(pidfd)
-                self.enqueue(Event.CHLD)
-
-            loop.add_reader(pidfd, readable)
+    async def serve_admin(self, sock: socket.socket) -> None:
+        self.notifying = True
+        await self.admin.start(self.config.admin, sock)
 
     def push_health(self) -> None:
         if self.health is not None:
@@ -411,13 +357,13 @@ class Master:
         for warning in limit_warnings(self.config, nofile, self.worker_count):
             log.warning("%s", warning)
         server = self.config.server
-        if self.inheritance is not None:
-            self.handover = await Channel.open(self.inheritance.channel)
-            upgrading.adopt_sockets(self.inheritance, self.sockets, server.listen)
+        inheriting = self.upgrades.inheritance is not None
+        if inheriting:
+            await self.upgrades.adopt(self.sockets, server.listen)
         elif self.pid_file:
             write_pid_file(self.pid_file)
         self.sockets.ensure(server.listen, self.worker_count, server.backlog)
-        if self.inheritance is None:
+        if not inheriting:
             await self.admin.start(self.config.admin)
         from proxyd.proxy.health import HealthChecker
 
@@ -432,8 +378,8 @@ class Master:
             return  # TERM, INT or QUIT while starting: already on the way out
         if not ready:
             raise RuntimeError("workers failed to start")
-        if self.inheritance is not None:
-            await self._take_over()
+        if inheriting:
+            await self.upgrades.take_over(self.config.admin)
         self.state = "running"
         self.workers.active = True
         log.info("proxyd %s ready: %d workers (%s), listening on %s (nofile %d)", __version__,
@@ -449,30 +395,6 @@ class Master:
                 lambda: self.state == "running" and self.config.server.watch_config))
         self.start_task(self._supervise())
 
-    async def _take_over(self) -> None:
-        """Tell the predecessor this master is ready; serve the admin port once it has let go."""
-        inheritance, channel = self.inheritance, self.handover
-        assert inheritance is not None and channel is not None
-        await channel.send_and_flush({"type": "ready", "pid": os.getpid(),
-                                      "version": __version__})
-        try:
-            message = await asyncio.wait_for(channel.receive(), upgrading.UPGRADE_TIMEOUT)
-        except TimeoutError:
-            message = None
-        channel.close()
-        if message is None or message.get("type") != "take_over":
-            raise RuntimeError("the old master did not hand over")
-        self.upgrades = upgrading.UpgradeHistory.decode(message.get("upgrades"))
-        for result, count in self.upgrades.counts.items():
-            self.upgrade_counter.labels(result).inc(count)
-        upgrading.take_over_watchdog(inheritance)
-        self.notifying = True
-        await self.admin.start(self.config.admin, inheritance.admin)
-        if self.pid_file:
-            write_pid_file(self.pid_file)
-        log.info("took over from master %d (proxyd %s)", inheritance.from_pid,
-                 inheritance.from_version)
-
     async def run(self) -> int:
         # Dispatch from the start: a worker that dies while starting is reaped through the
         # queue, and only that ends the wait for its READY before READY_TIMEOUT.
@@ -482,10 +404,10 @@ class Master:
         except RuntimeError as exc:
             log.error("cannot start: %s", exc)
             self.exit_code = EXIT_RUNTIME
-            if self.inheritance is not None:
+            if self.upgrades.inheritance is not None:
                 # Workers of a successor may already serve on the shared sockets: they
                 # finish what they took, and the old master serves on.
-                await self._say_failed(str(exc))
+                await self.upgrades.say_failed(str(exc))
                 self.state = "starting"
                 self.start_task(self._terminate())
             else:
@@ -493,12 +415,6 @@ class Master:
         await self._stopped.wait()
         dispatcher.cancel()
         return self.exit_code
-
-    async def _say_failed(self, error: str) -> None:
-        if self.handover is not None:
-            with contextlib.suppress(OSError):
-                await self.handover.send_and_flush({"type": "failed", "error": error})
-            self.handover.close()
 
     def _notify(self, *fields: str) -> None:
         if self.notifying:
@@ -533,13 +449,17 @@ class Master:
             self._quit()  # a second TERM: stop now
             return
         self._stopping()
-        log.info("graceful shutdown: draining %d workers", len(self.workers))
+        log.info("graceful shutdown")
+        await self.drain_and_exit()
+
+    async def drain_and_exit(self) -> None:
         workers = list(self.workers)
+        log.info("draining %d workers", len(workers))
         for worker in workers:
             worker.drain()
-        # Each worker's close is then the last: the port refuses new connections as soon as
-        # the workers stop accepting, instead of queueing them until the drain ends, then
-        # resetting them.
+        # Each worker's close is then the last (after an upgrade, the new master's copies
+        # are): the port refuses new connections as soon as the workers stop accepting,
+        # instead of queueing them until the drain ends, then resetting them.
         self.sockets.close_all()
         if workers:
             await asyncio.wait([w.exited for w in workers])
@@ -549,6 +469,7 @@ class Master:
         self.state = "stopping"
         self.workers.active = False
         self._notify("STOPPING=1")
+        self.upgrades.abandon()  # a new master being started goes too (not one handed over)
 
     def _quit(self) -> None:
         self._stopping()
@@ -576,8 +497,7 @@ class Master:
         remove_state(self.config_path)
         if self.pid_file:
             remove_pid_file(self.pid_file)
-        if self.successor is not None and self.state != "upgraded":
-            upgrading.stop(self.successor)  # one being started goes too
+        await self.upgrades.settle(self.config.server.drain_timeout + KILL_GRACE)
         log.info("proxyd stopped")
         self._stopped.set()
 
@@ -585,9 +505,9 @@ class Master:
 def run_master(config_path: str, config: GatewayConfig, pid_file: str | None = None) -> int:
     import uvloop
 
-    inheritance = upgrading.inherited()
+    inheritance = handover.inherited()
     if inheritance is not None:
-        upgrading.speak_for_self(inheritance)
+        handover.speak_for_self(inheritance)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s proxyd[%(process)d] %(levelname)s %(message)s")
     sha256 = hashlib.sha256(Path(config_path).read_bytes()).hexdigest()

@@ -87,9 +87,16 @@ def read_state(config_path: str) -> dict[str, Any] | None:
 
 def write_pid_file(path: str) -> None:
     """``--pid-file``: this process is the master (at start, or once an upgrade handed over)."""
+    stage_pid_file(path).replace(path)
+
+
+def stage_pid_file(path: str) -> Path:
+    """The pid file's content, written beside it: renamed over ``path`` it is the pid file, in
+    one step that cannot fail for want of room or permission (a new master checks so before
+    its predecessor lets go)."""
     temporary = Path(f"{path}.{os.getpid()}.tmp")
     temporary.write_text(f"{os.getpid()}\n")
-    temporary.replace(path)
+    return temporary
 
 
 def remove_pid_file(path: str) -> None:

@@ -1,49 +1,57 @@
 """A code upgrade: a new master from the installed code takes the same sockets over.
 
-The running master (the predecessor) starts ``python -m proxyd run -c FILE`` afresh (the code
-installed now, the environment it runs with) and passes it, as inherited descriptors named in
-``PROXYD_UPGRADE``, every listening socket, the admin port's socket, one end of a control
-socketpair and its own stderr; the new master's stderr starts as a pipe the predecessor reads,
-so whatever it prints before it can speak (an import error, a config error) is relayed to the
-log and quoted in the answer. The successor validates its config, forks its workers on the
-same sockets (one socket per slot, shared with the predecessor's workers: the kernel queue is
-never closed, so nothing queued is lost), and says ``ready`` once every worker is READY. Only
-then does the predecessor hand over (systemd's MAINPID, ``take_over`` with the upgrade
-history), drain its workers and exit; the successor then serves the admin port, writes the pid
-and state files and takes the supervision on. A successor that exits, says ``failed`` or is not
-ready within UPGRADE_TIMEOUT is stopped (it drains what its workers took), and the predecessor
-serves on as if nothing happened. Why inherited descriptors and not SCM_RIGHTS, and the
-protocol as a whole: docs/architecture.md, "Upgrading the code".
+Both sides of the protocol live here, as ``Upgrades`` (one per master):
+
+- The predecessor (``upgrade``: SIGUSR2, ``POST /upgrade``) starts a new master with its
+  descriptors (handover.py) and waits for its ``ready``: every worker of the new master READY
+  on the same sockets. Only then does it commit: systemd's MAINPID names the new master, the
+  caller gets its answer, the admin port goes quiet here, ``take_over`` (with the upgrade
+  history) goes to the new master, and this one drains its workers and exits. A successor that
+  exits, says ``failed`` or is not ready within UPGRADE_TIMEOUT is stopped (its workers drain
+  what they took) and the predecessor serves on, the failure recorded like any other.
+- The successor (``adopt``, then ``take_over`` once its workers are READY) checks whatever
+  could still fail before it says ``ready`` (the admin port's address, the pid file), so that
+  nothing it does after the predecessor has let go can fail for a reason known in advance.
+
+The master is seen through ``UpgradeHost``, never its internals. Once committed, a hand-over is
+finished whatever the predecessor is told meanwhile (TERM, INT, QUIT stop its own workers,
+never the master that is now the service). The protocol as a whole: docs/architecture.md,
+"Upgrading the code".
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
 import socket
-import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
+from prometheus_client import CollectorRegistry, Counter
+
+from proxyd import __version__, handover
+from proxyd.admin import admin_socket
+from proxyd.config.models import Admin
 from proxyd.config.types import HostPort
 from proxyd.control import Channel
 from proxyd.master_api import UpgradeResult
+from proxyd.runtime import stage_pid_file
 from proxyd.sockets import SocketSet
 
 log = logging.getLogger("proxyd.master")
 
-ENV = "PROXYD_UPGRADE"
 # The successor parses its config (bounded by the loader's own limits) and starts its workers
 # (READY_TIMEOUT each, in parallel): past this, it is given up.
 UPGRADE_TIMEOUT = 90.0
 HISTORY = 20  # upgrades remembered in /status
-STDERR_TAIL = 4096  # bytes of the successor's early output quoted when it fails
+# The caller's answer leaves before the admin port goes quiet here (its socket stays open in
+# the new master: connections made meanwhile wait in its queue).
+ANSWER_GRACE = 0.05
 
 
 @dataclass
@@ -74,198 +82,185 @@ class UpgradeHistory:
                     "failed": int(data.get("counts", {}).get("failed", 0))})
 
 
-# -- the successor's side ---------------------------------------------------------------------
+class UpgradeHost(Protocol):
+    """What an upgrade needs of its master (master.py implements it)."""
+
+    @property
+    def config_path(self) -> str: ...
+
+    @property
+    def pid_file(self) -> str | None: ...
+
+    @property
+    def state(self) -> str: ...
+
+    def handed_sockets(self) -> tuple[handover.Named, socket.socket | None]:
+        """The listening sockets and the admin port's socket: what a successor inherits."""
+        ...
+
+    def child_exited(self) -> None: ...
+
+    def start_task(self, coro: Coroutine[Any, Any, Any]) -> None: ...
+
+    def step_down(self, successor_pid: int) -> None:
+        """The successor is the service from now on: systemd follows it, and this master
+        stops reconciling."""
+        ...
+
+    async def quiet_admin(self) -> None: ...
+
+    async def drain_and_exit(self) -> None: ...
+
+    async def serve_admin(self, sock: socket.socket) -> None:
+        """The successor, handed over to: serve the admin port, speak to systemd."""
+        ...
 
 
-@dataclass
-class Inheritance:
-    """What a successor was handed by its predecessor."""
+class Upgrades:
+    """This master's part in code upgrades: as the predecessor of a new master, or as the
+    successor of the one that started it (``inheritance``), and the history of both."""
 
-    channel: socket.socket
-    admin: socket.socket | None
-    listeners: list[tuple[str, int, socket.socket]]  # (host:port, slot, socket)
-    stderr: int  # the predecessor's stderr, to write to once it no longer relays ours
-    from_pid: int
-    from_version: str
+    def __init__(self, host: UpgradeHost, registry: CollectorRegistry,
+                 inheritance: handover.Inheritance | None) -> None:
+        self.host = host
+        self.inheritance = inheritance
+        self.history = UpgradeHistory()
+        self.counter = Counter("gateway_upgrades", "Code upgrades by result", ["result"],
+                               registry=registry)
+        self.successor: handover.Successor | None = None  # a master this one is starting
+        self.handing_over: asyncio.Task[None] | None = None
+        self.channel: Channel | None = None  # to the predecessor, until it has handed over
 
-
-def inherited() -> Inheritance | None:
-    """The handover named in the environment, if this process is a successor (read once: the
-    variable is removed, so a later upgrade or a worker never sees it)."""
-    raw = os.environ.pop(ENV, None)
-    if not raw:
-        return None
-    data = json.loads(raw)
-
-    def adopt(fd: int) -> socket.socket:
-        sock = socket.socket(fileno=fd)
-        sock.set_inheritable(False)
-        sock.setblocking(False)
-        return sock
-
-    return Inheritance(
-        channel=adopt(int(data["channel"])),
-        admin=adopt(int(data["admin"])) if data.get("admin") is not None else None,
-        listeners=[(str(e["listen"]), int(e["slot"]), adopt(int(e["fd"])))
-                   for e in data["listeners"]],
-        stderr=int(data["stderr"]), from_pid=int(data["from_pid"]),
-        from_version=str(data["from_version"]))
-
-
-def speak_for_self(inheritance: Inheritance) -> None:
-    """Write to the predecessor's stderr from now on, not the pipe it relays: the workers
-    forked next inherit it, and they outlive the predecessor."""
-    os.dup2(inheritance.stderr, 2)
-    os.close(inheritance.stderr)
-
-
-def adopt_sockets(inheritance: Inheritance, sockets: SocketSet,
-                  listeners: Sequence[HostPort]) -> None:
-    """Take the predecessor's sockets for the listeners this config has (the same kernel
-    sockets its workers accept on); let go of the others (ours is not their last copy)."""
-    by_name = {str(listener): listener for listener in listeners}
-    for listen, slot, sock in inheritance.listeners:
-        listener = by_name.get(listen)
-        if listener is None:
-            sock.close()
-        else:
-            sockets.adopt((listener, slot), sock)
-
-
-def take_over_watchdog(inheritance: Inheritance) -> None:
-    """systemd named the predecessor in WATCHDOG_PID; the pings are this process's now."""
-    if os.environ.get("WATCHDOG_PID") == str(inheritance.from_pid):
-        os.environ["WATCHDOG_PID"] = str(os.getpid())
-
-
-# -- the predecessor's side -------------------------------------------------------------------
-
-
-@dataclass
-class Successor:
-    """A new master being started by this one."""
-
-    pid: int
-    channel: Channel
-    exited: asyncio.Future[int]
-    stderr_tail: bytearray
-
-
-def command(config_path: str, pid_file: str | None) -> list[str]:
-    """The new master's command line: this one's, with the code installed now. ``-P``: the
-    working directory is not searched first (from a source checkout, or wherever an operator
-    ran the first master, it would shadow the installed package)."""
-    args = [sys.executable, "-P", "-m", "proxyd", "run", "-c", config_path]
-    return args + (["--pid-file", pid_file] if pid_file else [])
-
-
-async def spawn(config_path: str, pid_file: str | None,
-                listeners: list[tuple[str, int, socket.socket]], admin: socket.socket | None,
-                exited: asyncio.Future[int]) -> Successor:
-    """Start the new master with the sockets; its stderr is a pipe relayed to ours."""
-    ours, theirs = socket.socketpair()
-    read_end, write_end = os.pipe()
-    stderr = os.dup(2)
-    passed = [theirs.fileno(), stderr, *(s.fileno() for _, _, s in listeners)]
-    if admin is not None:
-        passed.append(admin.fileno())
-    handover = {"channel": theirs.fileno(), "stderr": stderr,
-                "admin": admin.fileno() if admin is not None else None,
-                "listeners": [{"listen": listen, "slot": slot, "fd": s.fileno()}
-                              for listen, slot, s in listeners],
-                "from_pid": os.getpid(), "from_version": _version()}
-    env = {**os.environ, ENV: json.dumps(handover)}
-    try:
-        for fd in passed:
-            os.set_inheritable(fd, True)
-        pid = os.posix_spawn(sys.executable, command(config_path, pid_file), env,
-                             file_actions=[(os.POSIX_SPAWN_DUP2, write_end, 2)],
-                             setsigdef=(signal.SIGPIPE,))
-    finally:
-        for fd in passed:
-            with contextlib.suppress(OSError):
-                os.set_inheritable(fd, False)
-        os.close(write_end)
-        os.close(stderr)
-        theirs.close()
-    tail = bytearray()
-    _relay(read_end, tail)
-    return Successor(pid, await Channel.open(ours), exited, tail)
-
-
-def _version() -> str:
-    from proxyd import __version__
-
-    return __version__
-
-
-def _relay(fd: int, tail: bytearray) -> None:
-    """Copy the successor's early output to our stderr, keeping its last bytes."""
-    loop = asyncio.get_running_loop()
-    os.set_blocking(fd, False)
-
-    def readable() -> None:
+    # -- the predecessor's side ---------------------------------------------------------------
+    async def upgrade(self) -> UpgradeResult:
+        """Start a new master from the installed code; commit once its workers are READY.
+        (The master holds its reload lock: one reload, resize or upgrade at a time.)"""
+        host = self.host
+        log.info("upgrade: starting a new master from the installed code")
+        exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        listeners, admin = host.handed_sockets()
         try:
-            data = os.read(fd, 65536)
-        except BlockingIOError:
+            successor = self.successor = await handover.spawn(
+                host.config_path, host.pid_file, listeners, admin, exited)
+        except OSError as exc:
+            return self._done(False, f"cannot start a new master: {exc}", None)
+        handover.watch_exit(successor.pid, host.child_exited)
+        answer = await handover.wait_ready(successor, UPGRADE_TIMEOUT)
+        if isinstance(answer, str) or host.state != "running":
+            handover.stop(successor)
+            why = answer if isinstance(answer, str) else f"{host.state} meanwhile"
+            return self._done(False, why, None)
+        result = self._done(True, None, answer)
+        host.step_down(successor.pid)
+        self.handing_over = asyncio.get_running_loop().create_task(self._hand_over(successor))
+        host.start_task(self._leave_after(self.handing_over))
+        return result
+
+    def _done(self, ok: bool, error: str | None,
+              answer: dict[str, Any] | None) -> UpgradeResult:
+        to_pid = int(answer["pid"]) if answer else None
+        to_version = str(answer["version"]) if answer else None
+        record = {"ok": ok, "error": error, "at": time.time(), "from_pid": os.getpid(),
+                  "from_version": __version__, "to_pid": to_pid, "to_version": to_version}
+        self.history.record(record)
+        self.counter.labels("ok" if ok else "failed").inc()
+        if ok:
+            log.info("upgrade: the new master %s (proxyd %s) is ready; handing over", to_pid,
+                     to_version)
+        else:
+            log.error("upgrade failed, this master keeps serving: %s", error)
+        return UpgradeResult(ok, error, to_pid, to_version)
+
+    async def _hand_over(self, successor: handover.Successor) -> None:
+        await asyncio.sleep(ANSWER_GRACE)
+        await self.host.quiet_admin()
+        await successor.channel.send_and_flush(
+            {"type": "take_over", "upgrades": self.history.encode()})
+        successor.channel.close()
+
+    async def _leave_after(self, hand_over: asyncio.Task[None]) -> None:
+        try:
+            await hand_over
+        except Exception:  # a bug: the new master is the service all the same
+            log.exception("upgrade: the hand-over failed")
+        await self.host.drain_and_exit()
+
+    def child_exited(self, pid: int, code: int) -> None:
+        successor = self.successor
+        if successor is not None and successor.pid == pid and not successor.exited.done():
+            successor.exited.set_result(code)
+
+    def abandon(self) -> None:
+        """This master is stopping: a successor still starting is stopped at once (one that
+        has been handed over to is the service, and is left alone)."""
+        if self.successor is not None and self.handing_over is None:
+            handover.stop(self.successor)
+
+    async def settle(self, limit: float) -> None:
+        """Before this master exits: a committed hand-over is completed (the new master is
+        the service and must hear ``take_over``); a successor still starting is stopped, and
+        waited for up to ``limit`` (it drains what its workers took), so that nothing of the
+        service outlives its stop."""
+        if self.handing_over is not None:
+            with contextlib.suppress(Exception):  # logged where it is awaited first
+                await asyncio.shield(self.handing_over)
             return
-        except OSError:
-            data = b""
-        if not data:
-            loop.remove_reader(fd)
-            os.close(fd)
+        successor = self.successor
+        if successor is None or successor.exited.done():
             return
-        with contextlib.suppress(OSError):
-            os.write(2, data)
-        tail.extend(data)
-        del tail[:-STDERR_TAIL]
+        handover.stop(successor)
+        try:
+            await asyncio.wait_for(asyncio.shield(successor.exited), limit)
+        except TimeoutError:
+            log.warning("the new master %d did not stop in time; killing it", successor.pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(successor.pid, signal.SIGKILL)
 
-    loop.add_reader(fd, readable)
+    # -- the successor's side -----------------------------------------------------------------
+    async def adopt(self, sockets: SocketSet, listeners: Sequence[HostPort]) -> None:
+        """Open the channel to the predecessor; take the sockets this config still names."""
+        inheritance = self.inheritance
+        assert inheritance is not None
+        self.channel = await Channel.open(inheritance.channel)
+        handover.adopt_sockets(inheritance, sockets, listeners)
 
+    async def take_over(self, admin: Admin) -> None:
+        """Every worker is READY: check what could still fail, say ``ready``, wait for the
+        predecessor to let go, then serve the admin port and write the pid file."""
+        inheritance, channel = self.inheritance, self.channel
+        assert inheritance is not None and channel is not None
+        try:
+            sock = admin_socket(admin, inheritance.admin)
+            staged = stage_pid_file(self.host.pid_file) if self.host.pid_file else None
+        except OSError as exc:
+            raise RuntimeError(f"cannot take over: {exc}") from exc
+        await channel.send_and_flush({"type": "ready", "pid": os.getpid(),
+                                      "version": __version__})
+        try:
+            message = await asyncio.wait_for(channel.receive(), UPGRADE_TIMEOUT)
+        except TimeoutError:
+            message = None
+        channel.close()
+        self.channel = None
+        if message is None or message.get("type") != "take_over":
+            sock.close()
+            if staged is not None:
+                staged.unlink(missing_ok=True)
+            raise RuntimeError("the old master did not hand over")
+        self.history = UpgradeHistory.decode(message.get("upgrades"))
+        for result, count in self.history.counts.items():
+            self.counter.labels(result).inc(count)
+        handover.take_over_watchdog(inheritance)
+        await self.host.serve_admin(sock)
+        if staged is not None and self.host.pid_file:
+            staged.replace(self.host.pid_file)
+        log.info("took over from master %d (proxyd %s)", inheritance.from_pid,
+                 inheritance.from_version)
 
-async def wait_ready(successor: Successor, timeout: float) -> dict[str, Any] | str:
-    """The successor's ``ready`` message, or why it will not come."""
-    receive = asyncio.ensure_future(successor.channel.receive())
-    either: set[asyncio.Future[Any]] = {receive, successor.exited}
-    try:
-        done, _ = await asyncio.wait(either, timeout=timeout,
-                                     return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        if not receive.done():
-            receive.cancel()
-    if receive in done and (message := receive.result()) is not None:
-        if message.get("type") == "ready":
-            return message
-        return str(message.get("error") or f"the new master said {message!r}")
-    if not done:
-        return f"the new master was not ready within {timeout:.0f}s"
-    if receive in done:  # the channel closed: its exit follows
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(successor.exited), 5.0)
-    code = successor.exited.result() if successor.exited.done() else None
-    said = _said(successor.stderr_tail)
-    how = f"exited with status {code}" if code is not None else "closed its channel"
-    return f"the new master (pid {successor.pid}) {how} before it was ready" + (
-        f": {said}" if said else "")
-
-
-def _said(tail: bytearray) -> str:
-    lines = [line for line in tail.decode(errors="replace").splitlines() if line.strip()]
-    return "\n".join(lines[-12:])
-
-
-def stop(successor: Successor) -> None:
-    """Stop a successor given up on: it drains what its workers took, then exits."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(successor.pid, signal.SIGTERM)
-    successor.channel.close()
-
-
-def entry(ok: bool, error: str | None, from_pid: int, to_pid: int | None,
-          to_version: str | None) -> dict[str, Any]:
-    return {"ok": ok, "error": error, "at": time.time(), "from_pid": from_pid,
-            "from_version": _version(), "to_pid": to_pid, "to_version": to_version}
-
-
-def result(record: dict[str, Any]) -> UpgradeResult:
-    return UpgradeResult(record["ok"], record["error"], record["to_pid"], record["to_version"])
+    async def say_failed(self, error: str) -> None:
+        """The successor cannot start: the predecessor serves on (and quotes ``error``)."""
+        if self.channel is not None:
+            with contextlib.suppress(OSError):
+                await self.channel.send_and_flush({"type": "failed", "error": error})
+            self.channel.close()
+            self.channel = None

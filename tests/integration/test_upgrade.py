@@ -54,7 +54,7 @@ class Installed:
     def current(self) -> Path:
         return self.root / "current"
 
-    def install(self, version: str, *, broken: str | None = None) -> None:
+    def install(self, version: str, *, broken: str | None = None, then: str = "") -> None:
         self.n += 1
         tree = self.root / f"code-{self.n}"
         shutil.copytree(PACKAGE, tree / "proxyd", ignore=shutil.ignore_patterns("__pycache__"))
@@ -67,6 +67,7 @@ class Installed:
         assert version in text
         if broken is not None:
             text += f"\nraise ImportError({broken!r})\n"
+        text += then  # code the new master runs as it imports the package
         init.write_text(text)
         link = self.root / "current.tmp"
         link.unlink(missing_ok=True)
@@ -225,6 +226,7 @@ async def test_ten_upgrades_under_open_loop_load_drop_nothing(
             assert f"proxyd {version} (pid" in done.stdout, done.stdout
             st = await status(p)
             assert st["version"] == version and st["pid"] != previous, st
+            assert st["build"] == first["build"], "the copy loads as the original did"
             assert st["upgrades"]["ok"] == i and st["upgrades"]["failed"] == 0
             assert st["upgrades"]["last"]["to_version"] == version
             # The same kernel sockets, handed over: never closed, never bound again.
@@ -428,3 +430,113 @@ async def test_websocket_relays_follow_their_routes_on_reload_policy(
     finally:
         await session.close()
         await stop_master(p)
+
+
+async def test_signals_to_the_old_master_after_the_handover_leave_the_new_one_serving(
+    served: tuple[Proxyd, Installed], origin: Origin
+) -> None:
+    """The old master drains a slow request after the handover; TERM (it is leaving anyway)
+    and QUIT (stop now) are its own business, never the new master's, which is the service."""
+    p, installed = served
+
+    async def slow_request() -> None:
+        async with aiohttp.ClientSession() as s, s.get(p.url + "/slow?d=30") as r:
+            await r.read()
+
+    slow = asyncio.create_task(slow_request())
+    try:
+        await wait_until(lambda: origin.slow_started >= 1, 10.0, "the slow request in flight")
+        installed.install(f"{VERSION}+signals")
+        done = await upgrade(p)
+        assert done.returncode == 0, done.stderr + p.log(60)
+        new = (await status(p))["pid"]
+        assert p.proc.poll() is None, "the old master drains the slow request"
+        p.signal(signal.SIGTERM)
+        st = await status(p)
+        assert (st["pid"], st["state"]) == (new, "running"), st
+        p.signal(signal.SIGQUIT)
+        assert await p.wait_exit(30.0) == 0, p.log()
+        st = await status(p)
+        assert (st["pid"], st["state"]) == (new, "running"), st
+        assert (await p.get_admin("/health/ready"))[0] == 200
+        async with aiohttp.ClientSession() as s, s.get(p.url + "/") as r:
+            assert r.status == 200
+    finally:
+        slow.cancel()
+        with contextlib.suppress(BaseException):
+            await slow
+
+
+async def test_a_new_master_that_cannot_take_the_admin_port_leaves_the_old_one_serving(
+    served: tuple[Proxyd, Installed]
+) -> None:
+    """The new config moves the admin port to an address in use: found before the old master
+    lets go, so the upgrade fails and nothing else changes."""
+    p, installed = served
+    before = await status(p)
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    good = p.config_path.read_text()
+    try:
+        write_config(p.config_path, good.replace(f"127.0.0.1:{p.ports.admin}",
+                                                 f"127.0.0.1:{taken.getsockname()[1]}"))
+        installed.install(f"{VERSION}+admin")
+        done = await upgrade(p)
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert "Address already in use" in done.stderr, done.stderr
+    finally:
+        taken.close()
+        write_config(p.config_path, good)
+    st = await status(p)
+    assert (st["pid"], st["version"]) == (before["pid"], before["version"])
+    assert st["upgrades"]["last"]["ok"] is False
+    assert (await p.get_admin("/health/ready"))[0] == 200
+    async with aiohttp.ClientSession() as s, s.get(p.url + "/") as r:
+        assert r.status == 200
+
+
+async def test_term_during_an_upgrade_stops_the_new_master_before_the_old_one_exits(
+    served: tuple[Proxyd, Installed], origin: Origin, tmp_path: Path
+) -> None:
+    """A stop (systemctl stop: TERM to the main pid) while a new master starts: the new one is
+    told at once, not once the old workers have drained, and waited for, so nothing of the
+    service outlives the old master (under systemd, whatever does is killed)."""
+    p, installed = served
+    gate = tmp_path / "gate"
+    installed.install(f"{VERSION}+gated", then=f"""
+import os as _os, signal as _signal, sys as _sys, time as _time
+if _os.environ.get("PROXYD_UPGRADE"):  # the new master: it stops here, and takes its time
+    _signal.signal(_signal.SIGTERM, lambda *_: open({str(gate)!r} + ".term", "w").close())
+    with open({str(gate)!r} + ".arrived.tmp", "w") as _f:
+        _f.write(str(_os.getpid()))
+    _os.replace({str(gate)!r} + ".arrived.tmp", {str(gate)!r} + ".arrived")
+    while not _os.path.exists({str(gate)!r} + ".open"):
+        _time.sleep(0.02)
+    _sys.exit(3)
+""")
+    arrived, term, release = (Path(f"{gate}.{n}") for n in ("arrived", "term", "open"))
+    upgrading = asyncio.create_task(upgrade(p))
+    try:
+        await wait_until(arrived.exists, 60.0, "the new master to start")
+        successor = int(arrived.read_text())
+        # An old worker drains this for seconds after the TERM.
+        async with aiohttp.ClientSession() as s:
+            slow = asyncio.create_task(s.get(p.url + "/slow?d=6"))
+            await wait_until(lambda: origin.slow_started >= 1, 10.0, "the slow request")
+            p.signal(signal.SIGTERM)
+            await wait_until(term.exists, 3.0, "the new master to be told to stop at once")
+            async with await slow as r:
+                assert (r.status, await r.read()) == (200, b"slow done")
+        assert p.proc.poll() is None, "the old master waits for the new one"
+        release.touch()
+        assert await p.wait_exit(30.0) == 0, p.log()
+        assert not alive(successor)
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", p.ports.traffic), timeout=5).close()
+        done = await upgrading
+        assert done.returncode == 1, done.stdout + done.stderr
+    finally:
+        release.touch()
+        if not upgrading.done():
+            await upgrading

@@ -1,7 +1,8 @@
 """proxyd's top-level modules import each other without a loop (type-only imports included).
 
 A loop means two modules are one concept split in two, or a seam that should be an interface
-(the master's admin port and config watcher talk to it through master_api.py and callbacks).
+(the master's admin port, config watcher and code upgrade talk to it through interfaces:
+master_api.py, callbacks, upgrade.UpgradeHost).
 """
 
 from __future__ import annotations
@@ -46,5 +47,6 @@ def test_no_import_loop_among_top_level_modules() -> None:
 
 
 def test_admin_and_watch_do_not_import_the_master() -> None:
-    for name in ("admin", "watch", "master_api", "worker_process", "workers", "reconcile"):
+    for name in ("admin", "watch", "master_api", "worker_process", "workers", "reconcile",
+                 "upgrade", "handover"):
         assert "master" not in _imports(PACKAGE / f"{name}.py"), name
