@@ -3,7 +3,8 @@
 One per worker (proxy/pipeline.py builds it): the store (memory, or Redis with a memory L1),
 the coalescing maps (the lookups and refreshes in flight, keyed by cache key, shared by every
 route's element so one miss fills the entry for all), where invalidations go for the sibling
-workers, the background fetch a refresh makes, and purges.
+workers, the background fetch a refresh makes (through the upstream pool, as a subrequest), and
+purges.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from proxyd.cache.memory import MemoryStore
 from proxyd.cache.redis import RedisStore
+from proxyd.proxy import subrequest
 
 if TYPE_CHECKING:
     from proxyd.config.models import Cache as CacheSettings
@@ -38,7 +40,6 @@ class CacheService:
         # Set by a worker whose siblings keep memory stores of their own: the keys an unsafe
         # request invalidated here go to them too (through the master).
         self.invalidated: Callable[[list[str]], None] | None = None
-        self._session: Any = None  # aiohttp ClientSession for background fetches, lazily
 
     @property
     def redis_unavailable(self) -> bool:
@@ -47,32 +48,12 @@ class CacheService:
 
     async def fetch(self, route: CompiledRoute, path: bytes, query: bytes,
                     headers: list[tuple[bytes, bytes]]) -> Fetched | None:
-        """An upstream GET outside any client exchange (a background refresh)."""
-        import aiohttp
-
-        if route.upstream is None:
-            return None
-        if self._session is None:
-            self._session = aiohttp.ClientSession(auto_decompress=False)
-        pool = self.pools[route.upstream]
-        target = pool.pick()
-        if target is None:
-            return None
-        url_path = route.rewrite_path(path) if route.strip_prefix or route.rewrite else path
-        url = f"{target.scheme}://{target.host}:{target.port}{url_path.decode('latin-1')}"
-        if query:
-            url += "?" + query.decode("latin-1")
-        try:
-            async with self._session.get(
-                url, headers=[(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers],
-                timeout=aiohttp.ClientTimeout(total=target.read_timeout),
-                allow_redirects=False, ssl=pool.ssl if pool.ssl is not None else True,
-                server_hostname=target.server_hostname,
-            ) as resp:
-                body = await resp.read()
-                return resp.status, [(k, v) for k, v in resp.raw_headers], body
-        except (aiohttp.ClientError, TimeoutError, OSError):
-            return None
+        """An upstream GET outside any client exchange (a background refresh), through the
+        route's upstream pool like a client request (proxy/subrequest.py): its balancer,
+        breaker, timeouts, retries and keep-alive connections. A body past what the store
+        keeps is not read whole."""
+        return await subrequest.fetch(self.pools, route, path, query, headers,
+                                      max_body=int(self.store.max_object_size))
 
     async def purge(self, key: str | None = None, prefix: str | None = None,
                     shared: bool = True) -> tuple[int, bool]:
@@ -98,8 +79,6 @@ class CacheService:
     def closers(self) -> list[Coroutine[Any, Any, None]]:
         """What must be awaited when the worker stops."""
         out: list[Coroutine[Any, Any, None]] = []
-        if self._session is not None:
-            out.append(self._session.close())
         if isinstance(self.store, RedisStore):
             out.append(self.store.close())
         return out

@@ -360,11 +360,38 @@ async def test_stale_while_revalidate_serves_stale_and_refreshes_once(
         assert (resp.body, resp.header("X-Cache")) == (b"old", "HIT")
         assert resp.header("Cache-Status") == "proxyd; hit; fwd=stale"
     await wait_for(lambda: len(up.seen) == 2, what="the background refresh")
-    await asyncio.sleep(0.4)  # let the refresh land
+    await wait_for(lambda: not p.pipeline.cache.refreshing, what="the refresh to land")
     assert len(up.seen) == 2  # exactly one background request
     fresh = await fetch(p)
     assert (fresh.body, fresh.header("Cache-Status")) == (b"new", "proxyd; hit")
     assert len(up.seen) == 2
+
+
+async def test_a_background_refresh_goes_through_the_upstream_pool(
+    upstreams: Upstreams, proxy: StartProxy,
+) -> None:
+    """The refresh is a request of the route's upstream like a client's: it rides the pool's
+    keep-alive connection (one TCP connection for both), and the pool's connection count says
+    so."""
+    peers: list[object] = []
+
+    def reply(request: web.Request) -> web.Response:
+        peers.append(request.transport.get_extra_info("peername") if request.transport
+                     else None)
+        if origin.hits == 1:
+            return ok(request, "old", cc="max-age=0, stale-while-revalidate=60")
+        return ok(request, "new", cc="max-age=60")
+
+    origin = Origin(reply)
+    p, up = await start(upstreams, proxy, origin)
+    assert (await fetch(p)).body == b"old"
+    assert (await fetch(p)).header("Cache-Status") == "proxyd; hit; fwd=stale"
+    await wait_for(lambda: len(up.seen) == 2 and not p.pipeline.cache.refreshing,
+                   what="the background refresh")
+    assert len(peers) == 2 and peers[0] == peers[1]  # the same upstream connection
+    target = p.pipeline.pools["backend"].targets[0]
+    assert target.open == 1 and len(target.idle) == 1  # back in the pool, kept alive
+    assert (await fetch(p)).body == b"new"
 
 
 async def test_stale_if_error_serves_stale_on_5xx(upstreams: Upstreams,
