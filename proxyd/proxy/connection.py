@@ -22,7 +22,7 @@ from typing import Final, cast
 import httptools
 
 from proxyd.proxy.exchange import Exchange
-from proxyd.proxy.head import body_length, error_response
+from proxyd.proxy.head import body_length, error_response, framing, response_head
 from proxyd.proxy.headers import REQUEST_NAMES, Piece, lower_name, write_pieces
 from proxyd.proxy.pipeline import Pipeline, req_id
 from proxyd.proxy.proxy_protocol import HeaderReader, ListenerPolicy, refused
@@ -212,6 +212,7 @@ class ClientConnection:
         self.linger_end = 0.0
         self._paused = 0
         self._out: list[Piece] = []
+        self.chunked = False  # the response being written has a chunked body
         self._advancing = False
 
     # -- connection lifecycle ---------------------------------------------------------------
@@ -316,11 +317,13 @@ class ClientConnection:
             self.close()  # answered already (its body was being dropped), or nobody waits
             return
         ex = req.exchange
-        if ex is not None:
-            # The upstream has part of a body: that exchange cannot finish. A 408, and the
-            # close (the body is unfinished); or a response cut short, which the client must
-            # see truncated.
-            ex.fail(408, "request body timeout")
+        if ex is None:
+            self.close()  # (a dispatched request has its exchange until it ends)
+            return
+        # The upstream has part of a body: that exchange cannot finish. A 408, and the close
+        # (the body is unfinished); or a response cut short, which the client must see
+        # truncated.
+        ex.fail(408, "request body timeout")
 
     def send_timed_out(self) -> None:
         """send_timeout: the client has read nothing for that long; its upstream connection
@@ -335,6 +338,50 @@ class ClientConnection:
     # -- writing ----------------------------------------------------------------------------
     def send(self, data: Piece) -> None:
         self._out.append(data)
+
+    # What an exchange sends: a response's parts. How they go on the wire (the status line,
+    # the framing of a body, Connection) is this connection's: HTTP/1.1 here.
+    def send_answer(self, data: bytes) -> None:
+        """A whole response proxyd rendered (a local answer, an error, a 101)."""
+        self._out.append(data)
+
+    def send_continue(self) -> None:
+        self._out.append(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def send_interim(self, status: int, reason: bytes, fields: bytes) -> None:
+        """A 1xx other than 100 (103 Early Hints): only an HTTP/1.1 client takes one."""
+        self._out.append(response_head(status, reason, fields, b""))
+
+    @staticmethod
+    def frames_any_length(req: Request) -> bool:
+        """Whether a body of unknown length can be framed for this client: chunked, for
+        HTTP/1.1; for HTTP/1.0 the end of the connection ends the body."""
+        return req.http11
+
+    def send_head(self, req: Request, status: int, reason: bytes, fields: bytes,
+                  length_known: bool, close: bool) -> None:
+        """The final response head: ``fields`` rendered, then the framing of its body (chunked
+        when its length is not known) and Connection as the exchange decided."""
+        http11 = req.http11
+        chunked = self.chunked = not length_known and http11
+        self._out.append(response_head(status, reason, fields, framing(chunked, close, http11)))
+
+    def send_body(self, data: bytes) -> None:
+        """A piece of the response body, framed as its head said."""
+        if self.chunked:
+            self._out.append(b"%x\r\n%b\r\n" % (len(data), data))
+        else:
+            self._out.append(data)
+
+    def send_raw(self, data: Piece) -> None:
+        """A piece of a body whose length the head gave (never chunked), as it was read."""
+        self._out.append(data)
+
+    def end_body(self) -> None:
+        """The response body is complete."""
+        if self.chunked:
+            self.chunked = False
+            self._out.append(b"0\r\n\r\n")
 
     def flush(self) -> None:
         out = self._out

@@ -31,7 +31,6 @@ from proxyd.proxy.head import (
     render_fields,
     render_response,
     request_start,
-    response_head,
     switching_protocols,
     upstream_head,
 )
@@ -86,7 +85,6 @@ class Exchange:
         "body_cut",
         "buffer",
         "bytes_out",
-        "client_chunked",
         "close_client",
         "conn",
         "deadline",
@@ -129,7 +127,6 @@ class Exchange:
         self.close_client = False  # decided by closes() when the response head is made
         self.body_cut = False  # answered mid-body: the rest is dropped, the upstream unusable
         self.resp_status = 0  # the upstream's final status, then what the client got
-        self.client_chunked = False
         self.read_to_close = False  # the upstream's body ends when its connection does
         self.resp: Response | None = None  # the head a buffering middleware holds
         self.buffer: list[bytes] | None = None  # the body it holds it for
@@ -314,7 +311,7 @@ class Exchange:
     # -- answers proxyd makes ---------------------------------------------------------------
     def _answered(self, data: bytes, status: int, bytes_out: int, close: bool) -> None:
         """A whole response proxyd made is written: the exchange ends with it."""
-        self.ds.send(data)
+        self.ds.send_answer(data)
         req = self.req
         req.status = self.resp_status = status
         req.bytes_out = self.bytes_out = bytes_out
@@ -405,7 +402,7 @@ class Exchange:
         self._move(CONNECTING)
         self.pool = pool
         if req.expect is not None and req.http11 and not req.body_done:
-            ds.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+            ds.send_continue()
         ctx = req.ctx
         path = req.path
         target = route.rewrite_path(path) if route.strip_prefix or route.rewrite else path
@@ -715,7 +712,7 @@ class Exchange:
         """A 1xx. 100 was answered by proxyd itself; others (103 Early Hints) are relayed to
         HTTP/1.1 clients and are never the final response."""
         if status != 100 and self.req.http11:
-            self.ds.send(response_head(status, reason, filtered_fields(headers), b""))
+            self.ds.send_interim(status, reason, filtered_fields(headers))
             self.interim_sent = True
 
     def on_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> int:
@@ -765,25 +762,16 @@ class Exchange:
 
     def _send_head(self, status: int, reason: bytes, fields: bytes, has_length: bool,
                    no_body: bool) -> None:
-        """Write the final response head with the framing and Connection the client needs."""
-        req = self.req
-        unframed = not (has_length or no_body)
-        if unframed and req.http11:
-            self.client_chunked = True
-            extra = b"Transfer-Encoding: chunked\r\n"
-            unframed = False
-        else:
-            extra = b""  # (HTTP/1.0: the end of the body is the end of the connection)
+        """The final response head, to the client connection, which frames the body."""
+        req, ds = self.req, self.ds
+        length_known = has_length or no_body
         # Answered before the request body ended: the body's remainder is discarded and
-        # neither connection can carry another message.
-        close = self.closes(unframed=unframed)
+        # neither connection can carry another message. A body of unknown length that the
+        # client cannot have framed (HTTP/1.0) ends with the connection.
+        close = self.closes(unframed=not length_known and not ds.frames_any_length(req))
         self.close_client = close
         self.body_cut = not req.body_done
-        if close:
-            extra += b"Connection: close\r\n"
-        elif not req.http11:
-            extra += b"Connection: keep-alive\r\n"
-        self.ds.send(response_head(status, reason, fields, extra))
+        ds.send_head(req, status, reason, fields, length_known, close)
         self.resp_status = status  # what the client got (middleware may have changed it)
         self._move(RELAYING)
 
@@ -810,7 +798,7 @@ class Exchange:
         fields = render_fields(resp.headers, resp.blocks)
         self._send_head(resp.status, resp.reason, fields, resp.has(b"content-length"), no_body)
         if resp.body is not None and not no_body and self.req.method != b"HEAD":
-            self.ds.send(resp.body)
+            self.ds.send_body(resp.body)
             self.bytes_out += len(resp.body)
         return resp.upstream_length if raw else 0
 
@@ -828,15 +816,12 @@ class Exchange:
             if not data:
                 return
         self.bytes_out += len(data)
-        if self.client_chunked:
-            self.ds.send(b"%x\r\n%b\r\n" % (len(data), data))
-        else:
-            self.ds.send(data)
+        self.ds.send_body(data)
 
     def on_raw(self, data: bytes | memoryview) -> None:
         """A piece of a body on_head let pass the parser: to the client as it came."""
         self.bytes_out += len(data)
-        self.ds.send(data)
+        self.ds.send_raw(data)
 
     def on_end(self, keep_alive: bool) -> None:
         """The response is complete; ``keep_alive``: the upstream may carry another."""
@@ -857,9 +842,8 @@ class Exchange:
                 tail = (body_filter.feed(tail) if tail else b"") + body_filter.finish()
             if tail:
                 self.bytes_out += len(tail)
-                self.ds.send(b"%x\r\n%b\r\n" % (len(tail), tail) if self.client_chunked else tail)
-        if self.client_chunked:
-            self.ds.send(b"0\r\n\r\n")
+                self.ds.send_body(tail)
+        self.ds.end_body()
         req = self.req
         req.status = self.resp_status
         req.bytes_out = self.bytes_out
@@ -883,7 +867,7 @@ class Exchange:
         fields = render_fields(resp.headers, resp.blocks)
         self._send_head(resp.status, resp.reason, fields, True, no_body)
         if not no_body:
-            self.ds.send(body)
+            self.ds.send_body(body)
             self.bytes_out += len(body)
 
     def on_upgrade(self, headers: list[tuple[bytes, bytes]] | None, rest: bytes) -> None:
@@ -900,7 +884,7 @@ class Exchange:
             return
         chosen = [(name, value) for name, value in headers
                   if name.lower() in (b"sec-websocket-protocol", b"sec-websocket-extensions")]
-        ds.send(switching_protocols(accept_key(req.ws_key), chosen))
+        ds.send_answer(switching_protocols(accept_key(req.ws_key), chosen))
         ds.flush()
         self._move(TUNNEL)
         if self.admitted or self.timed:

@@ -53,6 +53,22 @@ def response_head(status: int, reason: bytes, fields: bytes, framing: bytes) -> 
     return status_line(status, reason) + fields + framing + CRLF
 
 
+# The framing and Connection lines of a relayed response head, at index
+# chunked * 4 + close * 2 + http11 (a tuple read by an int: no key to build per response).
+_FRAMING: Final[tuple[bytes, ...]] = tuple(
+    (b"Transfer-Encoding: chunked\r\n" if chunked else b"")
+    + (b"Connection: close\r\n" if close else b"" if http11 else b"Connection: keep-alive\r\n")
+    for chunked in (False, True) for close in (False, True) for http11 in (False, True)
+)
+
+
+def framing(chunked: bool, close: bool, http11: bool) -> bytes:
+    """The lines that say how a response body is framed and whether the connection stays:
+    Transfer-Encoding when chunked; Connection: close, or keep-alive for an HTTP/1.0 client
+    that keeps it."""
+    return _FRAMING[(4 if chunked else 0) + (2 if close else 0) + (1 if http11 else 0)]
+
+
 def request_start(method: bytes, target: bytes) -> list[bytes]:
     """The first pieces of a request head towards an upstream; field lines are appended to
     the list, which upstream_head joins with the Host line (known only once a target is)."""
