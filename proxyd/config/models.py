@@ -114,17 +114,6 @@ class Redis(Model):
         "rediss:// for TLS or unix:// for a socket, as redis-py reads it; checked at load, "
         "connected to only by what uses it.")
 
-    @field_validator("url")
-    @classmethod
-    def _readable(cls, v: str) -> str:
-        # Read as both clients read it (redis-py's URL and TLS reading, for the cache and
-        # the rate limiter): a URL that cannot work fails here, with file:line, not on each
-        # request.
-        from proxyd.middleware.rate_limit.redis_client import Target
-
-        Target(v)
-        return v
-
 
 AccessLogField = Literal["user_agent", "referer", "protocol", "upstream_addr", "tries",
                          "tls_version"]

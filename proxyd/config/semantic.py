@@ -53,7 +53,34 @@ def check(config: GatewayConfig) -> Report:
     if not config.routes:
         report.warn((), "no routes are defined: every request will be answered 404")
     _check_middleware(config, report)
+    _check_redis(config, report)
     return report
+
+
+def uses_redis(config: GatewayConfig) -> bool:
+    """Whether anything reads ``redis.url``: the cache's Redis backend, or a Redis rate limit
+    (in the middleware list or a route's override of it)."""
+    if config.cache.backend == "redis":
+        return True
+    if any(getattr(entry, "backend", None) == "redis" for entry in config.middleware):
+        return True
+    return any(isinstance(options, dict) and options.get("backend") == "redis"
+               for route in config.routes for options in route.middleware.values())
+
+
+def _check_redis(config: GatewayConfig, report: Report) -> None:
+    # Read as both clients read it (redis-py's URL and TLS reading, for the cache and the
+    # rate limiter), so a URL that cannot work fails here, with file:line, not on each
+    # request. Only when something reads it: redis-py is a large import, and a worker that
+    # never speaks Redis should not carry it.
+    if not uses_redis(config):
+        return
+    from proxyd.middleware.rate_limit.redis_client import Target
+
+    try:
+        Target(config.redis.url)
+    except ValueError as exc:
+        report.error(("redis", "url"), str(exc))
 
 
 def _check_middleware(config: GatewayConfig, report: Report) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 from proxyd.config.models import GatewayConfig, Match, Route
 from proxyd.config.redact import redact_text, redact_url, redact_value
+from proxyd.config.semantic import uses_redis
 from proxyd.cpus import worker_choice
 from proxyd.errors import ConfigIssue
 
@@ -23,11 +24,6 @@ def _target(route: Route) -> dict[str, Any]:
     if route.respond is not None:
         return {"respond": route.respond.status}
     return {"upstream": route.upstream}
-
-
-def _uses_redis(config: GatewayConfig) -> bool:
-    return config.cache.backend == "redis" or any(
-        getattr(entry, "backend", None) == "redis" for entry in config.middleware)
 
 
 def _tls(config: GatewayConfig) -> dict[str, Any]:
@@ -52,7 +48,7 @@ def _summary(config: GatewayConfig) -> dict[str, Any]:
     return {
         "listeners": [str(a) for a in server.listen],
         "tls": _tls(config),
-        **({"redis": redact_url(config.redis.url)} if _uses_redis(config) else {}),
+        **({"redis": redact_url(config.redis.url)} if uses_redis(config) else {}),
         "backlog": server.backlog,
         "workers": _workers(config),
         "admin": {"listen": str(config.admin.listen), "token_set": bool(config.admin.token)},
@@ -146,7 +142,7 @@ def format_summary(config: GatewayConfig, filename: str, warnings: list[ConfigIs
         f"(backlog {server.backlog})",
         f"workers:    {workers}",
         f"admin:      {config.admin.listen} ({token})",
-        *([f"redis:      {redact_url(config.redis.url)}"] if _uses_redis(config) else []),
+        *([f"redis:      {redact_url(config.redis.url)}"] if uses_redis(config) else []),
         f"routes ({len(config.routes)}):",
         *_table([(r.name, _describe_match(r.match), _describe_target(r))
                  for r in config.routes], "->"),

@@ -11,9 +11,9 @@ from proxyd.middleware.client_address import client_address
 from proxyd.middleware.rate_limit.gcra import Decision, policy
 from proxyd.middleware.rate_limit.memory_store import MemoryLimiter
 from proxyd.middleware.rate_limit.options import RateLimitOptions
-from proxyd.middleware.rate_limit.redis_store import RedisLimiter
 
 if TYPE_CHECKING:
+    from proxyd.middleware.rate_limit.redis_store import RedisLimiter
     from proxyd.middleware.services import Services
     from proxyd.proxy.headers import TrustedProxies
     from proxyd.proxy.router import CompiledRoute
@@ -54,6 +54,10 @@ class RateLimit(Middleware):
             self.memory = MemoryLimiter([limit.scaled(workers) for limit in self.limits])
             self.policy = self.memory.policy  # the share: what this worker enforces
         else:
+            # Imported here: redis-py is a large import, and a worker without a Redis rate
+            # limit never needs it.
+            from proxyd.middleware.rate_limit.redis_store import RedisLimiter
+
             self.redis = RedisLimiter(services.config.redis.url, self.limits,
                                       self.o.redis_timeout)
             share = workers * self.o.instances_hint

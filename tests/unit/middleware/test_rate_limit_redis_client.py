@@ -111,11 +111,14 @@ def test_target_rejects_what_cannot_work_without_showing_the_url(url: str, messa
 def test_a_bad_url_fails_check_config_and_never_raises_at_request_time() -> None:
     from proxyd.config import ConfigError, load_config_text
 
+    bad = 'redis:\n  url: "redis://:hunter2@h:port/0"\n'
     with pytest.raises(ConfigError) as info:
-        load_config_text('redis:\n  url: "redis://:hunter2@h:port/0"\n', "g.yaml")
+        load_config_text(bad + "cache:\n  backend: redis\n", "g.yaml")
     text = str(info.value)
     assert "g.yaml:2:8: redis.url: the Redis URL is not one redis-py reads: Port" in text
     assert "hunter2" not in text
+    # Nothing reads it without a Redis backend: not checked (redis-py is not even imported).
+    load_config_text(bad, "g.yaml")
     limiter = RedisLimiter("redis://h:port/0", [Limit(1, 1.0, 1)], 0.05)
     got: list[Any] = []
 
