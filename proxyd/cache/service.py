@@ -18,7 +18,7 @@ from proxyd.cache.redis import RedisStore
 from proxyd.proxy import subrequest
 
 if TYPE_CHECKING:
-    from proxyd.config.models import Cache as CacheSettings
+    from proxyd.config.models import CacheSettings
     from proxyd.proxy.router import CompiledRoute
     from proxyd.proxy.upstream import UpstreamPool
 

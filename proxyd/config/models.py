@@ -41,18 +41,18 @@ from proxyd.config.models_upstream import (
     Pool,
     Retries,
     Status,
-    Target,
+    TargetSettings,
     Upstream,
     UpstreamTLS,
 )
 from proxyd.config.types import ByteSize, Duration
 
 __all__ = [
-    "DEFAULT_RETRY_METHODS", "TLS", "AccessLog", "Admin", "Cache", "CircuitBreaker",
-    "GatewayConfig", "HealthCheck", "Limits", "ListenSpec", "Listener", "ListenerValue", "Match",
-    "Metrics", "MiddlewareEntry", "Model", "OutlierDetection", "Pool", "Redis", "Respond",
-    "Retries", "Rewrite", "Route", "RouteCache", "RouteTimeouts", "Server", "Status", "Target",
-    "Upstream", "UpstreamTLS", "WebSocket", "parse_listener",
+    "DEFAULT_RETRY_METHODS", "TLS", "AccessLogSettings", "Admin", "CacheSettings",
+    "CircuitBreaker", "GatewayConfig", "HealthCheck", "Limits", "ListenSpec", "Listener",
+    "ListenerValue", "Match", "Metrics", "MiddlewareEntry", "Model", "OutlierDetection", "Pool",
+    "Redis", "Respond", "Retries", "Rewrite", "Route", "RouteCache", "RouteTimeouts", "Server",
+    "Status", "TargetSettings", "Upstream", "UpstreamTLS", "WebSocket", "parse_listener",
 ]
 
 
@@ -68,7 +68,7 @@ class MiddlewareEntry(BaseModel):
 FinalStatus = Annotated[int, Field(ge=200, le=599)]
 
 
-class Cache(Model):
+class CacheSettings(Model):
     """The store of the ``cache`` middleware, and the rules every route's cache shares."""
 
     backend: Literal["memory", "redis"] = Field(
@@ -119,7 +119,7 @@ AccessLogField = Literal["user_agent", "referer", "protocol", "upstream_addr", "
                          "tls_version"]
 
 
-class AccessLog(Model):
+class AccessLogSettings(Model):
     format: Literal["json", "combined", "template"] = Field(
         "json", description="json: one JSON object per line: ts, request_id, client_ip, "
         "method, host, path, query, status, bytes_in, bytes_out, duration_ms, upstream, "
@@ -158,7 +158,7 @@ class AccessLog(Model):
         return v
 
     @model_validator(mode="after")
-    def _template_with_its_format(self) -> AccessLog:
+    def _template_with_its_format(self) -> AccessLogSettings:
         if (self.format == "template") != (self.template is not None):
             raise ValueError("format: template and a template go together")
         return self
@@ -188,14 +188,14 @@ class GatewayConfig(Model):
     middleware: list[MiddlewareEntry] = Field(
         default_factory=list, description="The middleware chain every route runs, in order; "
         "a route may override an entry's options (route.middleware).")
-    cache: Cache = Field(
-        default_factory=Cache, description="The response cache's store and shared rules, used "
-        "by the cache middleware.")
+    cache: CacheSettings = Field(
+        default_factory=CacheSettings,
+        description="The response cache's store and shared rules, used by the cache middleware.")
     redis: Redis = Field(
         default_factory=Redis, description="The Redis server of the shared cache and of "
         "Redis-backed rate limits.")
-    access_log: AccessLog = Field(
-        default_factory=AccessLog, description="One line per request: format, fields, "
+    access_log: AccessLogSettings = Field(
+        default_factory=AccessLogSettings, description="One line per request: format, fields, "
         "destination, sampling.")
     metrics: Metrics = Field(
         default_factory=Metrics, description="Prometheus metrics, aggregated by the master.")

@@ -15,7 +15,7 @@ from proxyd.config.models_server import Model
 from proxyd.config.types import ByteSize, Duration
 
 
-class Target(Model):
+class TargetSettings(Model):
     url: str = Field(description="http://host:port or https://host:port of one upstream server.")
     weight: int = Field(1, ge=1, le=1000, description="Share of requests relative to the others.")
 
@@ -150,7 +150,7 @@ def _short_targets_schema(schema: dict[str, Any]) -> None:
 
 
 class Upstream(Model):
-    targets: list[Target] = Field(
+    targets: list[TargetSettings] = Field(
         min_length=1, json_schema_extra=_short_targets_schema,
         description='The servers: [{url, weight}, ...], or URLs alone: ["http://host:port"].',
     )

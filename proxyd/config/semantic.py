@@ -75,10 +75,10 @@ def _check_redis(config: GatewayConfig, report: Report) -> None:
     # never speaks Redis should not carry it.
     if not uses_redis(config):
         return
-    from proxyd.middleware.rate_limit.redis_client import Target
+    from proxyd.middleware.rate_limit.redis_client import RedisTarget
 
     try:
-        Target(config.redis.url)
+        RedisTarget(config.redis.url)
     except ValueError as exc:
         report.error(("redis", "url"), str(exc))
 

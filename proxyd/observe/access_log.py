@@ -30,7 +30,7 @@ from collections.abc import Callable
 from json.encoder import encode_basestring_ascii as esc
 from typing import TYPE_CHECKING, Final
 
-from proxyd.config.models import AccessLog as AccessLogConfig
+from proxyd.config.models import AccessLogSettings
 from proxyd.observe.log_format import combined, compile_template, render
 from proxyd.observe.metrics import LOG_STALLED, LOG_WRITE_ERROR
 
@@ -85,7 +85,7 @@ MAX_EXTRAS: Final = 4096  # distinct combinations of those values remembered, th
 
 
 class AccessLog:
-    def __init__(self, config: AccessLogConfig, loop: asyncio.AbstractEventLoop,
+    def __init__(self, config: AccessLogSettings, loop: asyncio.AbstractEventLoop,
                  id_prefix: str, metrics: WorkerMetrics | None = None) -> None:
         self.path = config.path
         self.id_prefix = id_prefix  # of request ids recorded as counter values

@@ -57,7 +57,7 @@ def command(*args: bytes) -> bytes:
     return b"".join(parts)
 
 
-class Target:
+class RedisTarget:
     """Where and how to connect: a redis://, rediss:// or unix:// URL read by redis-py's
     ``parse_url`` (user and password from the URL or ``?username=``/``?password=``, the
     database from ``?db=`` or a numeric path), with redis-py's defaults, and for rediss the
@@ -214,7 +214,7 @@ class PipelinedClient:
     """Lazily connected; ``call`` never blocks and never raises: the callback learns all."""
 
     def __init__(self, url: str, connect_timeout: float) -> None:
-        self.target = Target(url)
+        self.target = RedisTarget(url)
         self.connect_timeout = connect_timeout
         self._conn: _Connection | None = None
         # Calls made while connecting: (payload, callback, deadline, timeout).

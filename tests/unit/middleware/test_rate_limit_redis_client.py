@@ -22,7 +22,7 @@ from proxyd.middleware.rate_limit.redis_client import (
     INCOMPLETE,
     PipelinedClient,
     ProtocolError,
-    Target,
+    RedisTarget,
     command,
     reader,
 )
@@ -69,24 +69,24 @@ def test_command_encoding() -> None:
 
 
 def test_target_reads_redis_urls_as_redis_py_does() -> None:
-    t = Target("redis://127.0.0.1:6390/3")
+    t = RedisTarget("redis://127.0.0.1:6390/3")
     assert (t.host, t.port, t.db, t.password, t.ssl) == ("127.0.0.1", 6390, 3, None, None)
     assert t.handshake() == [command(b"SELECT", b"3")]
-    t = Target("redis://us%40er:p%3Ass@redis.internal?db=2")
+    t = RedisTarget("redis://us%40er:p%3Ass@redis.internal?db=2")
     assert (t.host, t.port, t.db) == ("redis.internal", 6379, 2)
     assert t.handshake() == [command(b"AUTH", b"us@er", b"p:ss"), command(b"SELECT", b"2")]
-    assert Target("redis://:secret@h/0").handshake() == [command(b"AUTH", b"secret")]
-    assert Target("redis://user:@h/0").handshake() == []  # an empty password: no AUTH
-    assert Target("redis://h/not-a-number").db == 0  # ignored, as redis-py does
-    t = Target("unix:///run/redis/redis.sock?db=1&password=pw&username=u&db=7")
+    assert RedisTarget("redis://:secret@h/0").handshake() == [command(b"AUTH", b"secret")]
+    assert RedisTarget("redis://user:@h/0").handshake() == []  # an empty password: no AUTH
+    assert RedisTarget("redis://h/not-a-number").db == 0  # ignored, as redis-py does
+    t = RedisTarget("unix:///run/redis/redis.sock?db=1&password=pw&username=u&db=7")
     assert (t.scheme, t.path, t.db) == ("unix", "/run/redis/redis.sock", 1)  # first db wins
     assert t.handshake() == [command(b"AUTH", b"u", b"pw"), command(b"SELECT", b"1")]
-    tls = Target("rediss://h:6380/0")
+    tls = RedisTarget("rediss://h:6380/0")
     assert tls.ssl is not None and tls.ssl.verify_mode == ssl.CERT_REQUIRED
     assert tls.ssl.check_hostname
-    loose = Target("rediss://h/0?ssl_cert_reqs=none")
+    loose = RedisTarget("rediss://h/0?ssl_cert_reqs=none")
     assert loose.ssl is not None and loose.ssl.verify_mode == ssl.CERT_NONE
-    by_ip = Target("rediss://10.0.0.5/0?ssl_check_hostname=false")
+    by_ip = RedisTarget("rediss://10.0.0.5/0?ssl_check_hostname=false")
     assert by_ip.ssl is not None and not by_ip.ssl.check_hostname
     assert by_ip.ssl.verify_mode == ssl.CERT_REQUIRED
 
@@ -104,7 +104,7 @@ def test_target_reads_redis_urls_as_redis_py_does() -> None:
 def test_target_rejects_what_cannot_work_without_showing_the_url(url: str, message: str
                                                                  ) -> None:
     with pytest.raises(ValueError, match=message) as info:
-        Target(url)
+        RedisTarget(url)
     assert "pw" not in str(info.value)
 
 

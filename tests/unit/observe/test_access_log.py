@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from proxyd.config.models import AccessLog as AccessLogConfig
+from proxyd.config.models import AccessLogSettings
 from proxyd.observe.access_log import AccessLog
 
 FIELDS: dict[str, Any] = {
@@ -22,7 +22,7 @@ FIELDS: dict[str, Any] = {
 @pytest.fixture
 def log(tmp_path: Path) -> Any:
     loop = asyncio.new_event_loop()
-    access = AccessLog(AccessLogConfig(format="json", path=str(tmp_path / "a.log")), loop, "ab")
+    access = AccessLog(AccessLogSettings(format="json", path=str(tmp_path / "a.log")), loop, "ab")
     yield access, tmp_path / "a.log"
     access.close()
     loop.close()
@@ -64,7 +64,7 @@ def test_counter_request_ids_are_made_at_the_flush_with_the_worker_prefix(
     loop = asyncio.new_event_loop()
     path = tmp_path / "a.log"
     template = "$status $request_id" if fmt == "template" else None
-    access = AccessLog(AccessLogConfig(format=fmt, path=str(path), template=template), loop,
+    access = AccessLog(AccessLogSettings(format=fmt, path=str(path), template=template), loop,
                        "cafe0001")
     try:
         access.record(**{**FIELDS, "request_id": 255})

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from proxyd.config.models import AccessLog as AccessLogConfig
+from proxyd.config.models import AccessLogSettings
 from proxyd.observe import access_log as access_log_module
 from proxyd.observe.access_log import FLUSH_RECORDS, MAX_BACKLOG, AccessLog
 from proxyd.observe.metrics import WorkerMetrics
@@ -115,7 +115,7 @@ def test_a_pipe_whose_reader_stalls_never_blocks_and_drops_counted_whole_lines(
     metrics = WorkerMetrics()
     try:
         with as_stdout(writer):
-            access = AccessLog(AccessLogConfig(path="-"), loop, "ab", metrics)
+            access = AccessLog(AccessLogSettings(path="-"), loop, "ab", metrics)
             try:
                 stalled_reader_is_bounded_and_counted(access, metrics, reader)
                 assert os.get_blocking(1), "fd 1's own description is left blocking"
@@ -133,7 +133,7 @@ def test_a_socket_whose_reader_stalls_never_blocks(loop: asyncio.AbstractEventLo
     metrics = WorkerMetrics()
     try:
         with as_stdout(ours.fileno()):
-            access = AccessLog(AccessLogConfig(path="-"), loop, "ab", metrics)
+            access = AccessLog(AccessLogSettings(path="-"), loop, "ab", metrics)
             try:
                 stalled_reader_is_bounded_and_counted(access, metrics, theirs.fileno())
                 assert os.get_blocking(1)
@@ -152,7 +152,7 @@ def test_a_named_pipe_path_is_written_without_blocking(
     reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
     metrics = WorkerMetrics()
     try:
-        access = AccessLog(AccessLogConfig(path=str(fifo)), loop, "ab", metrics)
+        access = AccessLog(AccessLogSettings(path=str(fifo)), loop, "ab", metrics)
         try:
             stalled_reader_is_bounded_and_counted(access, metrics, reader)
         finally:
@@ -168,7 +168,7 @@ def test_a_line_longer_than_an_atomic_pipe_write_still_arrives_whole(
     os.set_blocking(reader, False)
     try:
         with as_stdout(writer):
-            access = AccessLog(AccessLogConfig(path="-"), loop, "ab")
+            access = AccessLog(AccessLogSettings(path="-"), loop, "ab")
             try:
                 record(access, 3)
                 record(access, 1, pad=3 * select.PIPE_BUF)
@@ -191,7 +191,7 @@ def test_a_retry_is_scheduled_not_spun(loop: asyncio.AbstractEventLoop) -> None:
     writes = 0
     try:
         with as_stdout(writer):
-            access = AccessLog(AccessLogConfig(path="-"), loop, "ab")
+            access = AccessLog(AccessLogSettings(path="-"), loop, "ab")
             real = access._write
 
             def counting(data: memoryview) -> int:
@@ -227,7 +227,7 @@ def test_a_stop_gives_a_stalled_reader_a_moment_then_counts_what_is_left(
     metrics = WorkerMetrics()
     try:
         with as_stdout(writer):
-            access = AccessLog(AccessLogConfig(path="-"), loop, "ab", metrics)
+            access = AccessLog(AccessLogSettings(path="-"), loop, "ab", metrics)
             record(access, 1000, pad=200)
             access.flush()
             waiting = access.backlog
@@ -249,7 +249,7 @@ def test_a_full_disk_counts_errors_and_reports_them_at_most_every_interval(
 ) -> None:
     monkeypatch.setattr(access_log_module, "REPORT_INTERVAL", 0.3)
     metrics = WorkerMetrics()
-    access = AccessLog(AccessLogConfig(path="/dev/full"), loop, "ab", metrics)
+    access = AccessLog(AccessLogSettings(path="/dev/full"), loop, "ab", metrics)
     caplog.set_level(logging.WARNING, logger="proxyd.access_log")
 
     def messages() -> list[str]:
