@@ -50,7 +50,7 @@ COMPILED = [
     "proxyd/proxy/connection.py",
     "proxyd/proxy/exchange.py",
     "proxyd/proxy/head.py",
-    "proxyd/proxy/headers.py",
+    "proxyd/proxy/field_rules.py",
     "proxyd/proxy/lifecycle.py",
     "proxyd/proxy/limits.py",
     "proxyd/proxy/path.py",

@@ -64,7 +64,7 @@ def _print_errors(exc: ConfigError) -> None:
 def _load_for_serving(config_path: str) -> tuple[GatewayConfig, list[ConfigIssue]]:
     """The config as ``run`` and ``check-config`` need it: valid, and its TLS certificate and
     key files loadable (the one check that reads other files)."""
-    from proxyd.tls import file_issues
+    from proxyd.listener_tls import file_issues
 
     config, warnings = load_config_with_warnings(config_path)
     if issues := file_issues(config, config_path):

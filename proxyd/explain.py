@@ -14,7 +14,7 @@ from proxyd.middleware.base import Context
 from proxyd.middleware.cache import SAFE, Cache, describe_freshness
 from proxyd.middleware.chain import Chain
 from proxyd.middleware.rate_limit import RateLimit
-from proxyd.proxy.headers import TrustedProxies
+from proxyd.proxy.field_rules import TrustedProxies
 from proxyd.proxy.path import BadPath, needs_normalizing, normalize_path
 from proxyd.proxy.router import Router, normalize_host
 

@@ -21,12 +21,12 @@ import uvloop
 from proxyd.config.models import GatewayConfig
 from proxyd.control import Channel
 from proxyd.fdlimit import ExhaustionWatch
+from proxyd.listener_tls import Handshakes, server_context
 from proxyd.proxy.connection import ClientConnection
-from proxyd.proxy.headers import TrustedProxies
+from proxyd.proxy.field_rules import TrustedProxies
 from proxyd.proxy.pipeline import Pipeline
 from proxyd.proxy.proxy_protocol import ListenerPolicy, TLSGate, refused
 from proxyd.sockets import listen_socket
-from proxyd.tls import Handshakes, server_context
 
 log = logging.getLogger("proxyd.worker")
 STATS_INTERVAL = 1.0  # seconds between stats pushes to the master; each is also a heartbeat

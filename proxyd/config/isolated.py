@@ -53,7 +53,7 @@ class Loaded:
 
 def _load(path: str) -> Loaded:
     """What the child does: everything ``run`` and ``check-config`` require of a file."""
-    from proxyd.tls import file_issues
+    from proxyd.listener_tls import file_issues
 
     text = read_config_file(path)
     config, warnings = load_config_text_with_warnings(text, path)

@@ -18,9 +18,9 @@ from proxyd.middleware.cache import Cache
 from proxyd.middleware.chain import Chain
 from proxyd.middleware.compression import Compression
 from proxyd.middleware.cors import Cors
+from proxyd.middleware.element_options import Options
 from proxyd.middleware.etag import Etag
 from proxyd.middleware.headers import Headers
-from proxyd.middleware.options import Options
 from proxyd.middleware.rate_limit import RateLimit
 from proxyd.middleware.security_headers import SecurityHeaders
 from proxyd.middleware.trace_id import TraceId

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol
 
 from mypy_extensions import mypyc_attr
 
-from proxyd.middleware.options import Options
+from proxyd.middleware.element_options import Options
 
 if TYPE_CHECKING:
     from proxyd.middleware.cache_request import CacheRequest

@@ -36,8 +36,8 @@ from proxyd.middleware.cache_request import (
     STALE,
     CacheRequest,
 )
-from proxyd.middleware.options import CacheOptions
-from proxyd.proxy.headers import content_length
+from proxyd.middleware.element_options import CacheOptions
+from proxyd.proxy.field_rules import content_length
 from proxyd.proxy.path import BadPath, needs_normalizing, normalize_path
 
 if TYPE_CHECKING:

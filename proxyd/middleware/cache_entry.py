@@ -15,7 +15,7 @@ from typing import Final
 from proxyd.cache import fields, policy
 from proxyd.cache.store import Entry
 from proxyd.middleware.base import Context
-from proxyd.proxy.headers import HOP_BY_HOP
+from proxyd.proxy.field_rules import HOP_BY_HOP
 
 # Fields never stored: per-hop and the proxy's own (RFC 9111 §3.1), framing (re-made on every
 # answer), and what the cache adds.

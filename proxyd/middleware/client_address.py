@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from proxyd.middleware.base import Context
 
 if TYPE_CHECKING:
-    from proxyd.proxy.headers import TrustedProxies
+    from proxyd.proxy.field_rules import TrustedProxies
 
 
 def client_address(ctx: Context, trusted: TrustedProxies | None) -> bytes:

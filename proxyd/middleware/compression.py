@@ -15,8 +15,8 @@ from typing import Any, Final
 import brotli
 
 from proxyd.middleware.base import Context, Middleware, Response
-from proxyd.middleware.options import CompressionOptions
-from proxyd.proxy.headers import content_length
+from proxyd.middleware.element_options import CompressionOptions
+from proxyd.proxy.field_rules import content_length
 
 try:  # optional: only offered when installed
     import zstandard

@@ -7,7 +7,7 @@ Origin lookup (a set hit, or a suffix test for ``https://*.example.com`` pattern
 from __future__ import annotations
 
 from proxyd.middleware.base import Context, Middleware, Pending, Response, json_response
-from proxyd.middleware.options import CorsOptions
+from proxyd.middleware.element_options import CorsOptions
 
 
 class Cors(Middleware):

@@ -12,8 +12,8 @@ from xxhash import xxh3_128_hexdigest
 
 from proxyd.cache.fields import weak_match
 from proxyd.middleware.base import Context, Middleware, Response
-from proxyd.middleware.options import EtagOptions
-from proxyd.proxy.headers import content_length
+from proxyd.middleware.element_options import EtagOptions
+from proxyd.proxy.field_rules import content_length
 
 # Fields a 304 keeps (RFC 9110 §15.4.5); the rest describe a body that is not sent.
 _KEEP_ON_304: Final = frozenset({

@@ -10,7 +10,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from proxyd.middleware.base import Context, Middleware, Pending, Response
-from proxyd.middleware.options import PLACEHOLDER, PLACEHOLDER_NAMES, HeaderOps, HeadersOptions
+from proxyd.middleware.element_options import (
+    PLACEHOLDER,
+    PLACEHOLDER_NAMES,
+    HeaderOps,
+    HeadersOptions,
+)
 
 if TYPE_CHECKING:
     from proxyd.middleware.services import Services

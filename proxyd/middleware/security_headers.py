@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Final
 
 from proxyd.middleware.base import Context, FieldBlock, Middleware, Response
-from proxyd.middleware.options import SecurityHeadersOptions
+from proxyd.middleware.element_options import SecurityHeadersOptions
 
 _NAMES: Final = {
     "strict_transport_security": b"Strict-Transport-Security",

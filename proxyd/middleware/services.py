@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from proxyd.cache.service import CacheService
     from proxyd.config.models import GatewayConfig
     from proxyd.observe.metrics import WorkerMetrics
-    from proxyd.proxy.headers import TrustedProxies
+    from proxyd.proxy.field_rules import TrustedProxies
     from proxyd.proxy.upstream import UpstreamPool
 
 

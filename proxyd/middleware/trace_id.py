@@ -7,7 +7,7 @@ from random import getrandbits
 from typing import Final
 
 from proxyd.middleware.base import Context, Middleware, Pending, Response
-from proxyd.middleware.options import TraceIdOptions
+from proxyd.middleware.element_options import TraceIdOptions
 
 # W3C Trace Context §3.2: lowercase hex only; a later version may append "-" and more.
 _TRACEPARENT: Final = re.compile(

@@ -13,7 +13,7 @@ import re
 from typing import Final
 
 from proxyd.middleware.base import Context, Middleware, Pending, Response, json_response
-from proxyd.middleware.options import ValidationOptions
+from proxyd.middleware.element_options import ValidationOptions
 
 # A "." or ".." segment once decoded: dots plain or %2e, separators plain or %2f / %5c (so
 # "..%2f" and "%2e%2e%2f" count). Only searched when the path holds a "%".

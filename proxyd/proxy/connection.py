@@ -21,14 +21,14 @@ from typing import Final, cast
 
 import httptools
 
+from proxyd.listener_tls import client_cert_fields
 from proxyd.proxy.exchange import Exchange
+from proxyd.proxy.field_rules import REQUEST_NAMES, Piece, lower_name, write_pieces
 from proxyd.proxy.head import body_length, error_response, framing, response_head
-from proxyd.proxy.headers import REQUEST_NAMES, Piece, lower_name, write_pieces
 from proxyd.proxy.pipeline import Pipeline, req_id
 from proxyd.proxy.proxy_protocol import HeaderReader, ListenerPolicy, refused
 from proxyd.proxy.request import SPECIAL, Reject, Request, special_header
 from proxyd.proxy.websocket import Tunnel
-from proxyd.tls import client_cert_fields
 
 __all__ = ["PAUSE_PENDING", "PAUSE_PIPELINE", "PAUSE_UPSTREAM", "ClientConnection", "Request",
            "SendWatch"]

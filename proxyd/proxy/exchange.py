@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Final
 
 from proxyd.middleware.base import BodyFilter, Context, Pending, Response, json_response
 from proxyd.observe.throttle import ThrottledLog
+from proxyd.proxy.field_rules import REQUEST_DROP, forwarded_fields
 from proxyd.proxy.head import (
     CRLF,
     body_length,
@@ -34,7 +35,6 @@ from proxyd.proxy.head import (
     switching_protocols,
     upstream_head,
 )
-from proxyd.proxy.headers import REQUEST_DROP, forwarded_fields
 from proxyd.proxy.lifecycle import (
     AWAITING_HEAD,
     BUFFERING,

@@ -3,7 +3,7 @@
 Status lines, field lines (with the pre-rendered blocks middleware add), the final response
 head the relay writes for an upstream's response, the heads of responses proxyd makes itself
 (errors, local answers), the head of a request towards an upstream, and the 101 that answers
-a WebSocket handshake. Which fields go where is decided elsewhere (headers.py: the
+a WebSocket handshake. Which fields go where is decided elsewhere (field_rules.py: the
 intermediary rules); here they only become bytes. Built for the hot path: parts are joined
 once, and status lines are made once per status and reason.
 """

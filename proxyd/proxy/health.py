@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 
 from proxyd.config.models import GatewayConfig, HealthCheck, Upstream
-from proxyd.proxy.tls import client_context
+from proxyd.proxy.upstream_tls import client_context
 
 log = logging.getLogger("proxyd.health")
 USER_AGENT = "proxyd-health-check"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 from proxyd.config.models_server import Server
-from proxyd.proxy.headers import TrustedProxies
+from proxyd.proxy.field_rules import TrustedProxies
 
 
 class ClientLimits:

@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
+from proxyd.listener_tls import Handshakes
 from proxyd.observe.metrics import WorkerMetrics
 from proxyd.observe.throttle import ThrottledLog
-from proxyd.tls import Handshakes
 
 if TYPE_CHECKING:
     from proxyd.proxy.connection import ClientConnection
-    from proxyd.proxy.headers import TrustedProxies
+    from proxyd.proxy.field_rules import TrustedProxies
 
 V2_SIGNATURE: Final = b"\r\n\r\n\x00\r\nQUIT\n"
 V1_PREFIX: Final = b"PROXY "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Final
 
-from proxyd.proxy.headers import connection_tokens
+from proxyd.proxy.field_rules import connection_tokens
 
 if TYPE_CHECKING:
     from proxyd.middleware.base import Context

@@ -11,8 +11,7 @@ from __future__ import annotations
 from typing import Final, cast
 
 from proxyd.middleware.base import Response
-from proxyd.proxy.head import CRLF, render_fields
-from proxyd.proxy.headers import (
+from proxyd.proxy.field_rules import (
     HOP_BY_HOP,
     RESPONSE_DROP,
     RESPONSE_DROP_SHAPES,
@@ -22,6 +21,7 @@ from proxyd.proxy.headers import (
     lower_name,
     name_shape,
 )
+from proxyd.proxy.head import CRLF, render_fields
 
 NO_BODY_STATUSES: Final = frozenset({204, 304})
 # Connection options that name no other field: nothing more to drop for them.

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from time import monotonic
 from typing import TYPE_CHECKING, Final
 
-from proxyd.proxy.headers import HOP_BY_HOP
+from proxyd.proxy.field_rules import HOP_BY_HOP
 from proxyd.proxy.timers import Deadlines
 from proxyd.proxy.upstream_conn import ERROR_PROTOCOL, ERROR_RESET, ERROR_TIMEOUT, Timeouts
 

@@ -22,7 +22,6 @@ from proxyd.proxy.proxy_protocol import header_v1, header_v2
 from proxyd.proxy.resilience import RetryBudget, upstream_breaker
 from proxyd.proxy.resolver import Resolver
 from proxyd.proxy.timers import Deadlines
-from proxyd.proxy.tls import client_context
 from proxyd.proxy.upstream_conn import (
     ERROR_CONNECT,
     ERROR_TIMEOUT,
@@ -30,6 +29,7 @@ from proxyd.proxy.upstream_conn import (
     Timeouts,
     UpstreamConnection,
 )
+from proxyd.proxy.upstream_tls import client_context
 
 if TYPE_CHECKING:
     from proxyd.observe.metrics import WorkerMetrics

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 import httptools
 
 from proxyd.config.models import RouteTimeouts
-from proxyd.proxy.headers import Piece, write_pieces
+from proxyd.proxy.field_rules import Piece, write_pieces
 
 if TYPE_CHECKING:
     from typing import TypeAlias

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from proxyd.config.models import GatewayConfig
-from proxyd.proxy.headers import REQUEST_DROP
+from proxyd.proxy.field_rules import REQUEST_DROP
 from proxyd.proxy.request import SPECIAL
 from proxyd.sockets import listen_socket
 from proxyd.worker import Worker

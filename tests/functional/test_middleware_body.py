@@ -21,7 +21,7 @@ from aiohttp import web
 
 from proxyd.middleware.base import Context, Middleware, Response
 from proxyd.middleware.chain import Chain
-from proxyd.middleware.options import Options
+from proxyd.middleware.element_options import Options
 from tests.functional._http import Message, RawClient, RawConn, _read_head, get
 from tests.functional.conftest import (
     CATCH_ALL,

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import trustme
 
-from proxyd import tls
+from proxyd import listener_tls
 from proxyd.observe.throttle import ThrottledLog
 from tests.functional.conftest import CATCH_ALL, Proxy, StartProxy, Upstreams, wait_for
 from tests.functional.test_tls_sni_mtls import Pki, curl
@@ -34,7 +34,8 @@ def logged(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
            ) -> pytest.LogCaptureFixture:
     """Handshake failure lines, from a throttle of this test's own (other tests' failures in
     this process must not have used up its lines)."""
-    monkeypatch.setattr(tls, "HANDSHAKE_ERRORS", ThrottledLog(logging.getLogger("proxyd.tls")))
+    monkeypatch.setattr(listener_tls, "HANDSHAKE_ERRORS",
+                        ThrottledLog(logging.getLogger("proxyd.tls")))
     caplog.set_level(logging.WARNING, logger="proxyd.tls")
     return caplog
 
@@ -127,7 +128,7 @@ async def test_failed_handshakes_are_counted_by_reason_and_logged(
     assert status == 200, err
     await wait_for(lambda: sum(completed(p).values()) == before + 1, what="a handshake counted")
     assert set(completed(p)) <= {"TLSv1.2", "TLSv1.3"}
-    assert set(errors(p)) <= set(tls.HANDSHAKE_REASONS)
+    assert set(errors(p)) <= set(listener_tls.HANDSHAKE_REASONS)
 
 
 async def test_a_handshake_not_done_within_header_timeout_is_counted_as_timeout(

@@ -30,7 +30,7 @@ from proxyd.middleware import REGISTRY  # noqa: E402
 from proxyd.middleware.base import Context, Pending  # noqa: E402
 from proxyd.middleware.services import Fallbacks, Services, WorkerCount  # noqa: E402
 from proxyd.observe.metrics import WorkerMetrics  # noqa: E402
-from proxyd.proxy.headers import TrustedProxies  # noqa: E402
+from proxyd.proxy.field_rules import TrustedProxies  # noqa: E402
 from proxyd.proxy.router import CompiledRoute  # noqa: E402
 
 COMMON = [(b"host", b"Host", b"127.0.0.1:8080"), (b"user-agent", b"User-Agent", b"wrk")]

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_to_bytes
 
 from proxyd.middleware.access import outcome
-from proxyd.middleware.access.options import ApiKeyOptions
+from proxyd.middleware.access.access_options import ApiKeyOptions
 from proxyd.middleware.access.outcome import Outcomes, header_value, quoted, unauthorized
 from proxyd.middleware.base import Context, Middleware, Pending, Response
 

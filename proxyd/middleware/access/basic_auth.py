@@ -22,7 +22,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from proxyd.middleware.access import outcome
-from proxyd.middleware.access.options import BasicAuthOptions
+from proxyd.middleware.access.access_options import BasicAuthOptions
 from proxyd.middleware.access.outcome import Outcomes, header_value, quoted, unauthorized
 from proxyd.middleware.access.passwords import (
     CredentialDigests,

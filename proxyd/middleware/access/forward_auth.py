@@ -38,7 +38,7 @@ from proxyd.middleware.access.outcome import Outcomes
 from proxyd.middleware.access.passwords import CredentialDigests
 from proxyd.middleware.access.verified import VerifiedCache
 from proxyd.middleware.base import Context, Middleware, Pending, Response, json_response
-from proxyd.proxy.headers import RESPONSE_DROP
+from proxyd.proxy.field_rules import RESPONSE_DROP
 from proxyd.proxy.subrequest import ERROR_TOO_LARGE, Subrequest, SubrequestError
 
 if TYPE_CHECKING:

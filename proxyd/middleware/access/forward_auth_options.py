@@ -1,6 +1,6 @@
 """The options of the ``forward_auth`` element, validated at config load.
 
-Apart from the other access elements' options (options.py): nothing here is read from files,
+Apart from the other access elements' options (access_options.py): nothing here is read from files,
 and the one name it gives (the upstream) is checked against the rest of the config by the
 middleware registry, with file:line.
 """
@@ -12,8 +12,8 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from proxyd.config.types import Duration
-from proxyd.middleware.access.options import _TOKEN, _header_name
-from proxyd.middleware.options import TYPE, Options
+from proxyd.middleware.access.access_options import _TOKEN, _header_name
+from proxyd.middleware.element_options import TYPE, Options
 
 # Sent on every subrequest, whatever request_headers says: where the request was going.
 FORWARDED_NAMES = ("X-Forwarded-Method", "X-Forwarded-Uri", "X-Forwarded-Host",

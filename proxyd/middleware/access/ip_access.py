@@ -16,7 +16,7 @@ import ipaddress
 from typing import TYPE_CHECKING, Any, Final
 
 from proxyd.middleware.access import outcome
-from proxyd.middleware.access.options import IpAccessOptions
+from proxyd.middleware.access.access_options import IpAccessOptions
 from proxyd.middleware.access.outcome import Outcomes, forbidden
 from proxyd.middleware.base import Context, Middleware, Pending, Response
 from proxyd.middleware.client_address import client_address

@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING, Any, Final, NamedTuple
 import jwt
 
 from proxyd.middleware.access import outcome
+from proxyd.middleware.access.access_options import JwtAuthOptions
 from proxyd.middleware.access.jwks import JwksSource
 from proxyd.middleware.access.keys import KeySet
-from proxyd.middleware.access.options import JwtAuthOptions
 from proxyd.middleware.access.outcome import Outcomes, header_value, quoted, unauthorized
 from proxyd.middleware.access.verified import VerifiedCache
 from proxyd.middleware.base import Context, Middleware, Pending, Response, json_response

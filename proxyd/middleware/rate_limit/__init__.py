@@ -9,6 +9,6 @@ limit / (workers * instances_hint)). Responses carry RateLimit-Limit/-Remaining/
 """
 
 from proxyd.middleware.rate_limit.middleware import HEADER_LNAMES, HEADER_NAMES, RateLimit
-from proxyd.middleware.rate_limit.options import LimitSpec, RateLimitOptions
+from proxyd.middleware.rate_limit.rate_limit_options import LimitSpec, RateLimitOptions
 
 __all__ = ["HEADER_LNAMES", "HEADER_NAMES", "LimitSpec", "RateLimit", "RateLimitOptions"]

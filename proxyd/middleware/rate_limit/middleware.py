@@ -10,12 +10,12 @@ from proxyd.middleware.base import Context, Middleware, Pending, Response, json_
 from proxyd.middleware.client_address import client_address
 from proxyd.middleware.rate_limit.gcra import Decision, policy
 from proxyd.middleware.rate_limit.memory_store import MemoryLimiter
-from proxyd.middleware.rate_limit.options import RateLimitOptions
+from proxyd.middleware.rate_limit.rate_limit_options import RateLimitOptions
 
 if TYPE_CHECKING:
     from proxyd.middleware.rate_limit.redis_store import RedisLimiter
     from proxyd.middleware.services import Services
-    from proxyd.proxy.headers import TrustedProxies
+    from proxyd.proxy.field_rules import TrustedProxies
     from proxyd.proxy.router import CompiledRoute
 
 HEADER_LNAMES: Final = [b"ratelimit-policy", b"ratelimit-limit", b"ratelimit-remaining",

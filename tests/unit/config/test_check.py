@@ -143,9 +143,9 @@ def test_json_summary_says_how_workers_were_chosen(runner: CliRunner, tmp_path: 
 
 def test_zstd_without_zstandard_names_the_extra(runner: CliRunner, tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    from proxyd.middleware import options
+    from proxyd.middleware import element_options
 
-    monkeypatch.setattr(options, "zstandard", None)  # as on an install without the extra
+    monkeypatch.setattr(element_options, "zstandard", None)  # as on an install without the extra
     path = tmp_path / "g.yaml"
     path.write_text("middleware: [{type: compression, algorithms: [zstd, gzip]}]\n")
     result = runner.invoke(main, ["check-config", "-c", str(path)])

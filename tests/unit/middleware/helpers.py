@@ -9,7 +9,7 @@ from proxyd.middleware import REGISTRY
 from proxyd.middleware.base import Context, Middleware, Response
 from proxyd.middleware.services import Fallbacks, Services, WorkerCount
 from proxyd.observe.metrics import WorkerMetrics
-from proxyd.proxy.headers import TrustedProxies
+from proxyd.proxy.field_rules import TrustedProxies
 from proxyd.proxy.router import CompiledRoute
 
 

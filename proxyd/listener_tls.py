@@ -219,7 +219,7 @@ def file_issues(config: GatewayConfig, filename: str) -> list[ConfigIssue]:
                                           f"server.listen[{i}].tls.client_ca",
                                           f"{listener}: cannot load {tls.client_ca}: "
                                           f"{describe(exc)}"))
-    from proxyd.proxy.tls import file_issues as upstream_issues  # ca_file, client_cert
+    from proxyd.proxy.upstream_tls import file_issues as upstream_issues  # ca_file, client_cert
 
     issues.extend(upstream_issues(config, filename))
     return issues

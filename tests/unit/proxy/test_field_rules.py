@@ -1,11 +1,11 @@
-"""headers.py: the intermediary rules — Content-Length parsing, trusted proxies, the bounded
+"""field_rules.py: the intermediary rules — Content-Length parsing, trusted proxies, the bounded
 table of lowercase names, and the shapes of the fields a response drops."""
 
 from __future__ import annotations
 
 import pytest
 
-from proxyd.proxy.headers import (
+from proxyd.proxy.field_rules import (
     NAMES_MAX,
     RESPONSE_DROP,
     RESPONSE_DROP_SHAPES,

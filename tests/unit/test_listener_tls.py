@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from proxyd.cli import main
 from proxyd.config import GatewayConfig
-from proxyd.tls import file_issues, server_context
+from proxyd.listener_tls import file_issues, server_context
 from tests.unit.config._load import ROUTE
 
 # -- TLS files ----------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from proxyd.middleware.access.keys import (
     secret_key,
 )
 from proxyd.middleware.access.passwords import hash_problem
-from proxyd.middleware.options import TYPE, Options
+from proxyd.middleware.element_options import TYPE, Options
 
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # a field name (RFC 9110 §5.1)
 _QUOTABLE = re.compile(r'^[ !#-\[\]-~]*$')  # printable ASCII but '"' and '\'

@@ -1,5 +1,5 @@
 """The ``rate_limit`` middleware's options: a pydantic model, validated at config load and
-kept uncompiled (setup.py), like proxyd/middleware/options.py."""
+kept uncompiled (setup.py), like proxyd/middleware/element_options.py."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from proxyd.config.types import Duration, RateValue
-from proxyd.middleware.options import TYPE, Options
+from proxyd.middleware.element_options import TYPE, Options
 from proxyd.middleware.rate_limit.gcra import Limit
 
 
