@@ -4,8 +4,9 @@ It parses (llhttp, through httptools), enforces the limits and the framing rules
 (docs/architecture.md, "HTTP rules") before anything reaches an upstream, queues pipelined
 requests, writes, pauses and resumes reading, keeps the client's deadlines, drains and closes
 (in stages when the client may still be sending). It knows nothing of routes, chains or
-upstreams: each request, in its turn, becomes an Exchange (exchange.py), which writes through
-send/flush and tells the connection when it is over (exchange_ended).
+upstreams: each request, in its turn, becomes an Exchange (exchange.py), which hands it a
+response's parts (send_head, send_body, end_body, ...) that this connection frames for
+HTTP/1.1, and tells it when it is over (exchange_ended).
 
 Requests on a connection are answered strictly in order. A pipelined request that arrives while
 another is in flight is queued with its body (reading pauses, so the queue is bounded by one
