@@ -20,6 +20,7 @@ from proxyd.middleware.element_options import Options
 
 if TYPE_CHECKING:
     from proxyd.middleware.cache_request import CacheRequest
+    from proxyd.middleware.rate_limit.gcra import Decision
     from proxyd.middleware.services import Services
     from proxyd.proxy.head import Block
     from proxyd.proxy.router import CompiledRoute
@@ -332,6 +333,7 @@ class Context:
         "method",
         "path",
         "query",
+        "rate_limit",
         "remove_request",
         "request_id",
         "route",
@@ -371,6 +373,10 @@ class Context:
         # be: the key's name, the user, the token's subject; None until one has. Typed and
         # set here, not in ``state``, because rate_limit keys on it on every request.
         self.consumer: str | None = None
+        # The rate_limit element's decision (the tightest of its limits), for the RateLimit-*
+        # fields it adds to the response; None until one has decided. An attribute, not a
+        # ``state`` key, so its type is checked: the per-request cost is one attribute store.
+        self.rate_limit: Decision | None = None
         self._by_name: dict[bytes, bytes] | None = None
 
     def header(self, lname: bytes) -> bytes | None:

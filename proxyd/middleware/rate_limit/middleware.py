@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
 from proxyd.middleware.base import Context, Middleware, Pending, Response, json_response
 from proxyd.middleware.client_address import client_address
@@ -138,11 +138,11 @@ class RateLimit(Middleware):
 
     def _decide(self, ctx: Context, decisions: list[Decision]) -> Response | None:
         if len(decisions) == 1:
-            ctx.state["rate_limit"] = decisions[0]
+            ctx.rate_limit = decisions[0]
             if decisions[0].allowed:
                 return None
         else:
-            ctx.state["rate_limit"] = min(decisions, key=lambda d: (d.allowed, d.remaining))
+            ctx.rate_limit = min(decisions, key=lambda d: (d.allowed, d.remaining))
             if all(d.allowed for d in decisions):
                 return None
         retry = max(d.retry_after for d in decisions)
@@ -154,7 +154,7 @@ class RateLimit(Middleware):
         return resp
 
     def on_response(self, ctx: Context, resp: Response) -> None:
-        decision: Any = ctx.state.get("rate_limit")
+        decision = ctx.rate_limit
         if decision is None or not self.o.headers:
             return
         remaining = b"%d" % decision.remaining
