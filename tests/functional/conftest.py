@@ -29,6 +29,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+_REFUSING: list[socket.socket] = []  # held while the tests run: see refused_url
+
+
+def refused_url() -> str:
+    """The URL of a port that refuses connections for as long as the tests run: bound, never
+    listening, and held, so that no other process can take it meanwhile (a port found free
+    and let go could be)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    _REFUSING.append(s)
+    return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
 async def wait_for(
     predicate: Callable[[], bool], timeout: float = 5.0, what: str = "condition"
 ) -> None:

@@ -25,7 +25,7 @@ from tests.functional.conftest import (
     StartProxy,
     Upstreams,
     build_config,
-    free_port,
+    refused_url,
     route,
 )
 
@@ -48,7 +48,7 @@ async def test_json_lines_carry_client_upstream_and_protocol_fields(
 ) -> None:
     log = tmp_path / "access.log"
     live = await upstreams.aiohttp()
-    dead = f"http://127.0.0.1:{free_port()}"
+    dead = refused_url()
     p = await proxy([route("api", path_prefix="/")], {"backend": [dead, live.url]},
                     access_log={"path": str(log)})
     extra = f"User-Agent: {UA}\r\nReferer: {REFERER}\r\n"

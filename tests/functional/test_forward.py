@@ -29,7 +29,7 @@ from tests.functional.conftest import (
     StartProxy,
     Upstreams,
     assert_json_error,
-    free_port,
+    refused_url,
     wait_for,
 )
 
@@ -596,7 +596,7 @@ async def test_bytes_past_a_large_body_in_its_read_are_not_relayed_and_retire_th
 
 
 async def test_502_when_upstream_refuses(proxy: StartProxy) -> None:
-    p = await proxy(CATCH_ALL, {"backend": f"http://127.0.0.1:{free_port()}"})
+    p = await proxy(CATCH_ALL, {"backend": refused_url()})
     async with await RawClient.connect(p.port) as c:
         err = assert_json_error(await c.request(get("/")), 502)
         assert err["error"]

@@ -8,7 +8,6 @@ saw (or that it saw nothing).
 from __future__ import annotations
 
 import asyncio
-import socket
 from time import monotonic
 from typing import Any
 
@@ -21,6 +20,7 @@ from tests.functional.conftest import (
     StartProxy,
     Upstreams,
     assert_json_error,
+    refused_url,
     route,
     wait_for,
 )
@@ -189,17 +189,12 @@ async def test_a_slow_service_is_refused_by_default_and_let_through_with_allow(
 
 async def test_a_service_that_is_down_or_fails_gets_503(
         upstreams: Upstreams, proxy: StartProxy) -> None:
-    with socket.socket() as dead:
-        # Bound and never listening: connections to it are refused, and no other process can
-        # take the port while the test runs (a port that was merely free could be).
-        dead.bind(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{dead.getsockname()[1]}"
-        p, origin = await auth_proxy(upstreams, proxy, url)
-        for _ in range(2):  # the second finds the target failed (ejected, or still refused)
-            resp = await send(p, "/api/x", bearer("alice"))
-            assert_json_error(resp, 503)
-        assert origin.seen == []
-        assert p.target("auth").failures >= 1  # reported to the auth upstream's pool
+    p, origin = await auth_proxy(upstreams, proxy, refused_url())
+    for _ in range(2):  # the second finds the target failed (ejected, or still refused)
+        resp = await send(p, "/api/x", bearer("alice"))
+        assert_json_error(resp, 503)
+    assert origin.seen == []
+    assert p.target("auth").failures >= 1  # reported to the auth upstream's pool
 
     auth = await AuthService().start(upstreams)
     p, origin = await auth_proxy(upstreams, proxy, auth.url)

@@ -19,7 +19,7 @@ from tests.functional.conftest import (
     StartProxy,
     Upstreams,
     assert_json_error,
-    free_port,
+    refused_url,
     route,
     wait_for,
 )
@@ -355,7 +355,7 @@ async def test_traces_start_at_the_edge(upstreams: Upstreams, proxy: StartProxy)
 
 
 async def test_request_id_in_error_bodies(upstreams: Upstreams, proxy: StartProxy) -> None:
-    dead = f"http://127.0.0.1:{free_port()}"
+    dead = refused_url()
     for chain in ([TRACE], [{"type": "security_headers"}]):  # with and without trace_id
         p = await proxy(CATCH_ALL, {"backend": dead}, middleware=chain)
         async with await RawClient.connect(p.port) as c:
@@ -404,9 +404,9 @@ async def test_headers_request_and_response_operations(
 
 async def test_preflight_skips_later_middleware(upstreams: Upstreams, proxy: StartProxy) -> None:
     security = {"type": "security_headers"}
-    after = await proxy(CATCH_ALL, {"backend": f"http://127.0.0.1:{free_port()}"},
+    after = await proxy(CATCH_ALL, {"backend": refused_url()},
                         middleware=[CORS, security])
-    before = await proxy(CATCH_ALL, {"backend": f"http://127.0.0.1:{free_port()}"},
+    before = await proxy(CATCH_ALL, {"backend": refused_url()},
                          middleware=[security, CORS])
     async with await RawClient.connect(after.port) as c:
         resp = await c.request(preflight(ORIGIN))

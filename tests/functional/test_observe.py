@@ -17,6 +17,7 @@ from tests.functional.conftest import (
     StartProxy,
     Upstreams,
     free_port,
+    refused_url,
     route,
     wait_for,
 )
@@ -54,7 +55,7 @@ async def observed_proxy(upstreams: Upstreams, proxy: StartProxy, log: Path,
               middleware={"validation": {"max_body_size": 1000}}),
     ]
     p = await proxy(
-        routes, {"backend": up.url, "dead": f"http://127.0.0.1:{free_port()}"},
+        routes, {"backend": up.url, "dead": refused_url()},
         middleware=[{"type": "trace_id"}, {"type": "validation"}, {"type": "etag"}],
         access_log={"path": str(log), **access_log},
     )
@@ -172,7 +173,7 @@ async def test_access_log_ids_on_routes_without_middleware(
     up = await upstreams.aiohttp()
     p = await proxy(
         [route("api", path_prefix="/api"), route("dead", "dead", path_prefix="/dead")],
-        {"backend": up.url, "dead": f"http://127.0.0.1:{free_port()}"},
+        {"backend": up.url, "dead": refused_url()},
         access_log={"path": str(log)},
     )
     async with await RawClient.connect(p.port) as c:

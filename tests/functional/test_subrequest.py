@@ -31,7 +31,7 @@ from tests.functional.conftest import (
     Proxy,
     StartProxy,
     Upstreams,
-    free_port,
+    refused_url,
     route,
     wait_for,
 )
@@ -94,7 +94,7 @@ async def test_one_keepalive_connection_serves_subrequests_and_a_client_request(
 async def test_a_dead_target_is_retried_on_another_and_ejected(
         upstreams: Upstreams, proxy: StartProxy) -> None:
     live = await keepalive_upstream(upstreams)
-    dead = f"http://127.0.0.1:{free_port()}"
+    dead = refused_url()
     p = await proxy(CATCH_ALL, {"backend": {
         "targets": [dead, live.url],
         "outlier_detection": {"consecutive_failures": 1, "base_ejection": "30s"}}})
@@ -198,6 +198,6 @@ async def test_fetch_asks_what_the_route_would_ask(
     await fetch(p.pipeline.pools, compiled, b"/api/items", b"", [(b"host", b"client.test")])
     assert upstream.requests[-1].header_all("Host") == [f"127.0.0.1:{upstream.port}"]
     # No target up: no answer.
-    dead = await proxy(routes, {"backend": f"http://127.0.0.1:{free_port()}"})
+    dead = await proxy(routes, {"backend": refused_url()})
     [compiled] = dead.pipeline.router.routes
     assert await fetch(dead.pipeline.pools, compiled, b"/api/x", b"", []) is None

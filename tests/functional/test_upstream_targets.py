@@ -22,7 +22,7 @@ from tests.functional.conftest import (
     StartProxy,
     Upstreams,
     assert_json_error,
-    free_port,
+    refused_url,
     route,
     wait_for,
 )
@@ -170,7 +170,7 @@ async def test_connect_error_is_retried_on_another_target_for_any_method(
     servers: list[Server], proxy: StartProxy
 ) -> None:
     (live,) = await start_servers(servers, "live")
-    dead = f"http://127.0.0.1:{free_port()}"
+    dead = refused_url()
     p = await proxy(CATCH_ALL, {"backend": upstream(dead, live.url)})
     async with await RawClient.connect(p.port) as c:
         for i in range(4):
@@ -184,7 +184,7 @@ async def test_connect_error_is_retried_on_another_target_for_any_method(
 async def test_all_targets_out_is_503_at_once_or_least_bad_in_panic_mode(
     proxy: StartProxy
 ) -> None:
-    dead = [f"http://127.0.0.1:{free_port()}" for _ in range(2)]
+    dead = [refused_url() for _ in range(2)]
     outlier = {"consecutive_failures": 1, "base_ejection": "30s", "max_ejection": "30s"}
     p = await proxy(CATCH_ALL, {"backend": upstream(*dead, outlier_detection=outlier)})
     async with await RawClient.connect(p.port) as c:
