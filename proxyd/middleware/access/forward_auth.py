@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 MAX_BODY: Final = 64 * 1024
 
 
-class Decision:
+class AuthDecision:
     """What the auth service answered, in the form the element applies to a request: fields
     for the upstream request (a pass), or the answer for the client (a refusal)."""
 
@@ -91,7 +91,7 @@ class ForwardAuth(Middleware):
         # The service's fields, never the client's: inbound ones of those names go.
         self.remove = {lname for lname, _ in self.copy}
         self.ttl = options.cache_ttl
-        self.cache: VerifiedCache[Decision] = VerifiedCache(
+        self.cache: VerifiedCache[AuthDecision] = VerifiedCache(
             options.cache_size if options.cache_ttl > 0 else 0)
         self.digests = CredentialDigests()
         self.deny_on_error = options.on_error == "deny"
@@ -106,7 +106,7 @@ class ForwardAuth(Middleware):
         # With cache_ttl: credentials → the subrequest in flight for them. Requests that bring
         # the same credentials meanwhile wait for its answer instead of asking again (a
         # page's burst of requests costs the service one).
-        self.asking: dict[bytes, asyncio.Task[Decision | None]] = {}
+        self.asking: dict[bytes, asyncio.Task[AuthDecision | None]] = {}
 
     def bind(self, services: Services, route: CompiledRoute) -> None:
         self.outcomes.bind(services, route.name, self.type)
@@ -176,7 +176,7 @@ class ForwardAuth(Middleware):
         return self._apply(ctx, decision)
 
     async def _shared(self, ctx: Context, credentials: list[tuple[str, bytes | None]],
-                      key: bytes) -> Decision | None:
+                      key: bytes) -> AuthDecision | None:
         """The answer for these credentials: from the subrequest already in flight for them,
         or from a new one, which then goes into the cache if it is shareable."""
         task = self.asking.get(key)
@@ -189,7 +189,7 @@ class ForwardAuth(Middleware):
         task = asyncio.get_running_loop().create_task(self._ask(ctx, credentials))
         self.asking[key] = task
 
-        def done(f: asyncio.Task[Decision | None]) -> None:  # before the waiters resume
+        def done(f: asyncio.Task[AuthDecision | None]) -> None:  # before the waiters resume
             if self.asking.get(key) is f:
                 del self.asking[key]
             if not f.cancelled() and f.exception() is None:
@@ -200,7 +200,7 @@ class ForwardAuth(Middleware):
         task.add_done_callback(done)
         return await asyncio.shield(task)
 
-    def _apply(self, ctx: Context, decision: Decision) -> Response | None:
+    def _apply(self, ctx: Context, decision: AuthDecision) -> Response | None:
         if decision.passes:
             ctx.set_request.extend(decision.headers)
             self.outcomes.count(outcome.OK)
@@ -235,7 +235,7 @@ class ForwardAuth(Middleware):
         return headers
 
     async def _ask(self, ctx: Context,
-                   credentials: list[tuple[str, bytes | None]]) -> Decision | None:
+                   credentials: list[tuple[str, bytes | None]]) -> AuthDecision | None:
         """The service's answer, or None where it gave none that counts (down, too slow,
         5xx, no target up, or its circuit breaker open: then it is not asked at all)."""
         o = self.o
@@ -256,7 +256,7 @@ class ForwardAuth(Middleware):
         fields = answer.headers
         if 200 <= status < 300:
             wanted = {lname: name for lname, name in self.copy}
-            return Decision(status, [(wanted[lname], value) for lname, value in _lower(fields)
+            return AuthDecision(status, [(wanted[lname], value) for lname, value in _lower(fields)
                                      if lname in wanted])
         headers = _relayed(fields)
         if not whole:
@@ -264,8 +264,8 @@ class ForwardAuth(Middleware):
             # (WWW-Authenticate, Location) with an error body of ours instead.
             kept = [(n, v) for n, v in headers
                     if n.lower() not in (b"content-type", b"content-encoding")]
-            return Decision(status, kept, reason=answer.reason, oversize=True)
-        return Decision(status, headers, answer.body, answer.reason)
+            return AuthDecision(status, kept, reason=answer.reason, oversize=True)
+        return AuthDecision(status, headers, answer.body, answer.reason)
 
     # -- proxyd explain ------------------------------------------------------------------------
     def explain(self, ctx: Context, trusted: Any) -> str:
