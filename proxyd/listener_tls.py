@@ -174,11 +174,11 @@ class Handshakes:
         self.listener = listener
 
     def done(self, version: str | None) -> None:
-        self.metrics.inc("gateway_tls_handshakes_total", (self.listener, version or "unknown"))
+        self.metrics.tls_handshakes.inc((self.listener, version or "unknown"))
 
     def failed(self, ip: str, exc: BaseException) -> None:
         reason = handshake_reason(exc)
-        self.metrics.inc("gateway_tls_handshake_errors_total", (self.listener, reason))
+        self.metrics.tls_handshake_errors.inc((self.listener, reason))
         if reason != CLOSED:
             HANDSHAKE_ERRORS.warning("TLS handshake from %s on %s failed (%s): %s", ip,
                                      self.listener, reason, exc)

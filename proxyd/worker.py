@@ -310,7 +310,7 @@ async def _child(
             elif kind == "workers":
                 pipeline.set_workers(int(message.get("count", 0)))
 
-    fds = ExhaustionWatch(lambda: pipeline.metrics.inc("gateway_fd_exhausted_total", ()))
+    fds = ExhaustionWatch(lambda: pipeline.metrics.fd_exhausted.inc(()))
 
     async def report() -> None:
         retired = False

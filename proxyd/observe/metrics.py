@@ -123,6 +123,22 @@ GAUGES: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
+class Counter:
+    """One counter of a worker, held as an attribute of its WorkerMetrics: code counts through
+    the attribute, so a misspelt counter is a type error, not a series nobody exports."""
+
+    __slots__ = ("name", "series")
+
+    def __init__(self, metrics: WorkerMetrics, name: str) -> None:
+        self.name = name
+        self.series = metrics.counters[name]  # (a name not in COUNTERS fails at start)
+
+    def inc(self, labels: tuple[str, ...], amount: float = 1.0) -> None:
+        """``labels`` in the order COUNTERS names them."""
+        series = self.series
+        series[labels] = series.get(labels, 0.0) + amount
+
+
 class WorkerMetrics:
     """The per-worker side: cheap increments, and a JSON-able cumulative snapshot."""
 
@@ -138,10 +154,24 @@ class WorkerMetrics:
         self.upstream_durations = self.histograms["gateway_upstream_request_duration_seconds"]
         self.log_dropped = self.counters["gateway_access_log_dropped_lines_total"]
         self.log_write_errors = self.counters["gateway_access_log_write_errors_total"]
-
-    def inc(self, name: str, labels: tuple[str, ...], amount: float = 1.0) -> None:
-        series = self.counters[name]
-        series[labels] = series.get(labels, 0.0) + amount
+        # Every other counter, typed (tests/unit/observe/test_metrics.py checks that each of
+        # COUNTERS has its attribute here, or its method above and below).
+        self.cache_hits = Counter(self, "gateway_cache_hits_total")
+        self.cache_misses = Counter(self, "gateway_cache_misses_total")
+        self.upstream_errors = Counter(self, "gateway_upstream_errors_total")
+        self.upstream_retries = Counter(self, "gateway_upstream_retries_total")
+        self.upstream_rejected = Counter(self, "gateway_upstream_rejected_total")
+        self.upstream_ejections = Counter(self, "gateway_upstream_ejections_total")
+        self.rate_limited = Counter(self, "gateway_rate_limited_total")
+        self.websocket_messages = Counter(self, "gateway_websocket_messages_total")
+        self.websocket_bytes = Counter(self, "gateway_websocket_bytes_total")
+        self.websocket_closes = Counter(self, "gateway_websocket_closes_total")
+        self.client_limits = Counter(self, "gateway_client_limits_total")
+        self.fd_exhausted = Counter(self, "gateway_fd_exhausted_total")
+        self.tls_handshake_errors = Counter(self, "gateway_tls_handshake_errors_total")
+        self.tls_handshakes = Counter(self, "gateway_tls_handshakes_total")
+        self.auth = Counter(self, "gateway_auth_total")
+        self.jwks_refreshes = Counter(self, "gateway_jwks_refreshes_total")
 
     @staticmethod
     def row(series: dict[tuple[str, ...], list[float]], labels: tuple[str, ...]) -> list[float]:

@@ -45,9 +45,9 @@ class Observer:
             self.metrics.request(route, self._methods.get(method, "OTHER"), status, duration)
             if cache:
                 if cache == "hit":
-                    self.metrics.inc("gateway_cache_hits_total", (route,))
+                    self.metrics.cache_hits.inc((route,))
                 elif cache in ("miss", "revalidated", "stale"):
-                    self.metrics.inc("gateway_cache_misses_total", (route,))
+                    self.metrics.cache_misses.inc((route,))
         upstream_time = None
         # Timed only when a try began: a request the circuit breaker, a full queue or no
         # target up refused at once never met the upstream, and its near-zero time would

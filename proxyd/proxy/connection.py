@@ -263,7 +263,7 @@ class ClientConnection:
         their share of the worker. The refused one never counts as open."""
         p, transport = self.p, self.transport
         assert transport is not None
-        p.metrics.inc("gateway_client_limits_total", ("max_connections",))
+        p.metrics.client_limits.inc(("max_connections",))
         transport.write(error_response(503, "too many connections", p.ids.next(),
                                        close=True, extra=b"Retry-After: 1\r\n"))
         p.deadlines.add(self)
@@ -311,7 +311,7 @@ class ClientConnection:
 
     def _body_timed_out(self) -> None:
         """body_timeout: the client stopped sending the body it announced."""
-        self.p.metrics.inc("gateway_client_limits_total", ("body_timeout",))
+        self.p.metrics.client_limits.inc(("body_timeout",))
         self.reading_body = False
         req = self.req
         if req is None or req is not self.active or req.discard:
@@ -331,7 +331,7 @@ class ClientConnection:
         (paused while the client's buffer is full) goes with it."""
         if self.send_watch is not None:
             self.p.deadlines.discard(self.send_watch)
-        self.p.metrics.inc("gateway_client_limits_total", ("send_timeout",))
+        self.p.metrics.client_limits.inc(("send_timeout",))
         self.closed = True
         if self.transport is not None:
             self.transport.abort()  # close() would wait for the buffer to drain: forever
@@ -557,7 +557,7 @@ class ClientConnection:
                 self.active = None
                 self.close()
                 return
-            self.p.metrics.inc("gateway_client_limits_total", (refusal.reason,))
+            self.p.metrics.client_limits.inc((refusal.reason,))
             # The answer and the close; or, once the client has part of the response, a
             # response cut short, which the client must see truncated.
             ex.fail(refusal.status, refusal.message)
@@ -574,7 +574,7 @@ class ClientConnection:
         self.send(data)
         # Refused by the parser or a limit, dispatched or not: logged and counted like every
         # answered request (route "none" when it never reached one), and the reason counted.
-        self.p.metrics.inc("gateway_client_limits_total", (refusal.reason,))
+        self.p.metrics.client_limits.inc((refusal.reason,))
         if not req.started:
             req.started = self.p.deadlines.now
         req.status = status

@@ -213,7 +213,7 @@ class Exchange:
             try:
                 path = normalize_path(path, p.limits.keep_encoded_slashes)
             except BadPath as exc:
-                p.metrics.inc("gateway_client_limits_total", ("bad_path",))
+                p.metrics.client_limits.inc(("bad_path",))
                 self.error(400, exc.message)
                 return
         req.path, req.query = path, query
@@ -599,7 +599,7 @@ class Exchange:
             return
         pool = self.pool
         assert pool is not None
-        self.p.metrics.inc("gateway_upstream_rejected_total", (pool.name, reason))
+        self.p.metrics.upstream_rejected.inc((pool.name, reason))
         self.error(503, message)
 
     def _retry(self, *, sent: bool, same_ok: bool) -> bool:
@@ -625,7 +625,7 @@ class Exchange:
         if target is None:
             return False
         pool.budget.spend()
-        self.p.metrics.inc("gateway_upstream_retries_total", (pool.name,))
+        self.p.metrics.upstream_retries.inc((pool.name,))
         conn, self.conn = self.conn, None
         if conn is not None:
             conn.drop()
@@ -665,7 +665,7 @@ class Exchange:
             return
         pool = self.pool
         assert pool is not None
-        self.p.metrics.inc("gateway_upstream_errors_total", (pool.name, kind))
+        self.p.metrics.upstream_errors.inc((pool.name, kind))
         # The client gets a short reason (the part before any ": "); what follows it (an OS
         # or TLS error, a parser's complaint) is for the operator's log, never the client.
         reason, _, detail = message.partition(": ")

@@ -131,7 +131,7 @@ PROXY_ERRORS: Final = ThrottledLog(logging.getLogger("proxyd.proxy_protocol"))
 def refused(metrics: WorkerMetrics, ip: str, reason: str) -> None:
     """A connection closed for its PROXY protocol header (missing, malformed, unwelcome):
     counted and logged (throttled), whichever listener it came to."""
-    metrics.inc("gateway_client_limits_total", ("proxy_protocol",))
+    metrics.client_limits.inc(("proxy_protocol",))
     PROXY_ERRORS.warning("closing a connection from %s: %s", ip, reason)
 
 

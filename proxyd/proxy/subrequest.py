@@ -186,7 +186,7 @@ class Subrequest:
         """The pool would not take it: the breaker, a full queue, no target up."""
         metrics = self.pool.metrics
         if metrics is not None:
-            metrics.inc("gateway_upstream_rejected_total", (self.pool.name, reason))
+            metrics.upstream_rejected.inc((self.pool.name, reason))
         self._fail(reason, message, count=False)
 
     def attach(self, conn: UpstreamConnection) -> None:
@@ -354,7 +354,7 @@ class Subrequest:
             return False
         pool.budget.spend()
         if pool.metrics is not None:
-            pool.metrics.inc("gateway_upstream_retries_total", (pool.name,))
+            pool.metrics.upstream_retries.inc((pool.name,))
         conn, self.conn = self.conn, None
         if conn is not None:
             conn.drop()
@@ -382,7 +382,7 @@ class Subrequest:
             return
         metrics = self.pool.metrics
         if count and metrics is not None:
-            metrics.inc("gateway_upstream_errors_total", (self.pool.name, kind))
+            metrics.upstream_errors.inc((self.pool.name, kind))
         self._end(False)
         if not self.future.done():
             self.future.set_exception(SubrequestError(kind, message, head))

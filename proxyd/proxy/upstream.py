@@ -159,7 +159,7 @@ class TargetPool:
             self.ejected_until = now + cool_down
             upstream = self.upstream
             if upstream.metrics is not None:
-                upstream.metrics.inc("gateway_upstream_ejections_total", (upstream.name, self.url))
+                upstream.metrics.upstream_ejections.inc((upstream.name, self.url))
             upstream.refresh()
 
     def release(self, conn: UpstreamConnection) -> None:

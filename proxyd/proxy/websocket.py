@@ -234,11 +234,11 @@ class Tunnel:
             return
         self.recorded = True
         self.p.tunnels.discard(self)
-        self.p.metrics.inc("gateway_websocket_messages_total", ("up",), self.up.messages)
-        self.p.metrics.inc("gateway_websocket_messages_total", ("down",), self.down.messages)
-        self.p.metrics.inc("gateway_websocket_bytes_total", ("up",), self.bytes_up)
-        self.p.metrics.inc("gateway_websocket_bytes_total", ("down",), self.bytes_down)
+        self.p.metrics.websocket_messages.inc(("up",), self.up.messages)
+        self.p.metrics.websocket_messages.inc(("down",), self.down.messages)
+        self.p.metrics.websocket_bytes.inc(("up",), self.bytes_up)
+        self.p.metrics.websocket_bytes.inc(("down",), self.bytes_down)
         code = self.code or self.down.close_code or self.up.close_code  # who closed first
-        self.p.metrics.inc("gateway_websocket_closes_total", (str(code or 1006),))
+        self.p.metrics.websocket_closes.inc((str(code or 1006),))
         self.ds.close()
         self.conn.close()

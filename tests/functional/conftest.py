@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import hashlib
 import os
 import socket
@@ -30,6 +31,7 @@ def free_port() -> int:
 
 
 _REFUSING: list[socket.socket] = []  # held while the tests run: see refused_url
+atexit.register(lambda: [s.close() for s in _REFUSING])
 
 
 def refused_url() -> str:

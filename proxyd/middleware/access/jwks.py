@@ -18,14 +18,16 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from proxyd.middleware.access.keys import KeySet, UnusableKey, parse_jwks
 from proxyd.observe.throttle import ThrottledLog
 
+if TYPE_CHECKING:
+    from proxyd.observe.metrics import WorkerMetrics
+
 log = logging.getLogger("proxyd.jwt_auth")
 MAX_DOCUMENT: Final = 1 << 20  # bytes; a JWKS is a few KiB
-METRIC: Final = "gateway_jwks_refreshes_total"
 
 # (id of the event loop, url, refresh, timeout, min_interval, algorithms) → the source; the
 # loop is the worker's (tests run several in one process, one loop each).
@@ -37,7 +39,7 @@ class JwksSource:
     """The keys of one JWKS URL, kept current by a background task of the worker's loop."""
 
     def __init__(self, url: str, refresh: float, timeout: float, min_interval: float,
-                 algorithms: frozenset[str], metrics: Any = None) -> None:
+                 algorithms: frozenset[str], metrics: WorkerMetrics | None = None) -> None:
         self.url = url
         self.refresh = max(refresh, 1.0)
         self.timeout = timeout
@@ -62,7 +64,7 @@ class JwksSource:
     @classmethod
     def acquire(cls, loop: asyncio.AbstractEventLoop, url: str, refresh: float,
                 timeout: float, min_interval: float, algorithms: frozenset[str],
-                metrics: Any = None) -> JwksSource:
+                metrics: WorkerMetrics | None = None) -> JwksSource:
         """The worker's source for these settings, started on first use."""
         key: Key = (id(loop), url, refresh, timeout, min_interval, algorithms)
         source = _SOURCES.get(key)
@@ -193,4 +195,4 @@ class JwksSource:
 
     def _count(self, result: str) -> None:
         if self.metrics is not None:
-            self.metrics.inc(METRIC, (result,))
+            self.metrics.jwks_refreshes.inc((result,))

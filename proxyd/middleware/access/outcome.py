@@ -10,12 +10,13 @@ says whether the name or the secret was wrong.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
 from proxyd.middleware.base import Context, Response, json_response
 
 if TYPE_CHECKING:
     from proxyd.middleware.services import Services
+    from proxyd.observe.metrics import WorkerMetrics
 
 # gateway_auth_total's results.
 OK: Final = "ok"  # authenticated, or an address allowed
@@ -30,7 +31,6 @@ UNAVAILABLE: Final = "unavailable"
 BUSY: Final = "busy"
 ERROR_ALLOWED: Final = "error_allowed"  # forward_auth: the service failed, on_error: allow
 RESULTS: Final = (OK, MISSING, INVALID, EXPIRED, DENIED, UNAVAILABLE, BUSY, ERROR_ALLOWED)
-METRIC: Final = "gateway_auth_total"
 
 
 class Outcomes:
@@ -39,7 +39,7 @@ class Outcomes:
     __slots__ = ("_labels", "_metrics")
 
     def __init__(self) -> None:
-        self._metrics: Any = None
+        self._metrics: WorkerMetrics | None = None
         self._labels: dict[str, tuple[str, str, str]] = {}
 
     def bind(self, services: Services, route: str, element: str) -> None:
@@ -51,7 +51,7 @@ class Outcomes:
     def count(self, result: str) -> None:
         metrics = self._metrics
         if metrics is not None:
-            metrics.inc(METRIC, self._labels[result])
+            metrics.auth.inc(self._labels[result])
 
 
 def quoted(value: str) -> bytes:

@@ -147,7 +147,7 @@ class RateLimit(Middleware):
                 return None
         retry = max(d.retry_after for d in decisions)
         if self.services is not None:
-            self.services.metrics.inc("gateway_rate_limited_total", (self.route_name,))
+            self.services.metrics.rate_limited.inc((self.route_name,))
         resp = json_response(429, "rate limit exceeded", ctx.id(),
                              [(b"Retry-After", str(max(1, math.ceil(retry))).encode())])
         self.on_response(ctx, resp)  # an answer from this element: its own headers too

@@ -5,10 +5,11 @@ from __future__ import annotations
 import bisect
 import json
 
+import pytest
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import CollectorRegistry
 
-from proxyd.observe.metrics import BUCKETS, MasterMetrics, WorkerMetrics, bucket
+from proxyd.observe.metrics import BUCKETS, COUNTERS, Counter, MasterMetrics, WorkerMetrics, bucket
 
 
 def test_request_counts_and_durations_survive_the_trip_to_the_master() -> None:
@@ -51,3 +52,22 @@ def test_bucket_is_bisect_left_over_the_bounds() -> None:
     for v in values:
         assert bucket(v) == bisect.bisect_left(BUCKETS, v), v
     assert bucket(BUCKETS[-1] * 2) == len(BUCKETS)  # the +Inf row
+
+
+def test_every_counter_is_a_typed_attribute_of_the_worker_metrics() -> None:
+    """Code counts through attributes (a misspelt one is a type error): each counter of
+    COUNTERS has one, except those the worker keeps as series behind a method."""
+    metrics = WorkerMetrics()
+    typed = {c.name for c in vars(metrics).values() if isinstance(c, Counter)}
+    behind_methods = {"gateway_requests_total", "gateway_access_log_dropped_lines_total",
+                      "gateway_access_log_write_errors_total"}
+    assert typed | behind_methods == set(COUNTERS)
+    assert not typed & behind_methods
+    metrics.client_limits.inc(("body_timeout",))
+    metrics.client_limits.inc(("body_timeout",), 2.0)
+    assert metrics.counters["gateway_client_limits_total"] == {("body_timeout",): 3.0}
+
+
+def test_a_counter_not_in_the_table_fails_when_the_worker_starts() -> None:
+    with pytest.raises(KeyError):
+        Counter(WorkerMetrics(), "gateway_no_such_total")
