@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol
+from typing import TYPE_CHECKING, ClassVar, Final, Protocol
 
 from mypy_extensions import mypyc_attr
 
@@ -339,7 +339,6 @@ class Context:
         "route",
         "scheme",
         "set_request",
-        "state",
     )
 
     def __init__(
@@ -362,7 +361,6 @@ class Context:
         self.make_request_id = request_id
         self.set_request: list[tuple[bytes, bytes]] = []  # added to the upstream request
         self.remove_request: set[bytes] = set()  # lowercase names not forwarded
-        self.state: dict[str, Any] = {}
         # The cache middleware's record of this request (a miss, a bypass, an invalidation;
         # none for a hit), and what became of it ("hit", "miss", ...: cache_request.py) for
         # the access log and the counters.
@@ -370,12 +368,12 @@ class Context:
         self.cache_outcome = ""
         self.max_body_size: int | None = None
         # Who an authentication element (api_key, basic_auth, jwt_auth) found the client to
-        # be: the key's name, the user, the token's subject; None until one has. Typed and
-        # set here, not in ``state``, because rate_limit keys on it on every request.
+        # be: the key's name, the user, the token's subject; None until one has (rate_limit
+        # keys on it).
         self.consumer: str | None = None
         # The rate_limit element's decision (the tightest of its limits), for the RateLimit-*
-        # fields it adds to the response; None until one has decided. An attribute, not a
-        # ``state`` key, so its type is checked: the per-request cost is one attribute store.
+        # fields it adds to the response; None until one has decided. What one element tells
+        # another about a request is a typed attribute here, never a string-keyed dict.
         self.rate_limit: Decision | None = None
         self._by_name: dict[bytes, bytes] | None = None
 
