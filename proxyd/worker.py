@@ -286,7 +286,7 @@ async def _child(
 
     async def purge(message: dict[str, Any]) -> None:
         """Purge, then tell the master how many entries went (admin DELETE /cache)."""
-        removed, deferred = await pipeline.purge(message.get("key"), message.get("prefix"),
+        removed, deferred = await pipeline.cache.purge(message.get("key"), message.get("prefix"),
                                                  bool(message.get("shared", True)))
         channel.send({"type": "purged", "id": message.get("id"), "removed": removed,
                       "deferred": deferred})

@@ -337,9 +337,6 @@ class ClientConnection:
             self.transport.abort()  # close() would wait for the buffer to drain: forever
 
     # -- writing ----------------------------------------------------------------------------
-    def send(self, data: Piece) -> None:
-        self._out.append(data)
-
     # What an exchange sends: a response's parts. How they go on the wire (the status line,
     # the framing of a body, Connection) is this connection's: HTTP/1.1 here.
     def send_answer(self, data: bytes) -> None:
@@ -571,7 +568,7 @@ class ClientConnection:
         req = self.req or Request()
         status = refusal.status
         data = error_response(status, refusal.message, req_id(req, self.p), close=True)
-        self.send(data)
+        self.send_answer(data)
         # Refused by the parser or a limit, dispatched or not: logged and counted like every
         # answered request (route "none" when it never reached one), and the reason counted.
         self.p.metrics.client_limits.inc((refusal.reason,))

@@ -52,8 +52,6 @@ MOVES: Final[tuple[int, ...]] = (
 # Before the first byte of a response went to the client (a 1xx aside): the states from which
 # a try may be repeated.
 RETRYABLE: Final = _moves(CONNECTING, SENDING, AWAITING_HEAD)
-# The states in which an exchange is talking to an upstream connection.
-UPSTREAM: Final = _moves(CONNECTING, SENDING, AWAITING_HEAD, BUFFERING, RELAYING)
 
 
 def illegal_move(state: int, to: int) -> RuntimeError:

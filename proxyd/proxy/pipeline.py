@@ -192,15 +192,8 @@ class Pipeline:
             return self.not_ready if self.draining else self.ready
         return None
 
-    def next_request_id(self) -> str:
-        return self.ids.next()
-
     def start(self) -> None:
         self.deadlines.start()
-
-    async def purge(self, key: str | None = None, prefix: str | None = None,
-                    shared: bool = True) -> tuple[int, bool]:
-        return await self.cache.purge(key, prefix, shared)
 
     def close(self) -> None:
         for closing in self.cache.closers():

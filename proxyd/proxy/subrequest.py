@@ -22,6 +22,7 @@ from time import monotonic
 from typing import TYPE_CHECKING, Final
 
 from proxyd.proxy.field_rules import HOP_BY_HOP
+from proxyd.proxy.head import CRLF, request_start, upstream_head
 from proxyd.proxy.timers import Deadlines
 from proxyd.proxy.upstream_conn import ERROR_PROTOCOL, ERROR_RESET, ERROR_TIMEOUT, Timeouts
 
@@ -107,14 +108,14 @@ class Subrequest:
         self.method = method
         self.body = body
         self.max_body = max_body
-        parts = [method, b" ", target, b" HTTP/1.1\r\n"]
+        parts = request_start(method, target)
         for name, value in headers:
             if name.lower() not in _DROP:
-                parts += (name, b": ", value, b"\r\n")
+                parts += (name, b": ", value, CRLF)
         if body or method in _WITH_BODY:
             parts.append(b"Content-Length: %d\r\n" % len(body))
         self.head = b"".join(parts)
-        self.host_line = b"Host: " + host + b"\r\n" if host is not None else None
+        self.host_line = b"Host: " + host + CRLF if host is not None else None
         self.timeouts: Timeouts = pool.timeouts
         self.future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         self.state = CONNECTING
@@ -199,8 +200,8 @@ class Subrequest:
             # No client behind this connection: the header says so (UNKNOWN / LOCAL-like
             # unspecified addresses), and such a connection is never pooled (upstream.py).
             conn.send(pool.proxy_header("0.0.0.0", 0, "::", 0))
-        conn.send(self.head + (self.host_line or b"Host: " + conn.pool.host_header + b"\r\n")
-                  + b"\r\n")
+        conn.send(upstream_head(self.head,
+                                self.host_line or b"Host: " + conn.pool.host_header + CRLF))
         if self.body:
             conn.send(self.body)
         conn.flush()

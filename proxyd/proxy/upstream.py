@@ -217,7 +217,6 @@ class UpstreamPool:
         self.metrics = metrics
         # This upstream's row of gateway_upstream_request_duration_seconds, once it has one:
         # the per-request update then needs no label tuple or dict lookup.
-        self.duration_row: list[float] | None = None
         self.closed = False
         self.preserve_host = cfg.preserve_host
         # A PROXY protocol header ahead of each connection: header_v1, header_v2, or None.

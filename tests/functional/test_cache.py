@@ -343,15 +343,17 @@ async def test_stale_entry_replaced_when_the_upstream_changed(upstreams: Upstrea
     assert up.seen[1].header("If-None-Match") == '"1"'
 
 
+def stale_then_new(origin: Origin, request: web.Request) -> web.Response:
+    """The first answer stale at once (served while it is revalidated), the next ones new."""
+    if origin.hits == 1:
+        return ok(request, "old", cc="max-age=0, stale-while-revalidate=60")
+    return ok(request, "new", cc="max-age=60")
+
+
 async def test_stale_while_revalidate_serves_stale_and_refreshes_once(
     upstreams: Upstreams, proxy: StartProxy,
 ) -> None:
-    def reply(request: web.Request) -> web.Response:
-        if origin.hits == 1:
-            return ok(request, "old", cc="max-age=0, stale-while-revalidate=60")
-        return ok(request, "new", cc="max-age=60")
-
-    origin = Origin(reply)
+    origin = Origin(lambda request: stale_then_new(origin, request))
     p, up = await start(upstreams, proxy, origin)
     assert (await fetch(p)).body == b"old"
     origin.delay = 0.3  # the background refresh is slow: more stale hits meanwhile
@@ -378,9 +380,7 @@ async def test_a_background_refresh_goes_through_the_upstream_pool(
     def reply(request: web.Request) -> web.Response:
         peers.append(request.transport.get_extra_info("peername") if request.transport
                      else None)
-        if origin.hits == 1:
-            return ok(request, "old", cc="max-age=0, stale-while-revalidate=60")
-        return ok(request, "new", cc="max-age=60")
+        return stale_then_new(origin, request)
 
     origin = Origin(reply)
     p, up = await start(upstreams, proxy, origin)
