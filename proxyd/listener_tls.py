@@ -27,10 +27,11 @@ def _no_passphrase() -> bytes:
     raise ValueError("the private key is encrypted; give proxyd an unencrypted key file")
 
 
-def _context(tls: TLS, cert: str, key: str) -> ssl.SSLContext:
+def _context(tls: TLS, cert: str, key: str, http2: bool) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = VERSIONS[tls.min_version]
-    ctx.set_alpn_protocols(["http/1.1"])
+    # h2 first: a client that offers both gets HTTP/2 (the server's preference decides).
+    ctx.set_alpn_protocols(["h2", "http/1.1"] if http2 else ["http/1.1"])
     ctx.load_cert_chain(cert, key, password=_no_passphrase)
     if not tls.session_tickets:
         ctx.options |= ssl.OP_NO_TICKET
@@ -46,11 +47,11 @@ class ServerNames:
     (``*.example.com`` answers ``a.example.com``, not ``example.com`` or ``a.b.example.com``),
     else the listener's default certificate."""
 
-    def __init__(self, tls: TLS) -> None:
+    def __init__(self, tls: TLS, http2: bool) -> None:
         self.exact: dict[str, ssl.SSLContext] = {}
         self.wildcard: dict[str, ssl.SSLContext] = {}
         for spec in tls.certificates:
-            ctx = _context(tls, spec.cert, spec.key)
+            ctx = _context(tls, spec.cert, spec.key, http2)
             for name in spec.names:
                 if name.startswith("*."):
                     self.wildcard.setdefault(name[2:], ctx)
@@ -93,11 +94,12 @@ def client_cert_fields(sslobj: ssl.SSLObject | None) -> bytes:
             + b"\r\n")
 
 
-def server_context(tls: TLS) -> ssl.SSLContext:
-    """The listener's context: its default certificate, and the others chosen by SNI."""
-    ctx = _context(tls, tls.cert, tls.key)
+def server_context(tls: TLS, http2: bool = True) -> ssl.SSLContext:
+    """The listener's context: its default certificate, and the others chosen by SNI.
+    ``http2``: offer h2 by ALPN (every context of the listener alike)."""
+    ctx = _context(tls, tls.cert, tls.key, http2)
     if tls.certificates:
-        ctx.sni_callback = ServerNames(tls).callback
+        ctx.sni_callback = ServerNames(tls, http2).callback
     return ctx
 
 
@@ -206,7 +208,7 @@ def file_issues(config: GatewayConfig, filename: str) -> list[ConfigIssue]:
             for n, spec in enumerate(tls.certificates)]
         for where, cert, key in files:
             try:
-                _context(tls.model_copy(update={"client_ca": None}), cert, key)
+                _context(tls.model_copy(update={"client_ca": None}), cert, key, False)
             except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
                 issues.append(ConfigIssue(filename, None, None, where,
                                           f"{listener}: cannot load {cert} / {key}: "

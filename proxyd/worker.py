@@ -24,6 +24,7 @@ from proxyd.fdlimit import ExhaustionWatch
 from proxyd.listener_tls import Handshakes, server_context
 from proxyd.proxy.connection import ClientConnection
 from proxyd.proxy.field_rules import TrustedProxies
+from proxyd.proxy.h2_connection import Http2Connection
 from proxyd.proxy.pipeline import Pipeline
 from proxyd.proxy.proxy_protocol import ListenerPolicy, TLSGate, refused
 from proxyd.sockets import listen_socket
@@ -52,10 +53,10 @@ class Worker:
         pipeline = self.pipeline = Pipeline(self.config, loop)
         pipeline.start()
 
-        def factory_for(tls: bool, proxy: ListenerPolicy | None, client_certs: bool
-                        ) -> Callable[[], ClientConnection]:
+        def factory_for(tls: bool, proxy: ListenerPolicy | None, client_certs: bool,
+                        http2: bool) -> Callable[[], ClientConnection]:
             def factory() -> ClientConnection:
-                return ClientConnection(pipeline, tls, proxy, client_certs)
+                return ClientConnection(pipeline, tls, proxy, client_certs, http2)
             return factory
 
         listeners = self.config.server.listen  # in the order of the sockets (for_slot)
@@ -66,9 +67,10 @@ class Worker:
                      if getattr(listener, "proxy_protocol", False) else None)
             # One context per TLS listener, loaded here after fork: a reload's new workers
             # read the certificate files as they are now.
-            ctx = server_context(tls) if tls is not None else None
+            http2 = getattr(listener, "http2", True)
+            ctx = server_context(tls, http2) if tls is not None else None
             make = factory_for(ctx is not None, proxy if ctx is None else None, tls is not None
-                               and tls.client_ca is not None and tls.client_cert_headers)
+                               and tls.client_ca is not None and tls.client_cert_headers, http2)
             if ctx is not None:
                 # The gate accepts, so that it sees how each handshake ends (a server's own
                 # accept path reports a failed one nowhere); with the PROXY protocol, the
@@ -103,6 +105,9 @@ class Worker:
         for server in self.servers:
             server.close()  # close() only: shutdown() would kill the socket for every process
         pipeline.draining = True
+        for conn in list(pipeline.connections):
+            if isinstance(conn, Http2Connection):
+                conn.go_away()  # GOAWAY: the streams taken finish, no new ones
         # A connection accepted just before close() gets connection_made only on a later loop
         # iteration; take stock after those arrived, or the worker exits under them (a reset).
         await asyncio.sleep(ACCEPT_SETTLE)

@@ -132,6 +132,12 @@ class ListenSpec(Model):
         "every peer must send it.",
     )
 
+    http2: bool = Field(
+        True, description="Speak HTTP/2 to clients that ask for it: by ALPN (h2) on a TLS "
+        "listener, by prior knowledge (h2c: the connection starts with the HTTP/2 preface) on "
+        "a cleartext one. false: HTTP/1.1 only.",
+    )
+
     @field_validator("proxy_protocol_from")
     @classmethod
     def _cidrs(cls, value: list[str]) -> list[str]:
@@ -148,14 +154,16 @@ class Listener(HostPort):
     tls: TLS | None = None
     proxy_protocol: bool = False
     proxy_protocol_from: tuple[str, ...] = ANYONE
+    http2: bool = True
 
     @classmethod
     def of(cls, address: HostPort, tls: TLS | None = None, proxy_protocol: bool = False,
-           proxy_protocol_from: tuple[str, ...] = ANYONE) -> Listener:
+           proxy_protocol_from: tuple[str, ...] = ANYONE, http2: bool = True) -> Listener:
         listener = cls(address.host, address.port)
         listener.tls = tls
         listener.proxy_protocol = proxy_protocol
         listener.proxy_protocol_from = proxy_protocol_from
+        listener.http2 = http2
         return listener
 
 
@@ -183,14 +191,15 @@ def parse_listener(value: Any) -> Listener:
         except ValidationError as exc:
             raise ValueError(_problems(exc)) from None
         return Listener.of(spec.address, spec.tls, spec.proxy_protocol,
-                           tuple(spec.proxy_protocol_from))
+                           tuple(spec.proxy_protocol_from), spec.http2)
     return Listener.of(parse_host_port(value))
 
 
 def _dump_listener(listener: HostPort) -> str | dict[str, Any]:
     tls = getattr(listener, "tls", None)
     proxy = getattr(listener, "proxy_protocol", False)
-    if tls is None and not proxy:
+    http2 = getattr(listener, "http2", True)
+    if tls is None and not proxy and http2:
         return str(listener)
     out: dict[str, Any] = {"address": str(listener)}
     if tls is not None:
@@ -198,6 +207,8 @@ def _dump_listener(listener: HostPort) -> str | dict[str, Any]:
     if proxy:
         out["proxy_protocol"] = True
         out["proxy_protocol_from"] = list(getattr(listener, "proxy_protocol_from", ANYONE))
+    if not http2:
+        out["http2"] = False
     return out
 
 
@@ -219,6 +230,7 @@ ListenerValue = Annotated[
                                         "min_version": {"enum": ["1.2", "1.3", 1.2, 1.3]}}},
                  "proxy_protocol": {"type": "boolean"},
                  "proxy_protocol_from": {"type": "array", "items": {"type": "string"}},
+                 "http2": {"type": "boolean"},
              }},
         ],
     }),

@@ -31,7 +31,7 @@ from json.encoder import encode_basestring_ascii as esc
 from typing import TYPE_CHECKING, Final
 
 from proxyd.config.models import AccessLogSettings
-from proxyd.observe.log_format import combined, compile_template, render
+from proxyd.observe.log_format import combined, compile_template, protocol_name, render
 from proxyd.observe.metrics import LOG_STALLED, LOG_WRITE_ERROR
 
 if TYPE_CHECKING:
@@ -59,9 +59,10 @@ NO_FIELDS: Final[list[tuple[bytes, bytes, bytes]]] = []
 # only, and what costs a lookup (the User-Agent among the request's fields, "host:port" out of
 # the target's URL) is looked up here too: the request keeps its list of fields, unchanged.
 # ts, request_id, client_ip, method, host, target, status, bytes_in, bytes_out, duration,
-# upstream, upstream_time, cache, route, request fields, HTTP/1.1, target URL, tries, TLS
+# upstream, upstream_time, cache, route, request fields, HTTP version (10, 11 or 20), target
+# URL, tries, TLS
 Record = tuple[float, str | int, bytes, bytes, bytes | None, bytes, int, int, int, float, str,
-               float | None, str, str, list[tuple[bytes, bytes, bytes]], bool, str, int, str]
+               float | None, str, str, list[tuple[bytes, bytes, bytes]], int, str, int, str]
 
 
 def _json_text(value: bytes | str | None) -> str:
@@ -71,12 +72,12 @@ def _json_text(value: bytes | str | None) -> str:
 
 
 # The optional JSON fields (access_log.fields), in their order in the line: name → its value,
-# from the User-Agent, the Referer, HTTP/1.1 or not, the target URL, tries, the TLS version.
-ExtraValues = tuple[bytes | None, bytes | None, bool, str, int, str]
+# from the User-Agent, the Referer, the HTTP version, the target URL, tries, the TLS version.
+ExtraValues = tuple[bytes | None, bytes | None, int, str, int, str]
 EXTRA_FIELDS: Final[dict[str, Callable[[ExtraValues], str]]] = {
     "user_agent": lambda v: _json_text(v[0]),
     "referer": lambda v: _json_text(v[1]),
-    "protocol": lambda v: '"HTTP/1.1"' if v[2] else '"HTTP/1.0"',
+    "protocol": lambda v: f'"{protocol_name(v[2])}"',
     "upstream_addr": lambda v: _json_text(v[3].partition("://")[2]),
     "tries": lambda v: str(v[4]),
     "tls_version": lambda v: _json_text(v[5]),
@@ -181,7 +182,7 @@ class AccessLog:
         self, request_id: str | int, client_ip: bytes, method: bytes, host: bytes | None,
         target: bytes, status: int, bytes_in: int, bytes_out: int, duration: float,
         upstream: str, upstream_time: float | None, cache: str, route: str,
-        headers: list[tuple[bytes, bytes, bytes]] = NO_FIELDS, http11: bool = True,
+        headers: list[tuple[bytes, bytes, bytes]] = NO_FIELDS, version: int = 11,
         target_url: str = "", tries: int = 0, tls: str = "",
     ) -> None:
         if self.sample_2xx < 1.0 and 200 <= status < 300 and random.random() >= self.sample_2xx:
@@ -189,7 +190,7 @@ class AccessLog:
         pending = self._pending
         pending.append((time.time(), request_id, client_ip, method, host, target, status,
                         bytes_in, bytes_out, duration, upstream, upstream_time, cache, route,
-                        headers, http11, target_url, tries, tls))
+                        headers, version, target_url, tries, tls))
         if len(pending) >= FLUSH_RECORDS:
             self.flush()
         elif self._handle is None:

@@ -55,8 +55,15 @@ def header(record: Record, lname: bytes) -> bytes | None:
     return None
 
 
+PROTOCOL_NAMES: Final = {10: "HTTP/1.0", 11: "HTTP/1.1", 20: "HTTP/2.0"}
+
+
+def protocol_name(version: int) -> str:
+    return PROTOCOL_NAMES.get(version, "HTTP/1.1")
+
+
 def protocol(record: Record) -> str:
-    return "HTTP/1.1" if record[15] else "HTTP/1.0"
+    return protocol_name(record[15])
 
 
 def upstream_addr(record: Record) -> str:

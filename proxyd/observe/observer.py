@@ -34,7 +34,7 @@ class Observer:
         self, request_id: str | None, client_ip: bytes, method: bytes, host: bytes | None,
         target: bytes, status: int, bytes_in: int, bytes_out: int, started: float,
         route: str, cache: str, upstream: str, upstream_started: float, tries: int,
-        target_url: str, headers: list[tuple[bytes, bytes, bytes]], http11: bool, tls: str,
+        target_url: str, headers: list[tuple[bytes, bytes, bytes]], version: int, tls: str,
     ) -> None:
         """``request_id`` None: the request never needed one (the log makes it at its
         flush). ``upstream_started``: when the first try began, 0 if none did."""
@@ -65,5 +65,5 @@ class Observer:
             self.access_log.record(
                 request_id if request_id is not None else self.ids.deferred(), client_ip,
                 method, host, target, status, bytes_in, bytes_out, duration, upstream,
-                upstream_time, cache, route, headers, http11, target_url, tries, tls,
+                upstream_time, cache, route, headers, version, target_url, tries, tls,
             )

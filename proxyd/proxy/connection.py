@@ -18,18 +18,24 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from time import monotonic
-from typing import Final, cast
+from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
 from proxyd.listener_tls import client_cert_fields
+from proxyd.proxy.downstream import Downstream
 from proxyd.proxy.exchange import Exchange
 from proxyd.proxy.field_rules import REQUEST_NAMES, Piece, lower_name, write_pieces
+from proxyd.proxy.h2_connection import Http2Connection
 from proxyd.proxy.head import body_length, error_response, framing, response_head
 from proxyd.proxy.pipeline import Pipeline, req_id
 from proxyd.proxy.proxy_protocol import HeaderReader, ListenerPolicy, refused
 from proxyd.proxy.request import SPECIAL, Reject, Request, special_header
 from proxyd.proxy.websocket import Tunnel
+
+if TYPE_CHECKING:
+    from proxyd.config.models import WebSocket
+    from proxyd.proxy.upstream import UpstreamConnection
 
 __all__ = ["PAUSE_PENDING", "PAUSE_PIPELINE", "PAUSE_UPSTREAM", "ClientConnection", "Request",
            "SendWatch"]
@@ -175,11 +181,20 @@ LINGER_BYTES: Final = 64 * 1024 * 1024
 REFUSED_LINGER: Final = 1.0
 
 
+# The preface an HTTP/2 client with prior knowledge starts with (RFC 9113 §3.4).
+H2_PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
 # Not an asyncio.Protocol subclass, for the same reason as UpstreamConnection.
-class ClientConnection:
+class ClientConnection(Downstream):
     def __init__(self, pipeline: Pipeline, tls: bool = False,
-                 proxy: ListenerPolicy | None = None, client_certs: bool = False) -> None:
+                 proxy: ListenerPolicy | None = None, client_certs: bool = False,
+                 http2: bool = False) -> None:
         self.p = pipeline
+        # HTTP/2: by ALPN on TLS, by its preface (prior knowledge) on cleartext; looked for
+        # in the first read only.
+        self.http2 = http2
+        self.h2_watch = http2 and not tls
         self.limits = pipeline.limits
         self.proxy = proxy  # the listener reads a PROXY protocol header first
         self.client_certs = client_certs  # tell upstreams who a client certificate named
@@ -244,6 +259,10 @@ class ClientConnection:
         # reading may be a tick old, and the deadline would fire that much early.
         p.deadlines.now = monotonic()
         self.deadline = p.deadlines.now + self.limits.header_timeout
+        if self.http2 and self.scheme == b"https":
+            ssl_object = transport.get_extra_info("ssl_object")
+            if ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2":
+                Http2Connection.take_over(self, b"")
 
     def set_client_address(self, address: str) -> None:
         """The client's address as a PROXY protocol header gave it."""
@@ -528,8 +547,11 @@ class ClientConnection:
         if not self.parsing:
             self.flush()  # (else data_received flushes once the whole read is parsed)
 
-    def start_tunnel(self, tunnel: Tunnel, ex: Exchange) -> None:
+    def start_tunnel(self, conn: UpstreamConnection, settings: WebSocket, ex: Exchange,
+                     rest: bytes) -> None:
         """The upstream accepted the upgrade: this connection is a WebSocket relay now."""
+        tunnel = Tunnel(self, conn, self.p, settings)
+        conn.become_tunnel(tunnel)  # relays are long-lived: they leave the pool's count
         self.p.observe(ex.req, self.client_ip, ex, self.tls_version)
         ex.req.exchange = None
         self.active = None
@@ -542,6 +564,8 @@ class ClientConnection:
         self._paused = 0
         if self.transport is not None:
             self.transport.resume_reading()
+        if rest:
+            tunnel.from_upstream(rest)
 
     def _reject(self, refusal: Reject) -> None:
         """A request that cannot be parsed safely: answer (in turn) and close."""
@@ -588,6 +612,8 @@ class ClientConnection:
         if self.closed:
             if self.lingering:
                 self._lingered(len(data))
+            return
+        if self.h2_watch and self._prior_knowledge(data):
             return
         if self.ws_early is not None:
             # A WebSocket relay: bytes pass through once the upstream said 101, wait until then.
@@ -646,6 +672,24 @@ class ClientConnection:
         ex = self.active.exchange if self.active is not None else None
         if ex is not None:
             ex.flush_upstream()
+
+    def _prior_knowledge(self, data: bytes) -> bool:
+        """On the first read of a cleartext connection: the HTTP/2 preface hands it over."""
+        head = (self.read or b"") + data
+        if H2_PREFACE.startswith(head[:len(H2_PREFACE)]):
+            if len(head) < len(H2_PREFACE):
+                self.read = head  # a preface split across reads: wait for the rest
+                return True
+            self.h2_watch = False
+            self.read = None
+            Http2Connection.take_over(self, head)
+            return True
+        self.h2_watch = False
+        if self.read is not None:  # a split start that was not the preface after all
+            self.read = None
+            self.data_received(head)
+            return True
+        return False
 
     def on_message_begin(self) -> None:
         self.req = Request()

@@ -59,12 +59,12 @@ from proxyd.proxy.response_fields import (
 )
 from proxyd.proxy.router import DirectResponse, normalize_host
 from proxyd.proxy.upstream_conn import ERROR_PROTOCOL, ERROR_RESET, ERROR_TIMEOUT, NO_TIMEOUTS
-from proxyd.proxy.websocket import Tunnel, accept_key, new_key
+from proxyd.proxy.websocket import accept_key, new_key
 
 if TYPE_CHECKING:
     import asyncio
 
-    from proxyd.proxy.connection import ClientConnection
+    from proxyd.proxy.downstream import Downstream
     from proxyd.proxy.pipeline import Pipeline
     from proxyd.proxy.request import Request
     from proxyd.proxy.upstream import TargetPool, Timeouts, UpstreamConnection, UpstreamPool
@@ -112,7 +112,7 @@ class Exchange:
         "try_deadline",
     )
 
-    def __init__(self, ds: ClientConnection, req: Request) -> None:
+    def __init__(self, ds: Downstream, req: Request) -> None:
         self.ds = ds
         self.p: Pipeline = ds.p
         self.req = req
@@ -893,9 +893,5 @@ class Exchange:
         self.conn = None
         route = req.route
         assert route is not None and route.websocket is not None
-        tunnel = Tunnel(ds, conn, self.p, route.websocket)
-        conn.become_tunnel(tunnel)  # relays are long-lived: they leave the pool's count
-        ds.start_tunnel(tunnel, self)
-        if rest:
-            tunnel.from_upstream(rest)
+        ds.start_tunnel(conn, route.websocket, self, rest)
 

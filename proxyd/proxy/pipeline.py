@@ -111,15 +111,17 @@ class Pipeline:
                                  self.ids)
 
     def observe(self, req: Request, client_ip: bytes, exchange: Exchange | None = None,
-                tls: str = "") -> None:
+                tls: str = "", version: int = 0) -> None:
         """Once per answered request, its record to the observer. ``tls``: the connection's
-        TLS version, "" on plain HTTP."""
+        TLS version, "" on plain HTTP; ``version``: 20 for HTTP/2, else the request's."""
         if req.observed:
             return
         req.observed = True
         observer = self.observer
         if not observer.observing:
             return
+        if not version:
+            version = 11 if req.http11 else 10
         if req.ctx is not None:
             rid: str | None = req.ctx.id()
             cache = req.ctx.cache_outcome
@@ -132,13 +134,13 @@ class Pipeline:
             observer.record(rid, client_ip, req.method, req.host, req.url, req.status,
                             req.body_size, req.bytes_out, req.started, req.route_name or "none",
                             cache, pool.name, exchange.started_at, exchange.tries,
-                            target.url if target is not None else "", req.headers, req.http11,
+                            target.url if target is not None else "", req.headers, version,
                             tls)
         else:
             observer.record(rid, client_ip, req.method, req.host, req.url, req.status,
                             req.body_size, req.bytes_out, req.started, req.route_name or "none",
                             cache, pool.name if pool is not None else "", 0.0, 0, "",
-                            req.headers, req.http11, tls)
+                            req.headers, version, tls)
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         self.services.spawn(coro)

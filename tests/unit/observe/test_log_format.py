@@ -12,7 +12,7 @@ RECORD: Record = (
     "backend", 0.01, "miss", "api",
     [(b"user-agent", b"User-Agent", b"curl/8"), (b"x-forwarded-for", b"X-Forwarded-For",
                                                 b"1.2.3.4")],
-    False, "https://[::1]:8443", 2, "TLSv1.3",
+    10, "https://[::1]:8443", 2, "TLSv1.3",
 )
 
 
@@ -50,3 +50,10 @@ def test_escape(value: bytes | str | None, text: str) -> None:
 def test_combined_line() -> None:
     assert combined(RECORD) == ('10.0.0.7 - - [01/Jan/1970:00:00:00 +0000] '
                                 '"POST /p?q=1 HTTP/1.0" 201 34 "-" "curl/8"\n')
+
+
+def test_protocol_names_the_http_version() -> None:
+    template = compile_template("$server_protocol")
+    for version, name in ((10, "HTTP/1.0"), (11, "HTTP/1.1"), (20, "HTTP/2.0")):
+        record = (*RECORD[:15], version, *RECORD[16:])
+        assert render(template, record, "p") == name + "\n"  # type: ignore[arg-type]

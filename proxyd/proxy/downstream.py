@@ -1,0 +1,106 @@
+"""What an exchange needs of its client: who it is, and how a response reaches it.
+
+An Exchange (exchange.py) is protocol-neutral. Its client is an HTTP/1.1 connection
+(connection.ClientConnection) or one stream of an HTTP/2 connection (h2_stream.Http2Stream);
+both are a Downstream. The exchange hands it a response's parts — ``send_head``, ``send_body``,
+``send_raw``, ``end_body``, or a whole ``send_answer`` — and the downstream frames them for its
+protocol; it pauses the exchange's upstream when the client is not keeping up, and is told when
+the exchange is over (``exchange_ended``).
+
+Heads reach a downstream as HTTP/1.1 field lines (``Name: value\\r\\n``): that is what the
+upstream's head is re-rendered into, what middleware renders, and what HTTP/1.1 — the common
+case — writes as it is. An HTTP/2 stream splits them again (h2_fields.py).
+
+A native base class rather than a Protocol: the compiled build calls through its vtable.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from proxyd.config.models import WebSocket
+    from proxyd.proxy.exchange import Exchange
+    from proxyd.proxy.field_rules import Piece
+    from proxyd.proxy.limits import ClientLimits
+    from proxyd.proxy.pipeline import Pipeline
+    from proxyd.proxy.request import Request
+    from proxyd.proxy.upstream import UpstreamConnection
+
+__all__ = ["Downstream"]
+
+
+class Downstream:
+    # Who the client is (set by the connection; a stream copies its connection's).
+    p: Pipeline
+    limits: ClientLimits
+    transport: asyncio.Transport | None
+    client_ip: bytes
+    trusted_peer: bool
+    scheme: bytes  # of the listener: X-Forwarded-Proto
+    cert_fields: bytes  # lines naming a verified client certificate, for upstreams
+    # Per connection: the last Host and what it matched / the X-Forwarded-* lines it gave.
+    forwarded_memo: tuple[bytes | None, bytes] | None
+    host_memo: tuple[bytes | None, bytes | None] | None
+    # The connection's state as an exchange's decisions need it.
+    requests: int  # requests (or streams) this connection has carried
+    close_after: bool  # the connection closes after the response in flight
+    parsing: bool  # inside a read: the upstream's writes wait for its end
+    write_paused: bool  # the client's socket (or stream window) is full
+
+    # -- a response's parts -------------------------------------------------------------------
+    def send_answer(self, data: bytes) -> None:
+        """A whole response proxyd rendered (HTTP/1.1 bytes, with its Content-Length)."""
+        raise NotImplementedError
+
+    def send_continue(self) -> None:
+        raise NotImplementedError
+
+    def send_interim(self, status: int, reason: bytes, fields: bytes) -> None:
+        raise NotImplementedError
+
+    def frames_any_length(self, req: Request) -> bool:
+        """Whether a body of unknown length can be framed for this client."""
+        raise NotImplementedError
+
+    def send_head(self, req: Request, status: int, reason: bytes, fields: bytes,
+                  length_known: bool, close: bool) -> None:
+        raise NotImplementedError
+
+    def send_body(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def send_raw(self, data: Piece) -> None:
+        """A piece of a body whose length the head gave, as it was read."""
+        raise NotImplementedError
+
+    def end_body(self) -> None:
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        raise NotImplementedError
+
+    # -- the exchange's end and its request body -----------------------------------------------
+    def exchange_ended(self, ex: Exchange) -> None:
+        raise NotImplementedError
+
+    def start_tunnel(self, conn: UpstreamConnection, settings: WebSocket,
+                     ex: Exchange, rest: bytes) -> None:
+        """The upstream accepted a WebSocket upgrade: relay both ways from now on."""
+        raise NotImplementedError
+
+    def pause_reading_for_pending(self) -> None:
+        """The request body piled up while the upstream connection is being opened."""
+        raise NotImplementedError
+
+    def resume_reading_for_pending(self) -> None:
+        raise NotImplementedError
+
+    def pause_reading_for_upstream(self) -> None:
+        """The upstream's socket is full: stop taking the request body."""
+        raise NotImplementedError
+
+    def resume_reading_for_upstream(self) -> None:
+        raise NotImplementedError
