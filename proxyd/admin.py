@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import socket
+from typing import TypeVar
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -16,6 +17,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from proxyd.config.models import Admin
 from proxyd.config.redact import redact_value
 from proxyd.master_api import MasterApi, ReloadResult, UpgradeResult
+
+T = TypeVar("T")
 
 
 def admin_socket(config: Admin, inherited: socket.socket | None = None) -> socket.socket:
@@ -118,11 +121,27 @@ class AdminServer:
         return web.json_response({"ready": ok, "state": self.master.state},
                                  status=200 if ok else 503)
 
+    def _refused(self, request: web.Request) -> web.Response | None:
+        """401 unless the request carries the admin token (when one is set)."""
+        if self._authorized(request):
+            return None
+        return web.json_response({"error": "unauthorized"}, status=401,
+                                 headers={"WWW-Authenticate": "Bearer"})
+
     def _read_refused(self, request: web.Request) -> web.Response | None:
-        if self.config is not None and self.config.protect_reads and not self._authorized(request):
-            return web.json_response({"error": "unauthorized"}, status=401,
-                                     headers={"WWW-Authenticate": "Bearer"})
+        """For what only reads: refused only with protect_reads."""
+        if self.config is not None and self.config.protect_reads:
+            return self._refused(request)
         return None
+
+    @staticmethod
+    async def _result(reply: asyncio.Future[T], waiting: set[asyncio.Future[T]]) -> T:
+        """``reply``'s result, held in ``waiting`` meanwhile so that stop() can answer it."""
+        waiting.add(reply)
+        try:
+            return await reply
+        finally:
+            waiting.discard(reply)
 
     async def status(self, request: web.Request) -> web.Response:
         # Redacted as a safety net: nothing in it should quote a secret (a reload error names
@@ -131,17 +150,12 @@ class AdminServer:
             redact_value(self.master.status(), self.master.config))
 
     async def reload(self, request: web.Request) -> web.Response:
-        if not self._authorized(request):
-            return web.json_response({"error": "unauthorized"}, status=401,
-                                     headers={"WWW-Authenticate": "Bearer"})
+        if (refused := self._refused(request)) is not None:
+            return refused
         reply = self.master.request_reload()
         if request.query.get("wait", "1") in ("0", "false", "no"):
             return web.json_response({"accepted": True}, status=202)
-        self._waiting.add(reply)
-        try:
-            result = await reply
-        finally:
-            self._waiting.discard(reply)
+        result = await self._result(reply, self._waiting)
         return web.json_response(
             {"ok": result.ok, "error": result.error, "generation": result.generation,
              "changes": result.changes if result.ok else None},
@@ -151,15 +165,9 @@ class AdminServer:
     async def upgrade(self, request: web.Request) -> web.Response:
         """POST /upgrade: a new master from the installed code takes over; answered once it
         serves (200) or has failed and this one serves on (422)."""
-        if not self._authorized(request):
-            return web.json_response({"error": "unauthorized"}, status=401,
-                                     headers={"WWW-Authenticate": "Bearer"})
-        reply = self.master.request_upgrade()
-        self._upgrading.add(reply)
-        try:
-            result = await reply
-        finally:
-            self._upgrading.discard(reply)
+        if (refused := self._refused(request)) is not None:
+            return refused
+        result = await self._result(self.master.request_upgrade(), self._upgrading)
         return web.json_response(
             {"ok": result.ok, "error": result.error, "pid": result.pid,
              "version": result.version}, status=200 if result.ok else 422)
@@ -168,9 +176,8 @@ class AdminServer:
         """The configuration being served, secrets masked (``check-config --diff``). It says
         more than /status (addresses, paths, middleware): with a token set, it asks for it
         whether or not protect_reads is on."""
-        if not self._authorized(request):
-            return web.json_response({"error": "unauthorized"}, status=401,
-                                     headers={"WWW-Authenticate": "Bearer"})
+        if (refused := self._refused(request)) is not None:
+            return refused
         from proxyd.config.diff import comparable
 
         config = self.master.config
@@ -187,9 +194,8 @@ class AdminServer:
     async def purge(self, request: web.Request) -> web.Response:
         """DELETE /cache?key=...|prefix=...: every worker's store, and Redis when shared;
         answers {"purged": entries removed, "workers", "answered", "deferred", ...}."""
-        if not self._authorized(request):
-            return web.json_response({"error": "unauthorized"}, status=401,
-                                     headers={"WWW-Authenticate": "Bearer"})
+        if (refused := self._refused(request)) is not None:
+            return refused
         key, prefix = request.query.get("key"), request.query.get("prefix")
         if not key and not prefix:
             return web.json_response({"error": "give key= or prefix="}, status=400)
