@@ -6,6 +6,7 @@ import json
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -39,37 +40,48 @@ def admin_request(
 def wait_for_reload(base: str, before: float | None, timeout: float = 60.0,
                     token: str = "") -> dict[str, Any]:
     """After a SIGHUP: poll /status until last_reload changes."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            _, data = admin_request(f"{base}/status", timeout=5, token=token)
-        except AdminUnreachable:
-            data = {}
+
+    def outcome(data: dict[str, Any]) -> dict[str, Any] | None:
         last = data.get("last_reload") or {}
         if last.get("at") not in (None, before):
             return {**last, "generation": data.get("generation")}
-        time.sleep(0.1)
-    return {"ok": False, "error": "timed out waiting for the reload result"}
+        return None
+
+    return _poll_status(base, token, timeout, outcome, "the reload result")
 
 
 def wait_for_upgrade(base: str, old_pid: int | None, before: float | None, timeout: float,
                      token: str = "", new_pid: int | None = None) -> dict[str, Any]:
     """After an upgrade began: poll /status until a new master answers it (its pid, ``new_pid``
     when known) or the old one records a failed upgrade newer than ``before``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            _, data = admin_request(f"{base}/status", timeout=5, token=token)
-        except AdminUnreachable:
-            data = {}
+
+    def outcome(data: dict[str, Any]) -> dict[str, Any] | None:
         pid = data.get("pid")
         if pid is not None and pid != old_pid and new_pid in (None, pid):
             return {"ok": True, "error": None, "pid": pid, "version": data.get("version")}
         last = (data.get("upgrades") or {}).get("last") or {}
         if pid == old_pid and last.get("at") not in (None, before) and not last.get("ok"):
             return {"ok": False, "error": last.get("error")}
+        return None
+
+    return _poll_status(base, token, timeout, outcome, "a new master to answer")
+
+
+def _poll_status(base: str, token: str, timeout: float,
+                 outcome: Callable[[dict[str, Any]], dict[str, Any] | None],
+                 waiting_for: str) -> dict[str, Any]:
+    """Poll /status until ``outcome`` makes a result of it. An admin port that does not
+    answer reads as an empty status: a master may be between processes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            _, data = admin_request(f"{base}/status", timeout=5, token=token)
+        except AdminUnreachable:
+            data = {}
+        if (result := outcome(data)) is not None:
+            return result
         time.sleep(0.1)
-    return {"ok": False, "error": "timed out waiting for a new master to answer"}
+    return {"ok": False, "error": f"timed out waiting for {waiting_for}"}
 
 
 def _when(ts: float | None) -> str:
