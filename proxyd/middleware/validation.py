@@ -37,8 +37,13 @@ class Validation(Middleware):
         self.max_headers = options.max_headers
         self.max_header_size = options.max_header_size
         self.max_uri = options.max_uri_length
-        self.traversal = options.reject_encoded_traversal
-        self.slash = options.reject_encoded_slash
+        # The encoded-path rules this route applies, in the order they are reported.
+        self.path_rules: list[tuple[re.Pattern[bytes], str]] = [
+            (_ENCODED_NUL, "encoded NUL in path")]
+        if options.reject_encoded_traversal:
+            self.path_rules.append((_ENCODED_DOT_SEGMENT, "encoded path traversal"))
+        if options.reject_encoded_slash:
+            self.path_rules.append((_ENCODED_SLASH, "encoded slash in path"))
 
     def on_request(self, ctx: Context) -> Response | Pending | None:
         if self.methods is not None and ctx.method not in self.methods:
@@ -55,12 +60,9 @@ class Validation(Middleware):
             return json_response(431, "request header section too large", ctx.id())
         path = ctx.path
         if path.find(b"%") >= 0:  # not "in": see proxy/path.py
-            if _ENCODED_NUL.search(path):
-                return json_response(400, "encoded NUL in path", ctx.id())
-            if self.traversal and _ENCODED_DOT_SEGMENT.search(path):
-                return json_response(400, "encoded path traversal", ctx.id())
-            if self.slash and _ENCODED_SLASH.search(path):
-                return json_response(400, "encoded slash in path", ctx.id())
+            for pattern, message in self.path_rules:
+                if pattern.search(path):
+                    return json_response(400, message, ctx.id())
         if self.max_body is not None:
             # Enforced by the data plane as the body streams (Content-Length or chunked).
             current = ctx.max_body_size
