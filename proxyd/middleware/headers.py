@@ -46,9 +46,7 @@ def compile_template(template: str) -> Template:
         pos = m.end()
     if pos < len(template):
         parts.append(template[pos:].encode())
-    if all(isinstance(p, bytes) for p in parts):
-        return b"".join(p for p in parts if isinstance(p, bytes))
-    return parts
+    return _template(parts)
 
 
 def resolve_route(template: Template, route: bytes) -> Template:
@@ -56,7 +54,11 @@ def resolve_route(template: Template, route: bytes) -> Template:
     if isinstance(template, bytes):
         return template
     route_part = PLACEHOLDERS["route"]
-    parts = [route if part is route_part else part for part in template]
+    return _template([route if part is route_part else part for part in template])
+
+
+def _template(parts: list[bytes | Callable[[Context], bytes]]) -> Template:
+    """Literal parts only: one bytes value, which costs nothing to render."""
     if all(isinstance(p, bytes) for p in parts):
         return b"".join(p for p in parts if isinstance(p, bytes))
     return parts
