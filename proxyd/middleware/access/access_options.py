@@ -9,10 +9,17 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 
 from proxyd.config.types import Duration
 from proxyd.middleware.access.keys import (
@@ -42,6 +49,12 @@ def _realm(value: str) -> str:
     if not _QUOTABLE.match(value):
         raise ValueError("realm: printable ASCII without '\"' or '\\'")
     return value
+
+
+# A field name (RFC 9110 §5.1), and a realm: quoted in a challenge, so nothing that would end
+# the quoted string.
+HeaderName = Annotated[str, AfterValidator(_header_name)]
+Realm = Annotated[str, AfterValidator(_realm)]
 
 
 def _read_lines(path: str, what: str) -> list[tuple[int, str, str]]:
@@ -109,7 +122,8 @@ class JwtAuthOptions(Options):
         "sub", description="The claim that names the consumer (rate_limit key: consumer).")
     forward_token: bool = Field(
         True, description="Forward the Authorization header to the upstream.")
-    realm: str = Field("proxyd", description='The realm in WWW-Authenticate: Bearer realm="..."')
+    realm: Realm = Field(
+        "proxyd", description='The realm in WWW-Authenticate: Bearer realm="..."')
     cache_size: int = Field(
         10000, ge=0, description="Verified tokens remembered per route and worker (least "
         "recently used go first), each until its exp; 0: every request verifies.")
@@ -146,11 +160,6 @@ class JwtAuthOptions(Options):
         for name in v.values():
             _header_name(name)
         return v
-
-    @field_validator("realm")
-    @classmethod
-    def _realm(cls, v: str) -> str:
-        return _realm(v)
 
     @model_validator(mode="after")
     def _key_source(self) -> JwtAuthOptions:
@@ -211,13 +220,14 @@ class JwtAuthOptions(Options):
 
 class BasicAuthOptions(Options):
     type: Literal["basic_auth"] = Field("basic_auth", description=TYPE)
-    realm: str = Field("proxyd", description='The realm in WWW-Authenticate: Basic realm="..."')
+    realm: Realm = Field(
+        "proxyd", description='The realm in WWW-Authenticate: Basic realm="..."')
     users: dict[str, str] = Field(
         default_factory=dict, description="User → bcrypt or argon2 hash (`proxyd "
         "hash-password`); plain text is refused.")
     users_file: str | None = Field(
         None, description="A file of user:hash lines (htpasswd -B writes them), read at load.")
-    consumer_header: str | None = Field(
+    consumer_header: HeaderName | None = Field(
         None, description="Request header that carries the user's name to the upstream "
         "(an inbound field of that name is always removed).")
     forward_authorization: bool = Field(
@@ -231,16 +241,6 @@ class BasicAuthOptions(Options):
         "get 503 at once (each check takes a core for the hash's cost).")
 
     _users: dict[str, str] = PrivateAttr(default_factory=dict)
-
-    @field_validator("realm")
-    @classmethod
-    def _realm(cls, v: str) -> str:
-        return _realm(v)
-
-    @field_validator("consumer_header")
-    @classmethod
-    def _consumer_header(cls, v: str | None) -> str | None:
-        return _header_name(v)
 
     @field_validator("users")
     @classmethod
@@ -283,7 +283,8 @@ def _check_user(user: str, hashed: str, where: str) -> None:
 
 class ApiKeyOptions(Options):
     type: Literal["api_key"] = Field("api_key", description=TYPE)
-    header: str | None = Field("X-API-Key", description="Request header holding the key.")
+    header: HeaderName | None = Field(
+        "X-API-Key", description="Request header holding the key.")
     query: str | None = Field(
         None, description="Query parameter holding the key (tried after the header; it "
         "stays in the forwarded URL and in logs, so prefer the header).")
@@ -292,23 +293,14 @@ class ApiKeyOptions(Options):
         "(printf %s KEY | sha256sum); the name is the consumer (rate_limit key: consumer).")
     keys_file: str | None = Field(None, description="A file of name:sha256:<hex> lines, "
                                   "read at load.")
-    consumer_header: str | None = Field(
+    consumer_header: HeaderName | None = Field(
         None, description="Request header that carries the key's name to the upstream "
         "(an inbound field of that name is always removed).")
     forward_key: bool = Field(False, description="Forward the key's header to the upstream.")
-    realm: str = Field("proxyd", description='The realm in WWW-Authenticate: ApiKey realm="..."')
+    realm: Realm = Field(
+        "proxyd", description='The realm in WWW-Authenticate: ApiKey realm="..."')
 
     _by_digest: dict[bytes, str] = PrivateAttr(default_factory=dict)
-
-    @field_validator("header", "consumer_header")
-    @classmethod
-    def _names(cls, v: str | None) -> str | None:
-        return _header_name(v)
-
-    @field_validator("realm")
-    @classmethod
-    def _realm(cls, v: str) -> str:
-        return _realm(v)
 
     @model_validator(mode="after")
     def _load(self) -> ApiKeyOptions:

@@ -7,9 +7,9 @@ middleware registry, with file:line.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Final, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from proxyd.config.types import Duration
 from proxyd.middleware.access.access_options import _TOKEN, _header_name
@@ -20,10 +20,19 @@ FORWARDED_NAMES = ("X-Forwarded-Method", "X-Forwarded-Uri", "X-Forwarded-Host",
                    "X-Forwarded-Proto", "X-Forwarded-For")
 
 
-# What response_headers cannot name: fields that say how the upstream request is framed or
-# routed, which proxyd writes itself.
-_FRAMING = frozenset({"host", "content-length", "transfer-encoding", "connection", "keep-alive",
-                      "proxy-connection", "te", "trailer", "upgrade", "expect"})
+# What each list cannot name, and the refusal: fields proxyd writes itself (the subrequest
+# always says where the request was going; the upstream request's framing and routing are
+# proxyd's).
+_RESERVED: Final = {
+    "request_headers": (
+        frozenset({name.lower() for name in FORWARDED_NAMES} | {"host", "content-length"}),
+        "%r: proxyd sets it on the subrequest itself"),
+    "response_headers": (
+        frozenset({"host", "content-length", "transfer-encoding", "connection", "keep-alive",
+                   "proxy-connection", "te", "trailer", "upgrade", "expect"}),
+        "%r describes the connection or the message's framing: it cannot be copied onto the "
+        "upstream request"),
+}
 
 
 class ForwardAuthOptions(Options):
@@ -92,31 +101,17 @@ class ForwardAuthOptions(Options):
 
     @field_validator("request_headers", "response_headers")
     @classmethod
-    def _header_names(cls, v: list[str]) -> list[str]:
+    def _header_names(cls, v: list[str], info: ValidationInfo) -> list[str]:
         seen = set()
         for name in v:
             _header_name(name)
             if name.lower() in seen:
                 raise ValueError(f"{name!r} is listed twice")
             seen.add(name.lower())
-        return v
-
-    @field_validator("request_headers")
-    @classmethod
-    def _not_forwarded(cls, v: list[str]) -> list[str]:
-        always = {name.lower() for name in FORWARDED_NAMES} | {"host", "content-length"}
+        reserved, why = _RESERVED[str(info.field_name)]
         for name in v:
-            if name.lower() in always:
-                raise ValueError(f"{name!r}: proxyd sets it on the subrequest itself")
-        return v
-
-    @field_validator("response_headers")
-    @classmethod
-    def _settable(cls, v: list[str]) -> list[str]:
-        for name in v:
-            if name.lower() in _FRAMING:
-                raise ValueError(f"{name!r} describes the connection or the message's framing: "
-                                 "it cannot be copied onto the upstream request")
+            if name.lower() in reserved:
+                raise ValueError(why % name)
         return v
 
     @field_validator("timeout")
