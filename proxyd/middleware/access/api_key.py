@@ -16,7 +16,7 @@ from urllib.parse import unquote_to_bytes
 
 from proxyd.middleware.access import outcome
 from proxyd.middleware.access.access_options import ApiKeyOptions
-from proxyd.middleware.access.outcome import Outcomes, header_value, quoted, unauthorized
+from proxyd.middleware.access.outcome import Outcomes, header_value, quoted
 from proxyd.middleware.base import Context, Middleware, Pending, Response
 
 if TYPE_CHECKING:
@@ -62,12 +62,12 @@ class ApiKey(Middleware):
             ctx.remove_request.update(self.remove)
         key = self.presented(ctx)
         if key is None:
-            self.outcomes.count(outcome.MISSING)
-            return unauthorized(ctx, self.challenge, "API key required")
+            return self.outcomes.unauthorized(ctx, outcome.MISSING, self.challenge,
+                                              "API key required")
         name = self.by_digest.get(hashlib.sha256(key.strip()).digest())
         if name is None:
-            self.outcomes.count(outcome.INVALID)
-            return unauthorized(ctx, self.challenge, "invalid API key")
+            return self.outcomes.unauthorized(ctx, outcome.INVALID, self.challenge,
+                                              "invalid API key")
         ctx.consumer = name
         if self.consumer_header is not None:
             value = self.consumer_values[name]

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from proxyd.middleware.access import outcome
 from proxyd.middleware.access.access_options import BasicAuthOptions
-from proxyd.middleware.access.outcome import Outcomes, header_value, quoted, unauthorized
+from proxyd.middleware.access.outcome import Outcomes, credentials, header_value, quoted
 from proxyd.middleware.access.passwords import (
     CredentialDigests,
     dummy_hash_like,
@@ -70,11 +70,10 @@ class BasicAuth(Middleware):
     def on_request(self, ctx: Context) -> Response | Pending | None:
         if self.remove:
             ctx.remove_request.update(self.remove)
-        auth = ctx.header(b"authorization")
-        if auth is None or auth[:6].lower() != b"basic ":
-            self.outcomes.count(outcome.MISSING)
-            return unauthorized(ctx, self.challenge, "authentication required")
-        credential = auth[6:].strip()
+        credential = credentials(ctx, b"basic ")
+        if credential is None:
+            return self.outcomes.unauthorized(ctx, outcome.MISSING, self.challenge,
+                                              "authentication required")
         digest = self.digests.digest(credential)
         user = self.cache.get(digest, time.monotonic())
         if user is not None:
@@ -142,15 +141,15 @@ class BasicAuth(Middleware):
         self.outcomes.count(outcome.OK)
 
     def _refuse(self, ctx: Context) -> Response:
-        self.outcomes.count(outcome.INVALID)
-        return unauthorized(ctx, self.challenge, "invalid credentials")
+        return self.outcomes.unauthorized(ctx, outcome.INVALID, self.challenge,
+                                          "invalid credentials")
 
     def explain(self, ctx: Context, trusted: Any) -> str:
         """What this element would do with ``ctx`` (the hash is checked here, synchronously)."""
-        auth = ctx.header(b"authorization")
-        if auth is None or auth[:6].lower() != b"basic ":
+        credential = credentials(ctx, b"basic ")
+        if credential is None:
             return f'401: needs Basic credentials (realm "{self.o.realm}")'
-        parsed = parse_credentials(auth[6:].strip())
+        parsed = parse_credentials(credential)
         if parsed is None:
             return "401: malformed Basic credentials"
         user, password = parsed

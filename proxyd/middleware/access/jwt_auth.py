@@ -31,7 +31,7 @@ from proxyd.middleware.access import outcome
 from proxyd.middleware.access.access_options import JwtAuthOptions
 from proxyd.middleware.access.jwks import JwksSource
 from proxyd.middleware.access.keys import KeySet
-from proxyd.middleware.access.outcome import Outcomes, header_value, quoted, unauthorized
+from proxyd.middleware.access.outcome import Outcomes, credentials, header_value, quoted
 from proxyd.middleware.access.verified import VerifiedCache
 from proxyd.middleware.base import Context, Middleware, Pending, Response, json_response
 
@@ -100,11 +100,10 @@ class JwtAuth(Middleware):
     def on_request(self, ctx: Context) -> Response | Pending | None:
         if self.remove:
             ctx.remove_request.update(self.remove)
-        auth = ctx.header(b"authorization")
-        if auth is None or auth[:7].lower() != b"bearer ":
-            self.outcomes.count(outcome.MISSING)
-            return unauthorized(ctx, self.challenge, "authentication required")
-        token = auth[7:].strip()
+        token = credentials(ctx, b"bearer ")
+        if token is None:
+            return self.outcomes.unauthorized(ctx, outcome.MISSING, self.challenge,
+                                              "authentication required")
         digest = sha256(token).digest()
         hit = self.cache.get(digest, time.time())
         if hit is not None:
@@ -126,9 +125,8 @@ class JwtAuth(Middleware):
         self.outcomes.count(outcome.OK)
 
     def _refuse(self, ctx: Context, refusal: Refusal) -> Response:
-        self.outcomes.count(refusal.result)
         challenge = self.invalid_challenge + b', error_description=' + quoted(refusal.description)
-        return unauthorized(ctx, challenge, "invalid token")
+        return self.outcomes.unauthorized(ctx, refusal.result, challenge, "invalid token")
 
     def _verify(self, ctx: Context, token: bytes, digest: bytes, may_wait: bool
                 ) -> Response | Pending | None:
@@ -217,10 +215,9 @@ class JwtAuth(Middleware):
     def explain(self, ctx: Context, trusted: Any) -> str:
         """What this element would do with ``ctx``, offline (no JWKS is fetched)."""
         where = self.o.key_source
-        auth = ctx.header(b"authorization")
-        if auth is None or auth[:7].lower() != b"bearer ":
+        token = credentials(ctx, b"bearer ")
+        if token is None:
             return f"401: needs a bearer token ({', '.join(self.o.algorithms)}; {where})"
-        token = auth[7:].strip()
         if self.static_keys is None:
             try:
                 claims = jwt.decode(token, options={"verify_signature": False})

@@ -53,14 +53,26 @@ class Outcomes:
         if metrics is not None:
             metrics.auth.inc(self._labels[result])
 
+    def unauthorized(self, ctx: Context, result: str, challenge: bytes,
+                     message: str) -> Response:
+        """A 401 with the scheme's challenge, counted as ``result``."""
+        self.count(result)
+        return json_response(401, message, ctx.id(), [(b"WWW-Authenticate", challenge)])
+
+
+def credentials(ctx: Context, scheme: bytes) -> bytes | None:
+    """What follows ``scheme`` (lowercase, with its space: b"basic ") in the request's
+    Authorization field, or None without a field of that scheme (schemes are
+    case-insensitive, RFC 9110 §11.1)."""
+    auth = ctx.header(b"authorization")
+    if auth is None or auth[:len(scheme)].lower() != scheme:
+        return None
+    return auth[len(scheme):].strip()
+
 
 def quoted(value: str) -> bytes:
     """An auth-param value as a quoted string (the options allow no '"' or '\\' in it)."""
     return b'"' + value.encode() + b'"'
-
-
-def unauthorized(ctx: Context, challenge: bytes, message: str) -> Response:
-    return json_response(401, message, ctx.id(), [(b"WWW-Authenticate", challenge)])
 
 
 def forbidden(ctx: Context) -> Response:
