@@ -276,19 +276,22 @@ class RedisStore:
 
     def delete(self, primary: str) -> int:
         removed = self.l1.delete(primary)
-        if self.available():
-            self.spawn(self._quietly(self.adelete(primary)))
-        else:
-            self._defer(primary, False)
+        self._delete_shared(primary, False)
         return removed
 
     def delete_prefix(self, prefix: str) -> int:
         removed = self.l1.delete_prefix(prefix)
-        if self.available():
-            self.spawn(self._quietly(self.adelete_prefix(prefix)))
-        else:
-            self._defer(prefix, True)
+        self._delete_shared(prefix, True)
         return removed
+
+    def _delete_shared(self, target: str, prefix: bool) -> None:
+        """Redis's copy goes in the background; while Redis is unavailable, the deletion
+        waits to be replayed."""
+        if self.available():
+            self.spawn(self._quietly(
+                self.adelete_prefix(target) if prefix else self.adelete(target)))
+        else:
+            self._defer(target, prefix)
 
     async def _put_quietly(self, primary: str, request_headers: Headers, entry: Entry) -> None:
         await self.aput(primary, request_headers, entry)
@@ -368,39 +371,37 @@ class RedisStore:
     async def adelete(self, primary: str) -> int:
         """Invalidate ``primary`` and all its variants, for every instance (but their L1s)."""
         self.l1.delete(primary)
-        if not self.available():
-            self._defer(primary, False)
-            return 0
-        try:
-            removed = int(await self.client().delete(self.primary_key(primary)))
-        except Exception as exc:
-            self._failed(exc)
-            self._defer(primary, False)
-            return 0
-        self._succeeded()
-        return removed
+        return await self._delete_in_redis(primary, False)
 
     async def adelete_prefix(self, prefix: str) -> int:
         """Every key whose primary starts with ``prefix`` (variants included); keys removed."""
         self.l1.delete_prefix(prefix)
+        return await self._delete_in_redis(prefix, True)
+
+    async def _delete_in_redis(self, target: str, prefix: bool) -> int:
+        """Redis's keys of a primary, or of every primary that starts with a prefix: how many
+        went. With Redis unavailable or failing, the deletion is replayed once it is back."""
         if not self.available():
-            self._defer(prefix, True)
+            self._defer(target, prefix)
             return 0
-        client = self.client()
-        pattern = escape_glob(self.primary_key(prefix)) + b"*"
         removed = 0
         try:
-            batch: list[bytes] = []
-            async for key in client.scan_iter(match=pattern, count=SCAN_COUNT):
-                batch.append(key)
-                if len(batch) >= SCAN_COUNT:
+            client = self.client()
+            if not prefix:
+                removed = int(await client.delete(self.primary_key(target)))
+            else:
+                pattern = escape_glob(self.primary_key(target)) + b"*"
+                batch: list[bytes] = []
+                async for key in client.scan_iter(match=pattern, count=SCAN_COUNT):
+                    batch.append(key)
+                    if len(batch) >= SCAN_COUNT:
+                        removed += int(await client.unlink(*batch))
+                        batch = []
+                if batch:
                     removed += int(await client.unlink(*batch))
-                    batch = []
-            if batch:
-                removed += int(await client.unlink(*batch))
         except Exception as exc:
             self._failed(exc)
-            self._defer(prefix, True)
+            self._defer(target, prefix)
             return removed
         self._succeeded()
         return removed
@@ -414,10 +415,7 @@ class RedisStore:
         if prefix:
             self.l1.delete_prefix(prefix)
         if not self.available():
-            if key:
-                self._defer(key, False)
-            if prefix:
-                self._defer(prefix, True)
+            self._defer_purge(key, prefix)
             return 0, True
         client = self.client()
         removed = 0
@@ -432,13 +430,16 @@ class RedisStore:
                     escape_glob(self.primary_key(prefix)) + b"*")
         except Exception as exc:
             self._failed(exc)
-            if key:
-                self._defer(key, False)
-            if prefix:
-                self._defer(prefix, True)
+            self._defer_purge(key, prefix)
             return removed, True
         self._succeeded()
         return removed, False
+
+    def _defer_purge(self, key: str | None, prefix: str | None) -> None:
+        if key:
+            self._defer(key, False)
+        if prefix:
+            self._defer(prefix, True)
 
     async def _unlink_matching(self, pattern: builtins.bytes) -> int:
         """Unlink every key matching ``pattern``; the entries among them: variants, and keys
