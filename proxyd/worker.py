@@ -1,7 +1,8 @@
 """A worker: serve one config on inherited listening sockets until told to drain.
 
-``child_main`` is the whole life of a worker after fork. ``run_single`` runs one in the foreground
-without a master (development, tests of the data plane).
+``serve`` is the whole life of a worker after fork, run by ``child_main`` on the child's own
+loop. ``run_single`` runs one in the foreground without a master (development, tests of the
+data plane).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import signal
 import socket
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import uvloop
@@ -219,27 +220,17 @@ def prepare_child(keep_fds: set[int]) -> None:
     asyncio.events._set_running_loop(None)
 
 
-def child_main(
-    config: GatewayConfig,
-    sockets: Sequence[socket.socket],
-    control: socket.socket,
-    *,
-    slot: int,
-    generation: int,
-    max_requests: int,
-) -> int:
+def child_main(main: Coroutine[Any, Any, int]) -> int:
+    """Run ``main`` (``serve``) on a new uvloop loop, the child's only one; its exit code."""
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     try:
-        return loop.run_until_complete(
-            _child(config, sockets, control, slot=slot, generation=generation,
-                   max_requests=max_requests)
-        )
+        return loop.run_until_complete(main)
     finally:
         loop.close()
 
 
-async def _child(
+async def serve(
     config: GatewayConfig,
     sockets: Sequence[socket.socket],
     control: socket.socket,

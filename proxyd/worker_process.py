@@ -29,7 +29,7 @@ from proxyd.reconcile import DRAINING, READY, STARTING, UNRESPONSIVE
 
 # Imported by the master, before any fork: every worker runs the code the master loaded (an
 # edit on disk cannot reach a new generation halfway), and forked workers share these pages.
-from proxyd.worker import STATS_INTERVAL, child_main, prepare_child
+from proxyd.worker import STATS_INTERVAL, child_main, prepare_child, serve
 
 log = logging.getLogger("proxyd.master")
 
@@ -122,8 +122,8 @@ class WorkerProcess:
                     signal.signal(sig, signal.SIG_DFL)
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
                 prepare_child({theirs.fileno(), *(s.fileno() for s in sockets)})
-                code = child_main(config, sockets, theirs, slot=slot, generation=generation,
-                                  max_requests=max_requests)
+                code = child_main(serve(config, sockets, theirs, slot=slot,
+                                        generation=generation, max_requests=max_requests))
             except BaseException:
                 import traceback
 
