@@ -17,12 +17,11 @@ import asyncio
 import hashlib
 import logging
 import os
-import signal
 import socket
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Info, generate_latest
 
@@ -40,6 +39,7 @@ from proxyd.purge import Purges
 from proxyd.reconcile import READY, STARTING
 from proxyd.reload import ReloadRecord, new_generation
 from proxyd.runtime import remove_pid_file, remove_state, write_pid_file, write_state
+from proxyd.shutdown import Shutdown
 from proxyd.sockets import SocketSet
 from proxyd.upgrade import Upgrades
 from proxyd.watch import watch_config
@@ -58,6 +58,8 @@ __all__ = ["HEARTBEAT_TIMEOUT", "KILL_GRACE", "READY_TIMEOUT", "SUPERVISE_INTERV
 log = logging.getLogger("proxyd.master")
 
 SUPERVISE_INTERVAL = 1.0  # seconds between the master's checks of its children
+
+R = TypeVar("R")
 
 
 class Master:
@@ -82,7 +84,7 @@ class Master:
         self.health: Any = None  # proxyd.proxy.health.HealthChecker, from start()
         self.reload_lock = asyncio.Lock()  # one reload or resize at a time
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._stopped = asyncio.Event()
+        self.shutdown = Shutdown(self)
         self.metrics = MasterMetrics()
         self.registry = CollectorRegistry()
         self.registry.register(self.metrics)
@@ -93,7 +95,6 @@ class Master:
         # Whether systemd hears this master: not while it is a successor that has not taken
         # over, nor once it has handed over (systemd would refuse a non-main pid anyway).
         self.notifying = inheritance is None
-        self._shutting_down = False
 
     def _desired(self) -> Desired:
         return Desired(self.config, self.generation, self.worker_count)
@@ -210,11 +211,13 @@ class Master:
             case Event.HUP:
                 self.start_task(self.reload())
             case Reload(reply):
-                self.start_task(self._reload_for(reply))
+                self.start_task(self._answer(reply, self.reload, ReloadResult(
+                    False, "the reload was interrupted", self.generation)))
             case Event.USR2:
                 self.start_task(self.upgrade())
             case Upgrade(reply):
-                self.start_task(self._upgrade_for(reply))
+                self.start_task(self._answer(reply, self.upgrade, UpgradeResult(
+                    False, "the upgrade was interrupted")))
             case Retire(worker):
                 if (worker.state == READY and self.state == "running"
                         and worker in self.workers.live()):
@@ -239,9 +242,9 @@ class Master:
                 # service now, and stopping the service is its business.
                 log.info("handed over to a new master; leaving once the workers have drained")
             case Event.TERM:
-                self.start_task(self._terminate())
+                self.start_task(self.shutdown.terminate())
             case Event.INT | Event.QUIT:
-                self._quit()
+                self.shutdown.quit()
 
     def _count_supervision(self) -> None:
         counters = self.metrics.master_counters
@@ -262,15 +265,18 @@ class Master:
             self.workers.broadcast({"type": "workers", "count": count})
             log.info("worker count %d → %d", old_count, count)
 
-    # -- reload -------------------------------------------------------------------------------
-    async def _reload_for(self, reply: asyncio.Future[ReloadResult]) -> None:
-        result = ReloadResult(False, "the reload was interrupted", self.generation)
+    @staticmethod
+    async def _answer(reply: asyncio.Future[R], work: Callable[[], Awaitable[R]],
+                      interrupted: R) -> None:
+        """``reply`` gets ``work``'s result; cut short by shutdown, ``interrupted``."""
+        result = interrupted
         try:
-            result = await self.reload()
+            result = await work()
         finally:  # cancelled by shutdown: the caller still gets an answer
             if not reply.done():
                 reply.set_result(result)
 
+    # -- reload -------------------------------------------------------------------------------
     async def reload(self) -> ReloadResult:
         async with self.reload_lock:
             changes: dict[str, Any] | None = None
@@ -314,14 +320,6 @@ class Master:
         return True, None, changes
 
     # -- code upgrade (upgrade.py) ------------------------------------------------------------
-    async def _upgrade_for(self, reply: asyncio.Future[UpgradeResult]) -> None:
-        result = UpgradeResult(False, "the upgrade was interrupted")
-        try:
-            result = await self.upgrade()
-        finally:
-            if not reply.done():
-                reply.set_result(result)
-
     async def upgrade(self) -> UpgradeResult:
         async with self.reload_lock:
             if self.state != "running":
@@ -409,10 +407,10 @@ class Master:
                 # finish what they took, and the old master serves on.
                 await self.upgrades.say_failed(str(exc))
                 self.state = "starting"
-                self.start_task(self._terminate())
+                self.start_task(self.shutdown.terminate())
             else:
-                self._quit()
-        await self._stopped.wait()
+                self.shutdown.quit()
+        await self.shutdown.stopped.wait()
         dispatcher.cancel()
         return self.exit_code
 
@@ -444,52 +442,17 @@ class Master:
                 if worker.state == READY and now - worker.heard_at > HEARTBEAT_TIMEOUT:
                     self.enqueue(Unresponsive(worker))
 
-    async def _terminate(self) -> None:
-        if self.state == "stopping":
-            self._quit()  # a second TERM: stop now
-            return
-        self._stopping()
-        log.info("graceful shutdown")
-        await self.drain_and_exit()
-
+    # -- the end (shutdown.py) ----------------------------------------------------------------
     async def drain_and_exit(self) -> None:
-        workers = list(self.workers)
-        log.info("draining %d workers", len(workers))
-        for worker in workers:
-            worker.drain()
-        # Each worker's close is then the last (after an upgrade, the new master's copies
-        # are): the port refuses new connections as soon as the workers stop accepting,
-        # instead of queueing them until the drain ends, then resetting them.
-        self.sockets.close_all()
-        if workers:
-            await asyncio.wait([w.exited for w in workers])
-        await self._shutdown()
+        await self.shutdown.drain_and_exit()
 
-    def _stopping(self) -> None:
+    def stopping(self) -> None:
         self.state = "stopping"
         self.workers.active = False
         self._notify("STOPPING=1")
         self.upgrades.abandon()  # a new master being started goes too (not one handed over)
 
-    def _quit(self) -> None:
-        self._stopping()
-        for worker in self.workers:
-            worker.kill(signal.SIGQUIT)
-        self.start_task(self._quit_after_exit())
-
-    async def _quit_after_exit(self) -> None:
-        workers = [w for w in self.workers if not w.exited.done()]
-        if workers:
-            await asyncio.wait([w.exited for w in workers], timeout=2.0)
-            for worker in workers:
-                if not worker.exited.done():
-                    worker.kill(signal.SIGKILL)
-        await self._shutdown()
-
-    async def _shutdown(self) -> None:
-        if self._shutting_down:
-            return  # TERM then QUIT both end here; the admin runner cleans up once
-        self._shutting_down = True
+    async def release(self) -> None:
         await self.admin.stop()
         if self.health is not None:
             await self.health.close()
@@ -498,8 +461,6 @@ class Master:
         if self.pid_file:
             remove_pid_file(self.pid_file)
         await self.upgrades.settle(self.config.server.drain_timeout + KILL_GRACE)
-        log.info("proxyd stopped")
-        self._stopped.set()
 
 
 def run_master(config_path: str, config: GatewayConfig, pid_file: str | None = None) -> int:

@@ -48,5 +48,5 @@ def test_no_import_loop_among_top_level_modules() -> None:
 
 def test_admin_and_watch_do_not_import_the_master() -> None:
     for name in ("admin", "watch", "master_api", "worker_process", "workers", "reconcile",
-                 "upgrade", "handover"):
+                 "upgrade", "handover", "shutdown"):
         assert "master" not in _imports(PACKAGE / f"{name}.py"), name
