@@ -84,7 +84,7 @@ class Master:
         self.health: Any = None  # proxyd.proxy.health.HealthChecker, from start()
         self.reload_lock = asyncio.Lock()  # one reload or resize at a time
         self._tasks: set[asyncio.Task[Any]] = set()
-        self.shutdown = Shutdown(self)
+        self.shutdown = Shutdown(self, self.workers, self.sockets)
         self.metrics = MasterMetrics()
         self.registry = CollectorRegistry()
         self.registry.register(self.metrics)

@@ -38,12 +38,6 @@ class Ending(Protocol):
     @property
     def state(self) -> str: ...
 
-    @property
-    def workers(self) -> WorkerSet: ...
-
-    @property
-    def sockets(self) -> SocketSet: ...
-
     def stopping(self) -> None:
         """From now on the master is stopping: it says so and starts nothing new."""
         ...
@@ -58,8 +52,10 @@ class Ending(Protocol):
 class Shutdown:
     """The ways one master ends (one per master)."""
 
-    def __init__(self, master: Ending) -> None:
+    def __init__(self, master: Ending, workers: WorkerSet, sockets: SocketSet) -> None:
         self.master = master
+        self.workers = workers
+        self.sockets = sockets  # the master's copies of the listening sockets
         self.stopped = asyncio.Event()  # everything let go of
         self._ended = False
 
@@ -73,14 +69,14 @@ class Shutdown:
         await self.drain_and_exit()
 
     async def drain_and_exit(self) -> None:
-        workers = list(self.master.workers)
+        workers = list(self.workers)
         log.info("draining %d workers", len(workers))
         for worker in workers:
             worker.drain()
         # Each worker's close is then the last (after an upgrade, the new master's copies
         # are): the port refuses new connections as soon as the workers stop accepting,
         # instead of queueing them until the drain ends, then resetting them.
-        self.master.sockets.close_all()
+        self.sockets.close_all()
         if workers:
             await asyncio.wait([w.exited for w in workers])
         await self._end()
@@ -88,12 +84,12 @@ class Shutdown:
     def quit(self) -> None:
         """INT, QUIT: every worker leaves at once."""
         self.master.stopping()
-        for worker in self.master.workers:
+        for worker in self.workers:
             worker.kill(signal.SIGQUIT)
         self.master.start_task(self._end_after_quit())
 
     async def _end_after_quit(self) -> None:
-        workers = [w for w in self.master.workers if not w.exited.done()]
+        workers = [w for w in self.workers if not w.exited.done()]
         if workers:
             await asyncio.wait([w.exited for w in workers], timeout=QUIT_GRACE)
             for worker in workers:
