@@ -55,6 +55,7 @@ COMPILED = [
     "proxyd/proxy/h2_connection.py",
     "proxyd/proxy/h2_fields.py",
     "proxyd/proxy/h2_stream.py",
+    "proxyd/proxy/h2_upstream.py",
     "proxyd/proxy/lifecycle.py",
     "proxyd/proxy/limits.py",
     "proxyd/proxy/path.py",

@@ -184,6 +184,12 @@ class Upstream(Model):
     preserve_host: bool = Field(
         True, description="Send the client's Host upstream (false: the target's host:port)."
     )
+    protocol: Literal["http1", "h2", "h2c"] = Field(
+        "http1", description="How proxyd speaks to the targets. http1: HTTP/1.1, a request per "
+        "pooled connection at a time. h2: HTTP/2 over TLS (https:// targets; ALPN h2). h2c: "
+        "HTTP/2 in cleartext by prior knowledge (http:// targets). With HTTP/2 a few "
+        "connections per target and worker carry many requests each (gRPC needs it).",
+    )
     proxy_protocol: Literal["off", "v1", "v2"] = Field(
         "off", description="Send a PROXY protocol header with the client's address ahead of "
         "each upstream connection. Such a connection carries one client's requests only, so it "

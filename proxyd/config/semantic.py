@@ -197,9 +197,26 @@ def _check_upstreams(config: GatewayConfig, report: Report) -> None:
             report.error(("upstreams", name, "health_check", "path"),
                          "health check path must start with '/'")
         _check_resilience(name, upstream, report)
+        _check_protocol(name, upstream, report)
         if name not in used:
             report.warn(("upstreams", name), f"upstream '{name}' is not used by any route",
                         on_key=True)
+
+
+def _check_protocol(name: str, upstream: Upstream, report: Report) -> None:
+    at = ("upstreams", name, "protocol")
+    if upstream.protocol == "http1":
+        return
+    scheme = "https" if upstream.protocol == "h2" else "http"
+    for target in upstream.targets:
+        if not target.url.lower().startswith(scheme + "://"):
+            report.error(at, f"protocol {upstream.protocol} needs {scheme}:// targets "
+                         f"({'h2 is over TLS' if scheme == 'https' else 'h2c is cleartext'})")
+            break
+    if upstream.proxy_protocol != "off":
+        report.error(("upstreams", name, "proxy_protocol"), "a PROXY protocol header names one "
+                     "client; an HTTP/2 connection carries many: not with protocol "
+                     f"{upstream.protocol}")
 
 
 def _check_resilience(name: str, upstream: Upstream, report: Report) -> None:
@@ -354,6 +371,10 @@ def _check_target(config: GatewayConfig, route: Route, at: Path, report: Report)
                 else f" (defined: {', '.join(defined)})" if defined
                 else " (no upstreams are defined)")
         report.error((*at, "upstream"), f"unknown upstream '{route.upstream}'{hint}")
+    upstream = config.upstreams.get(route.upstream or "")
+    if upstream is not None and upstream.protocol != "http1" and route.websocket.enabled:
+        report.error((*at, "websocket"), f"route '{route.name}' relays WebSocket upgrades, "
+                     f"which upstream '{route.upstream}' cannot take over HTTP/2")
     if route.respond is not None:
         for key in ("strip_prefix", "rewrite", "timeouts"):
             if getattr(route, key) is not None:

@@ -132,7 +132,10 @@ class Compression(Middleware):
             return
         ok = self._type_ok.get(ctype)
         if ok is None:
-            ok = ctype.lower().lstrip().startswith(self.types)
+            lowered = ctype.lower().lstrip()
+            # gRPC frames its own messages (and compresses them itself, grpc-encoding): a
+            # compressed body would not be gRPC any more, whatever ``types`` says.
+            ok = lowered.startswith(self.types) and not lowered.startswith(b"application/grpc")
             if len(self._type_ok) < TYPE_MEMO:
                 self._type_ok[ctype] = ok
         if not ok:

@@ -109,6 +109,9 @@ GAUGES: dict[str, tuple[str, tuple[str, ...]]] = {
                                                    ("upstream", "target")),
     "gateway_upstream_target_connections_idle": ("Idle pooled connections, per target",
                                                  ("upstream", "target")),
+    "gateway_upstream_target_requests_active": (
+        "Requests in flight per target: one per connection in use on HTTP/1.1, the open "
+        "streams on HTTP/2", ("upstream", "target")),
     "gateway_upstream_target_ejected": ("Workers that have ejected the target",
                                         ("upstream", "target")),
     "gateway_upstream_circuit_open": ("Workers whose circuit breaker for the upstream is open",

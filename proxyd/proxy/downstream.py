@@ -79,6 +79,10 @@ class Downstream:
     def end_body(self) -> None:
         raise NotImplementedError
 
+    def send_trailers(self, fields: list[tuple[bytes, bytes]]) -> None:
+        """The response's trailers, which end it. HTTP/1.1 clients get the end alone."""
+        self.end_body()
+
     def flush(self) -> None:
         raise NotImplementedError
 

@@ -108,6 +108,7 @@ class Exchange:
         "timed",
         "timeouts",
         "total_deadline",
+        "trailers",
         "tries",
         "try_deadline",
     )
@@ -141,6 +142,7 @@ class Exchange:
         self.key = b""  # hash balancing
         self.sent_body: list[bytes] | None = None  # body chunks kept for a replay
         self.interim_sent = False  # a 1xx went to the client: no retry after that
+        self.trailers: list[tuple[bytes, bytes]] | None = None  # an HTTP/2 upstream's
 
     def _move(self, to: int) -> None:
         if not MOVES[self.state] >> to & 1:
@@ -456,6 +458,9 @@ class Exchange:
             pool.deadlines.now = monotonic()
         self.started_at = pool.deadlines.now
         self.timeouts = route.timeouts if route.timeouts is not None else pool.timeouts
+        if req.grpc_timeout:
+            # gRPC's own deadline (grpc-timeout) bounds the whole exchange.
+            self.timeouts = self.timeouts.within(req.grpc_timeout)
         t = self.timeouts
         if t.timed:
             self.deadline = self.total_deadline = (
@@ -476,9 +481,12 @@ class Exchange:
         pool.budget.requests += 1
         if pool.ring is not None:
             self.key = pool.hash_key(self.ds.client_ip, req.headers)
-        if req.has_body and pool.max_body and req.method in pool.retry_methods \
-                and (req.content_length or 0) <= pool.max_body:
-            self.sent_body = []  # small enough to replay: keep what is sent
+        if req.has_body and pool.replay_limit and (req.method in pool.retry_methods
+                                                   or pool.multiplexed) \
+                and (req.content_length or 0) <= pool.replay_limit:
+            # Small enough to replay: keep what is sent. (Over HTTP/2 for any method: a
+            # stream the upstream refused unprocessed may be retried whatever its method.)
+            self.sent_body = []
         target = pool.pick(self.key)
         if target is None:
             self.refuse("unavailable", "no healthy upstream target")
@@ -515,14 +523,15 @@ class Exchange:
         assert pool is not None
         if pool.proxy_header is not None:
             conn.send(self._proxy_header())  # a new connection: never pooled (upstream.py)
-        conn.send(upstream_head(self.head, host))
+        chunked = req.chunked
+        conn.send_head(upstream_head(self.head, host), not req.has_body)
         for chunk in req.pending:
-            conn.send(self._frame(chunk))
+            conn.send_body(chunk, chunked)
         if self.sent_body is not None:
             self.sent_body += req.pending
         req.pending.clear()
-        if req.body_done and req.chunked:
-            conn.send(b"0\r\n\r\n")
+        if req.body_done and req.has_body:
+            conn.end_body(chunked)
         if not ds.parsing:
             # Else the client's data_received flushes once it has parsed the whole read: the
             # head and the body bytes that came with it leave in one write, and a framing
@@ -553,11 +562,11 @@ class Exchange:
             if sent is not None:
                 pool = self.pool
                 assert pool is not None
-                if self.req.body_size > pool.max_body:
+                if self.req.body_size > pool.replay_limit:
                     self.sent_body = None  # too big to replay: no retry once it went out
                 else:
                     sent.append(chunk)
-            conn.send(self._frame(chunk))
+            conn.send_body(chunk, self.req.chunked)
             # The read timeout counts from the last byte either way: while the request is
             # still being sent, the upstream owes no answer yet.
             conn.deadline = conn.pool.deadlines.now + self.timeouts.read
@@ -571,13 +580,8 @@ class Exchange:
         """The client's body is complete."""
         if self.state == SENDING:
             self._move(AWAITING_HEAD)
-        if self.conn is not None and self.req.chunked and not self.body_cut:
-            self.conn.send(b"0\r\n\r\n")
-
-    def _frame(self, chunk: bytes) -> bytes:
-        if self.req.chunked:
-            return b"%x\r\n%b\r\n" % (len(chunk), chunk)
-        return chunk
+        if self.conn is not None and not self.body_cut:
+            self.conn.end_body(self.req.chunked)
 
     def flush_upstream(self) -> None:
         if self.conn is not None:
@@ -615,7 +619,8 @@ class Exchange:
                 or self.tries >= pool.retry_attempts):
             return False
         if sent and (req.method not in pool.retry_methods
-                     or (req.has_body and self.sent_body is None)):
+                     or (req.has_body and (self.sent_body is None
+                                           or req.body_size > pool.max_body))):
             return False
         if not pool.budget.allow():
             return False
@@ -684,12 +689,17 @@ class Exchange:
             return
         if RETRYABLE >> state & 1:
             # Closed before any answer. A pooled connection the upstream closed as we reused
-            # it is a race, not a failing target: the same target may take the retry.
+            # it is a race, not a failing target: the same target may take the retry. A
+            # stream an HTTP/2 upstream said it never processed (GOAWAY, REFUSED_STREAM) may
+            # be retried whatever its method.
             stale = conn.reused and self.conn is conn
-            if not stale and self.target is not None:
+            # (Unprocessed, but with a body that was sent and not kept: it cannot go again.)
+            unprocessed = conn.unprocessed and (not self.req.has_body
+                                                or self.sent_body is not None)
+            if not stale and not unprocessed and self.target is not None:
                 self.pool.try_failed(self.target)  # type: ignore[union-attr]
             self.conn = None
-            if self._retry(sent=True, same_ok=stale):
+            if self._retry(sent=not unprocessed, same_ok=stale or unprocessed):
                 return
         self.upstream_failed(502, "upstream closed the connection", ERROR_RESET)
 
@@ -735,7 +745,11 @@ class Exchange:
         no_body = req.method == b"HEAD" or status in NO_BODY_STATUSES
         f: ResponseFields = relay_fields(headers, ctx is not None)
         length = f.length
-        self.read_to_close = length is None and not f.chunked and not no_body
+        conn = self.conn
+        # HTTP/1.1 without a length or chunks: the body ends with the connection. (HTTP/2
+        # frames every body: END_STREAM ends it.)
+        self.read_to_close = length is None and not f.chunked and not no_body \
+            and conn is not None and not conn.frames_bodies
         raw = 0
         if ctx is None:
             fields = f.fields
@@ -770,7 +784,10 @@ class Exchange:
         # client cannot have framed (HTTP/1.0) ends with the connection.
         close = self.closes(unframed=not length_known and not ds.frames_any_length(req))
         self.close_client = close
-        self.body_cut = not req.body_done
+        # An HTTP/1.1 upstream that answers before the body ended will not read the rest;
+        # an HTTP/2 one may (gRPC's bidirectional streams): the body goes on.
+        conn = self.conn
+        self.body_cut = not req.body_done and (conn is None or not conn.frames_bodies)
         ds.send_head(req, status, reason, fields, length_known, close)
         self.resp_status = status  # what the client got (middleware may have changed it)
         self._move(RELAYING)
@@ -829,6 +846,11 @@ class Exchange:
             self._send_buffered()
         self._complete(keep_alive and not self.read_to_close)
 
+    def on_trailers(self, fields: list[tuple[bytes, bytes]]) -> None:
+        """An HTTP/2 upstream's trailers (gRPC's status): relayed where the client can take
+        them, at the end of the body."""
+        self.trailers = fields
+
     def read_done(self) -> None:
         """The upstream's read was handled: what it produced goes to the client."""
         self.ds.flush()
@@ -843,7 +865,10 @@ class Exchange:
             if tail:
                 self.bytes_out += len(tail)
                 self.ds.send_body(tail)
-        self.ds.end_body()
+        if self.trailers is not None and not self.drop:
+            self.ds.send_trailers(self.trailers)
+        else:
+            self.ds.end_body()
         req = self.req
         req.status = self.resp_status
         req.bytes_out = self.bytes_out

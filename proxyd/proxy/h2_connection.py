@@ -22,9 +22,8 @@ Defences, each because a peer has shown how to hurt a server without it:
   connection holds is bounded.
 
 Drain (reload, stop): a GOAWAY naming the last stream taken; the streams in flight finish
-(within drain_timeout, as the worker's drain bounds it), then the connection closes. h2's own
-close_connection() would refuse to send anything more on the open streams, so the GOAWAY
-frame is made with hyperframe and written after h2's output.
+(within drain_timeout, as the worker's drain bounds it), then the connection closes (h2 is
+taught to let them: h2_state.py).
 """
 
 from __future__ import annotations
@@ -40,9 +39,9 @@ from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.exceptions import ProtocolError, StreamClosedError
 from h2.settings import SettingCodes, Settings
-from hyperframe.frame import GoAwayFrame
 
 from proxyd.proxy.h2_fields import Malformed, check_trailers, request_of, split_answer
+from proxyd.proxy.h2_state import graceful
 from proxyd.proxy.h2_stream import Http2Stream
 from proxyd.proxy.head import error_response
 from proxyd.proxy.request import Reject
@@ -76,7 +75,7 @@ class Http2Connection:
         self.host_memo = ds.host_memo
         config = H2Configuration(client_side=False, header_encoding=None,
                                  validate_inbound_headers=False)  # h2_fields: stream errors
-        h2 = self.h2 = H2Connection(config)
+        h2 = self.h2 = graceful(H2Connection(config))
         h2.local_settings = Settings(client=False, initial_values={
             SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
             # The fields and the pseudo-fields (the target among them), as HPACK measures them;
@@ -301,9 +300,12 @@ class Http2Connection:
             stream.reset(ErrorCodes.NO_ERROR)
         self.streams.pop(stream.stream_id, None)
         self.waiting.pop(stream.stream_id, None)
-        if self.going_away and not self.streams:
-            self.flush()
-            self._close()
+        if not self.streams:
+            if self.going_away:
+                self.flush()
+                self._close()
+            else:
+                self._arm()  # idle now: keepalive_timeout
 
     # -- writing, limits, the end ---------------------------------------------------------------
     def flush(self) -> None:
@@ -329,10 +331,9 @@ class Http2Connection:
         self._close()
 
     def _goaway(self, code: int) -> None:
+        with contextlib.suppress(ProtocolError):
+            self.h2.close_connection(code, last_stream_id=self.last_stream)
         self.flush()
-        frame = GoAwayFrame(0, last_stream_id=self.last_stream, error_code=code)
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(frame.serialize())
 
     def go_away(self) -> None:
         """Graceful: the client opens no more streams here; those taken finish."""

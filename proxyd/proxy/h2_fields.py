@@ -15,6 +15,8 @@ pairs with lowercase names, and the connection-specific fields (RFC 9113 §8.2.2
 
 from __future__ import annotations
 
+import json
+import urllib.parse
 from typing import TYPE_CHECKING, Final
 
 from h2.exceptions import ProtocolError
@@ -90,6 +92,8 @@ def request_of(headers: list[tuple[bytes, bytes]], end_stream: bool, limits: Cli
             if limits.underscores == "reject":
                 raise Reject(400, "underscore in a header field name", "underscore_header")
             continue
+        if name == b"grpc-timeout":
+            req.grpc_timeout = grpc_timeout(value)
         size += len(name) + len(value) + 4  # as an HTTP/1.1 line: the same limit means the same
         fields.append((name, name, value))
         if name in SPECIAL:
@@ -136,6 +140,65 @@ def request_of(headers: list[tuple[bytes, bytes]], end_stream: bool, limits: Cli
     req.body_limit = limits.max_body_size
     req.header_bytes = size
     return req
+
+
+# grpc-timeout's units (gRPC over HTTP/2: "TimeoutValue TimeoutUnit", at most 8 digits).
+_GRPC_UNITS: Final = {72: 3600.0, 77: 60.0, 83: 1.0, 109: 1e-3, 117: 1e-6, 110: 1e-9}  # HMSmun
+
+
+def grpc_timeout(value: bytes) -> float:
+    """Seconds; 0.0 for a value that is not one (ignored, as gRPC servers ignore it)."""
+    digits, unit = value[:-1], value[-1:]
+    if not digits.isdigit() or len(digits) > 8 or not unit:
+        return 0.0
+    return int(digits) * _GRPC_UNITS.get(unit[0], 0.0)
+
+
+def is_grpc(req: Request) -> bool:
+    for name, _, value in req.headers:
+        if name == b"content-type":
+            return value.startswith(b"application/grpc")
+    return False
+
+
+# What an HTTP status proxyd answered means as a gRPC status: the gRPC spec's mapping of HTTP
+# statuses, except that proxyd's own timeouts are DEADLINE_EXCEEDED and its limits (rate,
+# size, concurrency) RESOURCE_EXHAUSTED, as they are for a gRPC server.
+GRPC_STATUS: Final = {
+    400: 13, 401: 16, 403: 7, 404: 12, 405: 12, 408: 4, 413: 8, 414: 8, 417: 13, 429: 8,
+    431: 8, 500: 13, 502: 14, 503: 14, 504: 4,
+}
+GRPC_UNKNOWN: Final = 2
+
+
+def grpc_answer(status: int, fields: list[tuple[bytes, bytes]], body: bytes
+                ) -> list[tuple[bytes, bytes]]:
+    """A response proxyd made for a gRPC request, as a trailers-only gRPC response: HTTP 200,
+    the gRPC status and message (the error and request id of the JSON body, if any)."""
+    message = b""
+    request_id = b""
+    for name, value in fields:
+        if name == b"x-request-id":
+            request_id = value
+    try:
+        parsed = json.loads(body) if body.startswith(b"{") else None
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, dict) and isinstance(parsed.get("error"), str):
+        message = parsed["error"].encode()
+    if request_id:
+        message += b" (request id " + request_id + b")"
+    code = GRPC_STATUS.get(status, GRPC_UNKNOWN)
+    out = [(b":status", b"200"), (b"content-type", b"application/grpc"),
+           (b"grpc-status", b"%d" % code),
+           (b"grpc-message", urllib.parse.quote(message.strip(), safe=" ()").encode())]
+    out += [(n, v) for n, v in fields if n not in _NOT_FOR_GRPC]
+    return out
+
+
+# Of a local answer's fields, those a trailers-only gRPC response does not carry.
+_NOT_FOR_GRPC: Final = frozenset({b"content-type", b"content-length", b"grpc-status",
+                                  b"grpc-message"})
 
 
 def response_fields(fields: bytes) -> list[tuple[bytes, bytes]]:

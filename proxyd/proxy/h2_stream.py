@@ -22,7 +22,7 @@ from h2.exceptions import FlowControlError, ProtocolError, StreamClosedError
 
 from proxyd.proxy.downstream import Downstream
 from proxyd.proxy.exchange import Exchange
-from proxyd.proxy.h2_fields import response_fields, split_answer
+from proxyd.proxy.h2_fields import grpc_answer, is_grpc, response_fields, split_answer
 from proxyd.proxy.request import Reject
 
 if TYPE_CHECKING:
@@ -61,13 +61,16 @@ class Http2Stream(Downstream):
         self.write_paused = False
         self.exchange: Exchange | None = None
         self.head_sent = False
+        self.head: list[tuple[bytes, bytes]] | None = None  # the final head, held (send_head)
         self.out: list[bytes] = []  # DATA waiting for window
         self.out_size = 0
         self.end_pending = False  # END_STREAM follows what waits
+        self.trailers: list[tuple[bytes, bytes]] | None = None  # ... with these, if any
         self.ended = False  # the response is complete (END_STREAM sent, or reset)
         self.hold = 0  # HOLD_* reasons not to acknowledge request DATA yet
         self.unacked = 0  # request DATA bytes received, not yet acknowledged
         self.remote_done = False  # the client's END_STREAM (or reset)
+        self.grpc = is_grpc(req)
 
     # -- the request --------------------------------------------------------------------------
     def start(self) -> None:
@@ -134,8 +137,13 @@ class Http2Stream(Downstream):
 
     def send_answer(self, data: bytes) -> None:
         status, fields, body = split_answer(data)
-        headers = [(b":status", b"%d" % status), *fields]
         self.head_sent = True
+        if self.grpc and status != 200:
+            # A gRPC client reads its call's outcome in grpc-status, not in an HTTP status
+            # or a JSON body: proxyd's own answers (errors, limits, refusals) say it there.
+            self._headers(grpc_answer(status, fields, body), True)
+            return
+        headers = [(b":status", b"%d" % status), *fields]
         if body:
             self._headers(headers, False)
             self.send_body(body)
@@ -154,10 +162,23 @@ class Http2Stream(Downstream):
 
     def send_head(self, req: Request, status: int, reason: bytes, fields: bytes,
                   length_known: bool, close: bool) -> None:
+        # Held until the body's first bytes, its end or the flush of this read: a response
+        # whose end comes with its head leaves as one HEADERS frame with END_STREAM — which
+        # is what a gRPC trailers-only response must stay.
         self.head_sent = True
-        self._headers([(b":status", b"%d" % status), *response_fields(fields)], False)
+        self.head = [(b":status", b"%d" % status), *response_fields(fields)]
+
+    def _head_out(self, end: bool) -> bool:
+        """Send a held head; True when it carried the end of the response."""
+        head, self.head = self.head, None
+        if head is None:
+            return False
+        self._headers(head, end)
+        return end
 
     def send_body(self, data: bytes) -> None:
+        if self.head is not None:
+            self._head_out(False)
         if self.ended or not data:
             return
         if self.out:
@@ -170,7 +191,7 @@ class Http2Stream(Downstream):
         self.send_body(bytes(data))
 
     def end_body(self) -> None:
-        if self.ended:
+        if self._head_out(True) or self.ended:
             return
         if self.out:
             self.end_pending = True
@@ -178,6 +199,17 @@ class Http2Stream(Downstream):
         with contextlib.suppress(ProtocolError, StreamClosedError):
             self.conn.h2.end_stream(self.stream_id)
         self.ended = True
+
+    def send_trailers(self, fields: list[tuple[bytes, bytes]]) -> None:
+        if self.head is not None:
+            self._head_out(False)
+        if self.ended:
+            return
+        if self.out:
+            self.trailers = fields  # after what waits for the window
+            self.end_pending = True
+            return
+        self._headers(fields, True)
 
     def _send(self, data: bytes) -> None:
         """As much of ``data`` as the windows let through; the rest waits (and the upstream
@@ -221,7 +253,11 @@ class Http2Stream(Downstream):
             return
         if self.end_pending:
             self.end_pending = False
-            self.end_body()
+            trailers, self.trailers = self.trailers, None
+            if trailers is not None:
+                self._headers(trailers, True)
+            else:
+                self.end_body()
         if self.write_paused and not self.conn.write_paused:
             self.write_paused = False
             if self.exchange is not None:
@@ -230,6 +266,8 @@ class Http2Stream(Downstream):
         self.conn.stream_done(self)
 
     def flush(self) -> None:
+        if self.head is not None:
+            self._head_out(False)
         if not self.conn.parsing:
             self.conn.flush()
 

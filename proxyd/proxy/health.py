@@ -17,8 +17,13 @@ import ssl
 import time
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
+import h2.events as h2_events
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.exceptions import H2Error
 
 from proxyd.config.models import GatewayConfig, HealthCheck, Upstream
 from proxyd.proxy.upstream_tls import client_context
@@ -79,6 +84,51 @@ def passes(check: HealthCheck, status: int) -> bool:
     if check.expected_statuses:
         return status in check.expected_statuses
     return 200 <= status < 400
+
+
+async def probe_h2(url: str, check: HealthCheck, context: ssl.SSLContext | None,
+                   server_name: str | None) -> tuple[bool, int | None, str | None]:
+    """A check over HTTP/2, as the workers speak it to this upstream (h2 by ALPN, or h2c by
+    prior knowledge): a new connection, one GET stream, the status, the close."""
+    parts = urlsplit(url)
+    host = parts.hostname or "127.0.0.1"
+    port = parts.port or (443 if context is not None else 80)
+    conn = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+    writer: asyncio.StreamWriter | None = None
+    try:
+        async with asyncio.timeout(check.timeout):
+            reader, writer = await asyncio.open_connection(
+                host, port, ssl=context, server_hostname=(server_name or host) if context
+                else None)
+            conn.initiate_connection()
+            authority = parts.netloc.rpartition("@")[2]
+            conn.send_headers(1, [(":method", "GET"), (":scheme", parts.scheme),
+                                  (":authority", authority), (":path", check.path),
+                                  ("user-agent", USER_AGENT)], end_stream=True)
+            writer.write(conn.data_to_send())
+            status: int | None = None
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    return False, status, "the connection closed before the answer"
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2_events.ResponseReceived):
+                        status = int(dict(event.headers or [])[b":status"])
+                    elif isinstance(event, h2_events.DataReceived) and event.stream_id:
+                        conn.acknowledge_received_data(event.flow_controlled_length or 0,
+                                                       event.stream_id)
+                    elif isinstance(event, h2_events.StreamEnded) and status is not None:
+                        return passes(check, status), status, None
+                    elif isinstance(event, h2_events.StreamReset):
+                        return False, None, f"stream reset ({event.error_code})"
+                writer.write(conn.data_to_send())
+    except TimeoutError:
+        return False, None, f"timeout after {check.timeout:g}s"
+    except (OSError, H2Error, KeyError, ValueError) as exc:
+        return False, None, f"{type(exc).__name__}: {exc}"
+    finally:
+        if writer is not None:
+            writer.close()
 
 
 class HealthChecker:
@@ -145,8 +195,9 @@ class HealthChecker:
         check = upstream.health_check
         assert check is not None
         server_name = upstream.tls.server_name
+        probe = self.probe if upstream.protocol == "http1" else probe_h2
         while True:
-            ok, status, error = await self.probe(url, check, context, server_name)
+            ok, status, error = await probe(url, check, context, server_name)
             if state.record(ok, status, error):
                 log.warning("upstream %s target %s is now %s (%s)", name, url,
                             "healthy" if state.healthy else "unhealthy",

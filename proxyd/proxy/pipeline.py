@@ -150,6 +150,7 @@ class Pipeline:
         idle: dict[tuple[str, ...], float] = {}
         target_in_use: dict[tuple[str, ...], float] = {}
         target_idle: dict[tuple[str, ...], float] = {}
+        target_streams: dict[tuple[str, ...], float] = {}
         ejected: dict[tuple[str, ...], float] = {}
         breaker_open: dict[tuple[str, ...], float] = {}
         for name, pool in self.pools.items():
@@ -159,6 +160,7 @@ class Pipeline:
             for t in pool.targets:
                 target_in_use[(name, t.url)] = float(t.in_use)
                 target_idle[(name, t.url)] = float(len(t.idle))
+                target_streams[(name, t.url)] = float(t.streams)
                 ejected[(name, t.url)] = float(t.ejected_until > self.deadlines.now)
         return {
             "gateway_active_connections": {(): float(len(self.connections))},
@@ -166,6 +168,7 @@ class Pipeline:
             "gateway_pool_connections_idle": idle,
             "gateway_upstream_target_connections_active": target_in_use,
             "gateway_upstream_target_connections_idle": target_idle,
+            "gateway_upstream_target_requests_active": target_streams,
             "gateway_upstream_target_ejected": ejected,
             "gateway_upstream_circuit_open": breaker_open,
             "gateway_rate_limit_redis_fallback_active": {(): self.services.fallbacks.active},

@@ -54,6 +54,7 @@ class Request:
         "discard",
         "exchange",
         "expect",
+        "grpc_timeout",
         "has_body",
         "head_bytes",
         "header_bytes",
@@ -125,6 +126,7 @@ class Request:
         self.ws_key: bytes | None = None  # the client's Sec-WebSocket-Key
         self.ws_upstream_key: bytes | None = None  # ours, towards the upstream
         self.discard = False
+        self.grpc_timeout = 0.0  # seconds a gRPC client gave the call (grpc-timeout); 0: none
         self._id: str | None = None
 
 

@@ -200,10 +200,12 @@ class Subrequest:
             # No client behind this connection: the header says so (UNKNOWN / LOCAL-like
             # unspecified addresses), and such a connection is never pooled (upstream.py).
             conn.send(pool.proxy_header("0.0.0.0", 0, "::", 0))
-        conn.send(upstream_head(self.head,
-                                self.host_line or b"Host: " + conn.pool.host_header + CRLF))
+        conn.send_head(upstream_head(
+            self.head, self.host_line or b"Host: " + conn.pool.host_header + CRLF),
+            not self.body)
         if self.body:
-            conn.send(self.body)
+            conn.send_body(self.body, False)  # its head gave the Content-Length
+            conn.end_body(False)
         conn.flush()
 
     def connect_failed(self, status: int, message: str, kind: str) -> None:
@@ -260,7 +262,9 @@ class Subrequest:
         if length > self.max_body and not no_body:
             self._too_large()
             return 0
-        self.read_to_close = length < 0 and not chunked and not no_body
+        conn = self.conn
+        self.read_to_close = length < 0 and not chunked and not no_body \
+            and conn is not None and not conn.frames_bodies
         if self.method == b"HEAD":
             # llhttp cannot be told "no body": it ends at the head.
             conn = self.conn
@@ -282,6 +286,9 @@ class Subrequest:
     def on_end(self, keep_alive: bool) -> None:
         if self.state == READING:
             self._complete(keep_alive and not self.read_to_close)
+
+    def on_trailers(self, fields: list[tuple[bytes, bytes]]) -> None:
+        pass  # nothing proxyd asks for itself reads trailers
 
     def read_done(self) -> None:
         pass  # nothing to flush: the answer goes out whole, at the end

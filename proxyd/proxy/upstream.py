@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 __all__ = ["TargetPool", "Timeouts", "UpstreamConnection", "UpstreamPool"]
 
 INF: Final = float("inf")
+REPLAY_H2: Final = 64 * 1024
 HASH_CLIENT_IP, HASH_HEADER, HASH_COOKIE = 0, 1, 2
 
 
@@ -80,6 +81,11 @@ class TargetPool:
     @property
     def in_use(self) -> int:
         return self.open - len(self.idle)
+
+    @property
+    def streams(self) -> int:
+        """Requests in flight on this target's connections (HTTP/2 multiplexes them)."""
+        return self.in_use
 
     def acquire(self, exchange: Borrower) -> None:
         idle = self.idle
@@ -219,6 +225,7 @@ class UpstreamPool:
         # the per-request update then needs no label tuple or dict lookup.
         self.closed = False
         self.preserve_host = cfg.preserve_host
+        self.multiplexed = cfg.protocol != "http1"  # HTTP/2: streams on shared connections
         # A PROXY protocol header ahead of each connection: header_v1, header_v2, or None.
         self.proxy_header = (None if cfg.proxy_protocol == "off"
                              else header_v1 if cfg.proxy_protocol == "v1" else header_v2)
@@ -234,6 +241,11 @@ class UpstreamPool:
         can_retry = retries.attempts > 1
         self.retry_statuses = frozenset(retries.on_statuses if can_retry else ())
         self.max_body = retries.max_body if can_retry else 0
+        # What of a request body is kept to be sent again: max_body; over HTTP/2 at least
+        # REPLAY_H2, as a stream the upstream refused unprocessed (REFUSED_STREAM, above a
+        # GOAWAY's last stream) may go again whatever its method.
+        self.replay_limit = max(self.max_body, REPLAY_H2) if can_retry and self.multiplexed \
+            else self.max_body
         self.budget = RetryBudget(retries, deadlines)
         # outlier detection and the circuit breaker
         self.outlier = cfg.outlier_detection if cfg.outlier_detection.enabled else None
@@ -252,9 +264,15 @@ class UpstreamPool:
         self._dequeuing = False
         # balancing
         self.kind = cfg.balance
-        self.targets = [
-            TargetPool(t.url, t.weight, cfg.pool, self) for t in cfg.targets
-        ]
+        if cfg.protocol == "http1":
+            self.targets = [
+                TargetPool(t.url, t.weight, cfg.pool, self) for t in cfg.targets
+            ]
+        else:
+            from proxyd.proxy.h2_upstream import H2TargetPool  # (it builds on this module)
+            self.targets = [
+                H2TargetPool(t.url, t.weight, cfg.pool, self) for t in cfg.targets
+            ]
         self.ring = HashRing(self.targets) if cfg.balance == "hash" else None
         key = cfg.hash_key or "client_ip"
         kind, _, field = key.partition(":")

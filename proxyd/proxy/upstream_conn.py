@@ -56,6 +56,11 @@ class Timeouts:
         self.per_try = per_try or 0.0
         self.timed = bool(self.total or self.per_try)  # the exchange keeps its own deadline
 
+    def within(self, total: float) -> Timeouts:
+        """These limits, with the total cut to ``total`` seconds at most."""
+        return Timeouts(self.connect, self.read, min(self.total, total) if self.total else total,
+                        self.per_try)
+
     def override(self, route: RouteTimeouts) -> Timeouts:
         return Timeouts(
             route.connect if route.connect is not None else self.connect,
@@ -133,6 +138,7 @@ class UpstreamConnection:
         "reused",
         "transport",
         "tunnel",
+        "unprocessed",
         "upgrade_fields",
     )
 
@@ -146,6 +152,7 @@ class UpstreamConnection:
         self.reused = False
         self.tunnel: Tunnel | None = None
         self.read_paused = False
+        self.unprocessed = False  # (HTTP/2) the upstream said it never processed the request
         self._out: list[Piece] = []
         # The response being parsed: its reason phrase and fields, whether it is a 1xx, the
         # fields of a 101, and how many body bytes still go past the parser (_relay_raw).
@@ -178,6 +185,12 @@ class UpstreamConnection:
         self.tunnel = tunnel
         self.pool.detach(self)  # relays are long-lived: they must not starve the pool
 
+    @property
+    def frames_bodies(self) -> bool:
+        """Whether every response body has an end of its own; an HTTP/1.1 body may end with
+        the connection."""
+        return False
+
     def keeps_alive(self) -> bool:
         """Whether the response so far lets this connection carry another."""
         return self.parser is not None and bool(self.parser.should_keep_alive())
@@ -186,6 +199,19 @@ class UpstreamConnection:
     # the body bytes that arrived with it leave in one syscall.
     def send(self, data: bytes) -> None:
         self._out.append(data)
+
+    def send_head(self, head: bytes, end: bool) -> None:
+        """The request head, rendered for HTTP/1.1; ``end``: no body follows."""
+        self._out.append(head)
+
+    def send_body(self, chunk: bytes, chunked: bool) -> None:
+        """A piece of the request body, framed as its head said."""
+        self._out.append(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+
+    def end_body(self, chunked: bool) -> None:
+        """The request body is complete (a chunked one says so)."""
+        if chunked:
+            self._out.append(b"0\r\n\r\n")
 
     def flush(self) -> None:
         out = self._out

@@ -24,7 +24,7 @@ def client_context(cfg: Upstream) -> ssl.SSLContext | None:
         ctx.verify_mode = ssl.CERT_NONE
     if tls.client_cert is not None:
         ctx.load_cert_chain(tls.client_cert, tls.client_key)
-    ctx.set_alpn_protocols(["http/1.1"])
+    ctx.set_alpn_protocols(["h2"] if cfg.protocol == "h2" else ["http/1.1"])
     return ctx
 
 

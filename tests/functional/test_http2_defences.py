@@ -257,3 +257,16 @@ async def test_drain_sends_goaway_and_finishes_the_streams_in_flight(
     finally:
         release.set()
         await client.close()
+
+
+async def test_an_idle_connection_gets_goaway_after_keepalive_timeout(
+        proxy: StartProxy, upstreams: Upstreams) -> None:
+    up = await upstreams.aiohttp()
+    p = await proxy(CATCH_ALL, {"backend": up.url}, server={"keepalive_timeout": "0.3s"})
+    client = await H2Client.open(p.port)
+    try:
+        assert (await client.get("/")).status == 200
+        await client.until(lambda: client.closed, timeout=10)
+        assert client.goaway is not None and client.goaway.error_code == ErrorCodes.NO_ERROR
+    finally:
+        await client.close()
