@@ -369,8 +369,7 @@ class ClientConnection(Downstream):
         """A 1xx other than 100 (103 Early Hints): only an HTTP/1.1 client takes one."""
         self._out.append(response_head(status, reason, fields, b""))
 
-    @staticmethod
-    def frames_any_length(req: Request) -> bool:
+    def frames_any_length(self, req: Request) -> bool:
         """Whether a body of unknown length can be framed for this client: chunked, for
         HTTP/1.1; for HTTP/1.0 the end of the connection ends the body."""
         return req.http11

@@ -286,6 +286,8 @@ class Http2Connection:
                 self.h2.acknowledge_received_data(length, stream_id)
 
     def blocked(self, stream: Http2Stream) -> None:
+        if not self.waiting and self.limits.send_timeout and not self.write_paused:
+            self.deadline = self.p.deadlines.now + self.limits.send_timeout
         self.waiting[stream.stream_id] = stream
 
     def unblocked(self, stream: Http2Stream) -> None:
@@ -363,13 +365,16 @@ class Http2Connection:
         if not self.streams:
             self.deadline = now + (self.limits.keepalive_timeout
                                    if self.opened else self.limits.header_timeout)
+        elif self.waiting and self.limits.send_timeout:
+            # A stream waits for the client to open its window: as a full socket would.
+            self.deadline = now + self.limits.send_timeout
         elif any(not s.remote_done for s in self.streams.values()):
             self.deadline = now + self.limits.body_timeout
         else:
             self.deadline = 0.0  # the upstreams' own timeouts bound the rest
 
     def on_deadline(self) -> None:
-        if self.write_paused:
+        if self.write_paused or (self.waiting and self.limits.send_timeout):
             self.p.metrics.client_limits.inc(("send_timeout",))
             self.closed = True
             if self.transport is not None:

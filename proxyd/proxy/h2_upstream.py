@@ -242,7 +242,6 @@ class H2UpstreamConnection:
         h2.local_settings = Settings(client=True, initial_values={
             SettingCodes.ENABLE_PUSH: 0,
             SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
-            SettingCodes.MAX_CONCURRENT_STREAMS: 0,  # the upstream opens none to us
         })
         h2.initiate_connection()
         h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)

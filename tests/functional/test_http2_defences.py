@@ -270,3 +270,24 @@ async def test_an_idle_connection_gets_goaway_after_keepalive_timeout(
         assert client.goaway is not None and client.goaway.error_code == ErrorCodes.NO_ERROR
     finally:
         await client.close()
+
+
+async def test_a_client_that_never_opens_its_window_is_cut_off(
+        proxy: StartProxy, upstreams: Upstreams) -> None:
+    payload = b"y" * (256 * 1024)
+
+    async def big(request: web.Request) -> web.Response:
+        return web.Response(body=payload)
+
+    up = await upstreams.aiohttp(big)
+    p = await proxy(CATCH_ALL, {"backend": up.url}, limits={"send_timeout": "0.5s"})
+    client = await H2Client.open(p.port)
+    client.auto_ack = False  # reads the socket, never gives window back
+    try:
+        sid = client.request("/big")
+        await client.until(lambda: client.closed, timeout=10)
+        assert client.closed
+        assert len(client.answers[sid].body) < len(payload)
+        assert p.pipeline.metrics.client_limits.series.get(("send_timeout",)) == 1
+    finally:
+        await client.close()
