@@ -132,8 +132,8 @@ class Worker:
         for tunnel in list(pipeline.tunnels):
             tunnel.close()
         for conn in list(pipeline.connections):
-            if isinstance(conn, ClientConnection):
-                conn.close()
+            if isinstance(conn, (ClientConnection, Http2Connection)):
+                conn.close()  # past drain_timeout: what is still open is cut
         pipeline.close()
         self.stopped.set()
 

@@ -218,8 +218,12 @@ class H2UpstreamConnection:
     def __init__(self, pool: H2TargetPool) -> None:
         self.pool = pool
         self.scheme = b"https" if pool.ssl is not None else b"http"
-        self.h2 = graceful(H2Connection(H2Configuration(client_side=True,
-                                                        header_encoding=None)))
+        # Outbound fields are checked already (request_fields: lowercase, stripped, nothing
+        # connection-specific); the upstream's are validated by h2 as they come. Normalising
+        # stays on: it keeps Authorization and short cookies out of HPACK's shared table, and
+        # this connection carries many clients' requests.
+        self.h2 = graceful(H2Connection(H2Configuration(
+            client_side=True, header_encoding=None, validate_outbound_headers=False)))
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, H2UpstreamStream] = {}
         self.ready = False

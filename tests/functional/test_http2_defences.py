@@ -291,3 +291,26 @@ async def test_a_client_that_never_opens_its_window_is_cut_off(
         assert p.pipeline.metrics.client_limits.series.get(("send_timeout",)) == 1
     finally:
         await client.close()
+
+
+async def test_a_stream_past_drain_timeout_is_cut(proxy: StartProxy,
+                                                  upstreams: Upstreams) -> None:
+    never = asyncio.Event()
+
+    async def stuck(request: web.Request) -> web.Response:
+        await never.wait()
+        return web.Response(text="never")
+
+    up = await upstreams.aiohttp(stuck)
+    p = await proxy(CATCH_ALL, {"backend": up.url})
+    client = await H2Client.open(p.port)
+    try:
+        sid = client.request("/stuck")
+        await wait_for(lambda: len(up.seen) == 1, what="the request upstream")
+        await asyncio.wait_for(p.worker.drain(0.3), 10)
+        await client.until(lambda: client.closed)
+        assert client.closed and not client.answers[sid].ended
+        assert client.goaway is not None and client.goaway.last_stream_id == sid
+    finally:
+        never.set()
+        await client.close()
