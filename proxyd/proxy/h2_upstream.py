@@ -341,7 +341,7 @@ class H2UpstreamConnection:
         elif isinstance(event, ev.PingAckReceived):
             self.ping_sent = False
             if not self.streams:
-                self.deadline = self.pool.deadlines.now + PING_INTERVAL
+                self.deadline = self.pool.deadlines.now + self._ping_interval()
         elif isinstance(event, ev.ConnectionTerminated):
             self.going_away = True
             last = event.last_stream_id or 0
@@ -447,9 +447,13 @@ class H2UpstreamConnection:
         self.close()
 
     # -- idle: PING, keepalive_expiry -----------------------------------------------------------
+    def _ping_interval(self) -> float:
+        # At least once within keepalive_expiry: a connection found dead is not lent.
+        return min(PING_INTERVAL, self.pool.keepalive_expiry / 2)
+
     def _idle(self) -> None:
         self.idle_since = self.pool.deadlines.now
-        self.deadline = self.idle_since + min(PING_INTERVAL, self.pool.keepalive_expiry)
+        self.deadline = self.idle_since + self._ping_interval()
 
     def on_deadline(self) -> None:
         if self.streams:
@@ -461,7 +465,7 @@ class H2UpstreamConnection:
         self.ping_sent = True
         self.h2.ping(b"proxyd\x00\x00")
         self.flush()
-        self.deadline = now + PING_TIMEOUT
+        self.deadline = now + min(PING_TIMEOUT, self._ping_interval())
 
 
 class H2TargetPool(TargetPool):

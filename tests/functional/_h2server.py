@@ -17,6 +17,7 @@ import h2.events as ev
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
+from h2.settings import SettingCodes, Settings
 
 
 @dataclass
@@ -56,6 +57,9 @@ class H2Origin:
         self.goaway_after: int | None = None  # streams served, then a GOAWAY
         self.refuse_streams = 0  # the next N streams are refused (REFUSED_STREAM)
         self.max_streams: int | None = None
+        self.pings = 0  # PINGs received
+        self.closed_connections = 0
+        self.answer_pings = True
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: list[asyncio.StreamWriter] = []
@@ -88,7 +92,8 @@ class H2Origin:
         self._writers.append(writer)
         conn = H2Connection(H2Configuration(client_side=False, header_encoding=None))
         if self.max_streams is not None:
-            conn.local_settings.max_concurrent_streams = self.max_streams
+            conn.local_settings = Settings(client=False, initial_values={
+                SettingCodes.MAX_CONCURRENT_STREAMS: self.max_streams})
         conn.initiate_connection()
         writer.write(conn.data_to_send())
         heads: dict[int, dict[bytes, bytes]] = {}
@@ -157,8 +162,11 @@ class H2Origin:
                     elif isinstance(event, ev.WindowUpdated):
                         for sid in list(pending):
                             push(sid)
+                    elif isinstance(event, ev.PingReceived):
+                        self.pings += 1
                 writer.write(conn.data_to_send())
         except (ConnectionError, asyncio.CancelledError):
             pass
         finally:
+            self.closed_connections += 1
             writer.close()

@@ -13,6 +13,8 @@ from typing import Any
 import grpc
 import pytest
 
+from tests.functional._h2client import H2Client
+from tests.functional._h2server import H2Origin, H2Reply, H2Request
 from tests.functional.conftest import StartProxy, refused_url, route
 
 SERVICE = "test.Echo"
@@ -198,3 +200,34 @@ async def test_compression_and_cache_leave_grpc_alone(proxy: StartProxy,
 
     first, second = await call(p.port, twice)
     assert first.endswith(b"z0") and second.endswith(b"z1")  # each from the server
+
+
+async def test_grpc_timeout_is_the_deadline_inside_proxyd(proxy: StartProxy) -> None:
+    """A client that sends grpc-timeout but keeps no deadline of its own (a raw HTTP/2
+    client), to a server that does not keep it either: proxyd ends the call itself, as
+    DEADLINE_EXCEEDED, trailers-only, with its request id."""
+    async def slow(req: H2Request) -> H2Reply:
+        await asyncio.sleep(3)
+        return H2Reply(200, [(b"content-type", b"application/grpc")], b"",
+                       [(b"grpc-status", b"0")])
+
+    origin = await H2Origin(slow).start()
+    p = await proxy(grpc_routes(), {"grpc": {"targets": [origin.url], "protocol": "h2c"}})
+    client = await H2Client.open(p.port)
+    try:
+        message = b"hello"
+        started = time.monotonic()
+        answer = await client.response(client.request(
+            f"/{SERVICE}/Unary", "POST", headers=[
+                ("content-type", "application/grpc"), ("te", "trailers"),
+                ("grpc-timeout", "300m")],
+            body=b"\x00" + len(message).to_bytes(4, "big") + message), timeout=10)
+        assert time.monotonic() - started < 2.5  # well before the server's 3 s
+        assert answer.status == 200
+        fields = dict(answer.headers)
+        assert fields[b"grpc-status"] == b"4"  # DEADLINE_EXCEEDED
+        assert b"request id" in fields[b"grpc-message"]
+        assert not answer.body and not answer.trailers  # trailers-only
+    finally:
+        await client.close()
+        await origin.close()

@@ -12,7 +12,7 @@ from h2.config import H2Configuration
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
 from hpack import Encoder
-from hyperframe.frame import ContinuationFrame, HeadersFrame
+from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame
 
 from proxyd.proxy.h2_connection import MAX_CONCURRENT_STREAMS, Http2Connection
 from tests.functional._h2client import H2Client
@@ -311,6 +311,58 @@ async def test_a_stream_past_drain_timeout_is_cut(proxy: StartProxy,
         await client.until(lambda: client.closed)
         assert client.closed and not client.answers[sid].ended
         assert client.goaway is not None and client.goaway.last_stream_id == sid
+    finally:
+        never.set()
+        await client.close()
+
+
+async def test_more_streams_than_announced_end_the_connection(
+        proxy: StartProxy, upstreams: Upstreams) -> None:
+    never = asyncio.Event()
+
+    async def stuck(request: web.Request) -> web.Response:
+        await never.wait()
+        return web.Response(text="late")
+
+    up = await upstreams.aiohttp(stuck)
+    p = await proxy(CATCH_ALL, {"backend": up.url})
+    client = await H2Client.open(p.port)
+    try:
+        await client.until(lambda: SettingCodes.MAX_CONCURRENT_STREAMS in client.settings)
+        # A client that ignores the limit (h2 would refuse to open the extra stream): raw
+        # HEADERS frames, one HPACK encoder for all (no request went out before them).
+        encoder = Encoder()
+        client.writer.write(b"".join(
+            HeadersFrame(2 * i + 1, encoder.encode([
+                (":method", "GET"), (":scheme", "http"), (":authority", "x"),
+                (":path", f"/s/{i}")]), flags=["END_HEADERS", "END_STREAM"]).serialize()
+            for i in range(MAX_CONCURRENT_STREAMS + 1)))
+        await client.until(lambda: client.closed or client.goaway is not None)
+        assert client.goaway is not None
+        assert client.goaway.error_code == ErrorCodes.PROTOCOL_ERROR
+        assert len(up.seen) <= MAX_CONCURRENT_STREAMS
+    finally:
+        never.set()
+        await client.close()
+
+
+async def test_empty_data_flood_is_cut_off(proxy: StartProxy, upstreams: Upstreams) -> None:
+    never = asyncio.Event()
+
+    async def stuck(request: web.Request) -> web.Response:
+        await never.wait()
+        return web.Response(text="late")
+
+    up = await upstreams.aiohttp(stuck)
+    p = await proxy(CATCH_ALL, {"backend": up.url})
+    client = await H2Client.open(p.port)
+    try:
+        sid = client.request("/upload", "POST", end=False)
+        frames = b"".join(DataFrame(sid, b"").serialize() for _ in range(5000))
+        client.writer.write(frames)
+        await client.until(lambda: client.goaway is not None or client.closed)
+        assert client.goaway is not None
+        assert client.goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
     finally:
         never.set()
         await client.close()

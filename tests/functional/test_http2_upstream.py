@@ -169,3 +169,37 @@ async def test_health_check_speaks_http2(origins: list[H2Origin]) -> None:
     dead = await probe_h2(refused_url(), HealthCheck(path="/ok"), None, None)
     assert dead[0] is False and dead[2] is not None
     assert origin.seen[0].headers[b"user-agent"] == b"proxyd-health-check"
+
+
+async def test_a_second_connection_when_the_server_limit_is_reached(
+        proxy: StartProxy, origins: list[H2Origin]) -> None:
+    release = asyncio.Event()
+
+    async def slow(req: H2Request) -> H2Reply:
+        await release.wait()
+        return H2Reply(200, [], b"done")
+
+    origin = await h2_origin(origins, slow)
+    origin.max_streams = 2  # SETTINGS_MAX_CONCURRENT_STREAMS
+    p = await proxy(CATCH_ALL, {"backend": h2c(origin)})
+    async with aiohttp.ClientSession() as session:
+        tasks = [asyncio.ensure_future(session.get(f"{p.url}/s/{i}")) for i in range(5)]
+        await wait_for(lambda: len(origin.seen) == 5, what="five streams upstream")
+        assert origin.connections == 3  # 2 + 2 + 1: never more than the server allows
+        assert max(sum(1 for r in origin.seen if r.connection == c) for c in (1, 2, 3)) == 2
+        release.set()
+        for resp in await asyncio.gather(*tasks):
+            assert resp.status == 200
+            resp.release()
+
+
+async def test_idle_connection_is_pinged_then_closed_at_keepalive_expiry(
+        proxy: StartProxy, origins: list[H2Origin]) -> None:
+    origin = await h2_origin(origins)
+    p = await proxy(CATCH_ALL, {"backend": h2c(origin, pool={"keepalive_expiry": "1s"})})
+    async with aiohttp.ClientSession() as session, session.get(f"{p.url}/once") as resp:
+        assert resp.status == 200
+    await wait_for(lambda: origin.pings >= 1, timeout=10, what="a PING on the idle connection")
+    await wait_for(lambda: origin.closed_connections == 1, timeout=10,
+                   what="the idle connection closed")
+    assert p.target().streams == 0
