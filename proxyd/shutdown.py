@@ -1,10 +1,8 @@
 """How a master ends: drained, at once, or after handing over; and that it ends once.
 
 - TERM (``terminate``): every worker is told to drain (it answers what it accepted, within
-  drain_timeout, then leaves), and the master's copies of the listening sockets close at once.
-  Each worker's close is then the last (after a code upgrade, the new master's copies are), so
-  the port refuses new connections as soon as the workers stop accepting, instead of queueing
-  them until the drain ends and then resetting them.
+  drain_timeout, then leaves), and the master's copies of the listening sockets close at once,
+  so that the port refuses new connections once the workers stop accepting.
 - INT, QUIT or a second TERM (``quit``): every worker gets SIGQUIT (it leaves without
   draining), and SIGKILL if it is still there QUIT_GRACE later.
 - After a code upgrade's hand-over (``drain_and_exit``, from upgrade.py): drained as on TERM;
