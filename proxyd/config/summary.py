@@ -59,7 +59,7 @@ def _summary(config: GatewayConfig) -> dict[str, Any]:
             for r in config.routes
         ],
         "upstreams": {
-            name: {"balance": u.balance,
+            name: {"balance": u.balance, "protocol": u.protocol,
                    "targets": [{"url": t.url, "weight": t.weight} for t in u.targets]}
             for name, u in config.upstreams.items()
         },
@@ -126,6 +126,8 @@ def _listener(address: object) -> str:
             parts.append(f"client certificates {tls.client_auth} ({tls.client_ca})")
     if getattr(address, "proxy_protocol", False):
         parts.append("PROXY protocol from " + ", ".join(address.proxy_protocol_from))  # type: ignore[attr-defined]
+    if not getattr(address, "http2", True):
+        parts.append("HTTP/1.1 only")
     return f"{address} ({'; '.join(parts)})" if parts else str(address)
 
 
@@ -149,7 +151,7 @@ def format_summary(config: GatewayConfig, filename: str, warnings: list[ConfigIs
         f"upstreams ({len(config.upstreams)}):",
         *_table([(name, u.balance, ", ".join(
                     t.url if t.weight == 1 else f"{t.url} (weight {t.weight})"
-                    for t in u.targets))
+                    for t in u.targets) + ("" if u.protocol == "http1" else f" ({u.protocol})"))
                  for name, u in config.upstreams.items()], ""),
         "middleware: " + (" -> ".join(e.type for e in config.middleware) or "(none)"),
     ]

@@ -88,6 +88,7 @@ def proxyd_config(tmp: Path, port: int, tls_port: int, origin: int, origin_h2: i
                        {"address": f"127.0.0.1:{tls_port}",
                         "tls": {"cert": str(cert), "key": str(key)}}],
             "workers": workers, "backlog": 4096,
+            "max_requests": 0,  # no recycling mid-run (its GOAWAY ends h2load's connections)
             "limits": {"max_keepalive_requests": 0},
         },
         "access_log": {"enabled": False},

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from proxyd.config import ConfigError, load_config_text
+from proxyd.config.summary import format_summary, summarize
 
 ROUTE = "routes: [{name: all, match: {path_prefix: /}, upstream: app}]\n"
 
@@ -39,3 +40,13 @@ def test_websocket_route_to_an_h2_upstream_is_refused() -> None:
     with pytest.raises(ConfigError) as exc:
         load("{targets: ['http://127.0.0.1:9001'], protocol: h2c}", route)
     assert "cannot take over HTTP/2" in str(exc.value)
+
+
+def test_check_config_summary_names_the_protocols() -> None:
+    text = ("server: {listen: [{address: '127.0.0.1:8080', http2: false}]}\n"
+            "upstreams: {app: {targets: ['http://127.0.0.1:9001'], protocol: h2c}}\n" + ROUTE)
+    config = load_config_text(text, "g.yaml", {})
+    out = format_summary(config, "g.yaml", [])
+    assert "127.0.0.1:8080 (HTTP/1.1 only)" in out
+    assert "http://127.0.0.1:9001 (h2c)" in out
+    assert summarize(config)["upstreams"]["app"]["protocol"] == "h2c"
