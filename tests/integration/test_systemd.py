@@ -7,6 +7,7 @@ import signal
 import socket
 import struct
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,32 +35,55 @@ class Notification:
 
 
 class NotifySocket:
+    """$NOTIFY_SOCKET's receiving end, read all the time as systemd reads it: a unix datagram
+    socket holds only net.unix.max_dgram_qlen (10) unread messages, and past that the sender's
+    sd_notify blocks, and with it the master's loop (watchdog pings fill it within seconds)."""
+
     def __init__(self, path: Path) -> None:
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(path))
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        self.sock.setblocking(False)
         self.received: list[Notification] = []
+        self._lock = threading.Lock()  # one reader at a time: ``received`` keeps their order
+        self._closed = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while not self._closed.is_set():
+            with self._lock:
+                self._receive(0.05)  # then looks whether it should stop
+
+    def _receive(self, wait: float) -> bool:
+        """One datagram into ``received``, waiting up to ``wait`` seconds; False if none."""
+        self.sock.settimeout(wait)
+        try:
+            data, ancdata, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(_UCRED.size))
+        except (BlockingIOError, TimeoutError):
+            return False
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        pid = -1
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                pid = _UCRED.unpack(payload[: _UCRED.size])[0]
+        fields = dict(line.split("=", 1) for line in data.decode().splitlines() if line)
+        self.received.append(Notification(pid, fields, now))
+        return True
 
     def poll(self) -> list[Notification]:
-        while True:
-            try:
-                data, ancdata, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(_UCRED.size))
-            except BlockingIOError:
-                return self.received
-            pid = -1
-            for level, kind, payload in ancdata:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
-                    pid = _UCRED.unpack(payload[: _UCRED.size])[0]
-            fields = dict(line.split("=", 1) for line in data.decode().splitlines() if line)
-            now = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-            self.received.append(Notification(pid, fields, now))
+        """Everything received, including what was sent up to now."""
+        with self._lock:
+            while self._receive(0):
+                pass
+        return self.received
 
     def kinds(self, *, watchdog: bool = False) -> list[str]:
         return [n.kind for n in self.poll() if watchdog or n.kind != "WATCHDOG"]
 
     def close(self) -> None:
+        self._closed.set()
+        self._reader.join()
         self.sock.close()
 
 
