@@ -17,11 +17,15 @@ def _address() -> str | None:
 
 
 def notify(*fields: str) -> bool:
-    """Send ``FIELD=value`` lines as one datagram; False when not under systemd."""
+    """Send ``FIELD=value`` lines as one datagram; False when not under systemd, or when the
+    datagram could not be queued at once. Never blocks: the master's loop sends these, and a
+    receiver that stopped reading (a full socket queue) must not stall it — a watchdog ping
+    missed is sent again at the next interval."""
     addr = _address()
     if addr is None:
         return False
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
+                       | socket.SOCK_NONBLOCK) as sock:
         try:
             sock.sendto("\n".join(fields).encode(), addr)
         except OSError:
