@@ -97,6 +97,7 @@ class Http2Connection:
         self.tokens = CONTROL_BURST
         self.tokens_at = monotonic()
         self.parsing = False
+        self.flush_pending = False
         self.write_paused = False
         self.closed = False
         self.going_away = False  # a GOAWAY went out: no new streams, close when none is left
@@ -175,7 +176,12 @@ class Http2Connection:
             self.p.metrics.client_limits.inc(("http2_protocol",))
             self.close()
             return
+        # While the read's events are handled, the streams' exchanges leave their writes to
+        # the end of it (Exchange reads ``parsing``): one write per upstream, one to the client.
         self.parsing = True
+        streams = self.streams
+        for stream in streams.values():
+            stream.parsing = True
         try:
             for event in events:
                 self._event(event)
@@ -183,7 +189,9 @@ class Http2Connection:
                     return
         finally:
             self.parsing = False
-        for stream in list(self.streams.values()):
+            for stream in streams.values():
+                stream.parsing = False
+        for stream in list(streams.values()):
             if stream.exchange is not None:
                 stream.exchange.flush_upstream()
         self.flush()
@@ -316,6 +324,19 @@ class Http2Connection:
                 self._arm()  # idle now: keepalive_timeout
 
     # -- writing, limits, the end ---------------------------------------------------------------
+    def flush_soon(self) -> None:
+        """A stream has output outside this connection's read (its upstream answered): written
+        once the loop's current callbacks are done, so that the answers of the streams that
+        one upstream read completed leave in one write."""
+        if not self.flush_pending:
+            self.flush_pending = True
+            asyncio.get_running_loop().call_soon(self._flush_later)
+
+    def _flush_later(self) -> None:
+        self.flush_pending = False
+        if not self.closed:
+            self.flush()
+
     def flush(self) -> None:
         data = self.h2.data_to_send()
         if data and self.transport is not None and not self.transport.is_closing():

@@ -57,7 +57,7 @@ class Http2Stream(Downstream):
         self.host_memo = conn.host_memo
         self.requests = conn.opened
         self.close_after = False
-        self.parsing = False
+        self.parsing = conn.parsing  # set by the connection around each read
         self.write_paused = False
         self.exchange: Exchange | None = None
         self.head_sent = False
@@ -269,7 +269,7 @@ class Http2Stream(Downstream):
         if self.head is not None:
             self._head_out(False)
         if not self.conn.parsing:
-            self.conn.flush()
+            self.conn.flush_soon()
 
     def reset(self, code: int) -> None:
         if not self.ended or self.out:
@@ -294,7 +294,7 @@ class Http2Stream(Downstream):
             self.reset(ErrorCodes.INTERNAL_ERROR)
         conn.stream_done(self)
         if not conn.parsing:
-            conn.flush()
+            conn.flush_soon()
 
     def start_tunnel(self, conn: UpstreamConnection, settings: WebSocket, ex: Exchange,
                      rest: bytes) -> None:
@@ -311,7 +311,7 @@ class Http2Stream(Downstream):
                 unacked, self.unacked = self.unacked, 0
                 self.conn.acknowledge(self.stream_id, unacked)
                 if not self.conn.parsing:
-                    self.conn.flush()
+                    self.conn.flush_soon()
 
     def pause_reading_for_pending(self) -> None:
         self._hold(HOLD_PENDING)

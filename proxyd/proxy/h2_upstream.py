@@ -261,16 +261,16 @@ class H2UpstreamConnection:
             self.flush()
             self._fail(f"upstream HTTP/2 protocol error: {exc}")
             return
-        touched: list[H2UpstreamStream] = []
+        touched: dict[int, H2UpstreamStream] = {}  # in order, once each
         for event in events:
             self._event(event, touched)
         self.flush()
-        for stream in touched:
+        for stream in touched.values():
             exchange = stream.exchange
             if exchange is not None:
                 exchange.read_done()
 
-    def _event(self, event: ev.Event, touched: list[H2UpstreamStream]) -> None:
+    def _event(self, event: ev.Event, touched: dict[int, H2UpstreamStream]) -> None:
         if isinstance(event, ev.DataReceived):
             sid = event.stream_id or 0
             length = event.flow_controlled_length or 0
@@ -286,8 +286,7 @@ class H2UpstreamConnection:
                 stream.held += length
             else:
                 self.acknowledge(sid, length)
-            if stream not in touched:
-                touched.append(stream)
+            touched[sid] = stream
         elif isinstance(event, ev.ResponseReceived):
             stream = self.streams.get(event.stream_id or 0)
             if stream is not None and stream.exchange is not None:
@@ -295,7 +294,7 @@ class H2UpstreamConnection:
                 status = int(next((v for n, v in headers if n == b":status"), b"502"))
                 fields = [(n, v) for n, v in headers if not n.startswith(b":")]
                 stream.exchange.on_head(status, b"", fields)
-                touched.append(stream)
+                touched[stream.stream_id] = stream
         elif isinstance(event, ev.InformationalResponseReceived):
             stream = self.streams.get(event.stream_id or 0)
             if stream is not None and stream.exchange is not None:
@@ -314,8 +313,7 @@ class H2UpstreamConnection:
                 exchange = stream.exchange
                 if exchange is not None:
                     exchange.on_end(True)
-                    if stream not in touched:
-                        touched.append(stream)
+                    touched[stream.stream_id] = stream
                 self.forget(stream)
         elif isinstance(event, ev.StreamReset):
             stream = self.streams.get(event.stream_id or 0)
