@@ -54,6 +54,7 @@ COMPILED = [
     "proxyd/proxy/field_rules.py",
     "proxyd/proxy/h2_connection.py",
     "proxyd/proxy/h2_fields.py",
+    "proxyd/proxy/h2_state.py",
     "proxyd/proxy/h2_stream.py",
     "proxyd/proxy/h2_upstream.py",
     "proxyd/proxy/lifecycle.py",

@@ -18,11 +18,12 @@ import contextlib
 from typing import TYPE_CHECKING, Final
 
 from h2.errors import ErrorCodes
-from h2.exceptions import FlowControlError, ProtocolError, StreamClosedError
+from h2.exceptions import ProtocolError, StreamClosedError
 
 from proxyd.proxy.downstream import Downstream
 from proxyd.proxy.exchange import Exchange
 from proxyd.proxy.h2_fields import grpc_answer, is_grpc, response_fields, split_answer
+from proxyd.proxy.h2_state import send_within_windows
 from proxyd.proxy.request import Reject
 
 if TYPE_CHECKING:
@@ -214,23 +215,12 @@ class Http2Stream(Downstream):
     def _send(self, data: bytes) -> None:
         """As much of ``data`` as the windows let through; the rest waits (and the upstream
         pauses) until the client opens them."""
-        h2 = self.conn.h2
-        sid = self.stream_id
-        at = 0
-        size = len(data)
-        try:
-            while at < size:
-                window = min(h2.local_flow_control_window(sid), h2.max_outbound_frame_size)
-                if window <= 0:
-                    break
-                piece = data[at:at + window] if at or size > window else data
-                h2.send_data(sid, piece)
-                at += len(piece)
-        except (ProtocolError, StreamClosedError, FlowControlError):
-            self.ended = True
+        at = send_within_windows(self.conn.h2, self.stream_id, data)
+        if at < 0:
+            self.ended = True  # reset meanwhile
             self.out.clear()
             return
-        if at < size:
+        if at < len(data):
             rest = data[at:]
             self.out.append(rest)
             self.out_size += len(rest)

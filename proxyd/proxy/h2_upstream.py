@@ -31,11 +31,11 @@ import h2.events as ev
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
-from h2.exceptions import FlowControlError, ProtocolError, StreamClosedError
+from h2.exceptions import ProtocolError, StreamClosedError
 from h2.settings import SettingCodes, Settings
 
 from proxyd.proxy.h2_fields import CONNECTION_SPECIFIC
-from proxyd.proxy.h2_state import graceful
+from proxyd.proxy.h2_state import graceful, send_within_windows
 from proxyd.proxy.head import CRLF
 from proxyd.proxy.upstream import TargetPool
 from proxyd.proxy.upstream_conn import ERROR_CONNECT, ERROR_TIMEOUT, UpstreamConnection
@@ -138,20 +138,10 @@ class H2UpstreamStream(UpstreamConnection):
             self.conn.h2.end_stream(self.stream_id)
 
     def _send(self, data: bytes) -> None:
-        h2 = self.conn.h2
-        sid = self.stream_id
-        at, size = 0, len(data)
-        try:
-            while at < size:
-                room = min(h2.local_flow_control_window(sid), h2.max_outbound_frame_size)
-                if room <= 0:
-                    break
-                piece = data[at:at + room] if at or size > room else data
-                h2.send_data(sid, piece)
-                at += len(piece)
-        except (ProtocolError, StreamClosedError, FlowControlError):
-            return
-        if at < size:
+        at = send_within_windows(self.conn.h2, self.stream_id, data)
+        if at < 0:
+            return  # reset meanwhile: its end comes as an event
+        if at < len(data):
             self.waiting.append(data[at:])
             exchange = self.exchange
             if exchange is not None:
@@ -492,18 +482,14 @@ class H2TargetPool(TargetPool):
                 not self.connecting or len(self.waiters) >= MAX_STREAMS * self.connecting):
             self._open_connection(exchange)
             self.waiters.append(exchange)
-        elif (limit := self.upstream.max_pending) is not None and len(self.waiters) >= limit:
-            exchange.refuse("pending", "upstream connection pool is full")
         else:
-            self.waiters.append(exchange)
+            self.wait(exchange)
 
     def _open_connection(self, exchange: Borrower) -> None:
         self.opened_connections += 1
         self.open += 1
         self.connecting += 1
-        task = asyncio.get_running_loop().create_task(self._dial(exchange))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self.spawn(self._dial(exchange))
 
     async def _dial(self, exchange: Borrower) -> None:
         loop = asyncio.get_running_loop()

@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections import deque
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Final
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
 from proxyd.config.models import Pool, Upstream
@@ -98,16 +98,25 @@ class TargetPool:
             return
         if self.open < self.max_connections:
             self._connect_for(exchange)
-        elif (limit := self.upstream.max_pending) is not None and len(self.waiters) >= limit:
+        else:
+            self.wait(exchange)
+
+    def wait(self, exchange: Borrower) -> None:
+        """No connection to lend now: wait in line, or 503 when the line is full."""
+        if (limit := self.upstream.max_pending) is not None and len(self.waiters) >= limit:
             exchange.refuse("pending", "upstream connection pool is full")
         else:
             self.waiters.append(exchange)
 
-    def _connect_for(self, exchange: Borrower) -> None:
-        self.open += 1
-        task = asyncio.get_running_loop().create_task(self._connect(exchange, exchange.tries))
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """A connect in the background, held until it is done (the loop keeps weak refs)."""
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _connect_for(self, exchange: Borrower) -> None:
+        self.open += 1
+        self.spawn(self._connect(exchange, exchange.tries))
 
     async def _connect(self, exchange: Borrower, attempt: int) -> None:
         loop = asyncio.get_running_loop()
