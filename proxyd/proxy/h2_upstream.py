@@ -492,17 +492,10 @@ class H2TargetPool(TargetPool):
         self.spawn(self._dial(exchange))
 
     async def _dial(self, exchange: Borrower) -> None:
-        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(exchange.timeouts.connect):
-                addr = await self.upstream.resolver.resolve(self.host, self.port)
-                if self.ssl is None:
-                    _, conn = await loop.create_connection(  # type: ignore[type-var]
-                        lambda: H2UpstreamConnection(self), addr, self.port)
-                else:
-                    _, conn = await loop.create_connection(  # type: ignore[type-var]
-                        lambda: H2UpstreamConnection(self), addr, self.port, ssl=self.ssl,
-                        server_hostname=self.server_hostname)
+                conn = cast(H2UpstreamConnection,
+                            await self.dial(lambda: H2UpstreamConnection(self)))
                 transport = conn.transport
                 if self.ssl is not None and transport is not None:
                     ssl_object = transport.get_extra_info("ssl_object")

@@ -13,7 +13,7 @@ import asyncio
 import socket
 from collections import deque
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 from urllib.parse import urlsplit
 
 from proxyd.config.models import Pool, Upstream
@@ -118,20 +118,23 @@ class TargetPool:
         self.open += 1
         self.spawn(self._connect(exchange, exchange.tries))
 
-    async def _connect(self, exchange: Borrower, attempt: int) -> None:
+    async def dial(self, make: Callable[[], object]) -> object:
+        """A new connection to this target, its name resolved now, TLS for https://; the
+        protocol object ``make`` made."""
         loop = asyncio.get_running_loop()
+        addr = await self.upstream.resolver.resolve(self.host, self.port)
+        if self.ssl is None:
+            _, conn = await loop.create_connection(make, addr, self.port)  # type: ignore[type-var]
+        else:
+            _, conn = await loop.create_connection(  # type: ignore[type-var]
+                make, addr, self.port, ssl=self.ssl, server_hostname=self.server_hostname)
+        return conn
+
+    async def _connect(self, exchange: Borrower, attempt: int) -> None:
         try:
             async with asyncio.timeout(exchange.timeouts.connect):
-                addr = await self.upstream.resolver.resolve(self.host, self.port)
-                if self.ssl is None:
-                    _, conn = await loop.create_connection(  # type: ignore[type-var]
-                        lambda: UpstreamConnection(self), addr, self.port
-                    )
-                else:
-                    _, conn = await loop.create_connection(  # type: ignore[type-var]
-                        lambda: UpstreamConnection(self), addr, self.port, ssl=self.ssl,
-                        server_hostname=self.server_hostname,
-                    )
+                conn = cast(UpstreamConnection,
+                            await self.dial(lambda: UpstreamConnection(self)))
         except TimeoutError:
             self._connect_failed(exchange, attempt, 504, "upstream connect timeout",
                                  ERROR_TIMEOUT)
