@@ -1,15 +1,49 @@
 """proxyd against nginx, in the same pass: throughput, latency at a fixed rate, errors, RSS.
 
-    python tests/load/bench.py [--duration 10] [--passes 3] [--workers 2]
-                               [--scenarios plain big chain mw cache recycle] [--json out.json]
+    python tests/load/bench.py [--duration 10] [--passes 5] [--workers 2]
+                               [--scenarios plain big chain chain_gz seed mw cache recycle]
+                               [--seed-probe-duration 20] [--json out.json]
 
 What it starts (all on free 127.0.0.1 ports, all stopped by process group when it ends):
 
 * an **origin**: nginx (``--origin-workers``, default 2) serving static files, no ETag:
-  ``/`` 1 KiB, ``/big`` 64 KiB, ``/cacheable`` 1 KiB with ``Cache-Control: max-age=300``.
-  Without nginx, a Python aiohttp origin with the same routes (and then no nginx reference);
-* **nginx as the reference reverse proxy**: 2 workers, ``reuseport``, upstream keepalive 64,
-  HTTP/1.1 upstream, no access log, no cache;
+  ``/`` 1 KiB, ``/big`` 64 KiB, ``/cacheable`` 1 KiB with ``Cache-Control: max-age=300``;
+  ``/tagged``, the 1 KiB with nginx's ETag (for nginx-chain), and ``/echo``, which answers with
+  the request fields a proxy adds (for the likeness check). Without nginx, a Python aiohttp
+  origin with the first three routes (and then no nginx reference);
+* **nginx as the reference reverse proxy** (``nginx``, "nginx-plain"): 2 workers,
+  ``reuseport``, upstream keepalive 64, HTTP/1.1 upstream, no access log, no cache;
+* **nginx with the chain's equivalent** (``nginx_chain``, for chain, chain_gz and seed): the
+  same proxy, and for each piece of proxyd's chain what nginx has for it:
+
+  - cors: ``Access-Control-Allow-Origin`` for the allowed origin (a ``map``), ``Vary: Origin``
+    (no preflight answers: nothing here sends one);
+  - security_headers: the same three fields, ``add_header ... always``;
+  - validation: nothing to configure (nginx's own request checks);
+  - trace_id: ``$request_id`` as X-Request-ID both ways, a client's kept when it is visible
+    ASCII of at most 200 bytes; a W3C ``traceparent`` upstream, a valid incoming one continued
+    with a new parent id, else one started from ``$request_id``;
+  - rate_limit (memory): ``limit_req`` per client address, a zone of 10000000 r/s, burst
+    10000000, nodelay (never refuses here); nginx cannot send the RateLimit-* fields it would
+    compute, so the four proxyd sends are added with fixed values: the same bytes for the
+    client, not the same work;
+  - etag: nginx hashes no proxied body; ``/`` is proxied to the origin's ``/tagged``, whose
+    ETag (mtime and size) passes through, so the client gets an ETag from both at nginx's cost;
+  - compression: ``gzip`` level 6 (proxyd's gzip_level), min length 1024, the same types,
+    ``gzip_proxied any``; ``Vary: Accept-Encoding, Origin`` as proxyd sends it; upstream asked
+    for ``Accept-Encoding: identity``, as proxyd asks; proxyd prefers br, so the benchmark's
+    requests that accept an encoding (chain_gz) accept gzip only;
+  - JSON access log to a file: ``log_format ... escape=json`` with proxyd's fields,
+    ``access_log ... buffer=64k flush=1s``;
+  - metrics: nginx counts always (``stub_status`` at ``/nginx_status``); it has no per-route
+    duration histogram, which proxyd's metrics keep;
+  - proxyd's forwarding fields (X-Forwarded-For/-Proto/-Host, Via, the client's Host) set
+    the same way; ``keepalive_requests 1000`` as proxyd's ``max_keepalive_requests``.
+
+  Before the first pass, the benchmark fetches ``/`` (plain, and with ``Accept-Encoding: gzip``
+  and an allowed ``Origin``) and ``/echo`` from proxyd's chain and from nginx-chain and notes
+  the response fields, the body sizes and the fields the origin got that only one of them
+  sends (a WARNING when the chain's fields or the gzip body size, ±20 %, differ);
 * **proxyd** (``python -m proxyd run -c <generated yaml>``), ``server.workers: --workers``,
   a fresh one per scenario and pass, access log off unless the scenario says, metrics default.
 
@@ -21,6 +55,14 @@ big        no middleware, GET /big (64 KiB)
 chain      the full chain: cors, security_headers, validation, trace_id,
            [rate_limit memory, only if proxyd has it; its rate set so high it never limits],
            etag, compression (min_size 1KiB), JSON access log to a file, metrics; GET /
+           with no Accept-Encoding (wrk's), so nothing is compressed
+chain_gz   chain, every request with Accept-Encoding: gzip (1 KiB compressed to ~100 B)
+seed       chain with the seed config's server defaults (config/gateway.yaml): worker
+           recycling (max_requests 10000, jitter 1000), keepalive_timeout 5s,
+           max_keepalive_requests 1000, drain_timeout 30s; its probe runs
+           --seed-probe-duration (20 s) and watches proxyd's workers: the latency of the
+           requests due while one is replaced (from 50 ms before the successor's start to
+           250 ms after the old worker's exit) against the others' (recycle's probe too)
 mw         the middleware alone: cors, security_headers, validation, trace_id,
            headers (one request field set, upstream Server removed, one response field
            with {route}), etag, compression on a body below its min_size (2KiB); no
@@ -42,25 +84,31 @@ Each access scenario is measured against plain in the same pass: the lines after
 give its throughput as a fraction of plain's and its CPU per request over plain's, the cost of
 the element alone on that route. nginx gets the same headers and checks nothing.
 
-Each pass, for each scenario: ``wrk -t1 -c64`` (closed loop, after a 1 s warm-up) against
-nginx and proxyd back to back (the order alternates between passes), then an open-loop probe at
-``--rate`` (2000 req/s) on ``--probe-conns`` (64) keep-alive connections against the origin
-directly, nginx and proxyd. Request i goes to connection i mod N (so the connections are
-staggered) at its scheduled time, up to 1 ms early to absorb timer granularity; a connection
-carries one request at a time (no pipelining), and a request due on a busy connection waits
-there. Latency is measured from the scheduled time or the real send, whichever is earlier, so a
-stall is not hidden by coordinated omission (a proxy that cannot keep up shows huge latencies,
-not a lower rate). A request on a reused connection that the server closes before any byte of
-the answer is retried once, as real clients do, and shown as "retried", not as an error.
+Each pass, for each scenario: ``wrk -t1 -c64`` (closed loop, after a 1 s warm-up) against each
+candidate back to back (proxyd, nginx and, for the chain scenarios, nginx-chain; the order
+rotates from pass to pass, so each goes first, second and third in turn), then an open-loop
+probe at ``--rate`` (2000 req/s) on ``--probe-conns`` (64) keep-alive connections against the
+origin directly and each candidate, in the same order. The probe is this file's own (uvloop,
+one process): wrk2 is not packaged for Debian 12, and h2load's ``--rps`` paces each client
+without saying from when it times a request that had to wait. Request i goes to connection i
+mod N (so the connections are staggered) at its scheduled time, up to 1 ms early to absorb
+timer granularity; a connection carries one request at a time (no pipelining), and a request
+due on a busy connection waits there. Latency is measured from the scheduled time or the real
+send, whichever is earlier, so a stall is not hidden by coordinated omission (a proxy that
+cannot keep up shows huge latencies, not a lower rate). A request on a reused connection that
+the server closes before any byte of the answer is retried once, as real clients do, and shown
+as "retried", not as an error.
 "p95 added" = proxy p95 - origin-direct p95 at the same rate in the same pass (it can come out
 negative in noise). Errors = wrk's socket errors and non-2xx/3xx + the probe's failures. RSS is
 summed over the master and all its descendants from /proc right after the wrk run, with each
-worker's in brackets (during recycling, draining workers show up too). The table shows medians
-over ``--passes``; errors are summed over passes. ``--json`` keeps every raw measurement.
+worker's in brackets (during recycling, draining workers show up too). CPU µs per request is
+the candidate's CPU time (all its processes, from /proc) during the wrk run over the requests
+wrk counted. The table shows medians over ``--passes`` with the range (min-max) in brackets;
+errors are summed over passes. ``--json`` keeps every raw measurement.
 
 On a small machine the load generators, the proxies and the origin share the CPUs: only the
 ratios to nginx measured in the same pass mean anything, never absolute numbers from elsewhere.
-Close what else runs; take ``--passes 3`` at least; keep the JSON with the table.
+Close what else runs; take ``--passes 5`` at least; keep the JSON with the table.
 
 Results, and how each was made: docs/performance.md (raw JSON in docs/performance/results/).
 """
@@ -99,9 +147,14 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 ACCESS_SCENARIOS = ("jwt", "jwt_sig", "basic", "apikey", "ipaccess")
-SCENARIOS = ("plain", "big", "chain", "mw", "cache", "recycle", *ACCESS_SCENARIOS)
-PATHS = {"plain": "/", "big": "/big", "chain": "/", "mw": "/", "cache": "/cacheable",
-         "recycle": "/", **{s: "/" for s in ACCESS_SCENARIOS}}
+# The scenarios of the full chain, measured against nginx-chain as well.
+CHAIN_SCENARIOS = ("chain", "chain_gz", "seed")
+SCENARIOS = ("plain", "big", *CHAIN_SCENARIOS, "mw", "cache", "recycle", *ACCESS_SCENARIOS)
+PATHS = {"plain": "/", "big": "/big", "chain": "/", "chain_gz": "/", "seed": "/", "mw": "/",
+         "cache": "/cacheable", "recycle": "/", **{s: "/" for s in ACCESS_SCENARIOS}}
+# The candidates, in the table's order.
+TARGETS = ("nginx", "nginx_chain", "proxyd")
+NAMES = {"nginx": "nginx-plain", "nginx_chain": "nginx-chain", "proxyd": "proxyd"}
 # The mw scenario's chain: the middleware alone (no rate limit, access log or extra metrics).
 MW_CHAIN: list[dict[str, Any]] = [
     {"type": "cors", "allow_origins": ["https://app.example.com"]},
@@ -334,6 +387,19 @@ def start_nginx(nginx: str, tmp: Path, name: str, workers: int, server: str) -> 
     return Proc(name, argv, tmp / f"{name}.log", signal.SIGTERM)
 
 
+# The request fields a proxy adds or changes, as the origin's /echo answers them: one
+# "name=value" line each (an absent field: an empty value).
+ECHO_FIELDS = ("host", "x-request-id", "traceparent", "x-forwarded-for", "x-forwarded-proto",
+               "x-forwarded-host", "via", "accept-encoding", "connection")
+ECHO_BODY = "".join(f"{name}=$http_{name.replace('-', '_')}\\n" for name in ECHO_FIELDS)
+# The response fields the likeness check compares (what the chain's elements add).
+CHAIN_FIELDS = ("content-type", "content-encoding", "vary", "etag", "x-request-id",
+                "x-content-type-options", "x-frame-options", "referrer-policy",
+                "access-control-allow-origin", "ratelimit-policy", "ratelimit-limit",
+                "ratelimit-remaining", "ratelimit-reset")
+ALLOWED_ORIGIN = "https://app.example.com"
+
+
 def origin_server(port: int, www: Path) -> str:
     return f"""
   server {{
@@ -346,6 +412,11 @@ def origin_server(port: int, www: Path) -> str:
       add_header Cache-Control "max-age=300";
       try_files /index.txt =404;
     }}
+    location = /tagged {{
+      etag on;
+      try_files /index.txt =404;
+    }}
+    location = /echo {{ return 200 "{ECHO_BODY}"; }}
     location / {{ return 404; }}
   }}"""
 
@@ -366,6 +437,93 @@ def proxy_server(port: int, origin: int) -> str:
       proxy_buffer_size 8k;
       proxy_buffers 16 8k;
     }}
+  }}"""
+
+
+def chain_proxy_server(port: int, origin: int, tmp: Path) -> str:
+    """nginx with the equivalent of proxyd's full chain (the docstring's list, piece by piece).
+    Everything is set at the server level, so both locations inherit it; ``/`` goes to the
+    origin's ``/tagged`` (its ETag), anything else as it is (``/echo``)."""
+    return f"""
+  upstream origin_chain {{
+    server 127.0.0.1:{origin};
+    keepalive 64;
+    keepalive_requests 1000000;
+  }}
+  # trace_id: a client's X-Request-ID kept when it is visible ASCII, at most 200 bytes.
+  map $http_x_request_id $bench_rid {{
+    "~^[\x21-\x7e]{{1,200}}$" $http_x_request_id;
+    default $request_id;
+  }}
+  map $request_id $bench_span {{
+    "~^(?<span>[0-9a-f]{{16}})" $span;
+  }}
+  # W3C traceparent: a valid one keeps its trace id and flags with a new parent id.
+  map $http_traceparent $bench_traceparent {{
+    "~^00-(?<tid>[0-9a-f]{{32}})-[0-9a-f]{{16}}-(?<flags>[0-9a-f]{{2}})$"
+        "00-$tid-$bench_span-$flags";
+    default "00-$request_id-$bench_span-01";
+  }}
+  map $http_origin $bench_cors_origin {{
+    "{ALLOWED_ORIGIN}" $http_origin;
+    default "";
+  }}
+  limit_req_zone $binary_remote_addr zone=bench:1m rate=10000000r/s;
+  log_format bench_json escape=json '{{"ts":$msec,"request_id":"$bench_rid",'
+    '"client_ip":"$remote_addr","method":"$request_method","host":"$http_host","path":"$uri",'
+    '"query":"$args","status":$status,"bytes_in":$request_length,"bytes_out":$bytes_sent,'
+    '"duration_ms":$request_time,"upstream":"origin","upstream_ms":"$upstream_response_time",'
+    '"user_agent":"$http_user_agent","referer":"$http_referer","protocol":"$server_protocol",'
+    '"upstream_addr":"$upstream_addr","tries":1,"tls_version":"$ssl_protocol","cache":"",'
+    '"route":"all","pid":$pid}}';
+  server {{
+    listen 127.0.0.1:{port} reuseport backlog=4096;
+    keepalive_requests 1000;
+    access_log {tmp}/nginx-chain-access.log bench_json buffer=64k flush=1s;
+    # cors
+    add_header Access-Control-Allow-Origin $bench_cors_origin always;
+    add_header Vary "Accept-Encoding, Origin" always;
+    # security_headers
+    add_header X-Content-Type-Options nosniff always;
+    add_header X-Frame-Options DENY always;
+    add_header Referrer-Policy strict-origin-when-cross-origin always;
+    # trace_id
+    add_header X-Request-ID $bench_rid always;
+    proxy_set_header X-Request-ID $bench_rid;
+    proxy_set_header traceparent $bench_traceparent;
+    # rate_limit: refuses nothing here; its fields with fixed values (nginx computes none)
+    limit_req zone=bench burst=10000000 nodelay;
+    add_header RateLimit-Policy "10000000;w=1;burst=10000000" always;
+    add_header RateLimit-Limit 10000000 always;
+    add_header RateLimit-Remaining 9999999 always;
+    add_header RateLimit-Reset 1 always;
+    # etag: the origin's (see /tagged); nginx's own applies to files it serves
+    etag on;
+    # compression
+    gzip on;
+    gzip_comp_level 6;
+    gzip_min_length 1024;
+    gzip_proxied any;
+    gzip_vary off;
+    gzip_types text/plain application/json application/javascript application/xml
+               application/xhtml+xml application/rss+xml application/atom+xml
+               application/problem+json application/ld+json image/svg+xml
+               application/wasm application/x-ndjson;
+    # the proxy, with proxyd's forwarding fields
+    proxy_http_version 1.1;
+    proxy_set_header Connection "";
+    proxy_set_header Host $http_host;
+    proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+    proxy_set_header X-Forwarded-Proto $scheme;
+    proxy_set_header X-Forwarded-Host $http_host;
+    proxy_set_header Via "1.1 nginx";
+    proxy_set_header Accept-Encoding identity;
+    proxy_buffer_size 8k;
+    proxy_buffers 16 8k;
+    location = / {{ proxy_pass http://origin_chain/tagged; }}
+    location / {{ proxy_pass http://origin_chain; }}
+    # metrics
+    location = /nginx_status {{ stub_status; }}
   }}"""
 
 
@@ -403,7 +561,10 @@ def proxyd_config(scenario: str, port: int, admin: int, origin: int, workers: in
         "routes": [{"name": "all", "match": {"path_prefix": "/"}, "upstream": "origin"}],
         "access_log": {"enabled": False},
     }
-    if scenario == "chain":
+    if scenario == "seed":  # the seed config's server defaults (config/gateway.yaml)
+        for key in ("max_requests", "keepalive_timeout", "drain_timeout"):
+            del server[key]
+    if scenario in CHAIN_SCENARIOS:
         chain: list[dict[str, Any]] = [
             {"type": "cors", "allow_origins": ["https://app.example.com"]},
             {"type": "security_headers"},
@@ -472,6 +633,8 @@ def access_material(tmp: Path) -> dict[str, tuple[dict[str, Any], dict[str, str]
 
 def scenario_headers(tmp: Path, scenario: str) -> dict[str, str]:
     """The headers every request of ``scenario`` carries (credentials), else none."""
+    if scenario == "chain_gz":
+        return {"Accept-Encoding": "gzip"}
     return access_material(tmp)[scenario][1] if scenario in ACCESS_SCENARIOS else {}
 
 
@@ -565,6 +728,7 @@ class ProbeConn(asyncio.Protocol):
         if self.inflight is not None:
             if status == 200:
                 self.probe.latencies.append(now - self.inflight)
+                self.probe.starts.append(self.inflight)
             else:
                 self.probe.error(f"status {status}")
             self.inflight = None
@@ -591,16 +755,56 @@ class ProbeConn(asyncio.Protocol):
         self.probe.lost(self)
 
 
+def worker_pids(master: int) -> set[int]:
+    """The master's children: /proc/PID/task/*/children (cheap), else a scan of /proc."""
+    pids: set[int] = set()
+    try:
+        for task in os.listdir(f"/proc/{master}/task"):
+            with open(f"/proc/{master}/task/{task}/children") as f:
+                pids.update(int(x) for x in f.read().split())
+    except OSError:
+        return set(children(master))
+    return pids
+
+
+def recycle_windows(events: list[tuple[float, str, int]], end: float, before: float = 0.05,
+                    after: float = 0.25) -> list[tuple[float, float]]:
+    """From the watcher's (time, "start" | "exit", pid) events: for each worker started during
+    the probe, the time from its start to the next exit of another worker (the one it
+    replaces; ``end`` if none), from ``before`` it to ``after`` it (the clients of the old
+    worker reconnect, the new one serves its first requests). An exit whose start came before
+    the probe: from ``before`` + 0.2 s before it to ``after`` it."""
+    windows, matched = [], set()
+    for i, (t, kind, pid) in enumerate(events):
+        if kind != "start":
+            continue
+        gone = next(((t2, p2) for t2, k2, p2 in events[i + 1:]
+                     if k2 == "exit" and p2 != pid and p2 not in matched), None)
+        if gone is not None:
+            matched.add(gone[1])
+        windows.append((t - before, (gone[0] if gone else end) + after))
+    windows += [(t - before - 0.2, t + after) for t, kind, pid in events
+                if kind == "exit" and pid not in matched]
+    return sorted(windows)
+
+
 class Probe:
-    """Open-loop GETs at a fixed rate over ``conns`` staggered keep-alive connections."""
+    """Open-loop GETs at a fixed rate over ``conns`` staggered keep-alive connections.
+
+    With ``watch`` (a master's pid), its children are polled every 10 ms during the run, and
+    the summary splits the latencies into those of requests due while a worker was being
+    replaced (``recycle_windows``) and the others ("steady")."""
 
     def __init__(self, port: int, path: str, rate: float, duration: float, conns: int,
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None, watch: int | None = None) -> None:
         self.port, self.rate, self.duration, self.nconns = port, rate, duration, conns
         extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
         self.request = (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
                         f"User-Agent: proxyd-bench\r\n{extra}\r\n").encode()
         self.latencies: list[float] = []
+        self.starts: list[float] = []  # when each answered request was due (or sent)
+        self.watch = watch
+        self.worker_events: list[tuple[float, str, int]] = []
         self.errors: collections.Counter[str] = collections.Counter()
         self.sent = 0
         self.retried = 0
@@ -638,8 +842,20 @@ class Probe:
         self.reconnecting.add(task)
         task.add_done_callback(self.reconnecting.discard)
 
+    async def watch_workers(self) -> None:
+        assert self.watch is not None
+        known = worker_pids(self.watch)
+        while True:
+            await asyncio.sleep(0.01)
+            now, pids = time.monotonic(), worker_pids(self.watch)
+            self.worker_events += [(now, "start", p) for p in sorted(pids - known)]
+            self.worker_events += [(now, "exit", p) for p in sorted(known - pids)]
+            known = pids
+
     async def run(self) -> dict[str, Any]:
         self.slots = [await self.connect(k) for k in range(self.nconns)]
+        watcher = (asyncio.ensure_future(self.watch_workers()) if self.watch is not None
+                   else None)
         interval = 1.0 / self.rate
         total = int(self.rate * self.duration)
         lead = 0.001  # send up to 1 ms early rather than late: timers have ms granularity
@@ -659,6 +875,8 @@ class Probe:
                 self.reconnecting or any(c.inflight is not None or c.backlog
                                          for c in self.slots)):
             await asyncio.sleep(0.01)
+        if watcher is not None:
+            watcher.cancel()
         self.closing = True
         for c in self.slots:
             pending = len(c.backlog) + (c.inflight is not None)
@@ -668,24 +886,41 @@ class Probe:
             if c.transport is not None:
                 c.transport.close()
         await asyncio.sleep(0)
-        return self.summary(elapsed)
+        return self.summary(elapsed, time.monotonic())
 
-    def summary(self, elapsed: float) -> dict[str, Any]:
-        lat = sorted(self.latencies)
-
-        def pct(q: float) -> float:
+    def summary(self, elapsed: float, end: float) -> dict[str, Any]:
+        def pct(values: list[float], q: float) -> float:
+            lat = sorted(values)
             return lat[min(len(lat) - 1, int(q * len(lat)))] * 1000 if lat else float("nan")
 
-        return {"rate": self.rate, "sent": self.sent, "ok": len(lat),
-                "achieved_rps": len(lat) / elapsed if elapsed else 0.0,
-                "p50": pct(0.50), "p95": pct(0.95), "p99": pct(0.99), "max": pct(1.0),
-                "errors": sum(self.errors.values()), "error_kinds": dict(self.errors),
-                "retried": self.retried}
+        lat = self.latencies
+        out = {"rate": self.rate, "sent": self.sent, "ok": len(lat),
+               "achieved_rps": len(lat) / elapsed if elapsed else 0.0,
+               "p50": pct(lat, 0.50), "p95": pct(lat, 0.95), "p99": pct(lat, 0.99),
+               "max": pct(lat, 1.0),
+               "errors": sum(self.errors.values()), "error_kinds": dict(self.errors),
+               "retried": self.retried}
+        if self.watch is not None:
+            windows = recycle_windows(self.worker_events, end)
+            during = [x for x, t in zip(lat, self.starts, strict=True)
+                      if any(a <= t <= b for a, b in windows)]
+            steady = [x for x, t in zip(lat, self.starts, strict=True)
+                      if not any(a <= t <= b for a, b in windows)]
+            t0 = min(self.starts, default=0.0)
+            out["recycle"] = {
+                "recycles": len(windows),
+                "windows_s": [(round(a - t0, 3), round(b - t0, 3)) for a, b in windows],
+                "requests": len(during), "p50": pct(during, 0.50), "p99": pct(during, 0.99),
+                "max": pct(during, 1.0),
+                "steady_requests": len(steady), "steady_p50": pct(steady, 0.50),
+                "steady_p99": pct(steady, 0.99)}
+        return out
 
 
 def run_probe(port: int, path: str, rate: float, duration: float, conns: int,
-              headers: dict[str, str] | None = None) -> dict[str, Any]:
-    return uvloop.run(Probe(port, path, rate, duration, conns, headers).run())
+              headers: dict[str, str] | None = None, watch: int | None = None
+              ) -> dict[str, Any]:
+    return uvloop.run(Probe(port, path, rate, duration, conns, headers, watch).run())
 
 
 # -- the benchmark ---------------------------------------------------------------------------------
@@ -701,6 +936,11 @@ class Env:
     proxy_port: int | None
     procs: list[Proc] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    chain_port: int | None = None  # nginx with the chain's equivalent
+    compared: bool = False  # the likeness check of the chains has run
+
+    def pid(self, name: str) -> int:
+        return next(p.pid for p in self.procs if p.name == name)
 
 
 def checks(env: Env, scenario: str, port: int) -> None:
@@ -716,10 +956,14 @@ def checks(env: Env, scenario: str, port: int) -> None:
     if scenario == "chain":
         _, headers, body = http_get(port, "/", {"Accept-Encoding": "br, gzip"})
         coding = headers.get("content-encoding")
+        outcome = f"compressed ({coding}, {len(body)} B)" if coding else "not compressed"
         env.notes.append(
             f"chain: GET / (1024 B body, compression min_size 1KiB) with Accept-Encoding: "
-            f"{'compressed (' + coding + f', {len(body)} B)' if coding else 'not compressed'};"
-            " wrk and the probe send no Accept-Encoding, so the benchmark never compresses")
+            f"br, gzip {outcome}; wrk and the probe send no Accept-Encoding in chain and seed, "
+            "gzip in chain_gz")
+    if scenario in CHAIN_SCENARIOS and env.chain_port is not None and not env.compared:
+        env.compared = True
+        env.notes.extend(compare_chains(port, env.chain_port))
     if scenario == "cache":
         # One keep-alive connection, so one worker: each worker has its own memory cache.
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2.0)
@@ -736,11 +980,49 @@ def checks(env: Env, scenario: str, port: int) -> None:
             env.notes.append("WARNING: the cache scenario is not answering from the cache")
 
 
+def compare_chains(proxyd: int, nginx: int) -> list[str]:
+    """Do proxyd's chain and nginx-chain do the same work, as the client and the origin see
+    it? The response fields of CHAIN_FIELDS, the body sizes (plain, and gzip with an allowed
+    Origin), and the request fields the origin got (ECHO_FIELDS, present or absent)."""
+    notes, warn = [], False
+    for label, hdrs in (("GET /", {}),
+                        ("GET / gzip+Origin", {"Accept-Encoding": "gzip",
+                                               "Origin": ALLOWED_ORIGIN})):
+        got = {}
+        for name, port in (("proxyd", proxyd), ("nginx-chain", nginx)):
+            status, fields, body = http_get(port, "/", hdrs)
+            got[name] = (status, {k for k in fields if k in CHAIN_FIELDS}, len(body),
+                         fields.get("content-encoding"))
+        (ps, pf, pn, pc), (ns, nf, nn, nc) = got["proxyd"], got["nginx-chain"]
+        same = sorted(pf & nf)
+        notes.append(f"likeness, {label}: proxyd {ps} {pn} B{' ' + pc if pc else ''}, "
+                     f"nginx-chain {ns} {nn} B{' ' + nc if nc else ''}; both send "
+                     f"{', '.join(same)}; only proxyd: {', '.join(sorted(pf - nf)) or '-'}; "
+                     f"only nginx-chain: {', '.join(sorted(nf - pf)) or '-'}")
+        warn |= ps != ns or pf != nf or pc != nc or abs(pn - nn) > 0.2 * max(pn, nn)
+    upstream = {}
+    for name, port in (("proxyd", proxyd), ("nginx-chain", nginx)):
+        _, _, body = http_get(port, "/echo", {"Origin": ALLOWED_ORIGIN})
+        lines = dict(line.partition("=")[::2] for line in body.decode().splitlines())
+        upstream[name] = {k for k, v in lines.items() if v}
+    only_p = sorted(upstream["proxyd"] - upstream["nginx-chain"])
+    only_n = sorted(upstream["nginx-chain"] - upstream["proxyd"])
+    notes.append(f"likeness, what the origin got: both send "
+                 f"{', '.join(sorted(upstream['proxyd'] & upstream['nginx-chain']))}; "
+                 f"only proxyd: {', '.join(only_p) or '-'}; only nginx-chain: "
+                 f"{', '.join(only_n) or '-'}")
+    warn |= bool(only_p or only_n)
+    if warn:
+        notes.append("WARNING: proxyd's chain and nginx-chain differ (the lines above)")
+    return notes
+
+
 def one_scenario(env: Env, args: argparse.Namespace, scenario: str, pass_no: int,
                  rate_limit: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
     path = PATHS[scenario]
     headers = scenario_headers(env.tmp, scenario)
     results: dict[str, dict[str, Any]] = {}
+    probe_duration = args.seed_probe_duration if scenario == "seed" else args.probe_duration
     proc, port, _admin = start_proxyd(env.tmp, scenario, args.workers, env.origin_port,
                                       rate_limit)
     try:
@@ -748,10 +1030,11 @@ def one_scenario(env: Env, args: argparse.Namespace, scenario: str, pass_no: int
             checks(env, scenario, port)
         targets: list[tuple[str, int, int | None]] = [("proxyd", port, proc.pid)]
         if env.proxy_port is not None:
-            nginx_pid = next(p.pid for p in env.procs if p.name == "nginx-proxy")
-            targets.append(("nginx", env.proxy_port, nginx_pid))
-            if pass_no % 2 == 0:
-                targets.reverse()  # alternate who goes first
+            targets.append(("nginx", env.proxy_port, env.pid("nginx-proxy")))
+        if env.chain_port is not None and scenario in CHAIN_SCENARIOS:
+            targets.append(("nginx_chain", env.chain_port, env.pid("nginx-chain")))
+        k = pass_no % len(targets)  # rotate who goes first
+        targets = targets[k:] + targets[:k]
         for name, tport, pid in targets:
             row: dict[str, Any] = {}
             if env.wrk:
@@ -766,15 +1049,19 @@ def one_scenario(env: Env, args: argparse.Namespace, scenario: str, pass_no: int
             row["rss"] = rss_tree(pid) if pid else None
             results[name] = row
         results["origin"] = {"probe": run_probe(env.origin_port, path, args.rate,
-                                                args.probe_duration, args.probe_conns, headers)}
-        for name, tport, _pid in targets:
-            results[name]["probe"] = run_probe(tport, path, args.rate, args.probe_duration,
-                                               args.probe_conns, headers)
+                                                probe_duration, args.probe_conns, headers)}
+        for name, tport, pid in targets:
+            watch = pid if name == "proxyd" and scenario in ("seed", "recycle") else None
+            results[name]["probe"] = run_probe(tport, path, args.rate, probe_duration,
+                                               args.probe_conns, headers, watch)
         if not proc.alive():
             raise RuntimeError(f"proxyd ({scenario}) died:\n{proc.log_tail()}")
     finally:
         proc.stop()
-    for name in ("proxyd", "nginx"):
+        for log_file in (env.tmp / "access.log", env.tmp / "nginx-chain-access.log"):
+            with contextlib.suppress(OSError):  # nginx appends: truncating is enough
+                os.truncate(log_file, 0)
+    for name in TARGETS:
         row = results.get(name)
         if row is None:
             continue
@@ -782,8 +1069,12 @@ def one_scenario(env: Env, args: argparse.Namespace, scenario: str, pass_no: int
         row["p95_added"] = p["p95"] - o["p95"]
         row["errors"] = p["errors"] + (row["wrk"]["errors"] if "wrk" in row else 0)
         row["retried"] = p["retried"]
-        if "nginx" in results and "wrk" in row:
-            row["ratio"] = row["wrk"]["rps"] / results["nginx"]["wrk"]["rps"]
+        for ref, key in (("nginx", "ratio"), ("nginx_chain", "ratio_chain")):
+            if ref in results and "wrk" in row and "wrk" in results[ref]:
+                row[key] = row["wrk"]["rps"] / results[ref]["wrk"]["rps"]
+                if row.get("cpu_us") and results[ref].get("cpu_us"):
+                    row[key.replace("ratio", "cpu_ratio")] = (row["cpu_us"]
+                                                              / results[ref]["cpu_us"])
     return results
 
 
@@ -794,7 +1085,7 @@ def chain_cost(passes: list[dict[str, dict[str, dict[str, Any]]]], scenarios: li
     plain's (recycle's counts the workers it replaced, through the master's reaped-children
     times)."""
     lines = []
-    for scenario in ("mw", "chain", "recycle", *ACCESS_SCENARIOS):
+    for scenario in ("mw", "chain", "chain_gz", "seed", "recycle", *ACCESS_SCENARIOS):
         if scenario not in scenarios or "plain" not in scenarios:
             continue
         rps, cpu = [], []
@@ -817,27 +1108,39 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def spread(values: list[float]) -> dict[str, float]:
+    """Median, min and max of the values that are numbers (NaN when none)."""
+    values = [v for v in values if v == v]
+    if not values:
+        return {"median": float("nan"), "min": float("nan"), "max": float("nan")}
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
 def summarize(passes: list[dict[str, dict[str, dict[str, Any]]]], scenarios: list[str]
               ) -> list[dict[str, Any]]:
     rows = []
     for scenario in scenarios:
-        for target in ("nginx", "proxyd"):
+        for target in TARGETS:
             runs = [p[scenario][target] for p in passes if target in p.get(scenario, {})]
             if not runs:
                 continue
             rss = [r["rss"] for r in runs if r.get("rss")]
             rows.append({
                 "scenario": scenario, "target": target,
-                "rps": median([r["wrk"]["rps"] for r in runs if "wrk" in r]),
-                "ratio": median([r["ratio"] for r in runs if "ratio" in r]),
+                "rps": spread([r["wrk"]["rps"] for r in runs if "wrk" in r]),
+                "ratio": spread([r["ratio"] for r in runs if "ratio" in r]),
+                "ratio_chain": spread([r["ratio_chain"] for r in runs if "ratio_chain" in r]),
+                "cpu_ratio": spread([r["cpu_ratio"] for r in runs if "cpu_ratio" in r]),
+                "cpu_ratio_chain": spread([r["cpu_ratio_chain"] for r in runs
+                                           if "cpu_ratio_chain" in r]),
                 "wrk_p95": median([r["wrk"]["p95_us"] / 1000 for r in runs if "wrk" in r]),
                 "p50": median([r["probe"]["p50"] for r in runs]),
-                "p95": median([r["probe"]["p95"] for r in runs]),
-                "p99": median([r["probe"]["p99"] for r in runs]),
+                "p95": spread([r["probe"]["p95"] for r in runs]),
+                "p99": spread([r["probe"]["p99"] for r in runs]),
                 "p95_added": median([r["p95_added"] for r in runs]),
                 "errors": sum(r["errors"] for r in runs),
                 "retried": sum(r.get("retried", 0) for r in runs),
-                "cpu_us": median([r["cpu_us"] for r in runs if "cpu_us" in r]),
+                "cpu_us": spread([r["cpu_us"] for r in runs if "cpu_us" in r]),
                 "rss_total": median([x["total"] for x in rss]),
                 "rss_workers": [median([x["workers"][i] for x in rss if len(x["workers"]) > i])
                                 for i in range(max((len(x["workers"]) for x in rss), default=0))],
@@ -845,25 +1148,71 @@ def summarize(passes: list[dict[str, dict[str, dict[str, Any]]]], scenarios: lis
     return rows
 
 
-def table(rows: list[dict[str, Any]], rate: float) -> str:
-    def num(v: float, fmt: str) -> str:
-        return "—" if v != v else format(v, fmt)
+def num(v: float, fmt: str) -> str:
+    return "—" if v != v else format(v, fmt)
 
-    out = [f"| scenario | target | req/s | ratio to nginx | CPU µs/req | wrk p95 ms | p50 ms "
-           f"| p95 ms | p99 ms | p95 added @{rate:g} | errors | RSS MiB total (per worker) |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+
+def ranged(s: dict[str, float], fmt: str, unit: str = "") -> str:
+    """``median (min-max)``, or a dash."""
+    if s["median"] != s["median"]:
+        return "—"
+    return (f"{format(s['median'], fmt)}{unit} "
+            f"({format(s['min'], fmt)}-{format(s['max'], fmt)})")
+
+
+def table(rows: list[dict[str, Any]], rate: float) -> str:
+    out = [f"| scenario | target | req/s | ratio to nginx-plain | ratio to nginx-chain "
+           f"| CPU µs/req | CPU / nginx-chain's | wrk p95 ms | p50 ms @{rate:g} | p95 ms @{rate:g} "
+           f"| p99 ms @{rate:g} | p95 added | errors | RSS MiB total (per worker) |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         workers = "/".join(f"{w:.0f}" for w in r["rss_workers"])
-        ratio = num(r["ratio"], ".2f") + ("x" if r["ratio"] == r["ratio"] else "")
         errors = str(r["errors"]) + (f" ({r['retried']} retried)" if r["retried"] else "")
         out.append(
-            f"| {r['scenario']} | {r['target']} | {num(r['rps'], ',.0f')} | {ratio} "
-            f"| {num(r['cpu_us'], '.1f')} | {num(r['wrk_p95'], '.2f')} "
-            f"| {num(r['p50'], '.2f')} | {num(r['p95'], '.2f')} | {num(r['p99'], '.2f')} "
-            f"| {num(r['p95_added'], '+.2f')} "
-            f"| {errors} "
+            f"| {r['scenario']} | {NAMES[r['target']]} | {ranged(r['rps'], ',.0f')} "
+            f"| {ranged(r['ratio'], '.2f', 'x')} | {ranged(r['ratio_chain'], '.2f', 'x')} "
+            f"| {ranged(r['cpu_us'], '.1f')} | {ranged(r['cpu_ratio_chain'], '.2f', 'x')} "
+            f"| {num(r['wrk_p95'], '.2f')} | {num(r['p50'], '.2f')} "
+            f"| {ranged(r['p95'], '.2f')} | {ranged(r['p99'], '.2f')} "
+            f"| {num(r['p95_added'], '+.2f')} | {errors} "
             f"| {num(r['rss_total'], '.0f')} ({workers}) |")
     return "\n".join(out)
+
+
+def latency_lines(passes: list[dict[str, dict[str, dict[str, Any]]]], scenarios: list[str]
+                  ) -> list[str]:
+    """The fixed-rate goals: proxyd's p95 against nginx-chain's (the chain scenarios), and
+    the p99 of requests sent during a worker recycle against the others' (seed, recycle)."""
+    lines = []
+    for scenario in scenarios:
+        runs = [p[scenario] for p in passes if scenario in p]
+        pairs = [(r["proxyd"]["probe"]["p95"], r["nginx_chain"]["probe"]["p95"])
+                 for r in runs if "nginx_chain" in r]
+        if pairs:
+            diff = [a - b for a, b in pairs]
+            lines.append(
+                f"{scenario}: p95 at the fixed rate, proxyd - nginx-chain: "
+                f"{median(diff):+.2f} ms (per pass {', '.join(f'{d:+.2f}' for d in diff)}; "
+                f"proxyd {', '.join(f'{a:.2f}' for a, _ in pairs)}, nginx-chain "
+                f"{', '.join(f'{b:.2f}' for _, b in pairs)} ms)")
+        rec = [r["proxyd"]["probe"]["recycle"] for r in runs
+               if "recycle" in r["proxyd"].get("probe", {})]
+        if rec and not any(x["requests"] for x in rec):
+            lines.append(f"{scenario}: no proxyd worker recycle during the probes (a longer "
+                         "probe, --seed-probe-duration, sees some)")
+        elif rec:
+            n = sum(x["recycles"] for x in rec)
+            ratios = [x["p99"] / x["steady_p99"] for x in rec if x["requests"]]
+            lines.append(
+                f"{scenario}: proxyd worker recycles during the probes: {n} "
+                f"({', '.join(str(x['recycles']) for x in rec)} per pass); p99 of the "
+                f"requests sent during one {median([x['p99'] for x in rec]):.2f} ms "
+                f"(per pass {', '.join(num(x['p99'], '.2f') for x in rec)}; "
+                f"{sum(x['requests'] for x in rec)} requests), steady "
+                f"{median([x['steady_p99'] for x in rec]):.2f} ms "
+                f"({', '.join(num(x['steady_p99'], '.2f') for x in rec)}); during/steady "
+                f"{median(ratios):.2f}x ({', '.join(f'{r:.2f}' for r in ratios)})")
+    return lines
 
 
 def tool_version(argv: list[str]) -> str:
@@ -924,6 +1273,12 @@ def environment(args: argparse.Namespace) -> Iterator[Env]:
                 env.procs.append(start_nginx(nginx, tmp, "nginx-proxy", workers,
                                              proxy_server(env.proxy_port, env.origin_port)))
                 wait_ready(env.proxy_port, "/", env.procs[-1], "nginx proxy")
+                if set(getattr(args, "scenarios", ())) & set(CHAIN_SCENARIOS):
+                    env.chain_port = free_port()
+                    env.procs.append(start_nginx(nginx, tmp, "nginx-chain", workers,
+                                                 chain_proxy_server(env.chain_port,
+                                                                    env.origin_port, tmp)))
+                    wait_ready(env.chain_port, "/", env.procs[-1], "nginx chain proxy")
             yield env
         finally:
             for proc in reversed(env.procs):
@@ -935,7 +1290,7 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=10.0, help="wrk seconds (10)")
     parser.add_argument("--probe-duration", type=float, default=None,
                         help="fixed-rate probe seconds (default: --duration)")
-    parser.add_argument("--passes", type=int, default=3)
+    parser.add_argument("--passes", type=int, default=5)
     parser.add_argument("--workers", type=int, default=2, help="proxyd workers (2)")
     parser.add_argument("--nginx-workers", type=int, default=2,
                         help="workers of the nginx reference proxy (2)")
@@ -946,6 +1301,9 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=2000.0, help="probe req/s (2000)")
     parser.add_argument("--probe-conns", type=int, default=64,
                         help="probe connections, one request in flight each (64)")
+    parser.add_argument("--seed-probe-duration", type=float, default=20.0,
+                        help="the seed scenario's probe seconds (20): long enough for several "
+                        "worker recycles at --rate")
     parser.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
     parser.add_argument("--no-nginx", action="store_true", help="act as if nginx were missing")
     parser.add_argument("--json", type=Path, help="write every measurement here")
@@ -959,7 +1317,8 @@ def main() -> int:
     signal.signal(signal.SIGTERM, terminate)
     signal.signal(signal.SIGHUP, terminate)
 
-    rate_limit, rl_note = (rate_limit_entry() if "chain" in args.scenarios else (None, ""))
+    rate_limit, rl_note = (rate_limit_entry() if set(args.scenarios) & set(CHAIN_SCENARIOS)
+                           else (None, ""))
     passes: list[dict[str, dict[str, dict[str, Any]]]] = []
     started = datetime.datetime.now(datetime.UTC)
     with environment(args) as env:
@@ -972,12 +1331,14 @@ def main() -> int:
             for scenario in args.scenarios:
                 log(f"pass {pass_no + 1}/{args.passes}: {scenario}")
                 results[scenario] = one_scenario(env, args, scenario, pass_no, rate_limit)
-                for target in ("nginx", "proxyd"):
+                for target in TARGETS:
                     if target in results[scenario]:
                         r = results[scenario][target]
                         rps = r["wrk"]["rps"] if "wrk" in r else float("nan")
-                        log(f"  {target:6} {rps:9,.0f} req/s  p95@{args.rate:g} "
-                            f"{r['probe']['p95']:.2f} ms  errors {r['errors']}")
+                        log(f"  {target:11} {rps:9,.0f} req/s  "
+                            f"{r.get('cpu_us', float('nan')):5.1f} µs CPU/req  "
+                            f"p95@{args.rate:g} {r['probe']['p95']:.2f} ms  "
+                            f"errors {r['errors']}")
             passes.append(results)
         notes = list(env.notes)
         nginx = env.nginx
@@ -989,15 +1350,17 @@ def main() -> int:
     print(f"\nproxyd {git_rev()} vs {reference}; "
           f"{started:%Y-%m-%d %H:%M} UTC; {platform.node()}, {cpus} CPUs; "
           f"wrk -t{args.wrk_threads} -c{args.connections} -d{args.duration:g}s; "
-          f"median of {args.passes} pass(es); "
+          f"median (min-max) of {args.passes} pass(es), candidates interleaved; "
           f"proxyd workers {args.workers}, nginx workers {args.nginx_workers}, origin "
           f"workers {args.origin_workers}\n")
     print(table(rows, args.rate))
     print(f"\nwrk p95: closed loop at saturation ({args.connections} connections); "
           f"p50/p95/p99: open loop at {args.rate:g} req/s, {args.probe_conns} connections, "
-          f"{args.probe_duration:g}s; origin direct p95 (just before the proxies'): "
+          f"{args.probe_duration:g}s ({args.seed_probe_duration:g}s in seed); "
+          "origin direct p95 (just before the proxies'): "
           + ", ".join(f"{s} ({PATHS[s]}) {v:.2f} ms" for s, v in origin_p95.items()))
     notes.extend(chain_cost(passes, args.scenarios))
+    notes.extend(latency_lines(passes, args.scenarios))
     if any(r["retried"] for r in rows):
         notes.append("retried: the proxy closed a reused keep-alive connection after the probe "
                      "had sent on it, before any byte of the answer; the probe retried once "

@@ -7,9 +7,30 @@ it times is proxyd's own work per request (parsers, routing, middleware, relay, 
 syscalls the real path adds are the same for every version of that work.
 
     python tests/load/hotpath.py [--scenarios plain chain mw cache] [--requests 50000] [--profile]
+    python tests/load/hotpath.py --build-up        # the full chain, one element at a time
 
 Scenarios use bench.py's configs (the full chain with the JSON access log, metrics, and the
 memory rate limit; a cache hit). Prints microseconds of Python per request, best of 5 rounds.
+
+The build-up scenarios (``--build-up`` runs them all, in this order) make bench.py's full chain
+one piece at a time, so the difference between two neighbours is what that piece costs:
+
+==============  ============================================================================
+relay           the route alone: no middleware, metrics off, no access log
++metrics        relay with metrics (bench.py's plain: its config, this scenario)
++log            and the JSON access log to a file
++cors ...       and the chain's elements, one more each, in the chain's order: +cors,
+                +security_headers, +validation, +trace_id, +rate_limit, +etag, +compression
+                (+compression is bench.py's chain: the same config)
++gzip           the full chain with a request that carries Accept-Encoding: gzip (its 1 KiB
+                body compressed; bench.py's chain_gz); the others send none, as wrk does
+==============  ============================================================================
+
+For instruction counts per piece (noise-free), run each under cachegrind for two request
+counts and take the difference (docs/performance.md, "How to measure"):
+
+    PYTHONHASHSEED=0 valgrind --tool=cachegrind --cache-sim=no python tests/load/hotpath.py \
+        --scenarios +log --requests N --rounds 1        # N = 1000 and 5000; difference / 4000
 """
 
 from __future__ import annotations
@@ -45,6 +66,28 @@ RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Fri, 27 Nov 2026 
             b"Accept-Ranges: bytes\r\n\r\n" + BODY)
 CACHEABLE = RESPONSE.replace(b"Accept-Ranges", b"Cache-Control: max-age=300\r\nAccept-Ranges")
 PATHS = {"plain": b"/", "chain": b"/", "mw": b"/", "cache": b"/cacheable"}
+# The full chain built up one piece at a time (see the docstring).
+ELEMENTS = ("cors", "security_headers", "validation", "trace_id", "rate_limit", "etag",
+            "compression")
+BUILD_UP = ("relay", "+metrics", "+log", *(f"+{e}" for e in ELEMENTS), "+gzip")
+PATHS.update({step: b"/" for step in BUILD_UP})
+
+
+def build_up_config(step: str, tmp: Path, rate_limit: dict[str, Any] | None
+                    ) -> dict[str, Any]:
+    """bench.py's full chain config, cut down to the pieces up to ``step``."""
+    raw = bench.proxyd_config("chain", 18999, 18998, 18997, 1, tmp, rate_limit)
+    upto = len(BUILD_UP) if step == "+gzip" else BUILD_UP.index(step)
+    raw["metrics"] = {"enabled": upto >= 1}
+    if upto < 2:
+        raw["access_log"] = {"enabled": False}
+    chain = [entry for entry in raw["middleware"]
+             if f"+{entry['type']}" in BUILD_UP[:upto + 1]]
+    if chain:
+        raw["middleware"] = chain
+    else:
+        del raw["middleware"]
+    return raw
 
 
 class Transport:
@@ -90,14 +133,18 @@ class Transport:
 class Driver:
     def __init__(self, scenario: str, tmp: Path) -> None:
         rate_limit, _ = bench.rate_limit_entry()
-        raw = bench.proxyd_config(scenario, 18999, 18998, 18997, 1, tmp, rate_limit)
+        if scenario in BUILD_UP:
+            raw = build_up_config(scenario, tmp, rate_limit)
+        else:
+            raw = bench.proxyd_config(scenario, 18999, 18998, 18997, 1, tmp, rate_limit)
         raw["server"]["limits"] = {"max_keepalive_requests": 0}  # one client connection
         path = tmp / f"{scenario}.yaml"
         path.write_text(yaml.safe_dump(raw, sort_keys=False))
         self.config = load_config(path)
         self.scenario = scenario
+        accept = b"Accept-Encoding: gzip\r\n" if scenario == "+gzip" else b""
         self.request = (b"GET " + PATHS[scenario] + b" HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
-                        b"User-Agent: wrk\r\n\r\n")
+                        b"User-Agent: wrk\r\n" + accept + b"\r\n")
         self.answer = CACHEABLE if scenario == "cache" else RESPONSE
 
     def setup(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -138,7 +185,8 @@ class Driver:
             for _ in range(n):
                 self.one()
             best = min(best, time.perf_counter() - start)
-        assert self.client.written > rounds * n * 1024, f"{self.client.written} bytes written"
+        least = 64 if self.scenario == "+gzip" else 1024  # 1 KiB compresses to ~100 B
+        assert self.client.written > rounds * n * least, f"{self.client.written} bytes written"
         return best / n * 1e6
 
 
@@ -146,10 +194,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scenarios", nargs="+", default=["plain", "chain", "mw", "cache"],
                         choices=list(PATHS))
+    parser.add_argument("--build-up", action="store_true",
+                        help="the build-up scenarios, in order, instead of --scenarios")
     parser.add_argument("--requests", type=int, default=50000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--profile", action="store_true", help="cProfile one round, top 30")
     args = parser.parse_args()
+    if args.build_up:
+        args.scenarios = list(BUILD_UP)
     with tempfile.TemporaryDirectory() as tmp:
         for scenario in args.scenarios:
             driver = Driver(scenario, Path(tmp))
@@ -167,7 +219,7 @@ def main() -> int:
                     pstats.Stats(prof).sort_stats("tottime").print_stats(30)
                 else:
                     us = driver.rounds(args.requests, args.rounds)
-                    print(f"{driver.scenario:6} {us:6.1f} µs/request (Python, no syscalls)")
+                    print(f"{driver.scenario:17} {us:6.1f} µs/request (Python, no syscalls)")
                 driver.pipeline.close()
 
             uvloop.run(run())

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hotpath
 
 
-@pytest.mark.parametrize("scenario", ["plain", "chain", "mw", "cache"])
+@pytest.mark.parametrize("scenario", ["plain", "chain", "mw", "cache", "relay", "+log", "+gzip"])
 def test_hotpath_harness_answers_every_request(tmp_path: Path, scenario: str) -> None:
     driver = hotpath.Driver(scenario, tmp_path)
 
@@ -37,6 +37,8 @@ def test_hotpath_harness_answers_every_request(tmp_path: Path, scenario: str) ->
             assert sum(b"Cache-Status: proxyd; hit" in h for h in heads) == 200
         else:
             assert driver.conn.transport is not None and driver.conn.reused
+        if scenario == "+gzip":  # the build-up's last step compresses
+            assert all(b"\r\nContent-Encoding: gzip\r\n" in h for h in heads)
         if scenario == "mw":  # bench.py's config for the mw chain is the one in force
             assert all(b"\r\nX-Route: all\r\n" in h and b"\r\nServer:" not in h
                        and b"\r\nETag: " in h for h in heads)
