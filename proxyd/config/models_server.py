@@ -56,7 +56,7 @@ class Limits(Model):
     )
     max_keepalive_requests: int = Field(
         1000, ge=0, description="Requests served on one client connection; the last response "
-        "carries Connection: close. 0 = no cap.",
+        "carries Connection: close (HTTP/2: streams, then a graceful GOAWAY). 0 = no cap.",
     )
 
 
