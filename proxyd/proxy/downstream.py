@@ -11,11 +11,14 @@ Heads reach a downstream as HTTP/1.1 field lines (``Name: value\\r\\n``): that i
 upstream's head is re-rendered into, what middleware renders, and what HTTP/1.1 — the common
 case — writes as it is. An HTTP/2 stream splits them again (h2_fields.py).
 
-A native base class rather than a Protocol: the compiled build calls through its vtable.
+A native base class rather than a Protocol: the compiled build calls through its vtable. Its
+methods are abstract: each kind of client implements every one (an HTTP/2 stream refuses
+start_tunnel, as HTTP/2 never upgrades).
 """
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -51,60 +54,69 @@ class Downstream:
     write_paused: bool  # the client's socket (or stream window) is full
 
     # -- a response's parts -------------------------------------------------------------------
+    @abstractmethod
     def send_answer(self, data: bytes) -> None:
         """A whole response proxyd rendered (HTTP/1.1 bytes, with its Content-Length)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def send_continue(self) -> None:
-        raise NotImplementedError
+        """100 Continue, to a client that waits for it before sending its body."""
 
+    @abstractmethod
     def send_interim(self, status: int, reason: bytes, fields: bytes) -> None:
-        raise NotImplementedError
+        """A 1xx other than 100 (103 Early Hints); never the final response."""
 
+    @abstractmethod
     def frames_any_length(self, req: Request) -> bool:
         """Whether a body of unknown length can be framed for this client."""
-        raise NotImplementedError
 
+    @abstractmethod
     def send_head(self, req: Request, status: int, reason: bytes, fields: bytes,
                   length_known: bool, close: bool) -> None:
-        raise NotImplementedError
+        """The final response head, framed for the client (``close``: HTTP/1.1 only)."""
 
+    @abstractmethod
     def send_body(self, data: bytes) -> None:
-        raise NotImplementedError
+        """A piece of the response body."""
 
+    @abstractmethod
     def send_raw(self, data: Piece) -> None:
         """A piece of a body whose length the head gave, as it was read."""
-        raise NotImplementedError
 
+    @abstractmethod
     def end_body(self) -> None:
-        raise NotImplementedError
+        """The response is complete."""
 
     def send_trailers(self, fields: list[tuple[bytes, bytes]]) -> None:
         """The response's trailers, which end it. HTTP/1.1 clients get the end alone."""
         self.end_body()
 
+    @abstractmethod
     def flush(self) -> None:
-        raise NotImplementedError
+        """Write what was queued (or, on HTTP/2, once the read being handled is done)."""
 
     # -- the exchange's end and its request body -----------------------------------------------
+    @abstractmethod
     def exchange_ended(self, ex: Exchange) -> None:
-        raise NotImplementedError
+        """The exchange is over: record it, and go on (next request, close, forget the stream)."""
 
+    @abstractmethod
     def start_tunnel(self, conn: UpstreamConnection, settings: WebSocket,
                      ex: Exchange, rest: bytes) -> None:
         """The upstream accepted a WebSocket upgrade: relay both ways from now on."""
-        raise NotImplementedError
 
+    @abstractmethod
     def pause_reading_for_pending(self) -> None:
         """The request body piled up while the upstream connection is being opened."""
-        raise NotImplementedError
 
+    @abstractmethod
     def resume_reading_for_pending(self) -> None:
-        raise NotImplementedError
+        """The upstream took what was held: the request body may come again."""
 
+    @abstractmethod
     def pause_reading_for_upstream(self) -> None:
         """The upstream's socket is full: stop taking the request body."""
-        raise NotImplementedError
 
+    @abstractmethod
     def resume_reading_for_upstream(self) -> None:
-        raise NotImplementedError
+        """The upstream's socket has room again."""
