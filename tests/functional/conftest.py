@@ -79,6 +79,18 @@ class Seen:
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def held(text: str = "finished") -> tuple[Handler, asyncio.Event]:
+    """An aiohttp handler that answers ``text`` only once the event is set: an upstream the
+    test keeps busy (a request in flight) and lets go of when it wants."""
+    release = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await release.wait()
+        return web.Response(text=text)
+
+    return handler, release
 NAME = web.AppKey("name", str)
 SEEN = web.RequestKey("seen", Seen)
 

@@ -16,7 +16,7 @@ from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame
 
 from proxyd.proxy.h2_connection import MAX_CONCURRENT_STREAMS, Http2Connection
 from tests.functional._h2client import H2Client
-from tests.functional.conftest import CATCH_ALL, StartProxy, Upstreams, wait_for
+from tests.functional.conftest import CATCH_ALL, StartProxy, Upstreams, held, wait_for
 
 
 def h2_connections(p: object) -> list[Http2Connection]:
@@ -232,12 +232,7 @@ async def test_a_client_that_stops_reading_stops_the_upstream_read(
 
 async def test_drain_sends_goaway_and_finishes_the_streams_in_flight(
         proxy: StartProxy, upstreams: Upstreams) -> None:
-    release = asyncio.Event()
-
-    async def slow(request: web.Request) -> web.Response:
-        await release.wait()
-        return web.Response(text="finished")
-
+    slow, release = held()
     up = await upstreams.aiohttp(slow)
     p = await proxy(CATCH_ALL, {"backend": up.url})
     client = await H2Client.open(p.port)
@@ -295,12 +290,7 @@ async def test_a_client_that_never_opens_its_window_is_cut_off(
 
 async def test_a_stream_past_drain_timeout_is_cut(proxy: StartProxy,
                                                   upstreams: Upstreams) -> None:
-    never = asyncio.Event()
-
-    async def stuck(request: web.Request) -> web.Response:
-        await never.wait()
-        return web.Response(text="never")
-
+    stuck, never = held("never")
     up = await upstreams.aiohttp(stuck)
     p = await proxy(CATCH_ALL, {"backend": up.url})
     client = await H2Client.open(p.port)
@@ -318,12 +308,7 @@ async def test_a_stream_past_drain_timeout_is_cut(proxy: StartProxy,
 
 async def test_more_streams_than_announced_end_the_connection(
         proxy: StartProxy, upstreams: Upstreams) -> None:
-    never = asyncio.Event()
-
-    async def stuck(request: web.Request) -> web.Response:
-        await never.wait()
-        return web.Response(text="late")
-
+    stuck, never = held("late")
     up = await upstreams.aiohttp(stuck)
     p = await proxy(CATCH_ALL, {"backend": up.url})
     client = await H2Client.open(p.port)
@@ -347,12 +332,7 @@ async def test_more_streams_than_announced_end_the_connection(
 
 
 async def test_empty_data_flood_is_cut_off(proxy: StartProxy, upstreams: Upstreams) -> None:
-    never = asyncio.Event()
-
-    async def stuck(request: web.Request) -> web.Response:
-        await never.wait()
-        return web.Response(text="late")
-
+    stuck, never = held("late")
     up = await upstreams.aiohttp(stuck)
     p = await proxy(CATCH_ALL, {"backend": up.url})
     client = await H2Client.open(p.port)

@@ -3,38 +3,30 @@ stream's answer arrives whole, and the next connection is served by the new work
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 
-from aiohttp import web
 from h2.errors import ErrorCodes
 
 from tests.functional import _daemon
 from tests.functional._daemon import daemon_config
 from tests.functional._h2client import H2Client
-from tests.functional.conftest import Upstreams, free_port, wait_for
+from tests.functional.conftest import Upstreams, free_port, held, wait_for
 
 daemon = _daemon.daemon  # the fixture: real proxyd processes
 
 
 async def test_sighup_sends_goaway_and_the_stream_in_flight_finishes(
         daemon: object, upstreams: Upstreams) -> None:
-    release = asyncio.Event()
-    seen: list[str] = []
-
-    async def slow(request: web.Request) -> web.Response:
-        seen.append(request.path)
-        await release.wait()
-        return web.Response(text="finished")
-
+    slow, release = held()
     up = await upstreams.aiohttp(slow)
     traffic, admin = free_port(), free_port()
     d = await daemon(daemon_config(traffic, admin, up.url), traffic, admin)  # type: ignore[operator]
     client = await H2Client.open(traffic)
     try:
         sid = client.request("/slow")
-        await wait_for(lambda: seen == ["/slow"], timeout=10, what="the request upstream")
+        await wait_for(lambda: [r.path_qs for r in up.seen] == ["/slow"], timeout=10,
+                       what="the request upstream")
         os.kill(d.proc.pid, signal.SIGHUP)
         await client.until(lambda: client.goaway is not None, timeout=20)
         assert client.goaway is not None
